@@ -1,0 +1,56 @@
+//! `fastmig`: the one binary. Each subcommand lives in its own module; this file only parses
+//! the command line, sets up logging and maps errors to exit codes.
+//!
+//! Exit codes: 0 success, 1 a runtime failure (for example a failed migration), 2 bad input
+//! (a malformed spec, a missing `/dev/kvm`, a size that does not fit).
+
+mod error;
+mod sim_cmd;
+mod vm_cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Fast live migration of KVM virtual machines, and consolidation built on it.
+#[derive(Parser, Debug)]
+#[command(name = "fastmig", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `fastmig_migration=debug`.
+    /// `RUST_LOG` is used when this is not given.
+    #[arg(long, global = true)]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Vm(vm_cmd::VmCommand),
+    /// Run the trace-driven data-centre simulator.
+    Simulate(sim_cmd::SimulateArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref());
+    let result = match cli.command {
+        Command::Vm(cmd) => vm_cmd::main(cmd),
+        Command::Simulate(args) => sim_cmd::main(args),
+    };
+    if let Err(err) = result {
+        eprintln!("fastmig: {}", error::one_line(&err));
+        std::process::exit(error::exit_code(&err));
+    }
+}
+
+fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match filter {
+        Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("warn")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

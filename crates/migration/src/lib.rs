@@ -1,0 +1,1 @@
+//! fastmig migration (work in progress).

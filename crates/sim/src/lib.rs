@@ -1,0 +1,1 @@
+//! fastmig sim (work in progress).

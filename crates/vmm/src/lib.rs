@@ -1,0 +1,1 @@
+//! fastmig vmm (work in progress).
