@@ -1,0 +1,297 @@
+//! End-to-end tests on a real KVM VM. They need `/dev/kvm` and fail loudly without it.
+
+use std::time::{Duration, Instant};
+
+use fastmig_vmm::{
+    DirtyBitmap, Vm, VmConfig, VmRunState, VmState, VmmError, WorkloadSpec, PAGE_SIZE,
+};
+
+fn require_kvm() {
+    assert!(
+        std::path::Path::new("/dev/kvm").exists(),
+        "these tests need /dev/kvm; it is missing on this machine"
+    );
+}
+
+fn config(mem_mib: u64, vcpus: u8, spec: &str) -> VmConfig {
+    VmConfig {
+        mem_size: mem_mib << 20,
+        vcpus,
+        workload: spec.parse().expect("test spec parses"),
+    }
+}
+
+fn started(cfg: VmConfig) -> Vm {
+    require_kvm();
+    let vm = Vm::new(cfg).expect("VM builds");
+    vm.start().expect("VM starts");
+    vm
+}
+
+/// Polls until `cond` holds, failing after a generous deadline (this is not a timing test).
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_progress_grows(vm: &Vm) {
+    let p0 = vm.status().progress;
+    wait_for("progress to grow", || vm.status().progress > p0 + 5);
+    assert_eq!(vm.status().state, VmRunState::Running);
+}
+
+#[test]
+fn every_workload_runs_and_its_progress_grows() {
+    for (vcpus, spec) in [
+        (1, "idle"),
+        (2, "idle"),
+        (1, "dirty:rate=2000,wss=4M,pattern=random"),
+        (2, "dirty:rate=2000,wss=4M,pattern=hotcold"),
+        (1, "verify:rate=2000,wss=4M,pattern=seq"),
+        (1, "fill"),
+    ] {
+        let vm = started(config(16, vcpus, spec));
+        assert_progress_grows(&vm);
+        let st = vm.status();
+        if spec.starts_with("idle") {
+            assert_eq!(st.pages_written, 0);
+            assert!(st.heartbeats > 0);
+        } else {
+            assert!(st.pages_written > 0, "{spec}: {st:?}");
+        }
+        vm.shutdown();
+        assert_eq!(vm.status().state, VmRunState::Stopped);
+    }
+}
+
+#[test]
+fn fill_writes_every_page_then_idles() {
+    let vm = started(config(8, 2, "fill"));
+    let data_pages = ((8 << 20) - fastmig_vmm::guest::DATA_BASE) / PAGE_SIZE;
+    wait_for("fill to finish and heartbeats to start", || {
+        let s = vm.status();
+        s.pages_written == data_pages && s.heartbeats > 3
+    });
+    vm.pause().expect("pause");
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
+        vm.read_memory(gpa, &mut page).expect("read");
+        assert!(page.iter().any(|&b| b != 0), "page {gpa:#x} is all zero");
+    }
+    assert_eq!(vm.status().pages_written, data_pages, "fill writes each page once");
+}
+
+#[test]
+fn dirty_rate_measured_by_the_dirty_log_is_near_the_target() {
+    // seq over 4096 pages at 2000 pages/s: every write in a 1 s window hits a distinct page,
+    // so distinct dirty pages per second should equal the write rate.
+    let target = 2000.0;
+    let vm = started(config(32, 1, "dirty:rate=2000,wss=16M,pattern=seq"));
+    let log = vm.dirty_log().expect("subscribe");
+    std::thread::sleep(Duration::from_millis(300));
+    log.fetch().expect("fetch");
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let bitmap = log.fetch().expect("fetch");
+    let measured = bitmap.count() as f64 / t0.elapsed().as_secs_f64();
+    assert!(
+        (measured - target).abs() < 0.2 * target,
+        "dirty log saw {measured:.0} pages/s, target {target}"
+    );
+    // Every dirty page lies in the working set.
+    let first = fastmig_vmm::guest::DATA_BASE / PAGE_SIZE;
+    assert!(bitmap.iter_set().all(|p| p >= first && p < first + 4096));
+    wait_for("the monitor's rate to settle", || {
+        (vm.status().dirty_rate_pps - target).abs() < 0.2 * target
+    });
+}
+
+#[test]
+fn two_dirty_log_subscribers_each_see_every_page() {
+    let vm = started(config(16, 1, "dirty:rate=3000,wss=4M,pattern=random"));
+    let a = vm.dirty_log().expect("a");
+    let b = vm.dirty_log().expect("b");
+    std::thread::sleep(Duration::from_millis(300));
+    let a1 = a.fetch().expect("a fetch");
+    std::thread::sleep(Duration::from_millis(200));
+    let a2 = a.fetch().expect("a fetch");
+    let b_all = b.fetch().expect("b fetch");
+    assert!(a1.count() > 0 && a2.count() > 0);
+    // b's single fetch covers both of a's intervals.
+    let mut union = DirtyBitmap {
+        words: a1.words.clone(),
+    };
+    for (u, w) in union.words.iter_mut().zip(&a2.words) {
+        *u |= *w;
+    }
+    assert_eq!(b_all, union);
+    vm.pause().expect("pause");
+    let _ = a.fetch().expect("drain");
+    assert_eq!(a.fetch().expect("paused fetch").count(), 0, "a paused guest dirties nothing");
+}
+
+#[test]
+fn stop_freezes_progress_and_cont_resumes_it() {
+    let vm = started(config(16, 2, "dirty:rate=5000,wss=8M,pattern=random"));
+    assert_progress_grows(&vm);
+    vm.pause().expect("pause");
+    assert_eq!(vm.status().state, VmRunState::Paused);
+    let frozen = vm.status().progress;
+    let log = vm.dirty_log().expect("subscribe");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(vm.status().progress, frozen, "progress moved while paused");
+    assert_eq!(log.fetch().expect("fetch").count(), 0, "pages dirtied while paused");
+    assert_eq!(vm.status().dirty_rate_pps, 0.0);
+    vm.resume().expect("resume");
+    wait_for("progress after cont", || vm.status().progress > frozen);
+    // Idle guests park too.
+    let idle = started(config(16, 1, "idle"));
+    assert_progress_grows(&idle);
+    idle.pause().expect("pause idle");
+    let beats = idle.status().heartbeats;
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(idle.status().heartbeats, beats);
+}
+
+#[test]
+fn save_state_needs_a_paused_vm_and_restore_a_fresh_one() {
+    let vm = started(config(16, 1, "verify:rate=1000,wss=4M,pattern=seq"));
+    assert!(matches!(vm.save_state(), Err(VmmError::InvalidState(_))));
+    vm.pause().expect("pause");
+    let st = vm.save_state().expect("save");
+    assert!(matches!(vm.restore_state(&st), Err(VmmError::InvalidState(_))));
+    let other = Vm::new_incoming(config(16, 1, "verify:rate=1000,wss=8M,pattern=seq"))
+        .expect("incoming");
+    assert!(matches!(other.restore_state(&st), Err(VmmError::InvalidState(_))));
+    assert!(other.start().is_err(), "an incoming VM must not start without state");
+}
+
+/// Copies all guest memory from `src` to `dst` through the public memory API.
+fn copy_memory(src: &Vm, dst: &Vm) {
+    let mut buf = vec![0u8; 1 << 20];
+    let size = src.config().mem_size;
+    for gpa in (0..size).step_by(buf.len()) {
+        let len = buf.len().min((size - gpa) as usize);
+        src.read_memory(gpa, &mut buf[..len]).expect("read");
+        dst.write_memory(gpa, &buf[..len]).expect("write");
+    }
+}
+
+#[test]
+fn snapshot_round_trip_continues_where_it_stopped_with_no_lost_write() {
+    for (vcpus, spec) in [
+        (1, "verify:rate=5000,wss=4M,pattern=random"),
+        (2, "verify:rate=6000,wss=4M,pattern=hotcold,hot=0.2,hotw=0.8"),
+    ] {
+        let cfg = config(16, vcpus, spec);
+        let src = started(cfg.clone());
+        wait_for("some writes", || src.status().pages_written > 500);
+        src.pause().expect("pause");
+        let report = src.verify_memory().expect("verify source");
+        assert_eq!(report.errors, 0, "{:?}", report.first_errors);
+        assert!(report.writes_replayed > 500);
+        let at_pause = src.status().progress;
+        let state = VmState::from_bytes(&src.save_state().expect("save").to_bytes().expect("encode"))
+            .expect("decode");
+        // Saving twice gives the same state, except the TSC, which counts even while paused.
+        let without_tsc = |mut st: VmState| {
+            for v in &mut st.vcpus {
+                v.msrs.retain(|&(index, _)| index != 0x10);
+            }
+            st
+        };
+        assert_eq!(
+            without_tsc(state.clone()),
+            without_tsc(src.save_state().expect("save twice")),
+            "save has no side effects"
+        );
+
+        let dst = Vm::new_incoming(cfg).expect("incoming");
+        assert_eq!(dst.status().state, VmRunState::Incoming);
+        copy_memory(&src, &dst);
+        src.shutdown();
+        dst.restore_state(&state).expect("restore");
+        assert_eq!(dst.status().progress, at_pause, "progress restored, not reset");
+        dst.start().expect("start restored");
+        wait_for("progress past the snapshot", || {
+            dst.status().progress > at_pause + 1000
+        });
+        let report = dst.verify_memory().expect("verify destination");
+        assert_eq!(report.errors, 0, "{:?}", report.first_errors);
+        assert!(report.writes_replayed > at_pause + 1000);
+        assert_eq!(report.pages_checked, 1024);
+        assert_eq!(dst.status().state, VmRunState::Running, "verify resumes a running VM");
+    }
+}
+
+#[test]
+fn verify_catches_a_lost_and_a_misplaced_write() {
+    let vm = started(config(16, 1, "verify:rate=4000,wss=4M,pattern=seq"));
+    wait_for("a full sweep", || vm.status().pages_written > 1100);
+    vm.pause().expect("pause");
+    assert_eq!(vm.verify_memory().expect("verify").errors, 0);
+    let base = fastmig_vmm::guest::DATA_BASE;
+    // A lost write: page 3 goes back to an older sequence number.
+    let mut stamp = [0u8; 16];
+    vm.read_memory(base + 3 * PAGE_SIZE, &mut stamp).expect("read");
+    let seq = u64::from_le_bytes(stamp[..8].try_into().expect("8 bytes"));
+    vm.write_memory(base + 3 * PAGE_SIZE, &(seq - 1024).to_le_bytes()).expect("write");
+    // A misplaced write: page 5's frame number points elsewhere.
+    vm.write_memory(base + 5 * PAGE_SIZE + 8, &7u64.to_le_bytes()).expect("write");
+    let report = vm.verify_memory().expect("verify");
+    assert_eq!(report.errors, 2, "{:?}", report.first_errors);
+    let dirty = Vm::new(config(16, 1, "dirty:wss=4M")).expect("dirty vm");
+    assert!(matches!(dirty.verify_memory(), Err(VmmError::NotVerifiable(_))));
+}
+
+#[test]
+fn memory_is_a_shared_memfd_that_can_be_adopted() {
+    require_kvm();
+    let cfg = config(16, 1, "verify:rate=3000,wss=4M,pattern=random");
+    let src = Vm::new(cfg.clone()).expect("vm");
+    src.start().expect("start");
+    wait_for("writes", || src.status().pages_written > 300);
+    src.pause().expect("pause");
+    let state = src.save_state().expect("save");
+    let region = src.memory_regions()[0];
+    assert_eq!((region.guest_addr, region.size, region.fd_offset), (0, 16 << 20, 0));
+    // SAFETY: dup of the VM's live memfd; the result is checked.
+    let dup = unsafe { libc::dup(region.fd) };
+    assert!(dup >= 0);
+    // SAFETY: `dup` is a fresh fd nobody else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    src.shutdown();
+    drop(src);
+    let adopted = Vm::from_memory_fd(cfg, fd).expect("adopt");
+    adopted.restore_state(&state).expect("restore");
+    adopted.start().expect("start");
+    wait_for("progress", || adopted.status().pages_written > state.vcpus[0].workload.pages_done + 300);
+    assert_eq!(adopted.verify_memory().expect("verify").errors, 0);
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    require_kvm();
+    for cfg in [
+        config(1, 1, "dirty:wss=4M"),
+        config(16, 0, "idle"),
+        config(16, 17, "idle"),
+        config(4096, 1, "idle"),
+        config(16, 4, "dirty:wss=8K"),
+    ] {
+        match Vm::new(cfg.clone()) {
+            Err(e @ VmmError::InvalidConfig(_)) => assert!(e.is_usage()),
+            Err(e) => panic!("{cfg:?}: wrong error {e}"),
+            Ok(_) => panic!("{cfg:?} was accepted"),
+        }
+    }
+    let odd = VmConfig {
+        mem_size: (16 << 20) + 1,
+        vcpus: 1,
+        workload: WorkloadSpec::new(fastmig_vmm::WorkloadKind::Idle),
+    };
+    assert!(Vm::new(odd).is_err());
+}
