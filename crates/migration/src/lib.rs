@@ -1,1 +1,40 @@
-//! fastmig migration (work in progress).
+//! fastmig live migration: the pre-copy engine, the wire protocol and the transports.
+//!
+//! **Owns:** the [`MigratableVm`] seam, the source engine ([`migrate`]), the destination
+//! ([`receive`]), the versioned protocol ([`protocol`], see `PROTOCOL.md`), the transports
+//! ([`TransportKind`]) and the summary types. **Does not own:** KVM (the VMM crate implements
+//! [`MigratableVm`]), the CLI, or any cost model.
+//!
+//! ```text
+//!  source VM ──MigratableVm──► migrate() ──Transport──► receive() ──MigratableVm──► dest VM
+//!                              pre-copy rounds, pause,   digest check, restore,
+//!                              state, Complete           Ready/Commit, resume
+//! ```
+//!
+//! Everything is tested without KVM through [`test_utils::SoftVm`] (feature `test-utils`).
+
+mod conn;
+mod digest;
+mod engine;
+mod error;
+mod guestmem;
+pub mod protocol;
+mod rawio;
+mod receive;
+mod summary;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+pub mod transport;
+mod util;
+mod vm;
+
+pub use conn::{BadEndpoint, Conn, Endpoint, Listener};
+pub use digest::{hash_page_bytes, PageHashes};
+pub use engine::{migrate, MigrateOptions, OnNoConverge, ProgressFn};
+pub use error::MigrationError;
+pub use guestmem::{BadRegion, GuestMemory};
+pub use receive::{receive, receive_on, ReceiveOptions};
+pub use summary::{MigrationStatus, MigrationSummary, Phase, Progress, ReceiveSummary, RoundStats};
+pub use transport::TransportKind;
+pub use util::{thread_cpu_time, CancelToken, TokenBucket};
+pub use vm::{DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE};

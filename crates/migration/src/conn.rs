@@ -1,0 +1,228 @@
+//! Endpoints, listeners and connected streams (TCP or Unix), with timeouts.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::error::MigrationError;
+
+/// Where a destination listens: `host:port` (TCP) or `unix:/path` (Unix socket, needed by the
+/// `shm` and `handover` transports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// TCP address.
+    Tcp(SocketAddr),
+    /// Unix socket path.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(a) => write!(f, "{a}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Error parsing an [`Endpoint`].
+#[derive(Debug, thiserror::Error)]
+#[error("bad endpoint {0:?}: expected host:port or unix:/path")]
+pub struct BadEndpoint(pub String);
+
+impl std::str::FromStr for Endpoint {
+    type Err = BadEndpoint;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(BadEndpoint(s.into()));
+            }
+            return Ok(Endpoint::Unix(p.into()));
+        }
+        s.to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .map(Endpoint::Tcp)
+            .ok_or_else(|| BadEndpoint(s.into()))
+    }
+}
+
+/// A connected stream.
+#[derive(Debug)]
+pub enum Conn {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix stream socket.
+    Unix(UnixStream),
+}
+
+impl Conn {
+    /// Connects to `ep`, giving up after `timeout`.
+    pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<Conn, MigrationError> {
+        let r = match ep {
+            Endpoint::Tcp(a) => TcpStream::connect_timeout(a, timeout).map(|s| {
+                // Latency matters for the small control frames.
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+            Endpoint::Unix(p) => UnixStream::connect(p).map(Conn::Unix),
+        };
+        r.map_err(|e| match e.kind() {
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
+                MigrationError::Timeout { phase: "connect" }
+            }
+            _ => MigrationError::Connect { endpoint: ep.to_string(), source: e },
+        })
+    }
+
+    /// Sets both read and write timeouts (`None`: block forever).
+    pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Conn::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
+    /// A second handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts both directions down, waking any thread blocked on the socket.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    /// The Unix stream, if this is one (fd passing needs it).
+    pub fn as_unix(&self) -> Option<&UnixStream> {
+        match self {
+            Conn::Unix(s) => Some(s),
+            Conn::Tcp(_) => None,
+        }
+    }
+}
+
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A bound listening socket for the destination.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP listener.
+    Tcp(TcpListener),
+    /// Unix listener (the socket file is removed on drop).
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `ep` (TCP port 0 picks a free port; see [`Listener::endpoint`]).
+    pub fn bind(ep: &Endpoint) -> Result<Listener, MigrationError> {
+        let err = |e| MigrationError::Connect { endpoint: ep.to_string(), source: e };
+        match ep {
+            Endpoint::Tcp(a) => TcpListener::bind(a).map(Listener::Tcp).map_err(err),
+            Endpoint::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                UnixListener::bind(p).map(|l| Listener::Unix(l, p.clone())).map_err(err)
+            }
+        }
+    }
+
+    /// The endpoint a source should connect to.
+    pub fn endpoint(&self) -> io::Result<Endpoint> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(Endpoint::Tcp),
+            Listener::Unix(_, p) => Ok(Endpoint::Unix(p.clone())),
+        }
+    }
+
+    /// Accepts one connection, waiting at most `timeout` (`None`: forever).
+    pub fn accept(&self, timeout: Option<Duration>) -> Result<Conn, MigrationError> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let wait_ms = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(MigrationError::Timeout { phase: "accept" });
+                    }
+                    left.as_millis().clamp(1, 1000) as i32
+                }
+                None => 1000,
+            };
+            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: `pfd` is one valid pollfd on our stack and we pass a count of 1.
+            let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+            if rc > 0 {
+                break;
+            }
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(MigrationError::Connect { endpoint: "listener".into(), source: e });
+                }
+            }
+        }
+        let r = match self {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
+        };
+        r.map_err(|e| MigrationError::Connect { endpoint: "listener".into(), source: e })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -1,0 +1,462 @@
+//! The source side: pre-copy engine.
+//!
+//! ```text
+//! connect ─ Hello/HelloReply ─ transport setup ─ start dirty log
+//!   round 1: every page
+//!   loop: sync dirty log ─ estimate (dirty bytes / measured bandwidth) ≤ downtime limit? ─ yes → stop
+//!         no convergence? ─ Wait: go on (round limit) │ Force: stop now │ Abort: fail
+//!         send dirty pages
+//! pause ─ final sync ─ send last pages ─ stop dirty log ─ State ─ Complete(digest)
+//!   ← Ready ─ Commit → ← Resumed   (downtime = pause → Resumed, source clock)
+//! ```
+//!
+//! Failure safety: until `Commit` is written, any error (or cancel) stops the dirty log,
+//! resumes the VM if this call paused it, and tells the destination `Failed` (best effort).
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::conn::{Conn, Endpoint};
+use crate::digest::PageHashes;
+use crate::error::{wire, MigrationError};
+use crate::guestmem::GuestMemory;
+use crate::protocol::{read_message, write_message, Complete, Hello, Message, PROTOCOL_VERSION};
+use crate::summary::{MigrationStatus, MigrationSummary, Phase, Progress, RoundStats};
+use crate::transport::classic::ClassicSource;
+use crate::transport::multi_tcp::MultiTcpSource;
+use crate::transport::{PageStats, SendCtx, SourceTransport, TransportKind};
+use crate::util::{thread_cpu_time, CancelToken, TokenBucket};
+use crate::vm::{DirtyBitmap, MigratableVm, PAGE_SIZE};
+
+/// What to do when pre-copy rounds stop converging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnNoConverge {
+    /// Keep going until it converges or `max_rounds` is reached, then fail with
+    /// [`MigrationError::NotConverged`] (VM keeps running on the source).
+    #[default]
+    Wait,
+    /// Stop-and-copy now, with whatever downtime that costs.
+    Force,
+    /// Fail at once with [`MigrationError::NotConverged`].
+    Abort,
+}
+
+/// Callback receiving [`Progress`] reports (called on the migrating thread; keep it short).
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Source options. `Default` gives sensible values for a LAN.
+#[derive(Clone)]
+pub struct MigrateOptions {
+    /// Transport. Default: classic.
+    pub transport: TransportKind,
+    /// Largest acceptable downtime; pre-copy stops when the estimated remaining transfer fits.
+    /// Default 300 ms.
+    pub downtime_limit: Duration,
+    /// Most rounds including the full pass. Default 30.
+    pub max_rounds: u32,
+    /// Policy when rounds stop converging. Default [`OnNoConverge::Wait`].
+    pub on_no_converge: OnNoConverge,
+    /// Bandwidth cap in bytes/s for page data (all streams together). Default none.
+    pub bandwidth_limit: Option<u64>,
+    /// Connection timeout. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Socket read/write timeout and handshake timeout. Default 10 s.
+    pub io_timeout: Duration,
+    /// How long to wait for `Ready` (destination verifying and restoring) and `Resumed`.
+    /// Default 30 s.
+    pub ack_timeout: Duration,
+    /// Cancel from any thread. Honoured until `Commit` is sent.
+    pub cancel: CancelToken,
+    /// Progress callback.
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for MigrateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrateOptions")
+            .field("transport", &self.transport)
+            .field("downtime_limit", &self.downtime_limit)
+            .field("max_rounds", &self.max_rounds)
+            .field("on_no_converge", &self.on_no_converge)
+            .field("bandwidth_limit", &self.bandwidth_limit)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("io_timeout", &self.io_timeout)
+            .field("ack_timeout", &self.ack_timeout)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            transport: TransportKind::Classic,
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            on_no_converge: OnNoConverge::Wait,
+            bandwidth_limit: None,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(10),
+            ack_timeout: Duration::from_secs(30),
+            cancel: CancelToken::new(),
+            progress: None,
+        }
+    }
+}
+
+/// Rounds in a row without a real drop in dirty pages before we call it non-converging.
+const STALL_ROUNDS: u32 = 3;
+/// A round "drops" if it has fewer than this fraction of the previous round's dirty pages.
+const STALL_RATIO: f64 = 0.95;
+
+#[derive(Default)]
+struct Guard {
+    paused: bool,
+    dirty_on: bool,
+    committed: bool,
+    control: Option<Conn>,
+}
+
+/// Migrates `vm` to the destination listening at `dest`.
+///
+/// On success the VM stays paused here (the destination runs it): the caller should tear
+/// it down. On error before `Commit`, the VM is running here again with its memory intact.
+pub fn migrate<V: MigratableVm + ?Sized>(
+    vm: &V,
+    dest: &Endpoint,
+    opts: &MigrateOptions,
+) -> Result<MigrationSummary, MigrationError> {
+    let mut g = Guard::default();
+    let r = run(vm, dest, opts, &mut g);
+    let Err(mut e) = r else { return r };
+    if g.committed {
+        return Err(e);
+    }
+    if let Some(c) = g.control.as_mut() {
+        // A destination that failed first usually said why before closing: prefer its reason.
+        if matches!(e, MigrationError::SendPages(_)) {
+            let _ = c.set_timeouts(Some(Duration::from_millis(300)));
+            if let Ok(Message::Failed { reason }) = read_message(c) {
+                e = MigrationError::PeerFailed { reason };
+            }
+        }
+        let _ = c.set_timeouts(Some(Duration::from_millis(300)));
+        let _ = write_message(c, &Message::Failed { reason: format!("source: {e}") });
+        c.shutdown();
+    }
+    if g.dirty_on {
+        if let Err(se) = vm.stop_dirty_log() {
+            warn!(error = %se, "stopping the dirty log after a failed migration");
+        }
+    }
+    if g.paused {
+        if let Err(re) = vm.resume() {
+            warn!(error = %re, "resuming the VM after a failed migration");
+            return Err(MigrationError::Resume(re));
+        }
+    }
+    warn!(error = %e, "migration failed; VM runs on the source");
+    Err(e)
+}
+
+fn session_id() -> u64 {
+    RandomState::new().hash_one((std::process::id(), Instant::now()))
+}
+
+struct Sender<'a, V: ?Sized> {
+    vm: &'a V,
+    opts: &'a MigrateOptions,
+    mem: GuestMemory,
+    transport: Box<dyn SourceTransport>,
+    hashes: PageHashes,
+    bucket: Option<TokenBucket>,
+    rounds: Vec<RoundStats>,
+    total: PageStats,
+    send_s: f64,
+    t0: Instant,
+}
+
+impl<V: MigratableVm + ?Sized> Sender<'_, V> {
+    fn send_round(
+        &mut self,
+        pages: &[usize],
+        dirty_rate: f64,
+        stop_and_copy: bool,
+    ) -> Result<(), MigrationError> {
+        let ctx = SendCtx { hashes: &self.hashes, bucket: self.bucket.as_ref(), cancel: &self.opts.cancel };
+        let start = Instant::now();
+        let stats = self.transport.send_pages(&self.mem, pages, &ctx)?;
+        let secs = start.elapsed().as_secs_f64();
+        self.send_s += secs;
+        self.total.add(stats);
+        let r = RoundStats {
+            round: self.rounds.len() as u32 + 1,
+            pages: stats.pages,
+            zero_pages: stats.zero_pages,
+            bytes: stats.bytes,
+            ms: secs * 1e3,
+            bandwidth_mib_s: if secs > 0.0 { stats.bytes as f64 / secs / MIB } else { 0.0 },
+            dirty_rate_pages_s: dirty_rate,
+            stop_and_copy,
+        };
+        debug!(?r, "round sent");
+        self.rounds.push(r);
+        Ok(())
+    }
+
+    /// Bytes/s measured over all rounds so far (bounded by the cap).
+    fn bandwidth(&self) -> f64 {
+        let measured = if self.send_s > 0.0 { self.total.bytes as f64 / self.send_s } else { 0.0 };
+        let measured = if measured > 0.0 { measured } else { 1e9 };
+        match self.opts.bandwidth_limit {
+            Some(cap) => measured.min(cap as f64),
+            None => measured,
+        }
+    }
+
+    fn progress(&self, phase: Phase, remaining: usize, dirty_rate: f64) {
+        if let Some(cb) = &self.opts.progress {
+            cb(&Progress {
+                phase,
+                round: self.rounds.len() as u32,
+                remaining_pages: remaining as u64,
+                dirty_rate_pages_s: dirty_rate,
+                bandwidth_mib_s: self.bandwidth() / MIB,
+                bytes_sent: self.total.bytes,
+                pages_sent: self.total.pages,
+                elapsed_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn run<V: MigratableVm + ?Sized>(
+    vm: &V,
+    dest: &Endpoint,
+    opts: &MigrateOptions,
+    g: &mut Guard,
+) -> Result<MigrationSummary, MigrationError> {
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let layout = vm.layout();
+    let mem = GuestMemory::new(&vm.memory())?;
+    let npages = mem.pages();
+
+    // Setup: connect, handshake, transport.
+    let mut control = Conn::connect(dest, opts.connect_timeout)?;
+    control.set_timeouts(Some(opts.io_timeout)).map_err(|e| MigrationError::TransportSetup {
+        reason: "setting control stream timeouts".into(),
+        source: Some(e),
+    })?;
+    g.control = control.try_clone().ok();
+    let session = session_id();
+    let (data_streams, name) = match opts.transport {
+        TransportKind::Classic => (0, "classic"),
+        TransportKind::MultiTcp { streams } => (streams.max(1), "multi-tcp"),
+    };
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        layout,
+        transport: name.into(),
+        data_streams,
+        session,
+    };
+    write_message(&mut control, &Message::Hello(hello))
+        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+    match read_message(&mut control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+        Message::HelloReply(r) if r.accepted => {}
+        Message::HelloReply(r) => {
+            return Err(MigrationError::PeerRefused {
+                reason: r.reason.unwrap_or_else(|| "no reason given".into()),
+            })
+        }
+        Message::Failed { reason } => return Err(MigrationError::PeerRefused { reason }),
+        other => return Err(MigrationError::Unexpected { phase: "handshake", got: other.name().into() }),
+    }
+    let transport: Box<dyn SourceTransport> = match opts.transport {
+        TransportKind::Classic => Box::new(ClassicSource::new(&control)?),
+        TransportKind::MultiTcp { .. } => Box::new(MultiTcpSource::connect(
+            dest,
+            data_streams,
+            session,
+            opts.connect_timeout,
+            opts.io_timeout,
+        )?),
+    };
+    let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
+    info!(transport = name, setup_ms, pages = npages, "migration set up");
+
+    let mut s = Sender {
+        vm,
+        opts,
+        mem,
+        transport,
+        hashes: PageHashes::new(npages),
+        bucket: opts.bandwidth_limit.map(TokenBucket::new),
+        rounds: Vec::new(),
+        total: PageStats::default(),
+        send_s: 0.0,
+        t0,
+    };
+    s.progress(Phase::Setup, npages, 0.0);
+
+    // Pre-copy.
+    s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
+    g.dirty_on = true;
+    let all: Vec<usize> = (0..npages).collect();
+    s.send_round(&all, 0.0, false)?;
+    let mut last_sync = Instant::now();
+    let mut prev_dirty = usize::MAX;
+    let mut stalled = 0u32;
+    let mut forced = false;
+    let mut warned = false;
+    let mut pending;
+    let mut dirty_rate;
+    loop {
+        if opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let bm = s.vm.sync_dirty_log().map_err(MigrationError::DirtyLogSync)?;
+        let now = Instant::now();
+        pending = bm;
+        let dirty = pending.count();
+        dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
+        last_sync = now;
+        s.progress(Phase::PreCopy, dirty, dirty_rate);
+        let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
+        let rounds = s.rounds.len() as u32;
+        debug!(rounds, dirty, ?est, "dirty log synced");
+        if est <= opts.downtime_limit {
+            break;
+        }
+        stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 { stalled + 1 } else { 0 };
+        prev_dirty = dirty;
+        let why = if rounds + 1 >= opts.max_rounds {
+            Some(format!("round limit {} reached with {dirty} dirty pages (estimated {est:?})", opts.max_rounds))
+        } else if stalled >= STALL_ROUNDS {
+            Some(format!(
+                "dirty pages stopped shrinking ({dirty} after {rounds} rounds, dirty rate {dirty_rate:.0} pages/s, bandwidth {:.1} MiB/s)",
+                s.bandwidth() / MIB
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = why {
+            let at_limit = rounds + 1 >= opts.max_rounds;
+            match opts.on_no_converge {
+                OnNoConverge::Force => {
+                    warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
+                    forced = true;
+                    break;
+                }
+                OnNoConverge::Abort => return Err(MigrationError::NotConverged { rounds, reason }),
+                OnNoConverge::Wait if at_limit => {
+                    return Err(MigrationError::NotConverged { rounds, reason })
+                }
+                OnNoConverge::Wait => {
+                    if !warned {
+                        warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
+                        warned = true;
+                    }
+                }
+            }
+        }
+        let list: Vec<usize> = pending.iter_dirty().collect();
+        s.send_round(&list, dirty_rate, false)?;
+        write_message(&mut control, &Message::RoundEnd { round: s.rounds.len() as u32 })
+            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+    }
+
+    // Stop-and-copy.
+    if opts.cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    s.vm.pause().map_err(MigrationError::Pause)?;
+    g.paused = true;
+    let paused_at = Instant::now();
+    let last = s.vm.sync_dirty_log().map_err(MigrationError::DirtyLogSync)?;
+    let mut fin = DirtyBitmap::new(npages);
+    fin.union_with(&pending);
+    fin.union_with(&last);
+    let list: Vec<usize> = fin.iter_dirty().collect();
+    s.send_round(&list, dirty_rate, true)?;
+    s.transport.finish()?;
+    s.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
+    g.dirty_on = false;
+    let state = s.vm.save_state().map_err(MigrationError::SaveState)?;
+    let rounds = s.rounds.len() as u32;
+    let digest = s.hashes.digest();
+    write_message(&mut control, &Message::State(state))
+        .and_then(|_| {
+            write_message(
+                &mut control,
+                &Message::Complete(Complete { digest, pages: npages as u64, rounds }),
+            )
+        })
+        .map_err(|e| wire("sending state", e, MigrationError::SendPages))?;
+    s.progress(Phase::StopAndCopy, 0, dirty_rate);
+
+    // Two-phase end: the destination must say Ready (digest verified, state restored) before
+    // we give the VM up with Commit.
+    let _ = control.set_timeouts(Some(opts.ack_timeout));
+    match read_message(&mut control).map_err(|e| wire("ready", e, MigrationError::ReceivePages))? {
+        Message::Ready => {}
+        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+        other => return Err(MigrationError::Unexpected { phase: "ready", got: other.name().into() }),
+    }
+    if opts.cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    write_message(&mut control, &Message::Commit)
+        .map_err(|e| wire("commit", e, MigrationError::SendPages))?;
+    g.committed = true;
+    let resumed = match read_message(&mut control) {
+        Ok(Message::Resumed(r)) => r,
+        Ok(other) => {
+            return Err(MigrationError::InDoubt(Box::new(MigrationError::Unexpected {
+                phase: "resumed",
+                got: other.name().into(),
+            })))
+        }
+        Err(e) => {
+            return Err(MigrationError::InDoubt(Box::new(wire(
+                "resumed",
+                e,
+                MigrationError::ReceivePages,
+            ))))
+        }
+    };
+    let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    s.progress(Phase::Done, 0, 0.0);
+    let summary = MigrationSummary {
+        status: if forced { MigrationStatus::CompletedForced } else { MigrationStatus::Completed },
+        transport: s.transport.name().into(),
+        total_ms,
+        downtime_ms,
+        setup_ms,
+        dst_setup_ms: resumed.dst_setup_ms,
+        rounds,
+        bytes_sent: s.total.bytes,
+        pages_sent: s.total.pages,
+        zero_pages_skipped: s.total.zero_pages,
+        throughput_mib_s: if s.send_s > 0.0 { s.total.bytes as f64 / s.send_s / MIB } else { 0.0 },
+        src_cpu_s: thread_cpu_time() - cpu0 + s.transport.worker_cpu_s(),
+        dst_cpu_s: resumed.dst_cpu_s,
+        digest_match: resumed.digest_match,
+        round_details: s.rounds,
+    };
+    info!(
+        total_ms = summary.total_ms,
+        downtime_ms = summary.downtime_ms,
+        rounds = summary.rounds,
+        "migration completed"
+    );
+    Ok(summary)
+}

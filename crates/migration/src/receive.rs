@@ -1,0 +1,221 @@
+//! The destination side.
+//!
+//! ```text
+//! accept ─ ← Hello ─ check version/layout/transport ─ HelloReply → ─ data streams (multi-tcp)
+//! loop: pages (any transport) │ RoundEnd │ State │ Complete(digest)
+//! wait for every stream ─ compare digests ─ restore state ─ Ready →
+//! ← Commit ─ resume ─ Resumed →
+//! ```
+//!
+//! The VM is resumed only after the digest matched, the state was restored and the source
+//! said `Commit` (it has given the VM up). Any failure before that returns an error, tells
+//! the source `Failed`, and leaves the VM paused for the caller to discard.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use crate::conn::{Conn, Listener};
+use crate::digest::PageHashes;
+use crate::error::{wire, MigrationError};
+use crate::guestmem::GuestMemory;
+use crate::protocol::{read_message, write_message, HelloReply, Message, Resumed, PROTOCOL_VERSION};
+use crate::summary::ReceiveSummary;
+use crate::transport::classic::ClassicDest;
+use crate::transport::multi_tcp::MultiTcpDest;
+use crate::transport::{DestTransport, PageStats, RecvCtx};
+use crate::util::thread_cpu_time;
+use crate::vm::MigratableVm;
+
+/// Destination options.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// How long to wait for the source to connect (`None`: forever). Default none.
+    pub accept_timeout: Option<Duration>,
+    /// Socket read/write timeout (a silent source fails after this). Default 10 s.
+    pub io_timeout: Duration,
+    /// How long to wait for `Commit` after `Ready`. Default 30 s.
+    pub commit_timeout: Duration,
+    /// Also re-hash the whole received memory and compare with the digest (O(bytes), adds
+    /// to downtime; for tests and paranoia). Default false.
+    pub verify_memory: bool,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            accept_timeout: None,
+            io_timeout: Duration::from_secs(10),
+            commit_timeout: Duration::from_secs(30),
+            verify_memory: false,
+        }
+    }
+}
+
+/// Receives one migration into `vm` (memory allocated, VM paused) from the first source that
+/// connects to `listener`, and resumes `vm` once it is complete and verified.
+pub fn receive<V: MigratableVm + ?Sized>(
+    vm: &V,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+) -> Result<ReceiveSummary, MigrationError> {
+    let control = listener.accept(opts.accept_timeout)?;
+    receive_on(vm, control, listener, opts)
+}
+
+/// Like [`receive`] on an already accepted control connection (`listener` is still needed to
+/// accept multi-tcp data streams).
+pub fn receive_on<V: MigratableVm + ?Sized>(
+    vm: &V,
+    mut control: Conn,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+) -> Result<ReceiveSummary, MigrationError> {
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let mut transport: Option<Box<dyn DestTransport>> = None;
+    let r = run(vm, &mut control, listener, opts, &mut transport, t0, cpu0);
+    match r {
+        Ok(s) => Ok(s),
+        Err(mut e) => {
+            if let Some(t) = transport.as_mut() {
+                if let Some(root) = t.abort() {
+                    e = root;
+                }
+            }
+            warn!(error = %e, "incoming migration failed; VM not resumed");
+            if !matches!(e, MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }) {
+                let _ = control.set_timeouts(Some(Duration::from_millis(300)));
+                let _ = write_message(&mut control, &Message::Failed { reason: format!("destination: {e}") });
+            }
+            Err(e)
+        }
+    }
+}
+
+fn refuse(control: &mut Conn, reason: String) -> MigrationError {
+    let reply = HelloReply { version: PROTOCOL_VERSION, accepted: false, reason: Some(reason.clone()) };
+    let _ = write_message(control, &Message::HelloReply(reply));
+    MigrationError::Incompatible { reason }
+}
+
+fn run<V: MigratableVm + ?Sized>(
+    vm: &V,
+    control: &mut Conn,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    transport: &mut Option<Box<dyn DestTransport>>,
+    t0: Instant,
+    cpu0: f64,
+) -> Result<ReceiveSummary, MigrationError> {
+    control.set_timeouts(Some(opts.io_timeout)).map_err(|e| MigrationError::TransportSetup {
+        reason: "setting control stream timeouts".into(),
+        source: Some(e),
+    })?;
+    let hello = match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+        Message::Hello(h) => h,
+        other => return Err(MigrationError::Unexpected { phase: "handshake", got: other.name().into() }),
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(refuse(
+            control,
+            format!(
+                "protocol version mismatch: source speaks {}, destination speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        ));
+    }
+    if let Some(reason) = hello.layout.incompatibility(&vm.layout()) {
+        return Err(refuse(control, reason));
+    }
+    let mem = GuestMemory::new(&vm.memory())?;
+    let ctx = RecvCtx { hashes: Arc::new(PageHashes::new(mem.pages())), mem };
+    match hello.transport.as_str() {
+        "classic" | "multi-tcp" => {}
+        other => return Err(refuse(control, format!("transport {other:?} not supported here"))),
+    }
+    if hello.transport == "multi-tcp" && !(1..=64).contains(&hello.data_streams) {
+        return Err(refuse(control, format!("bad data stream count {}", hello.data_streams)));
+    }
+    let reply = HelloReply { version: PROTOCOL_VERSION, accepted: true, reason: None };
+    write_message(control, &Message::HelloReply(reply))
+        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+    let t: &mut Box<dyn DestTransport> = transport.insert(match hello.transport.as_str() {
+        "multi-tcp" => Box::new(MultiTcpDest::accept(
+            listener,
+            hello.data_streams,
+            hello.session,
+            opts.accept_timeout.unwrap_or(opts.io_timeout),
+            opts.io_timeout,
+            &ctx,
+        )?),
+        _ => Box::<ClassicDest>::default(),
+    });
+    let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
+    info!(transport = %hello.transport, setup_ms, "incoming migration set up");
+
+    let mut state = None;
+    let mut rounds = 0;
+    let complete = loop {
+        let msg = read_message(control).map_err(|e| wire("receiving pages", e, MigrationError::ReceivePages))?;
+        let Some(msg) = t.on_control(msg, &ctx)? else { continue };
+        match msg {
+            Message::RoundEnd { round } => {
+                rounds = round;
+                debug!(round, "round received");
+            }
+            Message::State(s) => state = Some(s),
+            Message::Complete(c) => break c,
+            Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+            other => {
+                return Err(MigrationError::Unexpected { phase: "receiving pages", got: other.name().into() })
+            }
+        }
+    };
+    let stats: PageStats = t.finish()?;
+    let digest = ctx.hashes.digest();
+    if digest != complete.digest {
+        return Err(MigrationError::Digest { source_digest: complete.digest, destination_digest: digest });
+    }
+    if opts.verify_memory {
+        for p in 0..ctx.mem.pages() {
+            if ctx.mem.hash_page(p) != ctx.hashes.get(p) {
+                return Err(MigrationError::Digest {
+                    source_digest: complete.digest,
+                    destination_digest: u64::MAX,
+                });
+            }
+        }
+    }
+    let state = state.ok_or(MigrationError::Unexpected { phase: "complete", got: "complete before state".into() })?;
+    vm.restore_state(&state).map_err(MigrationError::RestoreState)?;
+    write_message(control, &Message::Ready).map_err(|e| wire("ready", e, MigrationError::SendPages))?;
+    let _ = control.set_timeouts(Some(opts.commit_timeout));
+    match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
+        Message::Commit => {}
+        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+        other => return Err(MigrationError::Unexpected { phase: "commit", got: other.name().into() }),
+    }
+    vm.resume().map_err(MigrationError::Resume)?;
+    let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
+    let resumed = Resumed { dst_cpu_s, dst_setup_ms: setup_ms, digest_match: true };
+    // The VM runs here now whatever happens to this ack; a lost ack leaves the source in doubt
+    // (paused), never both running.
+    if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
+        warn!(error = %e, "could not acknowledge the resume to the source");
+    }
+    let summary = ReceiveSummary {
+        transport: hello.transport,
+        setup_ms,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        pages_received: stats.pages,
+        zero_pages: stats.zero_pages,
+        bytes_received: stats.bytes,
+        rounds: complete.rounds.max(rounds),
+        dst_cpu_s,
+        digest,
+    };
+    info!(total_ms = summary.total_ms, "incoming migration completed; VM resumed");
+    Ok(summary)
+}

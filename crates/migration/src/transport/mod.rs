@@ -1,0 +1,147 @@
+//! The transport abstraction: how page data travels, for every phase including stop-and-copy.
+//!
+//! Control frames (handshake, state, completion, acks) always travel on the control stream
+//! owned by the engine. A transport decides how *pages* move:
+//!
+//! | transport   | page path                                                                 |
+//! |-------------|---------------------------------------------------------------------------|
+//! | `classic`   | one frame per page on the control stream (copy, header, checksum)         |
+//! | `multi-tcp` | N extra TCP streams, batch descriptors of runs, `sendmsg`/`readv` zero-copy |
+//!
+//! See PROTOCOL.md for the frames each transport uses.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::digest::PageHashes;
+use crate::error::MigrationError;
+use crate::guestmem::GuestMemory;
+use crate::protocol::Message;
+use crate::util::{CancelToken, TokenBucket};
+
+pub(crate) mod classic;
+pub(crate) mod multi_tcp;
+
+/// Which transport to use (chosen by the source, announced in `Hello`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    /// One TCP stream, one header per page. The baseline.
+    Classic,
+    /// `streams` parallel TCP data streams with batch descriptors and scatter-gather I/O.
+    MultiTcp {
+        /// Number of data streams (at least 1).
+        streams: u32,
+    },
+}
+
+impl TransportKind {
+    /// Name used on the wire and in summaries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TransportKind::Classic => "classic",
+            TransportKind::MultiTcp { .. } => "multi-tcp",
+        }
+    }
+
+    /// Multi-tcp with one stream per available core.
+    pub fn multi_tcp_default() -> Self {
+        let n = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2);
+        TransportKind::MultiTcp { streams: n }
+    }
+}
+
+/// Error parsing a [`TransportKind`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown transport {0:?}: expected classic, multi-tcp or multi-tcp:N")]
+pub struct BadTransport(pub String);
+
+impl FromStr for TransportKind {
+    type Err = BadTransport;
+    /// `classic`, `multi-tcp` (one stream per core) or `multi-tcp:N`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "classic" => Ok(TransportKind::Classic),
+            "multi-tcp" => Ok(TransportKind::multi_tcp_default()),
+            _ => s
+                .strip_prefix("multi-tcp:")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=64).contains(n))
+                .map(|streams| TransportKind::MultiTcp { streams })
+                .ok_or_else(|| BadTransport(s.into())),
+        }
+    }
+}
+
+/// What a sending call needs besides the pages.
+#[derive(Debug, Clone, Copy)]
+pub struct SendCtx<'a> {
+    /// Source page-hash table, updated for every page sent.
+    pub hashes: &'a PageHashes,
+    /// Bandwidth cap shared by all streams, if any.
+    pub bucket: Option<&'a TokenBucket>,
+    /// Checked between batches.
+    pub cancel: &'a CancelToken,
+}
+
+/// Counters of one sending or receiving call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// Pages whose bytes were transferred.
+    pub pages: u64,
+    /// Pages found all-zero and sent as a flag only.
+    pub zero_pages: u64,
+    /// Bytes put on (or taken off) the wire, headers included.
+    pub bytes: u64,
+}
+
+impl PageStats {
+    pub(crate) fn add(&mut self, o: PageStats) {
+        self.pages += o.pages;
+        self.zero_pages += o.zero_pages;
+        self.bytes += o.bytes;
+    }
+}
+
+/// Source half of a transport.
+pub trait SourceTransport: Send {
+    /// Name for summaries.
+    fn name(&self) -> &'static str;
+    /// Sends `pages` (ascending page indices) as they are in memory now, recording their
+    /// hashes in `ctx.hashes`. Returns once every byte is handed to the kernel.
+    fn send_pages(
+        &mut self,
+        mem: &GuestMemory,
+        pages: &[usize],
+        ctx: &SendCtx<'_>,
+    ) -> Result<PageStats, MigrationError>;
+    /// Called once after the last page: closes data streams so the destination knows all
+    /// page data arrived.
+    fn finish(&mut self) -> Result<(), MigrationError>;
+    /// CPU seconds spent by the transport's own worker threads so far.
+    fn worker_cpu_s(&self) -> f64;
+}
+
+/// What receiving needs: the destination's memory and its hash table.
+#[derive(Debug, Clone)]
+pub struct RecvCtx {
+    /// Destination guest memory.
+    pub mem: GuestMemory,
+    /// Destination page-hash table.
+    pub hashes: Arc<PageHashes>,
+}
+
+/// Destination half of a transport.
+pub trait DestTransport: Send {
+    /// Name for summaries.
+    fn name(&self) -> &'static str;
+    /// Offered every frame of the control stream; consumes page frames (returning `None`)
+    /// and hands any other message back.
+    fn on_control(&mut self, msg: Message, ctx: &RecvCtx) -> Result<Option<Message>, MigrationError>;
+    /// Called on `Complete`: waits until every page of every stream has landed.
+    fn finish(&mut self) -> Result<PageStats, MigrationError>;
+    /// CPU seconds spent by the transport's own worker threads.
+    fn worker_cpu_s(&self) -> f64;
+    /// The migration failed: stop every worker, and return the error of a worker that had
+    /// already failed on its own (the likely root cause), if any.
+    fn abort(&mut self) -> Option<MigrationError>;
+}
