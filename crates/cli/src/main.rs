@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a runtime failure (for example a failed migration), 2 bad input
 //! (a malformed spec, a missing `/dev/kvm`, a size that does not fit).
 
+mod api;
 mod error;
 mod sim_cmd;
 mod vm_cmd;

@@ -1,13 +1,224 @@
-//! VM subcommands: `run`, `status` (placeholder until the VMM lands).
+//! VM subcommands: `run` (a VM with a control socket), `status`, `ctl` (send one control
+//! command) and `demo`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fastmig_vmm::{Vm, VmConfig, VmRunState, VmStatus, VmmError, WorkloadSpec};
+use serde_json::Value;
+
+use crate::api;
 
 /// VM subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum VmCommand {
-    /// Placeholder.
-    Status,
+    /// Run a VM with a built-in workload until `quit` or Ctrl-C.
+    Run(RunArgs),
+    /// Print the status of a running VM.
+    Status {
+        /// Control socket of the VM.
+        #[arg(long)]
+        api: PathBuf,
+        /// Print the raw JSON reply.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send one control command (`stop`, `cont`, `quit`, `verify-memory`, `query-vm`, ...)
+    /// and print the JSON reply.
+    Ctl {
+        /// Control socket of the VM.
+        #[arg(long)]
+        api: PathBuf,
+        /// The command name.
+        command: String,
+    },
+    /// Run a `dirty` VM for a few seconds and print its status.
+    Demo {
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
+}
+
+/// Arguments of `fastmig run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Guest memory size (K/M/G suffixes).
+    #[arg(long, default_value = "64M")]
+    mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Workload spec `NAME[:key=value,...]`, e.g. `dirty:rate=20000,wss=32M,pattern=random`.
+    #[arg(long, default_value = "idle")]
+    workload: String,
+    /// Control socket path (newline-delimited JSON, QMP-like).
+    #[arg(long)]
+    api: Option<PathBuf>,
 }
 
 /// Runs a VM subcommand.
-pub fn main(_cmd: VmCommand) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+pub fn main(cmd: VmCommand) -> anyhow::Result<()> {
+    match cmd {
+        VmCommand::Run(args) => run(&args),
+        VmCommand::Status { api, json } => status(&api, json),
+        VmCommand::Ctl { api, command } => {
+            let reply = api::call(&api, &command, None)?;
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            Ok(())
+        }
+        VmCommand::Demo { seconds } => demo(seconds),
+    }
+}
+
+/// Maps VMM errors that are the user's fault (spec, size, missing KVM) to usage errors.
+fn vmm_error(e: VmmError) -> anyhow::Error {
+    if e.is_usage() {
+        crate::usage!("{e}")
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
+fn parse_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    let mem_size = fastmig_vmm::parse_size(&args.mem).map_err(vmm_error)?;
+    let workload: WorkloadSpec = args.workload.parse().map_err(vmm_error)?;
+    let cfg = VmConfig {
+        mem_size,
+        vcpus: args.vcpus,
+        workload,
+    };
+    cfg.validate().map_err(vmm_error)?;
+    Ok(cfg)
+}
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+fn install_termination_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe); an all-zero
+        // sigaction with the handler set is a valid argument.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_terminate as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let cfg = parse_config(args)?;
+    let vm = Arc::new(Vm::new(cfg.clone()).map_err(vmm_error)?);
+    let quit = Arc::new(AtomicBool::new(false));
+    install_termination_handlers();
+    let server = match &args.api {
+        Some(path) => Some(api::ApiServer::start(Arc::clone(&vm), path, Arc::clone(&quit))?),
+        None => None,
+    };
+    let result = vm.start().map_err(vmm_error).and_then(|()| {
+        eprintln!(
+            "fastmig: VM running: {} memory, {} vCPU(s), workload {}{}",
+            fastmig_vmm::format_size(cfg.mem_size),
+            cfg.vcpus,
+            cfg.workload,
+            args.api
+                .as_ref()
+                .map(|p| format!(", control socket {}", p.display()))
+                .unwrap_or_default()
+        );
+        wait_for_exit(&vm, &quit)
+    });
+    if let Some(server) = &server {
+        server.close();
+    }
+    vm.shutdown();
+    result
+}
+
+fn wait_for_exit(vm: &Vm, quit: &AtomicBool) -> anyhow::Result<()> {
+    loop {
+        if quit.load(Ordering::SeqCst) {
+            tracing::info!("quit requested over the control socket");
+            return Ok(());
+        }
+        if SIGNALLED.load(Ordering::SeqCst) {
+            tracing::info!("signal received, shutting down");
+            return Ok(());
+        }
+        if let VmRunState::Failed(why) = vm.status().state {
+            anyhow::bail!("VM failed: {why}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn status(path: &Path, as_json: bool) -> anyhow::Result<()> {
+    let reply = api::call(path, "query-status", None)?;
+    if as_json {
+        println!("{reply}");
+        return Ok(());
+    }
+    let field = |k: &str| reply.get(k).cloned().unwrap_or(Value::Null);
+    println!("status: {}", field("status").as_str().unwrap_or("?"));
+    println!("progress: {}", field("progress"));
+    println!(
+        "dirty_rate_pps: {:.0}",
+        field("dirty_rate_pps").as_f64().unwrap_or(0.0)
+    );
+    println!("pages_written: {}", field("pages_written"));
+    println!("heartbeats: {}", field("heartbeats"));
+    if let Some(err) = reply.get("error").and_then(Value::as_str) {
+        println!("error: {err}");
+    }
+    Ok(())
+}
+
+fn print_status(s: &VmStatus) {
+    println!(
+        "status: {:<8} progress: {:>9}  dirty rate: {:>8.0} pages/s",
+        s.state.name(),
+        s.progress,
+        s.dirty_rate_pps
+    );
+}
+
+/// The demo for now: a `dirty` VM for a few seconds. (A later change turns this into a
+/// migration demo; keep it self-contained.)
+fn demo(seconds: u64) -> anyhow::Result<()> {
+    let cfg = VmConfig {
+        mem_size: 64 << 20,
+        vcpus: 1,
+        workload: "dirty:rate=5000,wss=32M,pattern=random"
+            .parse()
+            .map_err(vmm_error)?,
+    };
+    println!(
+        "demo: {} memory, workload {}",
+        fastmig_vmm::format_size(cfg.mem_size),
+        cfg.workload
+    );
+    let vm = Vm::new(cfg).map_err(vmm_error)?;
+    vm.start().context("starting the demo VM")?;
+    let started = Instant::now();
+    for _ in 0..seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        print_status(&vm.status());
+    }
+    vm.pause().context("pausing the demo VM")?;
+    let s = vm.status();
+    println!(
+        "demo: {} pages written in {:.1} s",
+        s.pages_written,
+        started.elapsed().as_secs_f64()
+    );
+    vm.shutdown();
+    Ok(())
 }
