@@ -1,0 +1,85 @@
+//! Shared helpers for the migration integration tests.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use fastmig_migration::test_utils::SoftVm;
+use fastmig_migration::{
+    migrate, receive, Endpoint, Listener, MigrateOptions, MigrationError, MigrationSummary,
+    ReceiveOptions, ReceiveSummary,
+};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn loopback() -> Listener {
+    let ep: Endpoint = "127.0.0.1:0".parse().expect("endpoint");
+    Listener::bind(&ep).expect("bind")
+}
+
+/// Runs a destination on `dst` in a thread and migrates `src` to it.
+pub fn pair(
+    src: &SoftVm,
+    dst: &SoftVm,
+    opts: &MigrateOptions,
+    ropts: &ReceiveOptions,
+) -> (Result<MigrationSummary, MigrationError>, Result<ReceiveSummary, MigrationError>) {
+    let l = loopback();
+    let ep = l.endpoint().expect("endpoint");
+    std::thread::scope(|s| {
+        let h = s.spawn(|| receive(dst, &l, ropts));
+        let r = migrate(src, &ep, opts);
+        (r, h.join().expect("receiver thread"))
+    })
+}
+
+/// Asserts the source survived a failed migration: running, dirty log off, guest writing.
+pub fn assert_source_intact(src: &SoftVm) {
+    assert!(src.is_running(), "source VM must run again after a failed migration");
+    assert!(!src.is_dirty_logging(), "dirty log must be stopped after a failed migration");
+}
+
+/// A TCP proxy to `target` that flips the byte at `offset` of the source-to-destination
+/// direction of the `conn_index`-th accepted connection (0-based). Returns its endpoint.
+pub fn corrupting_proxy(target: Endpoint, conn_index: usize, offset: u64) -> Endpoint {
+    let l = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+    let addr = l.local_addr().expect("addr");
+    let Endpoint::Tcp(target) = target else { panic!("tcp only") };
+    let count = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for inbound in l.incoming() {
+            let Ok(inbound) = inbound else { return };
+            let Ok(outbound) = TcpStream::connect(target) else { return };
+            let k = count.fetch_add(1, Ordering::SeqCst);
+            let (i2, o2) = (inbound.try_clone().expect("clone"), outbound.try_clone().expect("clone"));
+            let corrupt = (k == conn_index).then_some(offset);
+            std::thread::spawn(move || pump(inbound, outbound, corrupt));
+            std::thread::spawn(move || pump(o2, i2, None));
+        }
+    });
+    Endpoint::Tcp(addr)
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, corrupt: Option<u64>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(off) = corrupt {
+            if off >= pos && off < pos + n as u64 {
+                buf[(off - pos) as usize] ^= 0x5A;
+            }
+        }
+        pos += n as u64;
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
