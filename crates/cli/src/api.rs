@@ -181,7 +181,11 @@ pub fn handle_request(vm: &Vm, line: &str, quit: &AtomicBool) -> Value {
             .map_err(|e| e.to_string())
             .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
         other => {
-            return error_reply(id, "CommandNotFound", &format!("the command {other} has not been found"))
+            return error_reply(
+                id,
+                "CommandNotFound",
+                &format!("the command {other} has not been found"),
+            )
         }
     };
     let mut reply = match result {
@@ -216,7 +220,10 @@ pub fn call(path: &Path, command: &str, arguments: Option<Value>) -> anyhow::Res
     let reply: Value = serde_json::from_str(line.trim())
         .with_context(|| format!("malformed reply {:?}", line.trim()))?;
     if let Some(err) = reply.get("error") {
-        let desc = err.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+        let desc = err
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown error");
         anyhow::bail!("{desc}");
     }
     reply

@@ -120,7 +120,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     let quit = Arc::new(AtomicBool::new(false));
     install_termination_handlers();
     let server = match &args.api {
-        Some(path) => Some(api::ApiServer::start(Arc::clone(&vm), path, Arc::clone(&quit))?),
+        Some(path) => Some(api::ApiServer::start(
+            Arc::clone(&vm),
+            path,
+            Arc::clone(&quit),
+        )?),
         None => None,
     };
     let result = vm.start().map_err(vmm_error).and_then(|()| {

@@ -97,7 +97,9 @@ impl DirtyLog {
             .map_err(|e| VmmError::kvm("KVM_GET_DIRTY_LOG", e))?;
         subs.retain(|w| w.strong_count() > 0);
         for sub in subs.iter().filter_map(Weak::upgrade) {
-            sub.lock().unwrap_or_else(|p| p.into_inner()).or_assign(&bitmap);
+            sub.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .or_assign(&bitmap);
         }
         Ok(())
     }
@@ -125,7 +127,11 @@ pub struct DirtyLogHandle {
 impl DirtyLogHandle {
     /// Pages dirtied by the guest since this handle's previous fetch (or its creation).
     pub fn fetch(&self) -> Result<DirtyBitmap, VmmError> {
-        let mut subs = self.log.subscribers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut subs = self
+            .log
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.log.sync_locked(&mut subs)?;
         let mut acc = self.acc.lock().unwrap_or_else(|p| p.into_inner());
         let empty = DirtyBitmap::new(self.log.pages());

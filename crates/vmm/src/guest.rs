@@ -51,12 +51,14 @@ pub const PROGRAM: &[u8] = &[
     0x4d, 0x85, 0xd2, //                   17       test r10, r10
     0x74, 0x60, //                         1a       jz do_mod            (seq)
     0x4c, 0x01, 0xe0, //                   1c       add rax, r12
-    0x48, 0xb9, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37, 0x9e, // 1f movabs rcx, 0x9e3779b97f4a7c15
+    0x48, 0xb9, 0x15, 0x7c, 0x4a, 0x7f, 0xb9, 0x79, 0x37,
+    0x9e, // 1f movabs rcx, 0x9e3779b97f4a7c15
     0x48, 0x0f, 0xaf, 0xc1, //             29       imul rax, rcx
     0x48, 0x89, 0xc2, //                   2d       mov rdx, rax
     0x48, 0xc1, 0xea, 0x20, //             30       shr rdx, 32
     0x48, 0x31, 0xd0, //                   34       xor rax, rdx
-    0x48, 0xb9, 0x93, 0xfd, 0x59, 0x66, 0xb8, 0xfe, 0xe8, 0xd6, // 37 movabs rcx, 0xd6e8feb86659fd93
+    0x48, 0xb9, 0x93, 0xfd, 0x59, 0x66, 0xb8, 0xfe, 0xe8,
+    0xd6, // 37 movabs rcx, 0xd6e8feb86659fd93
     0x48, 0x0f, 0xaf, 0xc1, //             41       imul rax, rcx
     0x48, 0x89, 0xc2, //                   45       mov rdx, rax
     0x48, 0xc1, 0xea, 0x20, //             48       shr rdx, 32
@@ -75,7 +77,8 @@ pub const PROGRAM: &[u8] = &[
     0x4c, 0x29, 0xd9, //                   6e       sub rcx, r11
     0x31, 0xd2, //                         71       xor edx, edx
     0x48, 0xf7, 0xf1, //                   73       div rcx
-    0x4a, 0x8d, 0x04, 0x1a, //             76       lea rax, [rdx+r11]    (hot + hash mod cold)
+    0x4a, 0x8d, 0x04,
+    0x1a, //             76       lea rax, [rdx+r11]    (hot + hash mod cold)
     0xeb, 0x08, //                         7a       jmp have_idx
     0x31, 0xd2, //                         7c do_mod: xor edx, edx
     0x49, 0xf7, 0xf1, //                   7e       div r9
@@ -162,7 +165,8 @@ pub fn slices(spec: &WorkloadSpec, mem_size: u64, vcpus: u8) -> Vec<Slice> {
             } else {
                 spec.pattern
             };
-            let hot_pages = ((pages as f64 * spec.hot).round() as u64).clamp(1, pages.saturating_sub(1).max(1));
+            let hot_pages =
+                ((pages as f64 * spec.hot).round() as u64).clamp(1, pages.saturating_sub(1).max(1));
             let hot_threshold = (spec.hot_writes * 4_294_967_296.0).round() as u64;
             Slice {
                 base: DATA_BASE + c * per * PAGE_SIZE,
@@ -203,14 +207,19 @@ mod tests {
     #[test]
     fn program_offsets_match_the_listing() {
         assert_eq!(PROGRAM.len(), 0xa4);
-        assert_eq!(&PROGRAM[AFTER_STORE_OFFSET as usize..][..3], &[0x48, 0xff, 0xc3]);
+        assert_eq!(
+            &PROGRAM[AFTER_STORE_OFFSET as usize..][..3],
+            &[0x48, 0xff, 0xc3]
+        );
         assert_eq!(PROGRAM[IDLE_OFFSET as usize], 0xf4);
         assert_eq!(PROGRAM[ENTRY_OFFSET as usize], 0xe5);
     }
 
     #[test]
     fn slices_split_the_working_set_and_stay_in_range() {
-        let spec: WorkloadSpec = "verify:wss=40K,pattern=hotcold,hot=0.5".parse().expect("spec");
+        let spec: WorkloadSpec = "verify:wss=40K,pattern=hotcold,hot=0.5"
+            .parse()
+            .expect("spec");
         let s = slices(&spec, 1 << 20, 3);
         assert_eq!(s.iter().map(|x| x.pages).collect::<Vec<_>>(), vec![3, 3, 4]);
         assert_eq!(s[1].base, DATA_BASE + 3 * PAGE_SIZE);
@@ -225,7 +234,9 @@ mod tests {
 
     #[test]
     fn hotcold_sends_about_hotw_of_writes_to_the_hot_pages() {
-        let spec: WorkloadSpec = "dirty:wss=4M,pattern=hotcold,hot=0.1,hotw=0.9".parse().expect("spec");
+        let spec: WorkloadSpec = "dirty:wss=4M,pattern=hotcold,hot=0.1,hotw=0.9"
+            .parse()
+            .expect("spec");
         let s = slices(&spec, 8 << 20, 1)[0];
         assert_eq!(s.hot_pages, 102);
         let hot = (0..100_000).filter(|&q| s.page_of(q) < s.hot_pages).count();

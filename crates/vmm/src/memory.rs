@@ -119,7 +119,9 @@ impl GuestMemory {
         self.check(gpa, buf.len())?;
         // SAFETY: the range is inside the mapping (checked above); guest vCPUs may write it
         // concurrently, which can only make the copied bytes stale, never invalid for `u8`.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.add(gpa as usize), buf.as_mut_ptr(), buf.len())
+        };
         Ok(())
     }
 
@@ -128,7 +130,9 @@ impl GuestMemory {
         self.check(gpa, buf.len())?;
         // SAFETY: the range is inside the mapping (checked above) and `buf` is a separate
         // host allocation, so the two cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.add(gpa as usize), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.add(gpa as usize), buf.len())
+        };
         Ok(())
     }
 
@@ -155,7 +159,11 @@ impl GuestMemory {
                         // which outlives this scoped thread; MADV_POPULATE_WRITE only
                         // allocates pages and leaves their contents as they are.
                         let rc = unsafe {
-                            libc::madvise(start as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
+                            libc::madvise(
+                                start as *mut libc::c_void,
+                                len,
+                                libc::MADV_POPULATE_WRITE,
+                            )
                         };
                         if rc == 0 {
                             return Ok(());
@@ -174,7 +182,11 @@ impl GuestMemory {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(VmmError::Internal("prefault thread panicked".into()))))
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(VmmError::Internal("prefault thread panicked".into()))
+                    })
+                })
                 .collect()
         });
         results.into_iter().collect()

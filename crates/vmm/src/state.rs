@@ -4,11 +4,10 @@
 //! payload (bincode)`. Compatibility rule: a reader accepts exactly [`STATE_VERSION`]; any
 //! change to the payload layout bumps it (no silent cross-version restores).
 
-use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave,
-};
 use bincode::Options as _;
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::workload::WorkloadSpec;
@@ -97,7 +96,10 @@ impl VmState {
     pub fn from_bytes(bytes: &[u8]) -> Result<VmState, VmmError> {
         let bad = |m: String| VmmError::StateDecode(m);
         if bytes.len() < HEADER_LEN {
-            return Err(bad(format!("{} bytes is shorter than the header", bytes.len())));
+            return Err(bad(format!(
+                "{} bytes is shorter than the header",
+                bytes.len()
+            )));
         }
         if bytes[..8] != STATE_MAGIC {
             return Err(bad("bad magic: not a fastmig VM state".into()));
@@ -112,7 +114,9 @@ impl VmState {
         len_bytes.copy_from_slice(&bytes[12..20]);
         let len = u64::from_le_bytes(len_bytes);
         if len > STATE_MAX_BYTES {
-            return Err(bad(format!("payload of {len} bytes is over the {STATE_MAX_BYTES}-byte cap")));
+            return Err(bad(format!(
+                "payload of {len} bytes is over the {STATE_MAX_BYTES}-byte cap"
+            )));
         }
         let payload = &bytes[HEADER_LEN..];
         if payload.len() as u64 != len {
@@ -189,9 +193,11 @@ mod tests {
     use crate::workload::WorkloadKind;
 
     fn sample() -> VmState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x8000;
-        regs.rbx = 42;
+        let regs = kvm_regs {
+            rip: 0x8000,
+            rbx: 42,
+            ..Default::default()
+        };
         VmState {
             mem_size: 16 << 20,
             workload: WorkloadSpec::new(WorkloadKind::Verify),

@@ -55,8 +55,11 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return bad(format!("vcpus must be 1..={MAX_VCPUS}, got {}", self.vcpus));
         }
-        if self.mem_size % PAGE_SIZE != 0 {
-            return bad(format!("memory size {} is not a multiple of 4K", self.mem_size));
+        if !self.mem_size.is_multiple_of(PAGE_SIZE) {
+            return bad(format!(
+                "memory size {} is not a multiple of 4K",
+                self.mem_size
+            ));
         }
         if self.mem_size > MAX_MEM_SIZE {
             return bad(format!(
@@ -76,8 +79,15 @@ impl VmConfig {
         }
         let n = u64::from(self.vcpus);
         let wss_pages = self.workload.wss / PAGE_SIZE;
-        if matches!(self.workload.kind, WorkloadKind::Dirty | WorkloadKind::Verify) {
-            let per_vcpu = if self.workload.pattern == crate::Pattern::HotCold { 2 } else { 1 };
+        if matches!(
+            self.workload.kind,
+            WorkloadKind::Dirty | WorkloadKind::Verify
+        ) {
+            let per_vcpu = if self.workload.pattern == crate::Pattern::HotCold {
+                2
+            } else {
+                1
+            };
             if wss_pages < per_vcpu * n {
                 return bad(format!(
                     "working set of {wss_pages} pages is too small for {n} vCPUs"
@@ -298,7 +308,15 @@ impl Vm {
     fn build(cfg: VmConfig, mem: GuestMemory, phase: Phase) -> Result<Vm, VmmError> {
         install_kick_handler();
         let kvm = Kvm::new().map_err(VmmError::KvmUnavailable)?;
-        let vm_fd = kvm.create_vm().map_err(|e| VmmError::kvm("KVM_CREATE_VM", e))?;
+        // Something that opens but is not KVM (a bind-mounted /dev/null, say) fails here.
+        if kvm.get_api_version() != 12 {
+            return Err(VmmError::KvmUnavailable(kvm_ioctls::Error::new(
+                libc::ENOTTY,
+            )));
+        }
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| VmmError::kvm("KVM_CREATE_VM", e))?;
         vm_fd
             .set_tss_address(TSS_ADDR)
             .map_err(|e| VmmError::kvm("KVM_SET_TSS_ADDR", e))?;
@@ -382,7 +400,9 @@ impl Vm {
         }
         for (slot, slice) in self.shared.vcpus.iter().zip(&self.shared.slices) {
             let fd = lock(&slot.fd);
-            let mut sregs = fd.get_sregs().map_err(|e| VmmError::kvm("KVM_GET_SREGS", e))?;
+            let mut sregs = fd
+                .get_sregs()
+                .map_err(|e| VmmError::kvm("KVM_GET_SREGS", e))?;
             let code = kvm_bindings::kvm_segment {
                 base: 0,
                 limit: 0xffff_ffff,
@@ -438,7 +458,8 @@ impl Vm {
                 mxcsr: 0x1f80,
                 ..Default::default()
             };
-            fd.set_fpu(&fpu).map_err(|e| VmmError::kvm("KVM_SET_FPU", e))?;
+            fd.set_fpu(&fpu)
+                .map_err(|e| VmmError::kvm("KVM_SET_FPU", e))?;
         }
         Ok(())
     }
@@ -713,12 +734,19 @@ impl Vm {
             errors: 0,
             first_errors: Vec::new(),
         };
-        for (c, (slot, slice)) in self.shared.vcpus.iter().zip(&self.shared.slices).enumerate() {
+        for (c, (slot, slice)) in self
+            .shared
+            .vcpus
+            .iter()
+            .zip(&self.shared.slices)
+            .enumerate()
+        {
             let regs = lock(&slot.fd)
                 .get_regs()
                 .map_err(|e| VmmError::kvm("KVM_GET_REGS", e))?;
             // Stopped right after the store, the guest has written `rbx` without counting it.
-            let written = regs.rbx + u64::from(regs.rip == guest::CODE_ADDR + guest::AFTER_STORE_OFFSET);
+            let written =
+                regs.rbx + u64::from(regs.rip == guest::CODE_ADDR + guest::AFTER_STORE_OFFSET);
             let mut last: Vec<Option<u64>> = vec![None; slice.pages as usize];
             for seq in 0..written {
                 last[slice.page_of(seq) as usize] = Some(seq);
@@ -797,7 +825,10 @@ fn readable_msrs(fd: &VcpuFd, all: &[u32]) -> Result<Vec<u32>, VmmError> {
         let n = read_msr_chunk(fd, chunk)?.len();
         ok.extend_from_slice(&chunk[..n]);
         rest = if n < chunk.len() {
-            tracing::debug!(msr = format_args!("{:#x}", chunk[n]), "MSR not readable, not saved");
+            tracing::debug!(
+                msr = format_args!("{:#x}", chunk[n]),
+                "MSR not readable, not saved"
+            );
             &rest[n + 1..]
         } else {
             &rest[n..]
@@ -814,12 +845,15 @@ fn read_msr_chunk(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VmmEr
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries)
-        .map_err(|e| VmmError::Internal(format!("MSR list: {e:?}")))?;
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|e| VmmError::Internal(format!("MSR list: {e:?}")))?;
     let n = fd
         .get_msrs(&mut msrs)
         .map_err(|e| VmmError::kvm("KVM_GET_MSRS", e))?;
-    Ok(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect())
+    Ok(msrs.as_slice()[..n]
+        .iter()
+        .map(|e| (e.index, e.data))
+        .collect())
 }
 
 fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VmmError> {
@@ -849,7 +883,10 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), VmmError> {
             .map_err(|e| VmmError::kvm("KVM_SET_MSRS", e))?;
         rest = if n < chunk.len() {
             // Some saveable MSRs are read-only or host-specific; skip and report.
-            tracing::warn!(msr = format_args!("{:#x}", chunk[n].0), "MSR could not be restored");
+            tracing::warn!(
+                msr = format_args!("{:#x}", chunk[n].0),
+                "MSR could not be restored"
+            );
             &rest[n + 1..]
         } else {
             &rest[n..]
@@ -1006,7 +1043,9 @@ fn dirty_rate_monitor(shared: &Shared, handle: &DirtyLogHandle) {
                 let now = Instant::now();
                 let rate = bitmap.count() as f64 / (now - last).as_secs_f64();
                 last = now;
-                shared.dirty_rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+                shared
+                    .dirty_rate_bits
+                    .store(rate.to_bits(), Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::warn!("dirty-rate monitor: {e}");

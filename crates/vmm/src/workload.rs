@@ -207,7 +207,7 @@ impl FromStr for WorkloadSpec {
             }
         }
         if spec.has_working_set() {
-            if spec.wss == 0 || spec.wss % PAGE_SIZE != 0 {
+            if spec.wss == 0 || !spec.wss.is_multiple_of(PAGE_SIZE) {
                 return Err(bad("wss must be a non-zero multiple of 4K".into()));
             }
             if spec.hot <= 0.0 || spec.hot >= 1.0 {
@@ -246,7 +246,7 @@ pub fn parse_size(s: &str) -> Result<u64, VmmError> {
 /// Formats a byte size with the largest exact suffix (`16M`, `1536K`, `4097`).
 pub fn format_size(bytes: u64) -> String {
     for (shift, suffix) in [(30, "G"), (20, "M"), (10, "K")] {
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{suffix}", bytes >> shift);
         }
     }
@@ -286,7 +286,10 @@ mod tests {
             assert_eq!(again, spec);
         }
         let d: WorkloadSpec = "dirty".parse().expect("defaults");
-        assert_eq!((d.rate, d.wss, d.pattern), (1000, 16 << 20, Pattern::Random));
+        assert_eq!(
+            (d.rate, d.wss, d.pattern),
+            (1000, 16 << 20, Pattern::Random)
+        );
         let h: WorkloadSpec = "verify:pattern=hotcold".parse().expect("hotcold");
         assert_eq!((h.hot, h.hot_writes), (0.1, 0.9));
     }
@@ -313,6 +316,9 @@ mod tests {
     fn min_mem_size_covers_the_working_set() {
         let spec: WorkloadSpec = "dirty:wss=32M".parse().expect("spec");
         assert!(spec.min_mem_size() >= (32 << 20) + crate::guest::DATA_BASE);
-        assert_eq!(WorkloadSpec::new(WorkloadKind::Idle).min_mem_size(), 1 << 20);
+        assert_eq!(
+            WorkloadSpec::new(WorkloadKind::Idle).min_mem_size(),
+            1 << 20
+        );
     }
 }

@@ -81,7 +81,11 @@ fn fill_writes_every_page_then_idles() {
         vm.read_memory(gpa, &mut page).expect("read");
         assert!(page.iter().any(|&b| b != 0), "page {gpa:#x} is all zero");
     }
-    assert_eq!(vm.status().pages_written, data_pages, "fill writes each page once");
+    assert_eq!(
+        vm.status().pages_written,
+        data_pages,
+        "fill writes each page once"
+    );
 }
 
 #[test]
@@ -130,7 +134,11 @@ fn two_dirty_log_subscribers_each_see_every_page() {
     assert_eq!(b_all, union);
     vm.pause().expect("pause");
     let _ = a.fetch().expect("drain");
-    assert_eq!(a.fetch().expect("paused fetch").count(), 0, "a paused guest dirties nothing");
+    assert_eq!(
+        a.fetch().expect("paused fetch").count(),
+        0,
+        "a paused guest dirties nothing"
+    );
 }
 
 #[test]
@@ -143,7 +151,11 @@ fn stop_freezes_progress_and_cont_resumes_it() {
     let log = vm.dirty_log().expect("subscribe");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(vm.status().progress, frozen, "progress moved while paused");
-    assert_eq!(log.fetch().expect("fetch").count(), 0, "pages dirtied while paused");
+    assert_eq!(
+        log.fetch().expect("fetch").count(),
+        0,
+        "pages dirtied while paused"
+    );
     assert_eq!(vm.status().dirty_rate_pps, 0.0);
     vm.resume().expect("resume");
     wait_for("progress after cont", || vm.status().progress > frozen);
@@ -162,11 +174,20 @@ fn save_state_needs_a_paused_vm_and_restore_a_fresh_one() {
     assert!(matches!(vm.save_state(), Err(VmmError::InvalidState(_))));
     vm.pause().expect("pause");
     let st = vm.save_state().expect("save");
-    assert!(matches!(vm.restore_state(&st), Err(VmmError::InvalidState(_))));
-    let other = Vm::new_incoming(config(16, 1, "verify:rate=1000,wss=8M,pattern=seq"))
-        .expect("incoming");
-    assert!(matches!(other.restore_state(&st), Err(VmmError::InvalidState(_))));
-    assert!(other.start().is_err(), "an incoming VM must not start without state");
+    assert!(matches!(
+        vm.restore_state(&st),
+        Err(VmmError::InvalidState(_))
+    ));
+    let other =
+        Vm::new_incoming(config(16, 1, "verify:rate=1000,wss=8M,pattern=seq")).expect("incoming");
+    assert!(matches!(
+        other.restore_state(&st),
+        Err(VmmError::InvalidState(_))
+    ));
+    assert!(
+        other.start().is_err(),
+        "an incoming VM must not start without state"
+    );
 }
 
 /// Copies all guest memory from `src` to `dst` through the public memory API.
@@ -184,7 +205,10 @@ fn copy_memory(src: &Vm, dst: &Vm) {
 fn snapshot_round_trip_continues_where_it_stopped_with_no_lost_write() {
     for (vcpus, spec) in [
         (1, "verify:rate=5000,wss=4M,pattern=random"),
-        (2, "verify:rate=6000,wss=4M,pattern=hotcold,hot=0.2,hotw=0.8"),
+        (
+            2,
+            "verify:rate=6000,wss=4M,pattern=hotcold,hot=0.2,hotw=0.8",
+        ),
     ] {
         let cfg = config(16, vcpus, spec);
         let src = started(cfg.clone());
@@ -194,8 +218,9 @@ fn snapshot_round_trip_continues_where_it_stopped_with_no_lost_write() {
         assert_eq!(report.errors, 0, "{:?}", report.first_errors);
         assert!(report.writes_replayed > 500);
         let at_pause = src.status().progress;
-        let state = VmState::from_bytes(&src.save_state().expect("save").to_bytes().expect("encode"))
-            .expect("decode");
+        let state =
+            VmState::from_bytes(&src.save_state().expect("save").to_bytes().expect("encode"))
+                .expect("decode");
         // Saving twice gives the same state, except the TSC, which counts even while paused.
         let without_tsc = |mut st: VmState| {
             for v in &mut st.vcpus {
@@ -214,7 +239,11 @@ fn snapshot_round_trip_continues_where_it_stopped_with_no_lost_write() {
         copy_memory(&src, &dst);
         src.shutdown();
         dst.restore_state(&state).expect("restore");
-        assert_eq!(dst.status().progress, at_pause, "progress restored, not reset");
+        assert_eq!(
+            dst.status().progress,
+            at_pause,
+            "progress restored, not reset"
+        );
         dst.start().expect("start restored");
         wait_for("progress past the snapshot", || {
             dst.status().progress > at_pause + 1000
@@ -223,7 +252,11 @@ fn snapshot_round_trip_continues_where_it_stopped_with_no_lost_write() {
         assert_eq!(report.errors, 0, "{:?}", report.first_errors);
         assert!(report.writes_replayed > at_pause + 1000);
         assert_eq!(report.pages_checked, 1024);
-        assert_eq!(dst.status().state, VmRunState::Running, "verify resumes a running VM");
+        assert_eq!(
+            dst.status().state,
+            VmRunState::Running,
+            "verify resumes a running VM"
+        );
     }
 }
 
@@ -236,15 +269,21 @@ fn verify_catches_a_lost_and_a_misplaced_write() {
     let base = fastmig_vmm::guest::DATA_BASE;
     // A lost write: page 3 goes back to an older sequence number.
     let mut stamp = [0u8; 16];
-    vm.read_memory(base + 3 * PAGE_SIZE, &mut stamp).expect("read");
+    vm.read_memory(base + 3 * PAGE_SIZE, &mut stamp)
+        .expect("read");
     let seq = u64::from_le_bytes(stamp[..8].try_into().expect("8 bytes"));
-    vm.write_memory(base + 3 * PAGE_SIZE, &(seq - 1024).to_le_bytes()).expect("write");
+    vm.write_memory(base + 3 * PAGE_SIZE, &(seq - 1024).to_le_bytes())
+        .expect("write");
     // A misplaced write: page 5's frame number points elsewhere.
-    vm.write_memory(base + 5 * PAGE_SIZE + 8, &7u64.to_le_bytes()).expect("write");
+    vm.write_memory(base + 5 * PAGE_SIZE + 8, &7u64.to_le_bytes())
+        .expect("write");
     let report = vm.verify_memory().expect("verify");
     assert_eq!(report.errors, 2, "{:?}", report.first_errors);
     let dirty = Vm::new(config(16, 1, "dirty:wss=4M")).expect("dirty vm");
-    assert!(matches!(dirty.verify_memory(), Err(VmmError::NotVerifiable(_))));
+    assert!(matches!(
+        dirty.verify_memory(),
+        Err(VmmError::NotVerifiable(_))
+    ));
 }
 
 #[test]
@@ -257,7 +296,10 @@ fn memory_is_a_shared_memfd_that_can_be_adopted() {
     src.pause().expect("pause");
     let state = src.save_state().expect("save");
     let region = src.memory_regions()[0];
-    assert_eq!((region.guest_addr, region.size, region.fd_offset), (0, 16 << 20, 0));
+    assert_eq!(
+        (region.guest_addr, region.size, region.fd_offset),
+        (0, 16 << 20, 0)
+    );
     // SAFETY: dup of the VM's live memfd; the result is checked.
     let dup = unsafe { libc::dup(region.fd) };
     assert!(dup >= 0);
@@ -268,7 +310,9 @@ fn memory_is_a_shared_memfd_that_can_be_adopted() {
     let adopted = Vm::from_memory_fd(cfg, fd).expect("adopt");
     adopted.restore_state(&state).expect("restore");
     adopted.start().expect("start");
-    wait_for("progress", || adopted.status().pages_written > state.vcpus[0].workload.pages_done + 300);
+    wait_for("progress", || {
+        adopted.status().pages_written > state.vcpus[0].workload.pages_done + 300
+    });
     assert_eq!(adopted.verify_memory().expect("verify").errors, 0);
 }
 
