@@ -74,7 +74,10 @@ impl Conn {
             io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => {
                 MigrationError::Timeout { phase: "connect" }
             }
-            _ => MigrationError::Connect { endpoint: ep.to_string(), source: e },
+            _ => MigrationError::Connect {
+                endpoint: ep.to_string(),
+                source: e,
+            },
         })
     }
 
@@ -159,12 +162,17 @@ pub enum Listener {
 impl Listener {
     /// Binds `ep` (TCP port 0 picks a free port; see [`Listener::endpoint`]).
     pub fn bind(ep: &Endpoint) -> Result<Listener, MigrationError> {
-        let err = |e| MigrationError::Connect { endpoint: ep.to_string(), source: e };
+        let err = |e| MigrationError::Connect {
+            endpoint: ep.to_string(),
+            source: e,
+        };
         match ep {
             Endpoint::Tcp(a) => TcpListener::bind(a).map(Listener::Tcp).map_err(err),
             Endpoint::Unix(p) => {
                 let _ = std::fs::remove_file(p);
-                UnixListener::bind(p).map(|l| Listener::Unix(l, p.clone())).map_err(err)
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(err)
             }
         }
     }
@@ -195,7 +203,11 @@ impl Listener {
                 }
                 None => 1000,
             };
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: `pfd` is one valid pollfd on our stack and we pass a count of 1.
             let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
             if rc > 0 {
@@ -204,7 +216,10 @@ impl Listener {
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(MigrationError::Connect { endpoint: "listener".into(), source: e });
+                    return Err(MigrationError::Connect {
+                        endpoint: "listener".into(),
+                        source: e,
+                    });
                 }
             }
         }
@@ -215,7 +230,10 @@ impl Listener {
             }),
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
         };
-        r.map_err(|e| MigrationError::Connect { endpoint: "listener".into(), source: e })
+        r.map_err(|e| MigrationError::Connect {
+            endpoint: "listener".into(),
+            source: e,
+        })
     }
 }
 

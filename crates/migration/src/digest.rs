@@ -30,7 +30,9 @@ impl PageHashes {
     /// A table of `pages` entries, all set to the zero-page hash.
     pub fn new(pages: usize) -> Self {
         let z = zero_page_hash();
-        Self { table: (0..pages).map(|_| AtomicU64::new(z)).collect() }
+        Self {
+            table: (0..pages).map(|_| AtomicU64::new(z)).collect(),
+        }
     }
 
     /// Records the hash of page `page`; out-of-range indices are ignored.

@@ -145,7 +145,12 @@ pub fn migrate<V: MigratableVm + ?Sized>(
             }
         }
         let _ = c.set_timeouts(Some(Duration::from_millis(300)));
-        let _ = write_message(c, &Message::Failed { reason: format!("source: {e}") });
+        let _ = write_message(
+            c,
+            &Message::Failed {
+                reason: format!("source: {e}"),
+            },
+        );
         c.shutdown();
     }
     if g.dirty_on {
@@ -187,7 +192,11 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
         dirty_rate: f64,
         stop_and_copy: bool,
     ) -> Result<(), MigrationError> {
-        let ctx = SendCtx { hashes: &self.hashes, bucket: self.bucket.as_ref(), cancel: &self.opts.cancel };
+        let ctx = SendCtx {
+            hashes: &self.hashes,
+            bucket: self.bucket.as_ref(),
+            cancel: &self.opts.cancel,
+        };
         let start = Instant::now();
         let stats = self.transport.send_pages(&self.mem, pages, &ctx)?;
         let secs = start.elapsed().as_secs_f64();
@@ -199,7 +208,11 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
             zero_pages: stats.zero_pages,
             bytes: stats.bytes,
             ms: secs * 1e3,
-            bandwidth_mib_s: if secs > 0.0 { stats.bytes as f64 / secs / MIB } else { 0.0 },
+            bandwidth_mib_s: if secs > 0.0 {
+                stats.bytes as f64 / secs / MIB
+            } else {
+                0.0
+            },
             dirty_rate_pages_s: dirty_rate,
             stop_and_copy,
         };
@@ -210,7 +223,11 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
 
     /// Bytes/s measured over all rounds so far (bounded by the cap).
     fn bandwidth(&self) -> f64 {
-        let measured = if self.send_s > 0.0 { self.total.bytes as f64 / self.send_s } else { 0.0 };
+        let measured = if self.send_s > 0.0 {
+            self.total.bytes as f64 / self.send_s
+        } else {
+            0.0
+        };
         let measured = if measured > 0.0 { measured } else { 1e9 };
         match self.opts.bandwidth_limit {
             Some(cap) => measured.min(cap as f64),
@@ -250,10 +267,12 @@ fn run<V: MigratableVm + ?Sized>(
 
     // Setup: connect, handshake, transport.
     let mut control = Conn::connect(dest, opts.connect_timeout)?;
-    control.set_timeouts(Some(opts.io_timeout)).map_err(|e| MigrationError::TransportSetup {
-        reason: "setting control stream timeouts".into(),
-        source: Some(e),
-    })?;
+    control
+        .set_timeouts(Some(opts.io_timeout))
+        .map_err(|e| MigrationError::TransportSetup {
+            reason: "setting control stream timeouts".into(),
+            source: Some(e),
+        })?;
     g.control = control.try_clone().ok();
     let session = session_id();
     let (data_streams, name) = match opts.transport {
@@ -277,7 +296,12 @@ fn run<V: MigratableVm + ?Sized>(
             })
         }
         Message::Failed { reason } => return Err(MigrationError::PeerRefused { reason }),
-        other => return Err(MigrationError::Unexpected { phase: "handshake", got: other.name().into() }),
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "handshake",
+                got: other.name().into(),
+            })
+        }
     }
     let transport: Box<dyn SourceTransport> = match opts.transport {
         TransportKind::Classic => Box::new(ClassicSource::new(&control)?),
@@ -290,7 +314,12 @@ fn run<V: MigratableVm + ?Sized>(
         )?),
     };
     let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
-    info!(transport = name, setup_ms, pages = npages, "migration set up");
+    info!(
+        transport = name,
+        setup_ms,
+        pages = npages,
+        "migration set up"
+    );
 
     let mut s = Sender {
         vm,
@@ -322,7 +351,9 @@ fn run<V: MigratableVm + ?Sized>(
         if opts.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        let bm = s.vm.sync_dirty_log().map_err(MigrationError::DirtyLogSync)?;
+        let bm =
+            s.vm.sync_dirty_log()
+                .map_err(MigrationError::DirtyLogSync)?;
         let now = Instant::now();
         pending = bm;
         let dirty = pending.count();
@@ -335,10 +366,17 @@ fn run<V: MigratableVm + ?Sized>(
         if est <= opts.downtime_limit {
             break;
         }
-        stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 { stalled + 1 } else { 0 };
+        stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 {
+            stalled + 1
+        } else {
+            0
+        };
         prev_dirty = dirty;
         let why = if rounds + 1 >= opts.max_rounds {
-            Some(format!("round limit {} reached with {dirty} dirty pages (estimated {est:?})", opts.max_rounds))
+            Some(format!(
+                "round limit {} reached with {dirty} dirty pages (estimated {est:?})",
+                opts.max_rounds
+            ))
         } else if stalled >= STALL_ROUNDS {
             Some(format!(
                 "dirty pages stopped shrinking ({dirty} after {rounds} rounds, dirty rate {dirty_rate:.0} pages/s, bandwidth {:.1} MiB/s)",
@@ -369,8 +407,13 @@ fn run<V: MigratableVm + ?Sized>(
         }
         let list: Vec<usize> = pending.iter_dirty().collect();
         s.send_round(&list, dirty_rate, false)?;
-        write_message(&mut control, &Message::RoundEnd { round: s.rounds.len() as u32 })
-            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+        write_message(
+            &mut control,
+            &Message::RoundEnd {
+                round: s.rounds.len() as u32,
+            },
+        )
+        .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
     }
 
     // Stop-and-copy.
@@ -380,7 +423,9 @@ fn run<V: MigratableVm + ?Sized>(
     s.vm.pause().map_err(MigrationError::Pause)?;
     g.paused = true;
     let paused_at = Instant::now();
-    let last = s.vm.sync_dirty_log().map_err(MigrationError::DirtyLogSync)?;
+    let last =
+        s.vm.sync_dirty_log()
+            .map_err(MigrationError::DirtyLogSync)?;
     let mut fin = DirtyBitmap::new(npages);
     fin.union_with(&pending);
     fin.union_with(&last);
@@ -396,7 +441,11 @@ fn run<V: MigratableVm + ?Sized>(
         .and_then(|_| {
             write_message(
                 &mut control,
-                &Message::Complete(Complete { digest, pages: npages as u64, rounds }),
+                &Message::Complete(Complete {
+                    digest,
+                    pages: npages as u64,
+                    rounds,
+                }),
             )
         })
         .map_err(|e| wire("sending state", e, MigrationError::SendPages))?;
@@ -408,7 +457,12 @@ fn run<V: MigratableVm + ?Sized>(
     match read_message(&mut control).map_err(|e| wire("ready", e, MigrationError::ReceivePages))? {
         Message::Ready => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
-        other => return Err(MigrationError::Unexpected { phase: "ready", got: other.name().into() }),
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "ready",
+                got: other.name().into(),
+            })
+        }
     }
     if opts.cancel.is_cancelled() {
         return Err(MigrationError::Cancelled);
@@ -419,10 +473,12 @@ fn run<V: MigratableVm + ?Sized>(
     let resumed = match read_message(&mut control) {
         Ok(Message::Resumed(r)) => r,
         Ok(other) => {
-            return Err(MigrationError::InDoubt(Box::new(MigrationError::Unexpected {
-                phase: "resumed",
-                got: other.name().into(),
-            })))
+            return Err(MigrationError::InDoubt(Box::new(
+                MigrationError::Unexpected {
+                    phase: "resumed",
+                    got: other.name().into(),
+                },
+            )))
         }
         Err(e) => {
             return Err(MigrationError::InDoubt(Box::new(wire(
@@ -436,7 +492,11 @@ fn run<V: MigratableVm + ?Sized>(
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     s.progress(Phase::Done, 0, 0.0);
     let summary = MigrationSummary {
-        status: if forced { MigrationStatus::CompletedForced } else { MigrationStatus::Completed },
+        status: if forced {
+            MigrationStatus::CompletedForced
+        } else {
+            MigrationStatus::Completed
+        },
         transport: s.transport.name().into(),
         total_ms,
         downtime_ms,
@@ -446,7 +506,11 @@ fn run<V: MigratableVm + ?Sized>(
         bytes_sent: s.total.bytes,
         pages_sent: s.total.pages,
         zero_pages_skipped: s.total.zero_pages,
-        throughput_mib_s: if s.send_s > 0.0 { s.total.bytes as f64 / s.send_s / MIB } else { 0.0 },
+        throughput_mib_s: if s.send_s > 0.0 {
+            s.total.bytes as f64 / s.send_s / MIB
+        } else {
+            0.0
+        },
         src_cpu_s: thread_cpu_time() - cpu0 + s.transport.worker_cpu_s(),
         dst_cpu_s: resumed.dst_cpu_s,
         digest_match: resumed.digest_match,

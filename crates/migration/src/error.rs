@@ -127,7 +127,10 @@ pub(crate) fn wire(
 ) -> MigrationError {
     match &e {
         ProtocolError::Io(io)
-            if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
         {
             MigrationError::Timeout { phase }
         }

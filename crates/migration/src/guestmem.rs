@@ -43,16 +43,30 @@ impl GuestMemory {
         let mut first_page = 0usize;
         for (index, r) in regions.iter().enumerate() {
             if r.size % PAGE_SIZE as u64 != 0 || r.gpa % PAGE_SIZE as u64 != 0 {
-                return Err(BadRegion { index, reason: "gpa or size not page aligned" });
+                return Err(BadRegion {
+                    index,
+                    reason: "gpa or size not page aligned",
+                });
             }
             if r.host_addr == 0 || r.host_addr % PAGE_SIZE != 0 {
-                return Err(BadRegion { index, reason: "host address null or not page aligned" });
+                return Err(BadRegion {
+                    index,
+                    reason: "host address null or not page aligned",
+                });
             }
             let pages = (r.size / PAGE_SIZE as u64) as usize;
-            out.push(Region { gpa: r.gpa, pages, host_addr: r.host_addr, first_page });
+            out.push(Region {
+                gpa: r.gpa,
+                pages,
+                host_addr: r.host_addr,
+                first_page,
+            });
             first_page += pages;
         }
-        Ok(Self { regions: out, pages: first_page })
+        Ok(Self {
+            regions: out,
+            pages: first_page,
+        })
     }
 
     /// Total number of pages.
@@ -64,12 +78,17 @@ impl GuestMemory {
     pub fn layout(&self) -> Vec<RegionLayout> {
         self.regions
             .iter()
-            .map(|r| RegionLayout { gpa: r.gpa, size: (r.pages * PAGE_SIZE) as u64 })
+            .map(|r| RegionLayout {
+                gpa: r.gpa,
+                size: (r.pages * PAGE_SIZE) as u64,
+            })
             .collect()
     }
 
     fn region_of(&self, page: usize) -> Option<&Region> {
-        self.regions.iter().find(|r| page >= r.first_page && page < r.first_page + r.pages)
+        self.regions
+            .iter()
+            .find(|r| page >= r.first_page && page < r.first_page + r.pages)
     }
 
     /// Guest-physical address of page `page`.
@@ -109,7 +128,9 @@ impl GuestMemory {
 
     /// Copies page `page` into `buf`. Returns false if the index is out of range.
     pub fn read_page(&self, page: usize, buf: &mut [u8; PAGE_SIZE]) -> bool {
-        let Some(addr) = self.run_addr(page, 1) else { return false };
+        let Some(addr) = self.run_addr(page, 1) else {
+            return false;
+        };
         // SAFETY: `addr .. addr + PAGE_SIZE` lies inside a live mapping (struct invariant and
         // the bounds check in `run_addr`); `buf` is our own buffer and cannot overlap guest
         // memory. The guest may write concurrently: we copy bytes, never form a reference.
@@ -119,7 +140,9 @@ impl GuestMemory {
 
     /// Overwrites page `page` with `data`. Returns false if the index is out of range.
     pub fn write_page(&self, page: usize, data: &[u8; PAGE_SIZE]) -> bool {
-        let Some(addr) = self.run_addr(page, 1) else { return false };
+        let Some(addr) = self.run_addr(page, 1) else {
+            return false;
+        };
         // SAFETY: as in `read_page`; the destination VM is not running while pages arrive.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, PAGE_SIZE) };
         true
@@ -130,7 +153,9 @@ impl GuestMemory {
         if self.is_zero_page(page) {
             return self.run_addr(page, 1).is_some();
         }
-        let Some(addr) = self.run_addr(page, 1) else { return false };
+        let Some(addr) = self.run_addr(page, 1) else {
+            return false;
+        };
         // SAFETY: as in `write_page`.
         unsafe { std::ptr::write_bytes(addr as *mut u8, 0, PAGE_SIZE) };
         true
@@ -139,7 +164,9 @@ impl GuestMemory {
     /// True if every byte of page `page` is zero, checked 64 bits at a time straight in guest
     /// memory (no copy). Out-of-range pages are reported non-zero.
     pub fn is_zero_page(&self, page: usize) -> bool {
-        let Some(addr) = self.run_addr(page, 1) else { return false };
+        let Some(addr) = self.run_addr(page, 1) else {
+            return false;
+        };
         let words = addr as *const u64;
         for i in 0..PAGE_SIZE / 8 {
             // SAFETY: page-aligned address inside a live mapping (see `read_page`), so every
@@ -155,7 +182,8 @@ impl GuestMemory {
     /// 64-bit hash of page `page` as it is now (copied first, then hashed).
     pub fn hash_page(&self, page: usize) -> Option<u64> {
         let mut buf = [0u8; PAGE_SIZE];
-        self.read_page(page, &mut buf).then(|| crate::digest::hash_page_bytes(&buf))
+        self.read_page(page, &mut buf)
+            .then(|| crate::digest::hash_page_bytes(&buf))
     }
 }
 
@@ -169,7 +197,13 @@ mod tests {
         // Align by hand: find a page-aligned address inside the buffer.
         let base = (a.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
         let regions = [
-            MemoryRegion { gpa: 0, size: 2 * PAGE_SIZE as u64, host_addr: base, fd: None, fd_offset: 0 },
+            MemoryRegion {
+                gpa: 0,
+                size: 2 * PAGE_SIZE as u64,
+                host_addr: base,
+                fd: None,
+                fd_offset: 0,
+            },
             MemoryRegion {
                 gpa: 1 << 20,
                 size: 2 * PAGE_SIZE as u64,

@@ -144,12 +144,16 @@ pub struct Run {
 impl Run {
     /// True if page `i` of the run is a zero page.
     pub fn is_zero(&self, i: usize) -> bool {
-        self.zero.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+        self.zero
+            .get(i / 8)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
 
     /// Number of pages whose bytes follow the descriptor.
     pub fn data_pages(&self) -> usize {
-        (0..self.pages as usize).filter(|&i| !self.is_zero(i)).count()
+        (0..self.pages as usize)
+            .filter(|&i| !self.is_zero(i))
+            .count()
     }
 }
 
@@ -286,7 +290,13 @@ pub fn encode_page(out: &mut Vec<u8>, gpa: u64, data: Option<&[u8; PAGE_SIZE]>) 
             payload[8..].copy_from_slice(d);
             frame(out, PROTOCOL_VERSION, kind::PAGE, 0, &payload);
         }
-        None => frame(out, PROTOCOL_VERSION, kind::PAGE, FLAG_ZERO_PAGE, &payload[..8]),
+        None => frame(
+            out,
+            PROTOCOL_VERSION,
+            kind::PAGE,
+            FLAG_ZERO_PAGE,
+            &payload[..8],
+        ),
     }
 }
 
@@ -301,7 +311,10 @@ pub fn encode_with_version(msg: &Message, version: u16) -> Vec<u8> {
             version,
             kind::DATA_HELLO,
             0,
-            &json(&DataHelloJson { session: *session, stream: *stream }),
+            &json(&DataHelloJson {
+                session: *session,
+                stream: *stream,
+            }),
         ),
         Message::Page { gpa, data } => {
             let mut p = gpa.to_le_bytes().to_vec();
@@ -323,18 +336,28 @@ pub fn encode_with_version(msg: &Message, version: u16) -> Vec<u8> {
             }
             frame(&mut out, version, kind::WRITTEN, 0, &p);
         }
-        Message::RoundEnd { round } => {
-            frame(&mut out, version, kind::ROUND_END, 0, &json(&RoundJson { round: *round }))
-        }
+        Message::RoundEnd { round } => frame(
+            &mut out,
+            version,
+            kind::ROUND_END,
+            0,
+            &json(&RoundJson { round: *round }),
+        ),
         Message::EndOfData => frame(&mut out, version, kind::END_OF_DATA, 0, &[]),
         Message::State(s) => frame(&mut out, version, kind::STATE, 0, s),
         Message::Complete(c) => frame(&mut out, version, kind::COMPLETE, 0, &json(c)),
         Message::Ready => frame(&mut out, version, kind::READY, 0, &[]),
         Message::Commit => frame(&mut out, version, kind::COMMIT, 0, &[]),
         Message::Resumed(r) => frame(&mut out, version, kind::RESUMED, 0, &json(r)),
-        Message::Failed { reason } => {
-            frame(&mut out, version, kind::FAILED, 0, &json(&FailedJson { reason: reason.clone() }))
-        }
+        Message::Failed { reason } => frame(
+            &mut out,
+            version,
+            kind::FAILED,
+            0,
+            &json(&FailedJson {
+                reason: reason.clone(),
+            }),
+        ),
     }
     out
 }
@@ -388,7 +411,10 @@ pub fn decode_header(b: &[u8; HEADER_LEN]) -> Result<Header, ProtocolError> {
     }
     let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
     if len > MAX_PAYLOAD {
-        return Err(ProtocolError::TooLarge { len, max: MAX_PAYLOAD });
+        return Err(ProtocolError::TooLarge {
+            len,
+            max: MAX_PAYLOAD,
+        });
     }
     Ok(Header {
         version: u16::from_le_bytes([b[4], b[5]]),
@@ -400,7 +426,10 @@ pub fn decode_header(b: &[u8; HEADER_LEN]) -> Result<Header, ProtocolError> {
 }
 
 fn malformed(kind: &'static str, reason: impl ToString) -> ProtocolError {
-    ProtocolError::Malformed { kind, reason: reason.to_string() }
+    ProtocolError::Malformed {
+        kind,
+        reason: reason.to_string(),
+    }
 }
 
 fn from_json<'a, T: Deserialize<'a>>(kind: &'static str, p: &'a [u8]) -> Result<T, ProtocolError> {
@@ -408,7 +437,8 @@ fn from_json<'a, T: Deserialize<'a>>(kind: &'static str, p: &'a [u8]) -> Result<
 }
 
 fn le_u32(p: &[u8], at: usize) -> Option<u32> {
-    p.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    p.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn le_u64(p: &[u8], at: usize) -> Option<u64> {
@@ -422,7 +452,10 @@ fn decode_runs(p: &[u8]) -> Result<Vec<Run>, ProtocolError> {
     let n = le_u32(p, 0).ok_or_else(|| malformed("batch", "missing run count"))? as usize;
     // Each run takes at least 13 bytes: bound n before allocating.
     if n > p.len() / 13 {
-        return Err(malformed("batch", format!("{n} runs cannot fit in {} bytes", p.len())));
+        return Err(malformed(
+            "batch",
+            format!("{n} runs cannot fit in {} bytes", p.len()),
+        ));
     }
     let mut runs = Vec::with_capacity(n);
     let mut at = 4;
@@ -430,13 +463,22 @@ fn decode_runs(p: &[u8]) -> Result<Vec<Run>, ProtocolError> {
         let gpa = le_u64(p, at).ok_or_else(|| malformed("batch", "truncated run"))?;
         let pages = le_u32(p, at + 8).ok_or_else(|| malformed("batch", "truncated run"))?;
         if pages == 0 || pages > MAX_RUN_PAGES || gpa % PAGE_SIZE as u64 != 0 {
-            return Err(malformed("batch", format!("bad run gpa {gpa:#x} pages {pages}")));
+            return Err(malformed(
+                "batch",
+                format!("bad run gpa {gpa:#x} pages {pages}"),
+            ));
         }
         at += 12;
         let zb = (pages as usize).div_ceil(8);
-        let zero = p.get(at..at + zb).ok_or_else(|| malformed("batch", "truncated zero bitmap"))?;
+        let zero = p
+            .get(at..at + zb)
+            .ok_or_else(|| malformed("batch", "truncated zero bitmap"))?;
         at += zb;
-        runs.push(Run { gpa, pages, zero: zero.to_vec() });
+        runs.push(Run {
+            gpa,
+            pages,
+            zero: zero.to_vec(),
+        });
     }
     if at != p.len() {
         return Err(malformed("batch", "trailing bytes"));
@@ -445,7 +487,11 @@ fn decode_runs(p: &[u8]) -> Result<Vec<Run>, ProtocolError> {
 }
 
 /// Checks the checksum and version of a frame and decodes its payload.
-pub fn decode_payload(h: &Header, head: &[u8; HEADER_LEN], p: &[u8]) -> Result<Message, ProtocolError> {
+pub fn decode_payload(
+    h: &Header,
+    head: &[u8; HEADER_LEN],
+    p: &[u8],
+) -> Result<Message, ProtocolError> {
     let mut c = crc32fast::Hasher::new();
     c.update(&head[..12]);
     c.update(p);
@@ -454,7 +500,10 @@ pub fn decode_payload(h: &Header, head: &[u8; HEADER_LEN], p: &[u8]) -> Result<M
     }
     let frozen = matches!(h.kind, kind::HELLO | kind::HELLO_REPLY | kind::FAILED);
     if !frozen && h.version != PROTOCOL_VERSION {
-        return Err(ProtocolError::BadVersion { got: h.version, want: PROTOCOL_VERSION });
+        return Err(ProtocolError::BadVersion {
+            got: h.version,
+            want: PROTOCOL_VERSION,
+        });
     }
     let empty = |name: &'static str, m: Message| {
         if p.is_empty() {
@@ -468,7 +517,10 @@ pub fn decode_payload(h: &Header, head: &[u8; HEADER_LEN], p: &[u8]) -> Result<M
         kind::HELLO_REPLY => Ok(Message::HelloReply(from_json("hello-reply", p)?)),
         kind::DATA_HELLO => {
             let d: DataHelloJson = from_json("data-hello", p)?;
-            Ok(Message::DataHello { session: d.session, stream: d.stream })
+            Ok(Message::DataHello {
+                session: d.session,
+                stream: d.stream,
+            })
         }
         kind::PAGE => {
             let gpa = le_u64(p, 0).ok_or_else(|| malformed("page", "missing gpa"))?;
@@ -481,9 +533,15 @@ pub fn decode_payload(h: &Header, head: &[u8; HEADER_LEN], p: &[u8]) -> Result<M
                 }
                 Ok(Message::Page { gpa, data: None })
             } else if p.len() == 8 + PAGE_SIZE {
-                Ok(Message::Page { gpa, data: Some(p[8..].to_vec()) })
+                Ok(Message::Page {
+                    gpa,
+                    data: Some(p[8..].to_vec()),
+                })
             } else {
-                Err(malformed("page", format!("length {} is not 8 + page size", p.len())))
+                Err(malformed(
+                    "page",
+                    format!("length {} is not 8 + page size", p.len()),
+                ))
             }
         }
         kind::BATCH => Ok(Message::Batch(decode_runs(p)?)),
@@ -522,10 +580,14 @@ pub fn decode_payload(h: &Header, head: &[u8; HEADER_LEN], p: &[u8]) -> Result<M
 /// Decodes one frame from the start of `buf`; returns the message and the bytes consumed.
 /// Never panics, whatever `buf` holds.
 pub fn decode(buf: &[u8]) -> Result<(Message, usize), ProtocolError> {
-    let head: &[u8; HEADER_LEN] =
-        buf.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or(ProtocolError::Truncated)?;
+    let head: &[u8; HEADER_LEN] = buf
+        .get(..HEADER_LEN)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(ProtocolError::Truncated)?;
     let h = decode_header(head)?;
-    let p = buf.get(HEADER_LEN..HEADER_LEN + h.len).ok_or(ProtocolError::Truncated)?;
+    let p = buf
+        .get(HEADER_LEN..HEADER_LEN + h.len)
+        .ok_or(ProtocolError::Truncated)?;
     Ok((decode_payload(&h, head, p)?, HEADER_LEN + h.len))
 }
 
@@ -557,7 +619,14 @@ mod tests {
     use crate::vm::RegionLayout;
 
     fn samples() -> Vec<Message> {
-        let layout = VmLayout { regions: vec![RegionLayout { gpa: 0, size: 1 << 20 }], vcpus: 2, features: 3 };
+        let layout = VmLayout {
+            regions: vec![RegionLayout {
+                gpa: 0,
+                size: 1 << 20,
+            }],
+            vcpus: 2,
+            features: 3,
+        };
         vec![
             Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
@@ -566,23 +635,54 @@ mod tests {
                 data_streams: 0,
                 session: 7,
             }),
-            Message::HelloReply(HelloReply { version: 1, accepted: false, reason: Some("no".into()) }),
-            Message::DataHello { session: 7, stream: 3 },
-            Message::Page { gpa: 4096, data: Some(vec![5u8; PAGE_SIZE]) },
-            Message::Page { gpa: 8192, data: None },
+            Message::HelloReply(HelloReply {
+                version: 1,
+                accepted: false,
+                reason: Some("no".into()),
+            }),
+            Message::DataHello {
+                session: 7,
+                stream: 3,
+            },
+            Message::Page {
+                gpa: 4096,
+                data: Some(vec![5u8; PAGE_SIZE]),
+            },
+            Message::Page {
+                gpa: 8192,
+                data: None,
+            },
             Message::Batch(vec![
-                Run { gpa: 0, pages: 3, zero: vec![0b010] },
-                Run { gpa: 1 << 20, pages: 9, zero: vec![0, 1] },
+                Run {
+                    gpa: 0,
+                    pages: 3,
+                    zero: vec![0b010],
+                },
+                Run {
+                    gpa: 1 << 20,
+                    pages: 9,
+                    zero: vec![0, 1],
+                },
             ]),
             Message::Written(vec![(0, 4), (8192, 1)]),
             Message::RoundEnd { round: 4 },
             Message::EndOfData,
             Message::State(vec![1, 2, 3]),
-            Message::Complete(Complete { digest: 99, pages: 256, rounds: 3 }),
+            Message::Complete(Complete {
+                digest: 99,
+                pages: 256,
+                rounds: 3,
+            }),
             Message::Ready,
             Message::Commit,
-            Message::Resumed(Resumed { dst_cpu_s: 0.5, dst_setup_ms: 2.0, digest_match: true }),
-            Message::Failed { reason: "digest".into() },
+            Message::Resumed(Resumed {
+                dst_cpu_s: 0.5,
+                dst_setup_ms: 2.0,
+                digest_match: true,
+            }),
+            Message::Failed {
+                reason: "digest".into(),
+            },
         ]
     }
 
@@ -604,18 +704,31 @@ mod tests {
         m[0] ^= 1;
         assert!(matches!(decode(&m), Err(ProtocolError::BadMagic(_))));
         let v2 = encode_with_version(&Message::RoundEnd { round: 1 }, 2);
-        assert!(matches!(decode(&v2), Err(ProtocolError::BadVersion { got: 2, want: 1 })));
+        assert!(matches!(
+            decode(&v2),
+            Err(ProtocolError::BadVersion { got: 2, want: 1 })
+        ));
         let mut c = b.clone();
         let last = c.len() - 1;
         c[last] ^= 0x40;
         assert!(matches!(decode(&c), Err(ProtocolError::BadChecksum { .. })));
-        assert!(matches!(decode(&b[..b.len() - 1]), Err(ProtocolError::Truncated)));
-        assert!(matches!(read_message(&mut &b[..5]), Err(ProtocolError::Truncated)));
+        assert!(matches!(
+            decode(&b[..b.len() - 1]),
+            Err(ProtocolError::Truncated)
+        ));
+        assert!(matches!(
+            read_message(&mut &b[..5]),
+            Err(ProtocolError::Truncated)
+        ));
     }
 
     #[test]
     fn frozen_frames_decode_across_versions() {
-        let r = Message::HelloReply(HelloReply { version: 9, accepted: false, reason: None });
+        let r = Message::HelloReply(HelloReply {
+            version: 9,
+            accepted: false,
+            reason: None,
+        });
         assert_eq!(decode(&encode_with_version(&r, 9)).expect("frozen").0, r);
     }
 
@@ -628,7 +741,11 @@ mod tests {
 
     #[test]
     fn batch_run_zero_bits() {
-        let r = Run { gpa: 0, pages: 10, zero: vec![0b0000_0101, 0b10] };
+        let r = Run {
+            gpa: 0,
+            pages: 10,
+            zero: vec![0b0000_0101, 0b10],
+        };
         assert!(r.is_zero(0) && !r.is_zero(1) && r.is_zero(2) && r.is_zero(9));
         assert_eq!(r.data_pages(), 7);
     }

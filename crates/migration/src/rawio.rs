@@ -76,7 +76,10 @@ pub unsafe fn recv_all(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
             return Err(e);
         }
         if r == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed inside page data"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed inside page data",
+            ));
         }
         advance(iovs, &mut start, r as usize);
     }
@@ -85,7 +88,10 @@ pub unsafe fn recv_all(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
 
 /// An iovec over a caller-owned byte slice.
 pub fn iovec_of(buf: &[u8]) -> libc::iovec {
-    libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() }
+    libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    }
 }
 
 #[cfg(test)]
@@ -108,8 +114,14 @@ mod tests {
                 unsafe { send_all(a.as_raw_fd(), &mut iovs) }
             });
             let mut iovs = [
-                libc::iovec { iov_base: d1.as_mut_ptr().cast(), iov_len: d1.len() },
-                libc::iovec { iov_base: d2.as_mut_ptr().cast(), iov_len: d2.len() },
+                libc::iovec {
+                    iov_base: d1.as_mut_ptr().cast(),
+                    iov_len: d1.len(),
+                },
+                libc::iovec {
+                    iov_base: d2.as_mut_ptr().cast(),
+                    iov_len: d2.len(),
+                },
             ];
             // SAFETY: the iovecs cover our two buffers.
             unsafe { recv_all(b.as_raw_fd(), &mut iovs) }.expect("recv");

@@ -20,7 +20,9 @@ use crate::conn::{Conn, Listener};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
 use crate::guestmem::GuestMemory;
-use crate::protocol::{read_message, write_message, HelloReply, Message, Resumed, PROTOCOL_VERSION};
+use crate::protocol::{
+    read_message, write_message, HelloReply, Message, Resumed, PROTOCOL_VERSION,
+};
 use crate::summary::ReceiveSummary;
 use crate::transport::classic::ClassicDest;
 use crate::transport::multi_tcp::MultiTcpDest;
@@ -85,9 +87,17 @@ pub fn receive_on<V: MigratableVm + ?Sized>(
                 }
             }
             warn!(error = %e, "incoming migration failed; VM not resumed");
-            if !matches!(e, MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }) {
+            if !matches!(
+                e,
+                MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }
+            ) {
                 let _ = control.set_timeouts(Some(Duration::from_millis(300)));
-                let _ = write_message(&mut control, &Message::Failed { reason: format!("destination: {e}") });
+                let _ = write_message(
+                    &mut control,
+                    &Message::Failed {
+                        reason: format!("destination: {e}"),
+                    },
+                );
             }
             Err(e)
         }
@@ -95,7 +105,11 @@ pub fn receive_on<V: MigratableVm + ?Sized>(
 }
 
 fn refuse(control: &mut Conn, reason: String) -> MigrationError {
-    let reply = HelloReply { version: PROTOCOL_VERSION, accepted: false, reason: Some(reason.clone()) };
+    let reply = HelloReply {
+        version: PROTOCOL_VERSION,
+        accepted: false,
+        reason: Some(reason.clone()),
+    };
     let _ = write_message(control, &Message::HelloReply(reply));
     MigrationError::Incompatible { reason }
 }
@@ -109,14 +123,22 @@ fn run<V: MigratableVm + ?Sized>(
     t0: Instant,
     cpu0: f64,
 ) -> Result<ReceiveSummary, MigrationError> {
-    control.set_timeouts(Some(opts.io_timeout)).map_err(|e| MigrationError::TransportSetup {
-        reason: "setting control stream timeouts".into(),
-        source: Some(e),
-    })?;
-    let hello = match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
-        Message::Hello(h) => h,
-        other => return Err(MigrationError::Unexpected { phase: "handshake", got: other.name().into() }),
-    };
+    control
+        .set_timeouts(Some(opts.io_timeout))
+        .map_err(|e| MigrationError::TransportSetup {
+            reason: "setting control stream timeouts".into(),
+            source: Some(e),
+        })?;
+    let hello =
+        match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+            Message::Hello(h) => h,
+            other => {
+                return Err(MigrationError::Unexpected {
+                    phase: "handshake",
+                    got: other.name().into(),
+                })
+            }
+        };
     if hello.version != PROTOCOL_VERSION {
         return Err(refuse(
             control,
@@ -130,15 +152,30 @@ fn run<V: MigratableVm + ?Sized>(
         return Err(refuse(control, reason));
     }
     let mem = GuestMemory::new(&vm.memory())?;
-    let ctx = RecvCtx { hashes: Arc::new(PageHashes::new(mem.pages())), mem };
+    let ctx = RecvCtx {
+        hashes: Arc::new(PageHashes::new(mem.pages())),
+        mem,
+    };
     match hello.transport.as_str() {
         "classic" | "multi-tcp" => {}
-        other => return Err(refuse(control, format!("transport {other:?} not supported here"))),
+        other => {
+            return Err(refuse(
+                control,
+                format!("transport {other:?} not supported here"),
+            ))
+        }
     }
     if hello.transport == "multi-tcp" && !(1..=64).contains(&hello.data_streams) {
-        return Err(refuse(control, format!("bad data stream count {}", hello.data_streams)));
+        return Err(refuse(
+            control,
+            format!("bad data stream count {}", hello.data_streams),
+        ));
     }
-    let reply = HelloReply { version: PROTOCOL_VERSION, accepted: true, reason: None };
+    let reply = HelloReply {
+        version: PROTOCOL_VERSION,
+        accepted: true,
+        reason: None,
+    };
     write_message(control, &Message::HelloReply(reply))
         .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
     let t: &mut Box<dyn DestTransport> = transport.insert(match hello.transport.as_str() {
@@ -158,8 +195,11 @@ fn run<V: MigratableVm + ?Sized>(
     let mut state = None;
     let mut rounds = 0;
     let complete = loop {
-        let msg = read_message(control).map_err(|e| wire("receiving pages", e, MigrationError::ReceivePages))?;
-        let Some(msg) = t.on_control(msg, &ctx)? else { continue };
+        let msg = read_message(control)
+            .map_err(|e| wire("receiving pages", e, MigrationError::ReceivePages))?;
+        let Some(msg) = t.on_control(msg, &ctx)? else {
+            continue;
+        };
         match msg {
             Message::RoundEnd { round } => {
                 rounds = round;
@@ -169,14 +209,20 @@ fn run<V: MigratableVm + ?Sized>(
             Message::Complete(c) => break c,
             Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
             other => {
-                return Err(MigrationError::Unexpected { phase: "receiving pages", got: other.name().into() })
+                return Err(MigrationError::Unexpected {
+                    phase: "receiving pages",
+                    got: other.name().into(),
+                })
             }
         }
     };
     let stats: PageStats = t.finish()?;
     let digest = ctx.hashes.digest();
     if digest != complete.digest {
-        return Err(MigrationError::Digest { source_digest: complete.digest, destination_digest: digest });
+        return Err(MigrationError::Digest {
+            source_digest: complete.digest,
+            destination_digest: digest,
+        });
     }
     if opts.verify_memory {
         for p in 0..ctx.mem.pages() {
@@ -188,18 +234,32 @@ fn run<V: MigratableVm + ?Sized>(
             }
         }
     }
-    let state = state.ok_or(MigrationError::Unexpected { phase: "complete", got: "complete before state".into() })?;
-    vm.restore_state(&state).map_err(MigrationError::RestoreState)?;
-    write_message(control, &Message::Ready).map_err(|e| wire("ready", e, MigrationError::SendPages))?;
+    let state = state.ok_or(MigrationError::Unexpected {
+        phase: "complete",
+        got: "complete before state".into(),
+    })?;
+    vm.restore_state(&state)
+        .map_err(MigrationError::RestoreState)?;
+    write_message(control, &Message::Ready)
+        .map_err(|e| wire("ready", e, MigrationError::SendPages))?;
     let _ = control.set_timeouts(Some(opts.commit_timeout));
     match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
         Message::Commit => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
-        other => return Err(MigrationError::Unexpected { phase: "commit", got: other.name().into() }),
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "commit",
+                got: other.name().into(),
+            })
+        }
     }
     vm.resume().map_err(MigrationError::Resume)?;
     let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
-    let resumed = Resumed { dst_cpu_s, dst_setup_ms: setup_ms, digest_match: true };
+    let resumed = Resumed {
+        dst_cpu_s,
+        dst_setup_ms: setup_ms,
+        digest_match: true,
+    };
     // The VM runs here now whatever happens to this ack; a lost ack leaves the source in doubt
     // (paused), never both running.
     if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
@@ -216,6 +276,9 @@ fn run<V: MigratableVm + ?Sized>(
         dst_cpu_s,
         digest,
     };
-    info!(total_ms = summary.total_ms, "incoming migration completed; VM resumed");
+    info!(
+        total_ms = summary.total_ms,
+        "incoming migration completed; VM resumed"
+    );
     Ok(summary)
 }

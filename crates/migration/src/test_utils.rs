@@ -11,7 +11,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::guestmem::GuestMemory;
-use crate::vm::{DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE};
+use crate::vm::{
+    DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE,
+};
 
 /// Which pages the scripted guest writes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -73,7 +75,9 @@ pub struct SoftVm {
 
 impl std::fmt::Debug for SoftVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftVm").field("layout", &self.inner.layout).finish()
+        f.debug_struct("SoftVm")
+            .field("layout", &self.inner.layout)
+            .finish()
     }
 }
 
@@ -88,9 +92,17 @@ impl SoftVm {
     }
 
     /// A running VM with the given `(gpa, size)` regions, vCPU count and feature bits.
-    pub fn with_regions(regions: &[(u64, u64)], vcpus: u32, features: u64) -> Result<Self, VmError> {
+    pub fn with_regions(
+        regions: &[(u64, u64)],
+        vcpus: u32,
+        features: u64,
+    ) -> Result<Self, VmError> {
         let total: u64 = regions.iter().map(|r| r.1).sum();
-        if total == 0 || regions.iter().any(|r| r.0 % PAGE_SIZE as u64 != 0 || r.1 % PAGE_SIZE as u64 != 0) {
+        if total == 0
+            || regions
+                .iter()
+                .any(|r| r.0 % PAGE_SIZE as u64 != 0 || r.1 % PAGE_SIZE as u64 != 0)
+        {
             return Err(VmError::msg("regions must be non-empty and page aligned"));
         }
         // SAFETY: the name is a NUL-terminated literal; flags are valid.
@@ -127,12 +139,21 @@ impl SoftVm {
         let mut off = 0;
         let mut mrs = Vec::new();
         for &(gpa, size) in regions {
-            mrs.push(MemoryRegion { gpa, size, host_addr: addr + off as usize, fd: Some(fd), fd_offset: off });
+            mrs.push(MemoryRegion {
+                gpa,
+                size,
+                host_addr: addr + off as usize,
+                fd: Some(fd),
+                fd_offset: off,
+            });
             off += size;
         }
         let mem = GuestMemory::new(&mrs).map_err(|e| VmError::with_source("softvm memory", e))?;
         let layout = VmLayout {
-            regions: regions.iter().map(|&(gpa, size)| RegionLayout { gpa, size }).collect(),
+            regions: regions
+                .iter()
+                .map(|&(gpa, size)| RegionLayout { gpa, size })
+                .collect(),
             vcpus,
             features,
         };
@@ -174,7 +195,11 @@ impl SoftVm {
     /// zero so zero-page handling is exercised.
     pub fn fill(&self, fraction: f64) {
         let n = self.inner.mem.pages();
-        let step = if fraction <= 0.0 { usize::MAX } else { (1.0 / fraction.min(1.0)).round().max(1.0) as usize };
+        let step = if fraction <= 0.0 {
+            usize::MAX
+        } else {
+            (1.0 / fraction.min(1.0)).round().max(1.0) as usize
+        };
         for p in (0..n).step_by(step.min(n.max(1))) {
             if fraction > 0.0 {
                 self.inner.write_stamp(p);
@@ -272,7 +297,9 @@ impl Inner {
     /// a sync between the two just moves the page to the next round).
     fn write_stamp(&self, p: usize) {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let Some(addr) = self.mem.run_addr(p, 1) else { return };
+        let Some(addr) = self.mem.run_addr(p, 1) else {
+            return;
+        };
         let mut stamp = [0u8; 24];
         stamp[..8].copy_from_slice(&seq.to_le_bytes());
         stamp[8..16].copy_from_slice(&(p as u64).to_le_bytes());
@@ -321,7 +348,11 @@ impl Inner {
                         next_seq
                     }
                     WritePattern::Random { .. } => (next_rand(&mut rng) % n as u64) as usize,
-                    WritePattern::HotCold { hot_fraction, hot_probability, .. } => {
+                    WritePattern::HotCold {
+                        hot_fraction,
+                        hot_probability,
+                        ..
+                    } => {
                         let hot = ((n as f64 * hot_fraction) as usize).clamp(1, n);
                         let r = next_rand(&mut rng);
                         if (r % 10_000) as f64 / 10_000.0 < hot_probability {
@@ -344,7 +375,10 @@ impl Drop for SoftVm {
         // SAFETY: the writer thread is joined, so nothing else uses the mapping of
         // `memory_bytes` bytes at `addr` that we created; the fd is ours.
         unsafe {
-            libc::munmap(self.inner.addr as *mut libc::c_void, self.inner.layout.memory_bytes() as usize);
+            libc::munmap(
+                self.inner.addr as *mut libc::c_void,
+                self.inner.layout.memory_bytes() as usize,
+            );
             libc::close(self.inner.fd);
         }
     }

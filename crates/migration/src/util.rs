@@ -45,7 +45,14 @@ impl TokenBucket {
     pub fn new(rate_bytes_per_s: u64) -> Self {
         let rate = rate_bytes_per_s.max(1) as f64;
         let burst = (rate * 0.05).max(1024.0 * 1024.0);
-        Self { rate, burst, state: Mutex::new(BucketState { tokens: burst, last: Instant::now() }) }
+        Self {
+            rate,
+            burst,
+            state: Mutex::new(BucketState {
+                tokens: burst,
+                last: Instant::now(),
+            }),
+        }
     }
 
     /// Blocks until `bytes` may be sent. Returns false (without consuming) if `cancel` fires
@@ -79,7 +86,10 @@ impl TokenBucket {
 
 /// CPU time consumed so far by the calling thread (`CLOCK_THREAD_CPUTIME_ID`), in seconds.
 pub fn thread_cpu_time() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     if rc != 0 {

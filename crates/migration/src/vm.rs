@@ -20,7 +20,10 @@ pub struct VmError {
 impl VmError {
     /// An error with only a message.
     pub fn msg(context: impl Into<String>) -> Self {
-        Self { context: context.into(), source: None }
+        Self {
+            context: context.into(),
+            source: None,
+        }
     }
 
     /// An error with a message and the underlying cause.
@@ -28,7 +31,10 @@ impl VmError {
         context: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
-        Self { context: context.into(), source: Some(Box::new(source)) }
+        Self {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
     }
 }
 
@@ -123,7 +129,10 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     /// An all-clean bitmap for `pages` pages.
     pub fn new(pages: usize) -> Self {
-        Self { words: vec![0; pages.div_ceil(64)], pages }
+        Self {
+            words: vec![0; pages.div_ceil(64)],
+            pages,
+        }
     }
 
     /// An all-dirty bitmap (the first full pass).
@@ -244,11 +253,21 @@ mod tests {
 
     #[test]
     fn layout_mismatch_reasons() {
-        let a = VmLayout { regions: vec![RegionLayout { gpa: 0, size: 1 << 20 }], vcpus: 1, features: 0 };
+        let a = VmLayout {
+            regions: vec![RegionLayout {
+                gpa: 0,
+                size: 1 << 20,
+            }],
+            vcpus: 1,
+            features: 0,
+        };
         let mut b = a.clone();
         assert!(a.incompatibility(&b).is_none());
         b.regions[0].size = 2 << 20;
-        assert!(a.incompatibility(&b).unwrap_or_default().contains("memory size mismatch"));
+        assert!(a
+            .incompatibility(&b)
+            .unwrap_or_default()
+            .contains("memory size mismatch"));
         let mut c = a.clone();
         c.vcpus = 2;
         assert!(a.incompatibility(&c).unwrap_or_default().contains("vCPU"));

@@ -8,19 +8,25 @@ use std::time::Duration;
 use common::{pair, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    MigrateOptions, MigratableVm, MigrationStatus, OnNoConverge, Phase, Progress, ReceiveOptions,
+    MigratableVm, MigrateOptions, MigrationStatus, OnNoConverge, Phase, Progress, ReceiveOptions,
     TransportKind,
 };
 
 fn check_equal_and_handed_over(src: &SoftVm, dst: &SoftVm) {
-    assert!(!src.is_running(), "source stays paused after a successful migration");
+    assert!(
+        !src.is_running(),
+        "source stays paused after a successful migration"
+    );
     assert!(dst.is_running(), "destination runs the VM");
     assert_eq!(dst.resume_count(), 1);
     src.stop_writer();
     let (a, b) = (src.snapshot(), dst.snapshot());
     assert_eq!(a.len(), b.len());
     let first_diff = a.chunks(4096).zip(b.chunks(4096)).position(|(x, y)| x != y);
-    assert_eq!(first_diff, None, "destination memory differs from the source's as of the pause");
+    assert_eq!(
+        first_diff, None,
+        "destination memory differs from the source's as of the pause"
+    );
     let state = dst.restored_state().expect("state restored");
     assert!(state.starts_with(b"softvm-state"));
     // The state carries the writer's sequence number as of the pause.
@@ -32,7 +38,15 @@ fn classic_idle_vm_round_trip() {
     let src = SoftVm::new(16 * MIB).expect("src");
     src.fill(0.5);
     let dst = SoftVm::new_incoming(16 * MIB).expect("dst");
-    let (r, d) = pair(&src, &dst, &MigrateOptions::default(), &ReceiveOptions { verify_memory: true, ..Default::default() });
+    let (r, d) = pair(
+        &src,
+        &dst,
+        &MigrateOptions::default(),
+        &ReceiveOptions {
+            verify_memory: true,
+            ..Default::default()
+        },
+    );
     let s = r.expect("migration");
     let d = d.expect("receive");
     check_equal_and_handed_over(&src, &dst);
@@ -47,8 +61,20 @@ fn classic_idle_vm_round_trip() {
     assert!(s.downtime_ms > 0.0 && s.downtime_ms <= s.total_ms);
     assert!(s.src_cpu_s > 0.0 && s.dst_cpu_s > 0.0);
     let json = serde_json::to_value(&s).expect("serialise");
-    for k in ["status", "total_ms", "downtime_ms", "setup_ms", "rounds", "bytes_sent", "pages_sent",
-              "throughput_mib_s", "src_cpu_s", "dst_cpu_s", "digest_match", "transport"] {
+    for k in [
+        "status",
+        "total_ms",
+        "downtime_ms",
+        "setup_ms",
+        "rounds",
+        "bytes_sent",
+        "pages_sent",
+        "throughput_mib_s",
+        "src_cpu_s",
+        "dst_cpu_s",
+        "digest_match",
+        "transport",
+    ] {
         assert!(json.get(k).is_some(), "summary lacks {k}");
     }
 }
@@ -57,10 +83,18 @@ fn classic_idle_vm_round_trip() {
 fn classic_with_guest_writing_converges_and_matches() {
     let src = SoftVm::new(32 * MIB).expect("src");
     src.fill(0.25);
-    src.start_writer(WriterConfig { pages_per_sec: 3000, pattern: WritePattern::Random { seed: 7 } });
+    src.start_writer(WriterConfig {
+        pages_per_sec: 3000,
+        pattern: WritePattern::Random { seed: 7 },
+    });
     std::thread::sleep(Duration::from_millis(50));
     let dst = SoftVm::new_incoming(32 * MIB).expect("dst");
-    let (r, d) = pair(&src, &dst, &MigrateOptions::default(), &ReceiveOptions::default());
+    let (r, d) = pair(
+        &src,
+        &dst,
+        &MigrateOptions::default(),
+        &ReceiveOptions::default(),
+    );
     let s = r.expect("migration");
     d.expect("receive");
     assert!(src.writes() > 0);
@@ -75,13 +109,28 @@ fn multi_tcp_two_regions_hot_cold_matches() {
     src.fill(0.5);
     src.start_writer(WriterConfig {
         pages_per_sec: 5000,
-        pattern: WritePattern::HotCold { hot_fraction: 0.05, hot_probability: 0.9, seed: 3 },
+        pattern: WritePattern::HotCold {
+            hot_fraction: 0.05,
+            hot_probability: 0.9,
+            seed: 3,
+        },
     });
     std::thread::sleep(Duration::from_millis(50));
     let dst = SoftVm::with_regions(&regions, 2, 0x3).expect("dst");
     dst.set_paused(true);
-    let opts = MigrateOptions { transport: TransportKind::MultiTcp { streams: 3 }, ..Default::default() };
-    let (r, d) = pair(&src, &dst, &opts, &ReceiveOptions { verify_memory: true, ..Default::default() });
+    let opts = MigrateOptions {
+        transport: TransportKind::MultiTcp { streams: 3 },
+        ..Default::default()
+    };
+    let (r, d) = pair(
+        &src,
+        &dst,
+        &opts,
+        &ReceiveOptions {
+            verify_memory: true,
+            ..Default::default()
+        },
+    );
     let s = r.expect("migration");
     let d = d.expect("receive");
     check_equal_and_handed_over(&src, &dst);
@@ -94,10 +143,16 @@ fn multi_tcp_two_regions_hot_cold_matches() {
 #[test]
 fn multi_tcp_sequential_writer_single_stream() {
     let src = SoftVm::new(16 * MIB).expect("src");
-    src.start_writer(WriterConfig { pages_per_sec: 4000, pattern: WritePattern::Sequential });
+    src.start_writer(WriterConfig {
+        pages_per_sec: 4000,
+        pattern: WritePattern::Sequential,
+    });
     std::thread::sleep(Duration::from_millis(30));
     let dst = SoftVm::new_incoming(16 * MIB).expect("dst");
-    let opts = MigrateOptions { transport: TransportKind::MultiTcp { streams: 1 }, ..Default::default() };
+    let opts = MigrateOptions {
+        transport: TransportKind::MultiTcp { streams: 1 },
+        ..Default::default()
+    };
     let (r, d) = pair(&src, &dst, &opts, &ReceiveOptions::default());
     r.expect("migration");
     d.expect("receive");
@@ -112,7 +167,9 @@ fn progress_reports_every_phase_in_order() {
     let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
     let sink = Arc::clone(&seen);
     let opts = MigrateOptions {
-        progress: Some(Arc::new(move |p: &Progress| sink.lock().expect("lock").push(p.clone()))),
+        progress: Some(Arc::new(move |p: &Progress| {
+            sink.lock().expect("lock").push(p.clone())
+        })),
         ..Default::default()
     };
     let (r, _) = pair(&src, &dst, &opts, &ReceiveOptions::default());
@@ -122,7 +179,9 @@ fn progress_reports_every_phase_in_order() {
     assert_eq!(phases.first(), Some(&Phase::Setup));
     assert_eq!(phases.last(), Some(&Phase::Done));
     assert!(phases.contains(&Phase::PreCopy) && phases.contains(&Phase::StopAndCopy));
-    assert!(seen.windows(2).all(|w| w[0].round <= w[1].round && w[0].bytes_sent <= w[1].bytes_sent));
+    assert!(seen
+        .windows(2)
+        .all(|w| w[0].round <= w[1].round && w[0].bytes_sent <= w[1].bytes_sent));
     assert_eq!(seen.last().map(|p| p.bytes_sent), Some(s.bytes_sent));
 }
 
@@ -131,15 +190,26 @@ fn bandwidth_cap_bounds_throughput() {
     let src = SoftVm::new(4 * MIB).expect("src");
     src.fill(1.0);
     let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
-    for transport in [TransportKind::Classic, TransportKind::MultiTcp { streams: 2 }] {
+    for transport in [
+        TransportKind::Classic,
+        TransportKind::MultiTcp { streams: 2 },
+    ] {
         let dst2 = SoftVm::new_incoming(4 * MIB).expect("dst");
-        let opts = MigrateOptions { transport, bandwidth_limit: Some(8 * MIB), ..Default::default() };
+        let opts = MigrateOptions {
+            transport,
+            bandwidth_limit: Some(8 * MIB),
+            ..Default::default()
+        };
         let (r, _) = pair(&src, &dst2, &opts, &ReceiveOptions::default());
         src.resume().expect("resume for the next run");
         let s = r.expect("migration");
         // 4 MiB at 8 MiB/s with a 1 MiB initial burst: at least ~0.37 s of sending, so the
         // measured rate cannot exceed the cap by more than the burst allows.
-        assert!(s.throughput_mib_s < 8.0 * 1.4, "{transport:?}: {} MiB/s over an 8 MiB/s cap", s.throughput_mib_s);
+        assert!(
+            s.throughput_mib_s < 8.0 * 1.4,
+            "{transport:?}: {} MiB/s over an 8 MiB/s cap",
+            s.throughput_mib_s
+        );
         assert!(s.bytes_sent >= 4 * MIB);
     }
     drop(dst);
@@ -186,8 +256,18 @@ impl MigratableVm for NeverConverges {
     }
 }
 
-fn never_converging_run(policy: OnNoConverge, max_rounds: u32) -> (NeverConverges, SoftVm, Result<fastmig_migration::MigrationSummary, fastmig_migration::MigrationError>) {
-    let src = NeverConverges { vm: SoftVm::new(4 * MIB).expect("src"), hot: 256 };
+fn never_converging_run(
+    policy: OnNoConverge,
+    max_rounds: u32,
+) -> (
+    NeverConverges,
+    SoftVm,
+    Result<fastmig_migration::MigrationSummary, fastmig_migration::MigrationError>,
+) {
+    let src = NeverConverges {
+        vm: SoftVm::new(4 * MIB).expect("src"),
+        hot: 256,
+    };
     src.vm.fill(1.0);
     let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
     let opts = MigrateOptions {

@@ -17,16 +17,22 @@ pub(crate) struct ClassicSource {
 
 impl ClassicSource {
     pub(crate) fn new(control: &Conn) -> Result<Self, MigrationError> {
-        let conn = control.try_clone().map_err(|e| MigrationError::TransportSetup {
-            reason: "cloning the control stream".into(),
-            source: Some(e),
-        })?;
+        let conn = control
+            .try_clone()
+            .map_err(|e| MigrationError::TransportSetup {
+                reason: "cloning the control stream".into(),
+                source: Some(e),
+            })?;
         Ok(Self { conn })
     }
 }
 
 fn send_err(e: std::io::Error) -> MigrationError {
-    wire("sending pages", ProtocolError::Io(e), MigrationError::SendPages)
+    wire(
+        "sending pages",
+        ProtocolError::Io(e),
+        MigrationError::SendPages,
+    )
 }
 
 impl SourceTransport for ClassicSource {
@@ -94,8 +100,14 @@ impl DestTransport for ClassicDest {
         "classic"
     }
 
-    fn on_control(&mut self, msg: Message, ctx: &RecvCtx) -> Result<Option<Message>, MigrationError> {
-        let Message::Page { gpa, data } = msg else { return Ok(Some(msg)) };
+    fn on_control(
+        &mut self,
+        msg: Message,
+        ctx: &RecvCtx,
+    ) -> Result<Option<Message>, MigrationError> {
+        let Message::Page { gpa, data } = msg else {
+            return Ok(Some(msg));
+        };
         let page = ctx.mem.gpa_to_page(gpa).ok_or_else(|| {
             MigrationError::ReceivePages(ProtocolError::Malformed {
                 kind: "page",

@@ -45,7 +45,9 @@ impl TransportKind {
 
     /// Multi-tcp with one stream per available core.
     pub fn multi_tcp_default() -> Self {
-        let n = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(2);
         TransportKind::MultiTcp { streams: n }
     }
 }
@@ -136,7 +138,11 @@ pub trait DestTransport: Send {
     fn name(&self) -> &'static str;
     /// Offered every frame of the control stream; consumes page frames (returning `None`)
     /// and hands any other message back.
-    fn on_control(&mut self, msg: Message, ctx: &RecvCtx) -> Result<Option<Message>, MigrationError>;
+    fn on_control(
+        &mut self,
+        msg: Message,
+        ctx: &RecvCtx,
+    ) -> Result<Option<Message>, MigrationError>;
     /// Called on `Complete`: waits until every page of every stream has landed.
     fn finish(&mut self) -> Result<PageStats, MigrationError>;
     /// CPU seconds spent by the transport's own worker threads.

@@ -50,20 +50,28 @@ impl MultiTcpSource {
         let mut streams = Vec::with_capacity(n as usize);
         for stream in 0..n {
             let mut c = Conn::connect(ep, connect_timeout)?;
-            c.set_timeouts(Some(io_timeout)).map_err(|e| MigrationError::TransportSetup {
-                reason: "setting data stream timeouts".into(),
-                source: Some(e),
-            })?;
+            c.set_timeouts(Some(io_timeout))
+                .map_err(|e| MigrationError::TransportSetup {
+                    reason: "setting data stream timeouts".into(),
+                    source: Some(e),
+                })?;
             write_message(&mut c, &Message::DataHello { session, stream })
                 .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
             streams.push(c);
         }
-        Ok(Self { streams, cpu_s: 0.0 })
+        Ok(Self {
+            streams,
+            cpu_s: 0.0,
+        })
     }
 }
 
 fn send_err(e: std::io::Error) -> MigrationError {
-    wire("sending pages", ProtocolError::Io(e), MigrationError::SendPages)
+    wire(
+        "sending pages",
+        ProtocolError::Io(e),
+        MigrationError::SendPages,
+    )
 }
 
 /// Sends `list` (this stream's share of the pages, ascending) in batches.
@@ -97,10 +105,12 @@ fn send_stream(
                 k += 1;
             }
             let count = k - j;
-            let gpa = mem.page_gpa(first).ok_or_else(|| MigrationError::Unexpected {
-                phase: "sending pages",
-                got: format!("page index {first} outside guest memory"),
-            })?;
+            let gpa = mem
+                .page_gpa(first)
+                .ok_or_else(|| MigrationError::Unexpected {
+                    phase: "sending pages",
+                    got: format!("page index {first} outside guest memory"),
+                })?;
             let mut zero = vec![0u8; count.div_ceil(8)];
             let mut span: Option<usize> = None;
             for t in 0..count {
@@ -124,7 +134,11 @@ fn send_stream(
             if let Some(s) = span {
                 spans.push((s, first + count - s));
             }
-            runs.push(Run { gpa, pages: count as u32, zero });
+            runs.push(Run {
+                gpa,
+                pages: count as u32,
+                zero,
+            });
             j = k;
         }
         encode_batch(&mut hdr, &runs);
@@ -132,11 +146,16 @@ fn send_stream(
         iovs.push(iovec_of(&hdr));
         let mut total = hdr.len();
         for &(s, c) in &spans {
-            let addr = mem.run_addr(s, c).ok_or_else(|| MigrationError::Unexpected {
-                phase: "sending pages",
-                got: format!("run {s}+{c} crosses a region"),
-            })?;
-            iovs.push(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: c * PAGE_SIZE });
+            let addr = mem
+                .run_addr(s, c)
+                .ok_or_else(|| MigrationError::Unexpected {
+                    phase: "sending pages",
+                    got: format!("run {s}+{c} crosses a region"),
+                })?;
+            iovs.push(libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: c * PAGE_SIZE,
+            });
             total += c * PAGE_SIZE;
         }
         if let Some(b) = ctx.bucket {
@@ -254,7 +273,10 @@ fn recv_err(e: ProtocolError) -> MigrationError {
 }
 
 fn malformed(reason: String) -> MigrationError {
-    MigrationError::ReceivePages(ProtocolError::Malformed { kind: "batch", reason })
+    MigrationError::ReceivePages(ProtocolError::Malformed {
+        kind: "batch",
+        reason,
+    })
 }
 
 fn recv_stream(conn: &mut Conn, ctx: &RecvCtx) -> Result<PageStats, MigrationError> {
@@ -305,8 +327,14 @@ fn recv_stream(conn: &mut Conn, ctx: &RecvCtx) -> Result<PageStats, MigrationErr
         let mut data = 0usize;
         for &(s, c) in &spans {
             // Checked above: the whole run lies in one region.
-            let addr = ctx.mem.run_addr(s, c).ok_or_else(|| malformed("run out of range".into()))?;
-            iovs.push(libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: c * PAGE_SIZE });
+            let addr = ctx
+                .mem
+                .run_addr(s, c)
+                .ok_or_else(|| malformed("run out of range".into()))?;
+            iovs.push(libc::iovec {
+                iov_base: addr as *mut libc::c_void,
+                iov_len: c * PAGE_SIZE,
+            });
             data += c * PAGE_SIZE;
         }
         // SAFETY: every iovec was bounds-checked by `run_addr` inside the destination's live
@@ -342,11 +370,14 @@ impl MultiTcpDest {
         let mut slots: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
         for _ in 0..n {
             let mut c = listener.accept(Some(accept_timeout))?;
-            c.set_timeouts(Some(io_timeout)).map_err(|e| MigrationError::TransportSetup {
-                reason: "setting data stream timeouts".into(),
-                source: Some(e),
-            })?;
-            match read_message(&mut c).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+            c.set_timeouts(Some(io_timeout))
+                .map_err(|e| MigrationError::TransportSetup {
+                    reason: "setting data stream timeouts".into(),
+                    source: Some(e),
+                })?;
+            match read_message(&mut c)
+                .map_err(|e| wire("handshake", e, MigrationError::Handshake))?
+            {
                 Message::DataHello { session: s, stream }
                     if s == session
                         && (stream as usize) < slots.len()
@@ -376,7 +407,11 @@ impl MultiTcpDest {
                 (r, thread_cpu_time() - c0)
             }));
         }
-        Ok(Self { workers, results: Vec::new(), conns })
+        Ok(Self {
+            workers,
+            results: Vec::new(),
+            conns,
+        })
     }
 
     /// Collects the results of workers that have already stopped.
@@ -385,7 +420,8 @@ impl MultiTcpDest {
         while i < self.workers.len() {
             if self.workers[i].is_finished() {
                 let h = self.workers.swap_remove(i);
-                self.results.push(h.join().unwrap_or_else(|_| (Err(panicked()), 0.0)));
+                self.results
+                    .push(h.join().unwrap_or_else(|_| (Err(panicked()), 0.0)));
             } else {
                 i += 1;
             }
@@ -399,7 +435,10 @@ impl MultiTcpDest {
 }
 
 fn panicked() -> MigrationError {
-    MigrationError::Unexpected { phase: "receiving pages", got: "a receiver thread panicked".into() }
+    MigrationError::Unexpected {
+        phase: "receiving pages",
+        got: "a receiver thread panicked".into(),
+    }
 }
 
 impl DestTransport for MultiTcpDest {
@@ -407,7 +446,11 @@ impl DestTransport for MultiTcpDest {
         "multi-tcp"
     }
 
-    fn on_control(&mut self, msg: Message, _ctx: &RecvCtx) -> Result<Option<Message>, MigrationError> {
+    fn on_control(
+        &mut self,
+        msg: Message,
+        _ctx: &RecvCtx,
+    ) -> Result<Option<Message>, MigrationError> {
         // A data stream that already failed is the root cause of whatever the control stream
         // shows next: report it first.
         self.poll();
@@ -419,7 +462,8 @@ impl DestTransport for MultiTcpDest {
 
     fn finish(&mut self) -> Result<PageStats, MigrationError> {
         for h in self.workers.drain(..) {
-            self.results.push(h.join().unwrap_or_else(|_| (Err(panicked()), 0.0)));
+            self.results
+                .push(h.join().unwrap_or_else(|_| (Err(panicked()), 0.0)));
         }
         if let Some(e) = self.first_error() {
             return Err(e);

@@ -25,7 +25,10 @@ pub fn pair(
     dst: &SoftVm,
     opts: &MigrateOptions,
     ropts: &ReceiveOptions,
-) -> (Result<MigrationSummary, MigrationError>, Result<ReceiveSummary, MigrationError>) {
+) -> (
+    Result<MigrationSummary, MigrationError>,
+    Result<ReceiveSummary, MigrationError>,
+) {
     let l = loopback();
     let ep = l.endpoint().expect("endpoint");
     std::thread::scope(|s| {
@@ -37,8 +40,14 @@ pub fn pair(
 
 /// Asserts the source survived a failed migration: running, dirty log off, guest writing.
 pub fn assert_source_intact(src: &SoftVm) {
-    assert!(src.is_running(), "source VM must run again after a failed migration");
-    assert!(!src.is_dirty_logging(), "dirty log must be stopped after a failed migration");
+    assert!(
+        src.is_running(),
+        "source VM must run again after a failed migration"
+    );
+    assert!(
+        !src.is_dirty_logging(),
+        "dirty log must be stopped after a failed migration"
+    );
 }
 
 /// A TCP proxy to `target` that flips the byte at `offset` of the source-to-destination
@@ -46,14 +55,21 @@ pub fn assert_source_intact(src: &SoftVm) {
 pub fn corrupting_proxy(target: Endpoint, conn_index: usize, offset: u64) -> Endpoint {
     let l = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
     let addr = l.local_addr().expect("addr");
-    let Endpoint::Tcp(target) = target else { panic!("tcp only") };
+    let Endpoint::Tcp(target) = target else {
+        panic!("tcp only")
+    };
     let count = Arc::new(AtomicUsize::new(0));
     std::thread::spawn(move || {
         for inbound in l.incoming() {
             let Ok(inbound) = inbound else { return };
-            let Ok(outbound) = TcpStream::connect(target) else { return };
+            let Ok(outbound) = TcpStream::connect(target) else {
+                return;
+            };
             let k = count.fetch_add(1, Ordering::SeqCst);
-            let (i2, o2) = (inbound.try_clone().expect("clone"), outbound.try_clone().expect("clone"));
+            let (i2, o2) = (
+                inbound.try_clone().expect("clone"),
+                outbound.try_clone().expect("clone"),
+            );
             let corrupt = (k == conn_index).then_some(offset);
             std::thread::spawn(move || pump(inbound, outbound, corrupt));
             std::thread::spawn(move || pump(o2, i2, None));
