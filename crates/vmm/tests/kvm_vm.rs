@@ -339,3 +339,30 @@ fn bad_configs_are_clear_errors() {
     };
     assert!(Vm::new(odd).is_err());
 }
+
+#[test]
+fn an_unexpected_exit_fails_the_vm_with_a_clear_error() {
+    let code = fastmig_vmm::guest::CODE_ADDR;
+    // `out 0x99, al` where the mailbox `in` was: a port nobody handles.
+    // `ud2` with no IDT: the #UD escalates to a triple fault, i.e. KVM_EXIT_SHUTDOWN.
+    for (patch, needle) in [
+        (&[0xe6u8, 0x99][..], "IoOut"),
+        (&[0x0f, 0x0b][..], "Shutdown"),
+    ] {
+        let vm = started(config(16, 1, "dirty:rate=2000,wss=4M,pattern=seq"));
+        assert_progress_grows(&vm);
+        vm.pause().expect("pause");
+        vm.write_memory(code, patch).expect("patch the program");
+        vm.resume().expect("resume");
+        wait_for("the VM to fail", || {
+            matches!(vm.status().state, VmRunState::Failed(_))
+        });
+        let VmRunState::Failed(why) = vm.status().state else {
+            unreachable!("checked above")
+        };
+        assert!(why.contains(needle) && why.contains("rip"), "{why}");
+        assert!(matches!(vm.pause(), Err(VmmError::VcpuFailed(_))));
+        assert!(matches!(vm.resume(), Err(VmmError::VcpuFailed(_))));
+        vm.shutdown();
+    }
+}
