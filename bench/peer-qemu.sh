@@ -58,10 +58,32 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
         >"$cache/apt.log" 2>&1 || { cat "$cache/apt.log" >&2; die "apt-get install $* failed"; }
 }
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'; }
 mkdir -p "$cache"
 if ! command -v qemu-system-x86_64 >/dev/null; then
     log "installing qemu-system-x86"
     apt_install qemu-system-x86
+fi
+# QEMU < 9.0 loses TCG writes from the migration dirty bitmap (fixed upstream
+# by 03bfc2188f "physmem: Fix migration dirty bitmap coherency with TCG memory
+# access"): with a dirtying guest the destination kernel oopses. Bookworm
+# ships 7.2, so take QEMU from Debian's bookworm-backports, through a private
+# sources list and lists dir in bench/.cache (the system apt config is left
+# alone).
+if [[ "$(qemu_major)" -lt 9 ]]; then
+    log "QEMU $(qemu_major).x corrupts TCG guests under migration; installing bookworm-backports QEMU"
+    bpo="$cache/apt"
+    mkdir -p "$bpo/lists/partial"
+    echo "deb http://deb.debian.org/debian bookworm-backports main" >"$bpo/backports.list"
+    aopt=(-o "Dir::Etc::sourcelist=$bpo/backports.list" -o "Dir::Etc::sourceparts=/etc/apt/sources.list.d"
+        -o "Dir::State::lists=$bpo/lists")
+    if apt-get -qq "${aopt[@]}" update >"$cache/apt.log" 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get -y -qq "${aopt[@]}" -t bookworm-backports install \
+            --no-install-recommends qemu-system-x86 >>"$cache/apt.log" 2>&1; then
+        log "now $(qemu-system-x86_64 --version | head -n1)"
+    else
+        log "warning: backports QEMU install failed (see $cache/apt.log); runs with a dirtying guest will be marked failed"
+    fi
 fi
 command -v gcc >/dev/null || apt_install gcc libc6-dev
 

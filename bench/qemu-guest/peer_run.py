@@ -181,6 +181,26 @@ def last_rates(text: str, n: int):
     return [int(m.group(2)) for m in RATE_RE.finditer(text)][-n:]
 
 
+def check_destination(src: "Guest", dst: "Guest", timeout: float) -> bool:
+    """True once the destination prints a RATE line continuing the source's count.
+
+    A fresh boot (FM/READY banner) or a kernel oops means the migrated memory
+    was inconsistent; QEMU itself would still report "completed".
+    """
+    src_totals = [int(m.group(3)) for m in RATE_RE.finditer(src.serial())]
+    floor = src_totals[-1] if src_totals else 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = dst.serial()
+        if FM_RE.search(text) or "Kernel panic" in text or "Oops" in text:
+            return False
+        totals = [int(m.group(3)) for m in RATE_RE.finditer(text)]
+        if totals:
+            return totals[0] >= floor
+        time.sleep(0.2)
+    return False
+
+
 def run_once(args, rep: int) -> dict:
     workdir = args.workdir
     port = free_port()
@@ -264,6 +284,8 @@ def run_once(args, rep: int) -> dict:
         dst_cpu1, _ = cpu_seconds(dst.proc.pid)
 
         ram = info.get("ram", {})
+        # QEMU >= 9 reports zero pages as "zero-pages"; older ones as "duplicate".
+        zero_pages = ram.get("zero-pages", ram.get("duplicate", 0))
         total_ms = info.get("total-time", 0)
         transferred = ram.get("transferred", 0)
         # Achieved guest rate during migration, from the source console lines
@@ -276,9 +298,9 @@ def run_once(args, rep: int) -> dict:
             "setup_ms": info.get("setup-time"),
             "rounds": ram.get("dirty-sync-count"),
             "bytes_sent": transferred,
-            "pages_sent": ram.get("normal", 0) + ram.get("duplicate", 0),
+            "pages_sent": ram.get("normal", 0) + zero_pages,
             "normal_pages": ram.get("normal"),
-            "duplicate_pages": ram.get("duplicate"),
+            "zero_pages": zero_pages,
             "throughput_mib_s": round(transferred / (1 << 20) / (total_ms / 1000), 1)
             if total_ms else None,
             "src_cpu_s": round(src_cpu1 - src_cpu0, 3),
@@ -287,15 +309,13 @@ def run_once(args, rep: int) -> dict:
             "dst_cpu_s": round(dst_cpu1 - dst_cpu0, 3),
             "guest_rate_pps_during": round(sum(during) / len(during)) if during else None,
         })
-        # Proof the guest survived: a fresh RATE line printed on the destination.
-        alive_deadline = time.monotonic() + args.alive_timeout
-        n0 = len(RATE_RE.findall(dst.serial()))
-        result["dst_guest_alive"] = False
-        while time.monotonic() < alive_deadline:
-            if len(RATE_RE.findall(dst.serial())) > n0:
-                result["dst_guest_alive"] = True
-                break
-            time.sleep(0.2)
+        # Proof the guest survived: the destination's console must continue
+        # the source's counter (no reboot banner, no oops), not start over.
+        result["dst_guest_ok"] = check_destination(src, dst, args.alive_timeout)
+        if not result["dst_guest_ok"]:
+            result["status"] = "failed"
+            result["error"] = "destination guest crashed or rebooted after migration"
+            log(f"rep {rep}: {result['error']}; console tail: {dst.serial()[-400:]!r}")
         return result
     except (QmpError, RuntimeError, TimeoutError, OSError) as e:
         log(f"rep {rep}: {type(e).__name__}: {e}")
@@ -329,7 +349,8 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=None, help="s; default scales with --mem")
     ap.add_argument("--migrate-timeout", type=float, default=300.0, help="s per migration")
     ap.add_argument("--qmp-timeout", type=float, default=15.0, help="s per QMP command")
-    ap.add_argument("--alive-timeout", type=float, default=5.0)
+    ap.add_argument("--alive-timeout", type=float, default=8.0,
+                    help="s to wait for the migrated guest to print on the destination")
     ap.add_argument("--poll-interval", type=float, default=0.05)
     args = ap.parse_args()
     if args.ready_timeout is None:
