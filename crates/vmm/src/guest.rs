@@ -97,6 +97,9 @@ pub const PROGRAM: &[u8] = &[
 
 /// Offset of `top` (first instruction).
 pub const ENTRY_OFFSET: u64 = 0x00;
+/// Offset of the sequence-number store. A vCPU stopped with RIP here has already written the
+/// frame number of page `page_of(rbx)` but not yet its sequence number.
+pub const SEQ_STORE_OFFSET: u64 = 0x96;
 /// Offset of the instruction right after the sequence-number store: a vCPU stopped with RIP
 /// here has written sequence number `rbx` but not yet incremented it.
 pub const AFTER_STORE_OFFSET: u64 = 0x99;
@@ -212,6 +215,10 @@ mod tests {
             &[0x48, 0xff, 0xc3]
         );
         assert_eq!(PROGRAM[IDLE_OFFSET as usize], 0xf4);
+        assert_eq!(
+            &PROGRAM[SEQ_STORE_OFFSET as usize..][..3],
+            &[0x48, 0x89, 0x18]
+        );
         assert_eq!(PROGRAM[ENTRY_OFFSET as usize], 0xe5);
     }
 

@@ -614,15 +614,17 @@ impl Vm {
         self.dirty.subscribe()
     }
 
-    fn require_parked(&self, what: &str) -> Result<(), VmmError> {
+    /// Returns the control lock if every vCPU is parked (or none ever ran). Holding it keeps
+    /// them parked: a vCPU thread must take it to enter its run loop, so the caller may use the
+    /// vCPU fds without racing a concurrent `resume`.
+    fn lock_parked(&self, what: &str) -> Result<MutexGuard<'_, Control>, VmmError> {
         let ctl = lock(&self.shared.ctl);
         let parked = match ctl.phase {
-            Phase::Created | Phase::Incoming => true,
+            Phase::Created | Phase::Incoming | Phase::Stopped => true,
             Phase::Started => ctl.desired != Desired::Run && ctl.running == 0,
-            Phase::Stopped => true,
         };
         if parked {
-            Ok(())
+            Ok(ctl)
         } else {
             Err(VmmError::InvalidState(format!("{what} needs a paused VM")))
         }
@@ -631,7 +633,7 @@ impl Vm {
     /// Captures the complete vCPU and workload state. Only while paused (or before start);
     /// no side effects.
     pub fn save_state(&self) -> Result<VmState, VmmError> {
-        self.require_parked("save_state")?;
+        let _parked = self.lock_parked("save_state")?;
         let mut vcpus = Vec::new();
         for slot in &self.shared.vcpus {
             let fd = lock(&slot.fd);
@@ -659,13 +661,12 @@ impl Vm {
     /// Loads a saved state into a VM that has not started (from `new_incoming` or
     /// `from_memory_fd`; `new` works too). Guest memory is the caller's business.
     pub fn restore_state(&self, st: &VmState) -> Result<(), VmmError> {
-        {
-            let ctl = lock(&self.shared.ctl);
-            if !matches!(ctl.phase, Phase::Created | Phase::Incoming) {
-                return Err(VmmError::InvalidState(
-                    "restore_state needs a VM that has not started".into(),
-                ));
-            }
+        // Held throughout, so a concurrent `start` cannot run a half-restored vCPU.
+        let mut ctl = lock(&self.shared.ctl);
+        if !matches!(ctl.phase, Phase::Created | Phase::Incoming) {
+            return Err(VmmError::InvalidState(
+                "restore_state needs a VM that has not started".into(),
+            ));
         }
         if st.mem_size != self.cfg.mem_size
             || st.vcpus.len() != self.shared.vcpus.len()
@@ -705,7 +706,7 @@ impl Vm {
                 .map_err(k("KVM_SET_VCPU_EVENTS"))?;
             *lock(&slot.workload) = vs.workload;
         }
-        lock(&self.shared.ctl).restored = true;
+        ctl.restored = true;
         Ok(())
     }
 
@@ -727,7 +728,7 @@ impl Vm {
     }
 
     fn check_stamps(&self) -> Result<VerifyReport, VmmError> {
-        self.require_parked("verify_memory")?;
+        let _parked = self.lock_parked("verify_memory")?;
         let mut report = VerifyReport {
             pages_checked: 0,
             writes_replayed: 0,
@@ -747,6 +748,9 @@ impl Vm {
             // Stopped right after the store, the guest has written `rbx` without counting it.
             let written =
                 regs.rbx + u64::from(regs.rip == guest::CODE_ADDR + guest::AFTER_STORE_OFFSET);
+            // Stopped between the two stores, the next page already has its frame number.
+            let half_written = (regs.rip == guest::CODE_ADDR + guest::SEQ_STORE_OFFSET)
+                .then(|| slice.page_of(regs.rbx));
             let mut last: Vec<Option<u64>> = vec![None; slice.pages as usize];
             for seq in 0..written {
                 last[slice.page_of(seq) as usize] = Some(seq);
@@ -760,6 +764,9 @@ impl Vm {
                 let pfn = u64::from_le_bytes(stamp[8..].try_into().unwrap_or_default());
                 let ok = match expect {
                     Some(s) => seq == *s && pfn == gpa / PAGE_SIZE,
+                    None if half_written == Some(i as u64) => {
+                        seq == 0 && (pfn == 0 || pfn == gpa / PAGE_SIZE)
+                    }
                     None => seq == 0 && pfn == 0,
                 };
                 report.pages_checked += 1;
