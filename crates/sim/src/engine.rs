@@ -1,0 +1,995 @@
+//! The discrete-event engine: hosts, VMs, the 300 s scheduling loop, migrations, energy and
+//! SLA accounting, with CloudSim 3.0.3's `PowerDatacenter` semantics.
+//!
+//! ```text
+//!  t = 0      initial placement (PABFD, or first fit for NPA/DVFS), VMs request full MIPS
+//!  t = 0.1    workloads start (CloudSim's VM-creation acknowledgement delay)
+//!  t = 300.1, 600.1, ... (< 86400)  scheduling tick:
+//!     1. update every host: VM requests = trace(t) * MIPS, history, allocation, energy of
+//!        the interval since the last event (trapezoid between the two utilisations)
+//!     2. detect over-utilised hosts, select VMs, place them (PABFD)
+//!     3. evacuate under-utilised hosts, least utilised first, all-or-nothing
+//!     4. undo the hypothetical moves and start the chosen migrations
+//!  t + RAM/bw migration completes: update every host, move the VM, update again
+//! ```
+//!
+//! During a migration the VM appears on both hosts: the source gives it 90 % of its request
+//! (the 10 % degradation, counted in PDM) but counts the full request as its own load; the
+//! target counts 10 % of it as load while its SLA accounting sees the full request
+//! unallocated, which is what makes SLATAH migration-driven.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use crate::cost::{MigrationCostModel, MigrationRequest};
+use crate::error::SimError;
+use crate::ids::{HostId, VmId};
+use crate::metrics::SimResult;
+use crate::policy::{FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement, VmSelector, VmView};
+use crate::rng::SplitMix64;
+use crate::setup::DatacenterSpec;
+use crate::spec::PolicySpec;
+use crate::trace::Trace;
+
+/// Length of the per-VM utilisation history (CloudSim `PowerVm.HISTORY_LENGTH`).
+pub const VM_HISTORY: usize = 30;
+
+/// Knobs of a run; the defaults reproduce CloudSim 3.0.3.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// Simulated time in seconds (86,400: one day). Events at or after it are not processed.
+    pub duration_s: f64,
+    /// When the workloads start (CloudSim: 0.1 s, the VM-creation acknowledgement delay).
+    /// Ticks happen at `start + k * interval`.
+    pub start_s: f64,
+    /// Seed for random VM selection.
+    pub seed: u64,
+    /// CloudSim removes a VM for good once its CPU request is exactly 0 at an update (its
+    /// `getCompletedVms` treats it as finished). `true` reproduces that; `false` keeps idle
+    /// VMs in place.
+    pub remove_idle_vms: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self { duration_s: 86_400.0, start_s: 0.1, seed: 42, remove_idle_vms: true }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HostEntry {
+    t: f64,
+    alloc: f64,
+    req: f64,
+    active: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct VmEntry {
+    t: f64,
+    alloc: f64,
+    req: f64,
+    migrating: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Vm {
+    mips: f64,
+    ram_mb: u32,
+    bw: u64,
+    size_mb: u64,
+    trace: usize,
+    /// Current request in MIPS (CloudSim `getCurrentRequestedTotalMips`).
+    requested: f64,
+    /// Request as last stored by a host scheduler (differs from `requested` only at t = 0).
+    sched_req: f64,
+    instantiating: bool,
+    /// `vm.getHost()`: changed by every create/destroy, including hypothetical ones.
+    host: Option<u32>,
+    /// The allocation table's host (`getVmTable()`).
+    table: Option<u32>,
+    in_migration: bool,
+    removed: bool,
+    /// Utilisation fractions, most recent first.
+    hist: Vec<f64>,
+    hist_prev_time: f64,
+    last: Option<VmEntry>,
+    tot_req: f64,
+    tot_alloc: f64,
+    under_mig: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Host {
+    ty: usize,
+    total_mips: f64,
+    pe_mips: f64,
+    ram_mb: i64,
+    bw: i64,
+    storage_mb: i64,
+    vm_list: Vec<u32>,
+    migrating_in: Vec<u32>,
+    /// Per-VM RAM/BW reservations that are non-zero (only made at t = 0).
+    reservations: Vec<(u32, i64, i64)>,
+    ram_used: i64,
+    bw_used: i64,
+    storage_used: i64,
+    util_mips: f64,
+    energy_util: f64,
+    prev_energy_util: f64,
+    overhead_mips: f64,
+    // Cached aggregates over `vm_list`, refreshed on every change.
+    req_sum: f64,
+    hist_sum: [f64; VM_HISTORY],
+    available_mips: f64,
+    /// MIPS allocated by the scheduler to the VMs in the list right now, a migrating-in VM
+    /// counted at its full potential (CloudSim policy `getUtilizationOfCpuMips(host)`).
+    alloc_sum: f64,
+    max_ram: u32,
+    // SLA accounting
+    last: Option<HostEntry>,
+    active_time: f64,
+    violation_time: f64,
+    shutdowns: u64,
+    prev_active: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MigrationEvent {
+    t: f64,
+    seq: u64,
+    vm: u32,
+    target: u32,
+    source: Option<u32>,
+    source_overhead: f64,
+    target_overhead: f64,
+}
+
+impl PartialEq for MigrationEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for MigrationEvent {}
+impl PartialOrd for MigrationEvent {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for MigrationEvent {
+    // Reversed so the BinaryHeap pops the earliest (time, sequence) first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.t.total_cmp(&self.t).then(other.seq.cmp(&self.seq))
+    }
+}
+
+/// One simulation run. Build with [`Simulation::new`], run with [`Simulation::run`].
+pub struct Simulation<'a> {
+    trace: &'a Trace,
+    spec: &'a DatacenterSpec,
+    policy: PolicySpec,
+    opts: SimOptions,
+    cost: &'a dyn MigrationCostModel,
+    detector: Option<Box<dyn OverloadDetector>>,
+    selector: Option<Box<dyn VmSelector>>,
+    rng: SplitMix64,
+    hosts: Vec<Host>,
+    vms: Vec<Vm>,
+    events: BinaryHeap<MigrationEvent>,
+    seq: u64,
+    last_process: f64,
+    energy_j: f64,
+    migrations: u64,
+    clamped: u64,
+    ticks: u64,
+}
+
+/// Runs one policy over a trace on a data centre and returns the metrics.
+pub fn simulate(trace: &Trace, spec: &DatacenterSpec, policy: PolicySpec, cost: &dyn MigrationCostModel, opts: &SimOptions) -> Result<SimResult, SimError> {
+    Simulation::new(trace, spec, policy, cost, opts.clone())?.run()
+}
+
+impl<'a> Simulation<'a> {
+    /// Validates the setup and creates the hosts and VMs (not yet placed).
+    pub fn new(trace: &'a Trace, spec: &'a DatacenterSpec, policy: PolicySpec, cost: &'a dyn MigrationCostModel, opts: SimOptions) -> Result<Self, SimError> {
+        if spec.hosts.is_empty() {
+            return Err(SimError::Config("no hosts".into()));
+        }
+        if trace.is_empty() {
+            return Err(SimError::Config("no VMs in the trace".into()));
+        }
+        if !(trace.interval_s > 0.0) {
+            return Err(SimError::Config("trace interval must be > 0".into()));
+        }
+        let mut hosts = Vec::with_capacity(spec.hosts.len());
+        for &ty in &spec.hosts {
+            let t = spec.host_types.get(ty).ok_or_else(|| SimError::Config(format!("host type {ty} undefined")))?;
+            hosts.push(Host {
+                ty,
+                total_mips: t.total_mips(),
+                pe_mips: t.pe_mips,
+                ram_mb: i64::from(t.ram_mb),
+                bw: t.bw as i64,
+                storage_mb: t.storage_mb as i64,
+                vm_list: Vec::new(),
+                migrating_in: Vec::new(),
+                reservations: Vec::new(),
+                ram_used: 0,
+                bw_used: 0,
+                storage_used: 0,
+                util_mips: 0.0,
+                energy_util: 0.0,
+                prev_energy_util: 0.0,
+                overhead_mips: 0.0,
+                req_sum: 0.0,
+                hist_sum: [0.0; VM_HISTORY],
+                available_mips: t.total_mips(),
+                alloc_sum: 0.0,
+                max_ram: 0,
+                last: None,
+                active_time: 0.0,
+                violation_time: 0.0,
+                shutdowns: 0,
+                prev_active: true,
+            });
+        }
+        let mut vms = Vec::with_capacity(spec.vms.len());
+        for &(ty, tr) in &spec.vms {
+            let t = spec.vm_types.get(ty).ok_or_else(|| SimError::Config(format!("VM type {ty} undefined")))?;
+            if tr >= trace.len() {
+                return Err(SimError::Config(format!("VM uses trace row {tr}, trace has {}", trace.len())));
+            }
+            vms.push(Vm {
+                mips: t.mips,
+                ram_mb: t.ram_mb,
+                bw: t.bw,
+                size_mb: t.size_mb,
+                trace: tr,
+                requested: t.mips,
+                sched_req: t.mips,
+                instantiating: true,
+                host: None,
+                table: None,
+                in_migration: false,
+                removed: false,
+                hist: Vec::with_capacity(VM_HISTORY),
+                hist_prev_time: 0.0,
+                last: None,
+                tot_req: 0.0,
+                tot_alloc: 0.0,
+                under_mig: 0.0,
+            });
+        }
+        let (detector, selector) = match policy {
+            PolicySpec::Dynamic { detector, selector, param } => (Some(detector.build(param)), Some(selector.build())),
+            _ => (None, None),
+        };
+        Ok(Self {
+            trace,
+            spec,
+            policy,
+            rng: SplitMix64::new(opts.seed),
+            opts,
+            cost,
+            detector,
+            selector,
+            hosts,
+            vms,
+            events: BinaryHeap::new(),
+            seq: 0,
+            last_process: 0.0,
+            energy_j: 0.0,
+            migrations: 0,
+            clamped: 0,
+            ticks: 0,
+        })
+    }
+
+    /// Runs the whole simulation.
+    pub fn run(mut self) -> Result<SimResult, SimError> {
+        self.initial_placement()?;
+        let interval = self.trace.interval_s;
+        let mut next_tick = self.opts.start_s + interval;
+        loop {
+            let next_mig = self.events.peek().map(|e| e.t);
+            let take_mig = matches!(next_mig, Some(m) if m < next_tick);
+            let t = if take_mig { next_mig.unwrap_or(next_tick) } else { next_tick };
+            if t >= self.opts.duration_s {
+                break;
+            }
+            if take_mig {
+                if let Some(ev) = self.events.pop() {
+                    self.complete_migration(ev)?;
+                }
+            } else {
+                self.tick(t);
+                next_tick = t + interval;
+            }
+        }
+        Ok(self.finish())
+    }
+
+    fn is_dynamic(&self) -> bool {
+        matches!(self.policy, PolicySpec::Dynamic { .. })
+    }
+
+    // ---- placement at t = 0 -------------------------------------------------------------
+
+    fn initial_placement(&mut self) -> Result<(), SimError> {
+        let excluded = vec![false; self.hosts.len()];
+        for v in 0..self.vms.len() {
+            let pv = PlacementVm { id: VmId(v as u32), requested_mips: self.vms[v].requested };
+            let found = {
+                let ctx = Ctx { sim: self, excluded: &excluded };
+                if self.is_dynamic() {
+                    Pabfd.find_host(&pv, &ctx)
+                } else {
+                    FirstFit.find_host(&pv, &ctx)
+                }
+            };
+            let h = found.ok_or(SimError::InitialPlacement(v as u32))?;
+            if !self.vm_create(h.0, v as u32) {
+                return Err(SimError::InitialPlacement(v as u32));
+            }
+            self.vms[v].table = Some(h.0);
+            // Created: no longer instantiating, and no workload until t = start.
+            self.vms[v].instantiating = false;
+            self.vms[v].requested = 0.0;
+            self.refresh(h.0);
+        }
+        Ok(())
+    }
+
+    // ---- host primitives (CloudSim Host / HostDynamicWorkload) ------------------------------
+
+    fn vm_create(&mut self, h: u32, v: u32) -> bool {
+        let (ram, bw, size, req) = {
+            let vm = &self.vms[v as usize];
+            let (ram, bw) = if vm.instantiating { (i64::from(vm.ram_mb), vm.bw as i64) } else { (0, 0) };
+            (ram, bw, vm.size_mb as i64, vm.requested)
+        };
+        let host = &mut self.hosts[h as usize];
+        if host.storage_mb - host.storage_used < size || host.ram_mb - host.ram_used < ram || host.bw - host.bw_used < bw {
+            return false;
+        }
+        host.storage_used += size;
+        host.ram_used += ram;
+        host.bw_used += bw;
+        if ram != 0 || bw != 0 {
+            host.reservations.push((v, ram, bw));
+        }
+        host.vm_list.push(v);
+        let vm = &mut self.vms[v as usize];
+        vm.sched_req = req;
+        vm.host = Some(h);
+        self.refresh(h);
+        true
+    }
+
+    fn release(&mut self, h: u32, v: u32) {
+        let size = self.vms[v as usize].size_mb as i64;
+        let host = &mut self.hosts[h as usize];
+        host.storage_used -= size;
+        if let Some(pos) = host.reservations.iter().position(|r| r.0 == v) {
+            let (_, ram, bw) = host.reservations.swap_remove(pos);
+            host.ram_used -= ram;
+            host.bw_used -= bw;
+        }
+    }
+
+    fn vm_destroy(&mut self, h: u32, v: u32) {
+        self.release(h, v);
+        let host = &mut self.hosts[h as usize];
+        if let Some(pos) = host.vm_list.iter().position(|&x| x == v) {
+            host.vm_list.remove(pos);
+        }
+        self.vms[v as usize].host = None;
+        self.refresh(h);
+    }
+
+    /// Recomputes the cached aggregates of a host from its VM list, in list order (the order
+    /// CloudSim sums in).
+    fn refresh(&mut self, h: u32) {
+        let host = &self.hosts[h as usize];
+        let mut req_sum = 0.0;
+        let mut hist = [0.0; VM_HISTORY];
+        let mut max_ram = 0;
+        for &v in &host.vm_list {
+            let vm = &self.vms[v as usize];
+            req_sum += vm.requested;
+            for (i, u) in vm.hist.iter().enumerate() {
+                hist[i] += u * vm.mips / host.total_mips;
+            }
+            max_ram = max_ram.max(vm.ram_mb);
+        }
+        let available = self.available_mips(h);
+        let allocs = self.allocations(h);
+        let mut alloc_sum = 0.0;
+        for (i, v) in host.vm_list.iter().enumerate() {
+            if host.migrating_in.contains(v) {
+                alloc_sum += allocs[i] * 0.9 / 0.1;
+            }
+            alloc_sum += allocs[i];
+        }
+        let host = &mut self.hosts[h as usize];
+        host.alloc_sum = alloc_sum;
+        host.req_sum = req_sum;
+        host.hist_sum = hist;
+        host.max_ram = max_ram;
+        host.available_mips = available;
+    }
+
+    fn is_migrating_in(&self, h: u32, v: u32) -> bool {
+        self.hosts[h as usize].migrating_in.contains(&v)
+    }
+
+    /// Free MIPS as CloudSim's over-subscribing time-shared scheduler reports it.
+    fn available_mips(&self, h: u32) -> f64 {
+        let host = &self.hosts[h as usize];
+        let mut avail = host.total_mips;
+        for &v in &host.vm_list {
+            let mut r = self.vms[v as usize].sched_req.min(host.pe_mips);
+            if host.migrating_in.contains(&v) {
+                r *= 0.1;
+            }
+            if avail >= r {
+                avail -= r;
+            } else {
+                avail = 0.0;
+            }
+        }
+        avail
+    }
+
+    /// MIPS allocated to each VM of the host's list, in list order.
+    fn allocations(&self, h: u32) -> Vec<f64> {
+        let host = &self.hosts[h as usize];
+        let mut caps = Vec::with_capacity(host.vm_list.len());
+        let mut avail = host.total_mips;
+        let mut oversubscribed = false;
+        let mut total_req = 0.0;
+        for &v in &host.vm_list {
+            let vm = &self.vms[v as usize];
+            let c = vm.sched_req.min(host.pe_mips);
+            let inn = host.migrating_in.contains(&v);
+            let out = vm.in_migration && !inn;
+            let r = if inn { c * 0.1 } else { c };
+            total_req += r;
+            if avail >= r {
+                avail -= r;
+            } else {
+                oversubscribed = true;
+                avail = 0.0;
+            }
+            caps.push((c, inn, out));
+        }
+        if !oversubscribed {
+            caps.iter().map(|&(c, inn, out)| if out { c * 0.9 } else if inn { c * 0.1 } else { c }).collect()
+        } else {
+            let scale = host.total_mips / total_req;
+            caps.iter()
+                .map(|&(c, inn, out)| if out { (c * scale * 0.9).floor() } else if inn { (c * 0.1 * scale).floor() } else { (c * scale).floor() })
+                .collect()
+        }
+    }
+
+    fn vm_update(&mut self, v: u32, t: f64) {
+        let u = self.trace.utilization(self.vms[v as usize].trace, t);
+        let start = self.opts.start_s;
+        let interval = self.trace.interval_s;
+        let vm = &mut self.vms[v as usize];
+        vm.instantiating = false;
+        vm.requested = u * vm.mips;
+        if t > vm.hist_prev_time && (t - start) % interval == 0.0 {
+            vm.hist.insert(0, u);
+            vm.hist.truncate(VM_HISTORY);
+            vm.hist_prev_time = t;
+        }
+    }
+
+    /// CloudSim `HostDynamicWorkload.updateVmsProcessing`.
+    fn host_update(&mut self, h: u32, t: f64) {
+        let list = self.hosts[h as usize].vm_list.clone();
+        for &v in &list {
+            self.vm_update(v, t);
+        }
+        for &v in &list {
+            let vm = &mut self.vms[v as usize];
+            vm.sched_req = vm.requested;
+        }
+        let allocs = self.allocations(h);
+        let mut util = 0.0;
+        let mut host_req = 0.0;
+        for (i, &v) in list.iter().enumerate() {
+            let req = self.vms[v as usize].requested;
+            let mut alloc = allocs[i];
+            if !self.is_migrating_in(h, v) {
+                let migrating = self.vms[v as usize].in_migration;
+                self.vm_entry(v, VmEntry { t, alloc, req, migrating });
+                if migrating {
+                    alloc /= 0.9;
+                }
+            }
+            util += alloc;
+            host_req += req;
+        }
+        let host = &mut self.hosts[h as usize];
+        host.util_mips = util;
+        host.prev_energy_util = host.energy_util;
+        host.energy_util = util + host.overhead_mips;
+        self.host_entry(h, HostEntry { t, alloc: util, req: host_req, active: util > 0.0 });
+        self.refresh(h);
+    }
+
+    fn host_entry(&mut self, h: u32, e: HostEntry) {
+        let host = &mut self.hosts[h as usize];
+        if let Some(l) = host.last {
+            if l.t == e.t {
+                host.last = Some(e);
+                return;
+            }
+            finalize_host_entry(host, l);
+            if l.active {
+                let dt = e.t - l.t;
+                host.active_time += dt;
+                if l.alloc < l.req {
+                    host.violation_time += dt;
+                }
+            }
+        }
+        host.last = Some(e);
+    }
+
+    fn vm_entry(&mut self, v: u32, e: VmEntry) {
+        let vm = &mut self.vms[v as usize];
+        if let Some(l) = vm.last {
+            if l.t == e.t {
+                vm.last = Some(e);
+                return;
+            }
+            let dt = e.t - l.t;
+            vm.tot_alloc += l.alloc * dt;
+            vm.tot_req += l.req * dt;
+            if l.alloc < l.req && l.migrating {
+                vm.under_mig += (l.req - l.alloc) * dt;
+            }
+        }
+        vm.last = Some(e);
+    }
+
+    fn utilization_fraction(&self, mips: f64, h: usize) -> f64 {
+        let u = mips / self.hosts[h].total_mips;
+        if u > 1.0 && u < 1.01 {
+            1.0
+        } else {
+            u
+        }
+    }
+
+    /// `updateCloudetProcessingWithoutSchedulingFutureEventsForce`.
+    fn force_update(&mut self, t: f64) {
+        let dt = t - self.last_process;
+        let npa = matches!(self.policy, PolicySpec::Npa);
+        if npa && dt > 0.0 {
+            let types = &self.spec.host_types;
+            self.energy_j += self.hosts.iter().map(|h| types[h.ty].power.max_power() * dt).sum::<f64>();
+        }
+        for h in 0..self.hosts.len() {
+            self.host_update(h as u32, t);
+        }
+        if !npa && dt > 0.0 {
+            let mut e = 0.0;
+            for h in 0..self.hosts.len() {
+                let from = self.utilization_fraction(self.hosts[h].prev_energy_util, h);
+                let to = self.utilization_fraction(self.hosts[h].energy_util, h);
+                if from > 1.0 || to > 1.0 {
+                    self.clamped += 1;
+                }
+                e += self.spec.host_types[self.hosts[h].ty].power.energy_linear(from.min(1.0), to.min(1.0), dt);
+            }
+            self.energy_j += e;
+        }
+        if self.opts.remove_idle_vms {
+            self.remove_completed_vms();
+        }
+        self.last_process = t;
+    }
+
+    fn remove_completed_vms(&mut self) {
+        for h in 0..self.hosts.len() {
+            let done: Vec<u32> = self.hosts[h]
+                .vm_list
+                .iter()
+                .copied()
+                .filter(|&v| {
+                    let vm = &self.vms[v as usize];
+                    !vm.in_migration && vm.requested == 0.0
+                })
+                .collect();
+            for v in done {
+                if let Some(th) = self.vms[v as usize].table.take() {
+                    self.vm_destroy(th, v);
+                }
+                self.vms[v as usize].removed = true;
+            }
+        }
+    }
+
+    // ---- the scheduling tick ---------------------------------------------------------------
+
+    fn tick(&mut self, t: f64) {
+        self.ticks += 1;
+        self.force_update(t);
+        if self.is_dynamic() {
+            let map = self.optimize_allocation(t);
+            for (v, target) in map {
+                self.start_migration(v, target, t);
+            }
+        }
+        self.last_process = t;
+    }
+
+    fn host_view<'h>(&self, h: u32, extra: Option<u32>, buf: &'h mut [f64; VM_HISTORY]) -> HostView<'h> {
+        let host = &self.hosts[h as usize];
+        *buf = host.hist_sum;
+        let mut req = host.req_sum;
+        let mut max_ram = host.max_ram;
+        if let Some(v) = extra {
+            let vm = &self.vms[v as usize];
+            req += vm.requested;
+            for (i, u) in vm.hist.iter().enumerate() {
+                buf[i] += u * vm.mips / host.total_mips;
+            }
+            max_ram = max_ram.max(vm.ram_mb);
+        }
+        let len = buf.iter().rposition(|&x| x != 0.0).map_or(0, |i| i + 1);
+        let mig = self.cost.cost(&MigrationRequest { ram_mb: max_ram, target_bw: host.bw as u64 }, host.pe_mips).duration_s;
+        HostView { total_mips: host.total_mips, requested_mips: req, history: &buf[..len], max_vm_migration_time_s: mig, interval_s: self.trace.interval_s }
+    }
+
+    fn is_overloaded(&self, h: u32, extra: Option<u32>) -> bool {
+        let Some(d) = self.detector.as_deref() else { return false };
+        let mut buf = [0.0; VM_HISTORY];
+        let view = self.host_view(h, extra, &mut buf);
+        d.is_overloaded(&view)
+    }
+
+    fn select_vm(&mut self, h: u32) -> Option<u32> {
+        let candidates: Vec<u32> = self.hosts[h as usize].vm_list.iter().copied().filter(|&v| !self.vms[v as usize].in_migration).collect();
+        let views: Vec<VmView<'_>> = candidates
+            .iter()
+            .map(|&v| {
+                let vm = &self.vms[v as usize];
+                VmView { id: VmId(v), ram_mb: vm.ram_mb, mips: vm.mips, requested_mips: vm.requested, history: &vm.hist }
+            })
+            .collect();
+        let sel = self.selector.as_deref()?;
+        let i = sel.select(&views, &mut self.rng)?;
+        candidates.get(i).copied()
+    }
+
+    fn place(&self, v: u32, excluded: &[bool]) -> Option<u32> {
+        let pv = PlacementVm { id: VmId(v), requested_mips: self.vms[v as usize].requested };
+        let ctx = Ctx { sim: self, excluded };
+        Pabfd.find_host(&pv, &ctx).map(|h| h.0)
+    }
+
+    fn sort_by_utilization_desc(&self, vms: &mut [u32]) {
+        // Stable, like Java's Collections.sort.
+        vms.sort_by(|&a, &b| self.vms[b as usize].requested.total_cmp(&self.vms[a as usize].requested));
+    }
+
+    /// CloudSim `PowerVmAllocationPolicyMigrationAbstract.optimizeAllocation`.
+    fn optimize_allocation(&mut self, _t: f64) -> Vec<(u32, u32)> {
+        let n = self.hosts.len();
+        let over: Vec<u32> = (0..n as u32).filter(|&h| self.is_overloaded(h, None)).collect();
+        let saved: Vec<(u32, u32)> = (0..n as u32)
+            .flat_map(|h| {
+                let host = &self.hosts[h as usize];
+                host.vm_list.iter().filter(|v| !host.migrating_in.contains(v)).map(move |&v| (h, v)).collect::<Vec<_>>()
+            })
+            .collect();
+
+        let mut to_migrate = Vec::new();
+        for &h in &over {
+            while let Some(v) = self.select_vm(h) {
+                to_migrate.push(v);
+                self.vm_destroy(h, v);
+                if !self.is_overloaded(h, None) {
+                    break;
+                }
+            }
+        }
+
+        let mut over_set = vec![false; n];
+        for &h in &over {
+            over_set[h as usize] = true;
+        }
+        let mut map = Vec::new();
+        self.sort_by_utilization_desc(&mut to_migrate);
+        for v in to_migrate {
+            if let Some(h) = self.place(v, &over_set) {
+                self.vm_create(h, v);
+                map.push((v, h));
+            }
+        }
+
+        // Under-utilised hosts. CloudSim means to exclude the hosts that just received VMs but
+        // reads them from an empty list, so only over-utilised and idle hosts are excluded.
+        let mut excl_under = over_set.clone();
+        let mut excl_place = over_set;
+        let mut excluded_count = over.len();
+        for h in 0..n {
+            if self.utilization_fraction(self.hosts[h].util_mips, h) == 0.0 {
+                if !excl_under[h] {
+                    excluded_count += 1;
+                }
+                excl_under[h] = true;
+                excl_place[h] = true;
+            }
+        }
+        let mut order: Vec<u32> = (0..n as u32)
+            .filter(|&h| {
+                let u = self.utilization_fraction(self.hosts[h as usize].util_mips, h as usize);
+                u > 0.0 && u < 1.0
+            })
+            .collect();
+        order.sort_by(|&a, &b| {
+            let ua = self.utilization_fraction(self.hosts[a as usize].util_mips, a as usize);
+            let ub = self.utilization_fraction(self.hosts[b as usize].util_mips, b as usize);
+            ua.total_cmp(&ub).then(a.cmp(&b))
+        });
+        let mut start = 0;
+        loop {
+            if excluded_count == n {
+                break;
+            }
+            while start < order.len() && excl_under[order[start] as usize] {
+                start += 1;
+            }
+            let Some(&under) = order[start..].iter().find(|&&h| !excl_under[h as usize] && !self.all_migrating_out_or_any_in(h)) else {
+                break;
+            };
+            excl_under[under as usize] = true;
+            excluded_count += 1;
+            excl_place[under as usize] = true;
+            let mut vms: Vec<u32> = self.hosts[under as usize].vm_list.iter().copied().filter(|&v| !self.vms[v as usize].in_migration).collect();
+            if vms.is_empty() {
+                continue;
+            }
+            self.sort_by_utilization_desc(&mut vms);
+            let mut placed: Vec<(u32, u32)> = Vec::new();
+            for v in vms {
+                match self.place(v, &excl_place) {
+                    Some(h) => {
+                        self.vm_create(h, v);
+                        placed.push((v, h));
+                    }
+                    None => {
+                        for &(pv, ph) in &placed {
+                            self.vm_destroy(ph, pv);
+                        }
+                        placed.clear();
+                        break;
+                    }
+                }
+            }
+            for &(_, h) in &placed {
+                if !excl_under[h as usize] {
+                    excl_under[h as usize] = true;
+                    excluded_count += 1;
+                }
+            }
+            map.extend(placed);
+        }
+
+        self.restore_allocation(&saved);
+        map
+    }
+
+    fn all_migrating_out_or_any_in(&self, h: u32) -> bool {
+        let host = &self.hosts[h as usize];
+        for &v in &host.vm_list {
+            if !self.vms[v as usize].in_migration {
+                return false;
+            }
+            if host.migrating_in.contains(&v) {
+                return true;
+            }
+        }
+        true
+    }
+
+    fn restore_allocation(&mut self, saved: &[(u32, u32)]) {
+        for h in 0..self.hosts.len() {
+            let list = std::mem::take(&mut self.hosts[h].vm_list);
+            for v in list {
+                self.vms[v as usize].host = None;
+            }
+            let host = &mut self.hosts[h];
+            host.reservations.clear();
+            host.ram_used = 0;
+            host.bw_used = 0;
+            host.storage_used = 0;
+            let incoming = host.migrating_in.clone();
+            for v in incoming {
+                let size = self.vms[v as usize].size_mb as i64;
+                let host = &mut self.hosts[h];
+                host.vm_list.push(v);
+                host.storage_used += size;
+            }
+        }
+        for &(h, v) in saved {
+            if self.vm_create(h, v) {
+                self.vms[v as usize].table = Some(h);
+            } else {
+                tracing::warn!(host = h, vm = v, "could not restore VM allocation");
+            }
+        }
+        for h in 0..self.hosts.len() {
+            self.refresh(h as u32);
+        }
+    }
+
+    fn start_migration(&mut self, v: u32, target: u32, t: f64) {
+        let source = self.vms[v as usize].host;
+        let cost = self.cost.cost(
+            &MigrationRequest { ram_mb: self.vms[v as usize].ram_mb, target_bw: self.hosts[target as usize].bw as u64 },
+            self.hosts[target as usize].pe_mips,
+        );
+        self.vms[v as usize].in_migration = true;
+        if !self.is_migrating_in(target, v) {
+            let size = self.vms[v as usize].size_mb as i64;
+            let host = &mut self.hosts[target as usize];
+            host.storage_used += size;
+            host.migrating_in.push(v);
+            host.vm_list.push(v);
+            host.overhead_mips += cost.target_overhead_mips;
+            if let Some(s) = source {
+                self.hosts[s as usize].overhead_mips += cost.source_overhead_mips;
+            }
+            self.host_update(target, t);
+            if let Some(s) = source {
+                self.host_update(s, t);
+            }
+        }
+        self.migrations += 1;
+        self.seq += 1;
+        self.events.push(MigrationEvent {
+            t: t + cost.duration_s,
+            seq: self.seq,
+            vm: v,
+            target,
+            source,
+            source_overhead: cost.source_overhead_mips,
+            target_overhead: cost.target_overhead_mips,
+        });
+    }
+
+    fn complete_migration(&mut self, ev: MigrationEvent) -> Result<(), SimError> {
+        let t = ev.t;
+        if t > self.last_process {
+            self.force_update(t);
+        }
+        let v = ev.vm;
+        if let Some(h) = self.vms[v as usize].table.take() {
+            self.vm_destroy(h, v);
+        }
+        // removeMigratingInVm
+        let size = self.vms[v as usize].size_mb as i64;
+        {
+            let host = &mut self.hosts[ev.target as usize];
+            host.storage_used -= size;
+            host.migrating_in.retain(|&x| x != v);
+            if let Some(pos) = host.vm_list.iter().position(|&x| x == v) {
+                host.vm_list.remove(pos);
+            }
+            host.overhead_mips = (host.overhead_mips - ev.target_overhead).max(0.0);
+        }
+        if let Some(s) = ev.source {
+            let host = &mut self.hosts[s as usize];
+            host.overhead_mips = (host.overhead_mips - ev.source_overhead).max(0.0);
+        }
+        self.vms[v as usize].in_migration = false;
+        if !self.vm_create(ev.target, v) {
+            return Err(SimError::MigrationTarget { vm: v, host: ev.target });
+        }
+        self.vms[v as usize].table = Some(ev.target);
+        let more_now = self.events.peek().is_some_and(|e| e.t == t);
+        if !more_now {
+            self.force_update(t);
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> SimResult {
+        let (mut active, mut viol, mut shutdowns) = (0.0, 0.0, 0);
+        for host in &mut self.hosts {
+            if let Some(l) = host.last.take() {
+                finalize_host_entry(host, l);
+            }
+            active += host.active_time;
+            viol += host.violation_time;
+            shutdowns += host.shutdowns;
+        }
+        let (mut req, mut alloc, mut under) = (0.0, 0.0, 0.0);
+        for vm in &self.vms {
+            req += vm.tot_req;
+            alloc += vm.tot_alloc;
+            under += vm.under_mig;
+        }
+        let slatah = if active > 0.0 { viol / active } else { 0.0 };
+        let pdm = if req > 0.0 { under / req } else { 0.0 };
+        let energy_kwh = self.energy_j / 3.6e6;
+        if self.clamped > 0 {
+            tracing::warn!(count = self.clamped, "host utilisation above 100 % was clamped for the power model (CloudSim would abort)");
+        }
+        let slav = slatah * pdm;
+        SimResult {
+            policy: self.policy.name(),
+            param: self.policy.param(),
+            hosts: self.hosts.len(),
+            vms: self.vms.len(),
+            energy_kwh,
+            slatah,
+            pdm,
+            slav,
+            esv: energy_kwh * slav,
+            migrations: self.migrations,
+            host_shutdowns: shutdowns,
+            sla_overall: if req > 0.0 { (req - alloc) / req } else { 0.0 },
+            vms_removed_idle: self.vms.iter().filter(|v| v.removed).count(),
+            migration_model: self.cost.describe(),
+        }
+    }
+}
+
+fn finalize_host_entry(host: &mut Host, e: HostEntry) {
+    if host.prev_active && !e.active {
+        host.shutdowns += 1;
+    }
+    host.prev_active = e.active;
+}
+
+/// The placement policies' read-only view of the simulation.
+struct Ctx<'s, 'a> {
+    sim: &'s Simulation<'a>,
+    excluded: &'s [bool],
+}
+
+impl PlacementContext for Ctx<'_, '_> {
+    fn host_count(&self) -> usize {
+        self.sim.hosts.len()
+    }
+    fn is_excluded(&self, host: HostId) -> bool {
+        self.excluded[host.idx()]
+    }
+    fn is_suitable(&self, host: HostId, vm: &PlacementVm) -> bool {
+        let h = &self.sim.hosts[host.idx()];
+        let v = &self.sim.vms[vm.id.idx()];
+        let (ram, bw) = if v.instantiating { (i64::from(v.ram_mb), v.bw as i64) } else { (0, 0) };
+        h.pe_mips >= vm.requested_mips && h.available_mips >= vm.requested_mips && h.ram_mb - h.ram_used >= ram && h.bw - h.bw_used >= bw
+    }
+    fn utilization_mips(&self, host: HostId) -> f64 {
+        self.sim.hosts[host.idx()].alloc_sum
+    }
+    fn overloaded_after(&self, host: HostId, vm: &PlacementVm) -> bool {
+        let h = &self.sim.hosts[host.idx()];
+        let v = &self.sim.vms[vm.id.idx()];
+        // vmCreate would fail on storage: CloudSim then treats the host as over-utilised.
+        if h.storage_mb - h.storage_used < v.size_mb as i64 {
+            return true;
+        }
+        self.sim.is_overloaded(host.0, Some(vm.id.0))
+    }
+    fn power_now_and_after(&self, host: HostId, vm: &PlacementVm) -> (f64, Option<f64>) {
+        let sim = self.sim;
+        let h = &sim.hosts[host.idx()];
+        let model = &sim.spec.host_types[h.ty].power;
+        // Power now comes from the utilisation measured at the start of the round; the power
+        // after allocation from what the scheduler has allocated by now (CloudSim mixes both).
+        let now = model.power(sim.utilization_fraction(h.util_mips, host.idx()));
+        let after = (h.alloc_sum + vm.requested_mips) / h.total_mips;
+        (now, if after <= 1.0 { Some(model.power(after)) } else { None })
+    }
+}
