@@ -23,12 +23,17 @@ use tracing::{debug, info, warn};
 use crate::conn::{Conn, Endpoint};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
+use crate::fdpass::send_frame_with_fds;
 use crate::guestmem::GuestMemory;
-use crate::protocol::{read_message, write_message, Complete, Hello, Message, PROTOCOL_VERSION};
+use crate::protocol::{encode, FdRegion};
+use crate::protocol::{
+    read_message, write_message, Complete, Hello, Message, ProtocolError, PROTOCOL_VERSION,
+};
 use crate::summary::{MigrationStatus, MigrationSummary, Phase, Progress, RoundStats};
 use crate::transport::classic::ClassicSource;
 use crate::transport::multi_tcp::MultiTcpSource;
-use crate::transport::{PageStats, SendCtx, SourceTransport, TransportKind};
+use crate::transport::shm::ShmSource;
+use crate::transport::{NoCopy, PageStats, SendCtx, SourceTransport, TransportKind};
 use crate::util::{thread_cpu_time, CancelToken, TokenBucket};
 use crate::vm::{DirtyBitmap, MigratableVm, PAGE_SIZE};
 
@@ -253,6 +258,41 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Handover: pause, then pass the memory descriptors themselves. Returns the pause instant.
+fn handover_pause<V: MigratableVm + ?Sized>(
+    vm: &V,
+    control: &Conn,
+    g: &mut Guard,
+) -> Result<Instant, MigrationError> {
+    let setup = |reason: &str| MigrationError::TransportSetup {
+        reason: reason.into(),
+        source: None,
+    };
+    let sock = control
+        .as_unix()
+        .ok_or_else(|| setup("handover needs a unix: endpoint"))?;
+    let regions = vm.memory();
+    let fds: Vec<i32> = regions
+        .iter()
+        .map(|r| r.fd)
+        .collect::<Option<_>>()
+        .ok_or_else(|| setup("handover needs memfd-backed guest memory"))?;
+    let desc = regions
+        .iter()
+        .map(|r| FdRegion {
+            gpa: r.gpa,
+            size: r.size,
+            fd_offset: r.fd_offset,
+        })
+        .collect();
+    vm.pause().map_err(MigrationError::Pause)?;
+    g.paused = true;
+    let at = Instant::now();
+    send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
+        .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
+    Ok(at)
+}
+
 fn run<V: MigratableVm + ?Sized>(
     vm: &V,
     dest: &Endpoint,
@@ -275,13 +315,14 @@ fn run<V: MigratableVm + ?Sized>(
         })?;
     g.control = control.try_clone().ok();
     let session = session_id();
-    let (data_streams, name) = match opts.transport {
-        TransportKind::Classic => (0, "classic"),
-        TransportKind::MultiTcp { streams } => (streams.max(1), "multi-tcp"),
+    let data_streams = match opts.transport {
+        TransportKind::MultiTcp { streams } => streams.max(1),
+        _ => 0,
     };
+    let name = opts.transport.name();
     let hello = Hello {
         version: PROTOCOL_VERSION,
-        layout,
+        layout: layout.clone(),
         transport: name.into(),
         data_streams,
         session,
@@ -312,6 +353,8 @@ fn run<V: MigratableVm + ?Sized>(
             opts.connect_timeout,
             opts.io_timeout,
         )?),
+        TransportKind::Shm => Box::new(ShmSource::open(&control, &layout)?),
+        TransportKind::Handover => Box::new(NoCopy),
     };
     let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
     info!(
@@ -335,105 +378,112 @@ fn run<V: MigratableVm + ?Sized>(
     };
     s.progress(Phase::Setup, npages, 0.0);
 
-    // Pre-copy.
-    s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
-    g.dirty_on = true;
-    let all: Vec<usize> = (0..npages).collect();
-    s.send_round(&all, 0.0, false)?;
-    let mut last_sync = Instant::now();
-    let mut prev_dirty = usize::MAX;
-    let mut stalled = 0u32;
-    let mut forced = false;
-    let mut warned = false;
-    let mut pending;
-    let mut dirty_rate;
-    loop {
-        if opts.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        let bm =
-            s.vm.sync_dirty_log()
-                .map_err(MigrationError::DirtyLogSync)?;
-        let now = Instant::now();
-        pending = bm;
-        let dirty = pending.count();
-        dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
-        last_sync = now;
-        s.progress(Phase::PreCopy, dirty, dirty_rate);
-        let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
-        let rounds = s.rounds.len() as u32;
-        debug!(rounds, dirty, ?est, "dirty log synced");
-        if est <= opts.downtime_limit {
-            break;
-        }
-        stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 {
-            stalled + 1
-        } else {
-            0
-        };
-        prev_dirty = dirty;
-        let why = if rounds + 1 >= opts.max_rounds {
-            Some(format!(
-                "round limit {} reached with {dirty} dirty pages (estimated {est:?})",
-                opts.max_rounds
-            ))
-        } else if stalled >= STALL_ROUNDS {
-            Some(format!(
+    let (paused_at, forced, dirty_rate) = if opts.transport == TransportKind::Handover {
+        (handover_pause(vm, &control, g)?, false, 0.0)
+    } else {
+        // Pre-copy.
+        s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
+        g.dirty_on = true;
+        let all: Vec<usize> = (0..npages).collect();
+        s.send_round(&all, 0.0, false)?;
+        let mut last_sync = Instant::now();
+        let mut prev_dirty = usize::MAX;
+        let mut stalled = 0u32;
+        let mut forced = false;
+        let mut warned = false;
+        let mut pending;
+        let mut dirty_rate;
+        loop {
+            if opts.cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let bm =
+                s.vm.sync_dirty_log()
+                    .map_err(MigrationError::DirtyLogSync)?;
+            let now = Instant::now();
+            pending = bm;
+            let dirty = pending.count();
+            dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
+            last_sync = now;
+            s.progress(Phase::PreCopy, dirty, dirty_rate);
+            let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
+            let rounds = s.rounds.len() as u32;
+            debug!(rounds, dirty, ?est, "dirty log synced");
+            if est <= opts.downtime_limit {
+                break;
+            }
+            stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 {
+                stalled + 1
+            } else {
+                0
+            };
+            prev_dirty = dirty;
+            let why = if rounds + 1 >= opts.max_rounds {
+                Some(format!(
+                    "round limit {} reached with {dirty} dirty pages (estimated {est:?})",
+                    opts.max_rounds
+                ))
+            } else if stalled >= STALL_ROUNDS {
+                Some(format!(
                 "dirty pages stopped shrinking ({dirty} after {rounds} rounds, dirty rate {dirty_rate:.0} pages/s, bandwidth {:.1} MiB/s)",
                 s.bandwidth() / MIB
             ))
-        } else {
-            None
-        };
-        if let Some(reason) = why {
-            let at_limit = rounds + 1 >= opts.max_rounds;
-            match opts.on_no_converge {
-                OnNoConverge::Force => {
-                    warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
-                    forced = true;
-                    break;
-                }
-                OnNoConverge::Abort => return Err(MigrationError::NotConverged { rounds, reason }),
-                OnNoConverge::Wait if at_limit => {
-                    return Err(MigrationError::NotConverged { rounds, reason })
-                }
-                OnNoConverge::Wait => {
-                    if !warned {
-                        warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
-                        warned = true;
+            } else {
+                None
+            };
+            if let Some(reason) = why {
+                let at_limit = rounds + 1 >= opts.max_rounds;
+                match opts.on_no_converge {
+                    OnNoConverge::Force => {
+                        warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
+                        forced = true;
+                        break;
+                    }
+                    OnNoConverge::Abort => {
+                        return Err(MigrationError::NotConverged { rounds, reason })
+                    }
+                    OnNoConverge::Wait if at_limit => {
+                        return Err(MigrationError::NotConverged { rounds, reason })
+                    }
+                    OnNoConverge::Wait => {
+                        if !warned {
+                            warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
+                            warned = true;
+                        }
                     }
                 }
             }
+            let list: Vec<usize> = pending.iter_dirty().collect();
+            s.send_round(&list, dirty_rate, false)?;
+            write_message(
+                &mut control,
+                &Message::RoundEnd {
+                    round: s.rounds.len() as u32,
+                },
+            )
+            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
         }
-        let list: Vec<usize> = pending.iter_dirty().collect();
-        s.send_round(&list, dirty_rate, false)?;
-        write_message(
-            &mut control,
-            &Message::RoundEnd {
-                round: s.rounds.len() as u32,
-            },
-        )
-        .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
-    }
 
-    // Stop-and-copy.
-    if opts.cancel.is_cancelled() {
-        return Err(MigrationError::Cancelled);
-    }
-    s.vm.pause().map_err(MigrationError::Pause)?;
-    g.paused = true;
-    let paused_at = Instant::now();
-    let last =
-        s.vm.sync_dirty_log()
-            .map_err(MigrationError::DirtyLogSync)?;
-    let mut fin = DirtyBitmap::new(npages);
-    fin.union_with(&pending);
-    fin.union_with(&last);
-    let list: Vec<usize> = fin.iter_dirty().collect();
-    s.send_round(&list, dirty_rate, true)?;
-    s.transport.finish()?;
-    s.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
-    g.dirty_on = false;
+        // Stop-and-copy.
+        if opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        s.vm.pause().map_err(MigrationError::Pause)?;
+        g.paused = true;
+        let paused_at = Instant::now();
+        let last =
+            s.vm.sync_dirty_log()
+                .map_err(MigrationError::DirtyLogSync)?;
+        let mut fin = DirtyBitmap::new(npages);
+        fin.union_with(&pending);
+        fin.union_with(&last);
+        let list: Vec<usize> = fin.iter_dirty().collect();
+        s.send_round(&list, dirty_rate, true)?;
+        s.transport.finish()?;
+        s.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
+        g.dirty_on = false;
+        (paused_at, forced, dirty_rate)
+    };
     let state = s.vm.save_state().map_err(MigrationError::SaveState)?;
     let rounds = s.rounds.len() as u32;
     let digest = s.hashes.digest();

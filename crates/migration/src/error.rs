@@ -72,6 +72,9 @@ pub enum MigrationError {
     /// Saving the device and vCPU state failed.
     #[error("saving VM state")]
     SaveState(#[source] VmError),
+    /// The caller's constructor could not build a VM on handed-over memory.
+    #[error("creating the VM on handed-over memory")]
+    Adopt(#[source] VmError),
     /// Restoring the device and vCPU state failed.
     #[error("restoring VM state")]
     RestoreState(#[source] VmError),

@@ -204,6 +204,20 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// Memory descriptors (`shm`: destination to source; `handover`: source to destination),
+    /// one per region, travelling as `SCM_RIGHTS` with this frame.
+    MemoryFds(Vec<FdRegion>),
+}
+
+/// Where one region lives inside the memory descriptor passed with [`Message::MemoryFds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Offset of the region inside its descriptor.
+    pub fd_offset: u64,
 }
 
 impl Message {
@@ -224,6 +238,7 @@ impl Message {
             Message::Commit => "commit",
             Message::Resumed(_) => "resumed",
             Message::Failed { .. } => "failed",
+            Message::MemoryFds(_) => "memory-fds",
         }
     }
 }
@@ -243,6 +258,7 @@ mod kind {
     pub const COMMIT: u8 = 12;
     pub const RESUMED: u8 = 13;
     pub const FAILED: u8 = 14;
+    pub const MEMORY_FDS: u8 = 15;
 }
 
 const FLAG_ZERO_PAGE: u8 = 1;
@@ -358,6 +374,7 @@ pub fn encode_with_version(msg: &Message, version: u16) -> Vec<u8> {
                 reason: reason.clone(),
             }),
         ),
+        Message::MemoryFds(r) => frame(&mut out, version, kind::MEMORY_FDS, 0, &json(r)),
     }
     out
 }
@@ -573,6 +590,7 @@ pub fn decode_payload(
             let f: FailedJson = from_json("failed", p)?;
             Ok(Message::Failed { reason: f.reason })
         }
+        kind::MEMORY_FDS => Ok(Message::MemoryFds(from_json("memory-fds", p)?)),
         other => Err(ProtocolError::UnknownKind(other)),
     }
 }
@@ -683,6 +701,11 @@ mod tests {
             Message::Failed {
                 reason: "digest".into(),
             },
+            Message::MemoryFds(vec![FdRegion {
+                gpa: 0,
+                size: 4096,
+                fd_offset: 0,
+            }]),
         ]
     }
 

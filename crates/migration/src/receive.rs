@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 use crate::conn::{Conn, Listener};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
+use crate::fdpass::recv_frame_with_fds;
 use crate::guestmem::GuestMemory;
 use crate::protocol::{
     read_message, write_message, HelloReply, Message, Resumed, PROTOCOL_VERSION,
@@ -26,9 +27,12 @@ use crate::protocol::{
 use crate::summary::ReceiveSummary;
 use crate::transport::classic::ClassicDest;
 use crate::transport::multi_tcp::MultiTcpDest;
+use crate::transport::shm::ShmDest;
 use crate::transport::{DestTransport, PageStats, RecvCtx};
 use crate::util::thread_cpu_time;
 use crate::vm::MigratableVm;
+use crate::vm::{VmError, VmLayout};
+use std::os::fd::OwnedFd;
 
 /// Destination options.
 #[derive(Debug, Clone)]
@@ -158,6 +162,23 @@ fn run<V: MigratableVm + ?Sized>(
     };
     match hello.transport.as_str() {
         "classic" | "multi-tcp" => {}
+        "shm" => {
+            if control.as_unix().is_none() {
+                return Err(refuse(control, "shm needs a unix: endpoint".into()));
+            }
+            if vm.memory().iter().any(|r| r.fd.is_none()) {
+                return Err(refuse(
+                    control,
+                    "shm needs memfd-backed guest memory".into(),
+                ));
+            }
+        }
+        "handover" => {
+            return Err(refuse(
+                control,
+                "this destination was not started for a handover (it has its own memory)".into(),
+            ))
+        }
         other => {
             return Err(refuse(
                 control,
@@ -187,6 +208,7 @@ fn run<V: MigratableVm + ?Sized>(
             opts.io_timeout,
             &ctx,
         )?),
+        "shm" => Box::new(ShmDest::offer(control, &vm.memory())?),
         _ => Box::<ClassicDest>::default(),
     });
     let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -281,4 +303,212 @@ fn run<V: MigratableVm + ?Sized>(
         "incoming migration completed; VM resumed"
     );
     Ok(summary)
+}
+
+/// One region of handed-over guest memory: where it sits in the guest and in its memfd.
+#[derive(Debug)]
+pub struct HandoverRegion {
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The memfd (received from the source process; now owned by the caller).
+    pub fd: OwnedFd,
+    /// Offset of the region inside `fd`.
+    pub fd_offset: u64,
+}
+
+/// Receives a `handover` migration: the source passes its memory descriptors, `make_vm`
+/// builds the new VM on them (nothing is copied), then the state is restored and the VM
+/// resumed after `Commit`. For live upgrade of the VMM binary on one host.
+///
+/// `make_vm` must return a paused VM mapping exactly the given regions. On error the VM it
+/// built is dropped without ever being resumed.
+pub fn receive_handover<V, F>(
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    make_vm: F,
+) -> Result<(V, ReceiveSummary), MigrationError>
+where
+    V: MigratableVm,
+    F: FnOnce(&VmLayout, Vec<HandoverRegion>) -> Result<V, VmError>,
+{
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let mut control = listener.accept(opts.accept_timeout)?;
+    let r = handover_run(&mut control, opts, make_vm, t0, cpu0);
+    if let Err(e) = &r {
+        warn!(error = %e, "incoming handover failed; VM not resumed");
+        if !matches!(
+            e,
+            MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }
+        ) {
+            let _ = control.set_timeouts(Some(Duration::from_millis(300)));
+            let _ = write_message(
+                &mut control,
+                &Message::Failed {
+                    reason: format!("destination: {e}"),
+                },
+            );
+        }
+    }
+    r
+}
+
+fn handover_run<V, F>(
+    control: &mut Conn,
+    opts: &ReceiveOptions,
+    make_vm: F,
+    t0: Instant,
+    cpu0: f64,
+) -> Result<(V, ReceiveSummary), MigrationError>
+where
+    V: MigratableVm,
+    F: FnOnce(&VmLayout, Vec<HandoverRegion>) -> Result<V, VmError>,
+{
+    control
+        .set_timeouts(Some(opts.io_timeout))
+        .map_err(|e| MigrationError::TransportSetup {
+            reason: "setting control stream timeouts".into(),
+            source: Some(e),
+        })?;
+    let hello =
+        match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+            Message::Hello(h) => h,
+            other => {
+                return Err(MigrationError::Unexpected {
+                    phase: "handshake",
+                    got: other.name().into(),
+                })
+            }
+        };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(refuse(
+            control,
+            format!(
+                "protocol version mismatch: source speaks {}, destination speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        ));
+    }
+    if hello.transport != "handover" {
+        return Err(refuse(
+            control,
+            format!(
+                "this destination expects a handover, not {:?}",
+                hello.transport
+            ),
+        ));
+    }
+    if control.as_unix().is_none() {
+        return Err(refuse(control, "handover needs a unix: endpoint".into()));
+    }
+    let reply = HelloReply {
+        version: PROTOCOL_VERSION,
+        accepted: true,
+        reason: None,
+    };
+    write_message(control, &Message::HelloReply(reply))
+        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+    let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let sock = control.as_unix().ok_or(MigrationError::TransportSetup {
+        reason: "not a unix socket".into(),
+        source: None,
+    })?;
+    let (msg, fds) =
+        recv_frame_with_fds(sock).map_err(|e| wire("handover", e, MigrationError::ReceivePages))?;
+    let Message::MemoryFds(desc) = msg else {
+        return Err(MigrationError::Unexpected {
+            phase: "handover",
+            got: msg.name().into(),
+        });
+    };
+    let matches_layout = desc.len() == fds.len()
+        && desc.len() == hello.layout.regions.len()
+        && desc
+            .iter()
+            .zip(&hello.layout.regions)
+            .all(|(d, l)| d.gpa == l.gpa && d.size == l.size);
+    if !matches_layout {
+        return Err(MigrationError::Unexpected {
+            phase: "handover",
+            got: "memory descriptors that do not match the announced layout".into(),
+        });
+    }
+    let regions = desc
+        .iter()
+        .zip(fds)
+        .map(|(d, fd)| HandoverRegion {
+            gpa: d.gpa,
+            size: d.size,
+            fd,
+            fd_offset: d.fd_offset,
+        })
+        .collect();
+    let vm = make_vm(&hello.layout, regions).map_err(MigrationError::Adopt)?;
+    if let Some(reason) = hello.layout.incompatibility(&vm.layout()) {
+        return Err(MigrationError::Incompatible { reason });
+    }
+    let mut state = None;
+    let complete = loop {
+        match read_message(control)
+            .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?
+        {
+            Message::State(s) => state = Some(s),
+            Message::Complete(c) => break c,
+            Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+            other => {
+                return Err(MigrationError::Unexpected {
+                    phase: "handover",
+                    got: other.name().into(),
+                })
+            }
+        }
+    };
+    let state = state.ok_or(MigrationError::Unexpected {
+        phase: "complete",
+        got: "complete before state".into(),
+    })?;
+    vm.restore_state(&state)
+        .map_err(MigrationError::RestoreState)?;
+    write_message(control, &Message::Ready)
+        .map_err(|e| wire("ready", e, MigrationError::SendPages))?;
+    let _ = control.set_timeouts(Some(opts.commit_timeout));
+    match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
+        Message::Commit => {}
+        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "commit",
+                got: other.name().into(),
+            })
+        }
+    }
+    vm.resume().map_err(MigrationError::Resume)?;
+    let dst_cpu_s = thread_cpu_time() - cpu0;
+    // Same memory object on both sides: there is nothing to compare.
+    let resumed = Resumed {
+        dst_cpu_s,
+        dst_setup_ms: setup_ms,
+        digest_match: true,
+    };
+    if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
+        warn!(error = %e, "could not acknowledge the resume to the source");
+    }
+    let summary = ReceiveSummary {
+        transport: "handover".into(),
+        setup_ms,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        pages_received: 0,
+        zero_pages: 0,
+        bytes_received: 0,
+        rounds: complete.rounds,
+        dst_cpu_s,
+        digest: complete.digest,
+    };
+    info!(
+        total_ms = summary.total_ms,
+        "handover completed; VM resumed"
+    );
+    Ok((vm, summary))
 }

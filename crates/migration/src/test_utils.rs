@@ -117,6 +117,12 @@ impl SoftVm {
             unsafe { libc::close(fd) };
             return Err(e);
         }
+        Self::map(fd, regions, vcpus, features)
+    }
+
+    /// Maps all of memfd `fd` (which this VM then owns) with `regions` laid out back to back.
+    fn map(fd: i32, regions: &[(u64, u64)], vcpus: u32, features: u64) -> Result<Self, VmError> {
+        let total: u64 = regions.iter().map(|r| r.1).sum();
         // SAFETY: a fresh shared mapping of `total` bytes of our memfd; the kernel picks the
         // address, so it cannot overlap anything of ours.
         let p = unsafe {
@@ -177,6 +183,29 @@ impl SoftVm {
             }),
             writer: Mutex::new(None),
         })
+    }
+
+    /// A paused VM built on memory handed over by another process (`handover` transport):
+    /// the regions must lie back to back from offset 0 of one memfd.
+    pub fn adopt(layout: &VmLayout, regions: Vec<crate::HandoverRegion>) -> Result<Self, VmError> {
+        let mut expected = 0;
+        for r in &regions {
+            if r.fd_offset != expected {
+                return Err(VmError::msg(
+                    "SoftVm adopts only back-to-back regions of one memfd",
+                ));
+            }
+            expected += r.size;
+        }
+        let spans: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let fd = regions
+            .into_iter()
+            .next()
+            .map(|r| std::os::fd::IntoRawFd::into_raw_fd(r.fd))
+            .ok_or_else(|| VmError::msg("no memory handed over"))?;
+        let vm = Self::map(fd, &spans, layout.vcpus, layout.features)?;
+        vm.inner.paused.store(true, Ordering::SeqCst);
+        Ok(vm)
     }
 
     /// A paused VM, as a destination waits for an incoming migration.

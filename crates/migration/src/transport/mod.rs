@@ -7,6 +7,8 @@
 //! |-------------|---------------------------------------------------------------------------|
 //! | `classic`   | one frame per page on the control stream (copy, header, checksum)         |
 //! | `multi-tcp` | N extra TCP streams, batch descriptors of runs, `sendmsg`/`readv` zero-copy |
+//! | `shm`       | source maps the destination's memfd and copies pages into it (Unix socket) |
+//! | `handover`  | no page moves: the destination adopts the source's memfd (VMM upgrade)    |
 //!
 //! See PROTOCOL.md for the frames each transport uses.
 
@@ -21,6 +23,7 @@ use crate::util::{CancelToken, TokenBucket};
 
 pub(crate) mod classic;
 pub(crate) mod multi_tcp;
+pub(crate) mod shm;
 
 /// Which transport to use (chosen by the source, announced in `Hello`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +35,11 @@ pub enum TransportKind {
         /// Number of data streams (at least 1).
         streams: u32,
     },
+    /// One-sided remote write into the destination's memfd, same host, `unix:` endpoint.
+    Shm,
+    /// Hand the memfd itself to the destination process; nothing is copied. `unix:` endpoint;
+    /// the destination uses [`crate::receive_handover`].
+    Handover,
 }
 
 impl TransportKind {
@@ -40,6 +48,8 @@ impl TransportKind {
         match self {
             TransportKind::Classic => "classic",
             TransportKind::MultiTcp { .. } => "multi-tcp",
+            TransportKind::Shm => "shm",
+            TransportKind::Handover => "handover",
         }
     }
 
@@ -54,15 +64,17 @@ impl TransportKind {
 
 /// Error parsing a [`TransportKind`].
 #[derive(Debug, thiserror::Error)]
-#[error("unknown transport {0:?}: expected classic, multi-tcp or multi-tcp:N")]
+#[error("unknown transport {0:?}: expected classic, multi-tcp, multi-tcp:N, shm or handover")]
 pub struct BadTransport(pub String);
 
 impl FromStr for TransportKind {
     type Err = BadTransport;
-    /// `classic`, `multi-tcp` (one stream per core) or `multi-tcp:N`.
+    /// `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm` or `handover`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "classic" => Ok(TransportKind::Classic),
+            "shm" => Ok(TransportKind::Shm),
+            "handover" => Ok(TransportKind::Handover),
             "multi-tcp" => Ok(TransportKind::multi_tcp_default()),
             _ => s
                 .strip_prefix("multi-tcp:")
@@ -150,4 +162,30 @@ pub trait DestTransport: Send {
     /// The migration failed: stop every worker, and return the error of a worker that had
     /// already failed on its own (the likely root cause), if any.
     fn abort(&mut self) -> Option<MigrationError>;
+}
+
+/// Handover's source transport: pages never move (the destination adopts the memory).
+pub(crate) struct NoCopy;
+
+impl SourceTransport for NoCopy {
+    fn name(&self) -> &'static str {
+        "handover"
+    }
+
+    fn send_pages(
+        &mut self,
+        _: &GuestMemory,
+        _: &[usize],
+        _: &SendCtx<'_>,
+    ) -> Result<PageStats, MigrationError> {
+        Ok(PageStats::default())
+    }
+
+    fn finish(&mut self) -> Result<(), MigrationError> {
+        Ok(())
+    }
+
+    fn worker_cpu_s(&self) -> f64 {
+        0.0
+    }
 }

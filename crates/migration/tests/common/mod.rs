@@ -19,20 +19,27 @@ pub fn loopback() -> Listener {
     Listener::bind(&ep).expect("bind")
 }
 
-/// Runs a destination on `dst` in a thread and migrates `src` to it.
-pub fn pair(
+type Outcome = (
+    Result<MigrationSummary, MigrationError>,
+    Result<ReceiveSummary, MigrationError>,
+);
+
+/// Runs a destination on `dst` in a thread and migrates `src` to it over loopback TCP.
+pub fn pair(src: &SoftVm, dst: &SoftVm, opts: &MigrateOptions, ropts: &ReceiveOptions) -> Outcome {
+    pair_on(&loopback(), src, dst, opts, ropts)
+}
+
+/// Like [`pair`] on a given listener (TCP or Unix).
+pub fn pair_on(
+    l: &Listener,
     src: &SoftVm,
     dst: &SoftVm,
     opts: &MigrateOptions,
     ropts: &ReceiveOptions,
-) -> (
-    Result<MigrationSummary, MigrationError>,
-    Result<ReceiveSummary, MigrationError>,
-) {
-    let l = loopback();
+) -> Outcome {
     let ep = l.endpoint().expect("endpoint");
     std::thread::scope(|s| {
-        let h = s.spawn(|| receive(dst, &l, ropts));
+        let h = s.spawn(|| receive(dst, l, ropts));
         let r = migrate(src, &ep, opts);
         (r, h.join().expect("receiver thread"))
     })

@@ -1,0 +1,132 @@
+//! Same-host transports over Unix sockets: `shm` (remote write into the destination's
+//! memfd) and `handover` (the destination adopts the source's memfd).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{pair_on, MIB};
+use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
+use fastmig_migration::{
+    migrate, receive_handover, Endpoint, Listener, MigrateOptions, MigrationError, ReceiveOptions,
+    TransportKind,
+};
+
+fn unix_endpoint(tag: &str) -> Endpoint {
+    let p = std::env::temp_dir().join(format!("fastmig-{tag}-{}.sock", std::process::id()));
+    Endpoint::Unix(p)
+}
+
+#[test]
+fn shm_with_guest_writing_matches() {
+    let src = SoftVm::with_regions(&[(0, 8 * MIB), (1 << 30, 8 * MIB)], 1, 0).expect("src");
+    src.fill(0.5);
+    src.start_writer(WriterConfig {
+        pages_per_sec: 4000,
+        pattern: WritePattern::Random { seed: 5 },
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let dst = SoftVm::with_regions(&[(0, 8 * MIB), (1 << 30, 8 * MIB)], 1, 0).expect("dst");
+    dst.set_paused(true);
+    let l = Listener::bind(&unix_endpoint("shm")).expect("bind");
+    let opts = MigrateOptions {
+        transport: TransportKind::Shm,
+        ..Default::default()
+    };
+    let (r, d) = pair_on(
+        &l,
+        &src,
+        &dst,
+        &opts,
+        &ReceiveOptions {
+            verify_memory: true,
+            ..Default::default()
+        },
+    );
+    let s = r.expect("migration");
+    let d = d.expect("receive");
+    assert_eq!((s.transport.as_str(), d.transport.as_str()), ("shm", "shm"));
+    assert!(s.digest_match);
+    assert_eq!(d.pages_received, s.pages_sent);
+    src.stop_writer();
+    assert!(
+        src.snapshot() == dst.snapshot(),
+        "destination memory equals the source's as of the pause"
+    );
+    assert!(dst.is_running() && !src.is_running());
+}
+
+#[test]
+fn shm_over_tcp_is_refused() {
+    let src = SoftVm::new(4 * MIB).expect("src");
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let opts = MigrateOptions {
+        transport: TransportKind::Shm,
+        ..Default::default()
+    };
+    let (r, _) = common::pair(&src, &dst, &opts, &ReceiveOptions::default());
+    match r {
+        Err(MigrationError::PeerRefused { reason }) => assert!(reason.contains("unix"), "{reason}"),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    common::assert_source_intact(&src);
+}
+
+#[test]
+fn handover_adopts_memory_without_copying() {
+    let src = SoftVm::new(16 * MIB).expect("src");
+    src.fill(0.3);
+    src.set_state(b"softvm-state:handover".to_vec());
+    src.start_writer(WriterConfig {
+        pages_per_sec: 2000,
+        pattern: WritePattern::Sequential,
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let ep = unix_endpoint("handover");
+    let l = Listener::bind(&ep).expect("bind");
+    let opts = MigrateOptions {
+        transport: TransportKind::Handover,
+        ..Default::default()
+    };
+    let (r, d) = std::thread::scope(|s| {
+        let h = s.spawn(|| receive_handover(&l, &ReceiveOptions::default(), SoftVm::adopt));
+        (migrate(&src, &ep, &opts), h.join().expect("join"))
+    });
+    let s = r.expect("handover");
+    let (dst, d) = d.expect("receive");
+    assert_eq!(s.transport, "handover");
+    assert_eq!(
+        (s.bytes_sent, s.pages_sent, d.bytes_received),
+        (0, 0, 0),
+        "nothing is copied"
+    );
+    assert!(dst.is_running() && !src.is_running());
+    src.stop_writer();
+    assert!(src.snapshot() == dst.snapshot());
+    assert!(dst
+        .restored_state()
+        .is_some_and(|st| st.starts_with(b"softvm-state:handover")));
+    // Same memory object: a write by the new VM is visible through the old mapping.
+    dst.fill(1.0);
+    assert_eq!(src.stamp(7), dst.stamp(7));
+    assert!(dst.stamp(7).is_some_and(|(seq, page)| seq > 0 && page == 7));
+}
+
+#[test]
+fn handover_to_a_copying_destination_is_refused() {
+    let src = SoftVm::new(4 * MIB).expect("src");
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = Listener::bind(&unix_endpoint("handover-refused")).expect("bind");
+    let opts = MigrateOptions {
+        transport: TransportKind::Handover,
+        ..Default::default()
+    };
+    let (r, d) = pair_on(&l, &src, &dst, &opts, &ReceiveOptions::default());
+    assert!(
+        matches!(r, Err(MigrationError::PeerRefused { .. })),
+        "{r:?}"
+    );
+    assert!(d.is_err());
+    common::assert_source_intact(&src);
+    assert_eq!(dst.resume_count(), 0);
+}
