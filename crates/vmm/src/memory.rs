@@ -218,6 +218,30 @@ mod tests {
         assert_eq!(&buf, b"hello", "prefault must not change contents");
     }
 
+    /// Pages of `mem` that are resident, per mincore(2).
+    fn resident_pages(mem: &GuestMemory) -> usize {
+        let pages = (mem.size() / PAGE_SIZE) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is exactly our mapping and `vec` has one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                mem.host_addr().cast(),
+                mem.size() as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "mincore failed");
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    #[test]
+    fn prefault_makes_every_page_resident() {
+        let mem = GuestMemory::new(8 << 20).expect("memfd");
+        assert_eq!(resident_pages(&mem), 0, "a fresh memfd has no pages yet");
+        mem.prefault(2).expect("prefault");
+        assert_eq!(resident_pages(&mem), 2048);
+    }
+
     #[test]
     fn an_adopted_fd_shows_the_same_pages() {
         let a = GuestMemory::new(64 << 10).expect("memfd");

@@ -232,6 +232,41 @@ mod tests {
     }
 
     #[test]
+    fn corrupted_frames_never_panic_the_decoder() {
+        let good = sample().to_bytes().expect("encode");
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let mut b = good.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() % b.len() as u64) as usize;
+                b[i] = next() as u8;
+            }
+            let cut = (next() % (b.len() as u64 + 1)) as usize;
+            // Any outcome but a panic is fine; a frame that still decodes must be intact.
+            if let Ok(st) = VmState::from_bytes(&b[..cut]) {
+                assert_eq!(st, sample());
+            }
+        }
+        // A payload that passes the checksum but lies about a length inside is caught by the
+        // size limit rather than allocating.
+        let mut payload = vec![0xff; 64];
+        payload[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&STATE_MAGIC);
+        frame.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        frame.extend_from_slice(&payload);
+        assert!(VmState::from_bytes(&frame).is_err());
+    }
+
+    #[test]
     fn bad_magic_version_checksum_and_length_are_rejected() {
         let good = sample().to_bytes().expect("encode");
         let expect_err = |b: &[u8], needle: &str| match VmState::from_bytes(b) {
