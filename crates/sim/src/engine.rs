@@ -125,6 +125,8 @@ struct Host {
     /// MIPS allocated by the scheduler to the VMs in the list right now, a migrating-in VM
     /// counted at its full potential (CloudSim policy `getUtilizationOfCpuMips(host)`).
     alloc_sum: f64,
+    /// Power at the utilisation of the last update (CloudSim `host.getPower()`).
+    power_now: f64,
     max_ram: u32,
     // SLA accounting
     last: Option<HostEntry>,
@@ -225,6 +227,7 @@ impl<'a> Simulation<'a> {
                 hist_sum: [0.0; VM_HISTORY],
                 available_mips: t.total_mips(),
                 alloc_sum: 0.0,
+                power_now: t.power.power(0.0),
                 max_ram: 0,
                 last: None,
                 active_time: 0.0,
@@ -403,14 +406,13 @@ impl<'a> Simulation<'a> {
             max_ram = max_ram.max(vm.ram_mb);
         }
         let available = self.available_mips(h);
-        let allocs = self.allocations(h);
         let mut alloc_sum = 0.0;
-        for (i, v) in host.vm_list.iter().enumerate() {
-            if host.migrating_in.contains(v) {
-                alloc_sum += allocs[i] * 0.9 / 0.1;
+        self.for_each_allocation(h, |_, inn, a| {
+            if inn {
+                alloc_sum += a * 0.9 / 0.1;
             }
-            alloc_sum += allocs[i];
-        }
+            alloc_sum += a;
+        });
         let host = &mut self.hosts[h as usize];
         host.alloc_sum = alloc_sum;
         host.req_sum = req_sum;
@@ -443,17 +445,23 @@ impl<'a> Simulation<'a> {
 
     /// MIPS allocated to each VM of the host's list, in list order.
     fn allocations(&self, h: u32) -> Vec<f64> {
+        let mut out = Vec::with_capacity(self.hosts[h as usize].vm_list.len());
+        self.for_each_allocation(h, |_, _, a| out.push(a));
+        out
+    }
+
+    /// Calls `f(vm, migrating_in, allocated_mips)` for each VM of the host's list, in list
+    /// order, with CloudSim's over-subscribing time-shared scheduler semantics: requests are
+    /// capped at the PE size, a VM migrating out gets 90 %, one migrating in is charged 10 %,
+    /// and an over-subscribed host scales every request down (and floors it).
+    fn for_each_allocation(&self, h: u32, mut f: impl FnMut(u32, bool, f64)) {
         let host = &self.hosts[h as usize];
-        let mut caps = Vec::with_capacity(host.vm_list.len());
         let mut avail = host.total_mips;
         let mut oversubscribed = false;
         let mut total_req = 0.0;
         for &v in &host.vm_list {
-            let vm = &self.vms[v as usize];
-            let c = vm.sched_req.min(host.pe_mips);
-            let inn = host.migrating_in.contains(&v);
-            let out = vm.in_migration && !inn;
-            let r = if inn { c * 0.1 } else { c };
+            let c = self.vms[v as usize].sched_req.min(host.pe_mips);
+            let r = if host.migrating_in.contains(&v) { c * 0.1 } else { c };
             total_req += r;
             if avail >= r {
                 avail -= r;
@@ -461,15 +469,29 @@ impl<'a> Simulation<'a> {
                 oversubscribed = true;
                 avail = 0.0;
             }
-            caps.push((c, inn, out));
         }
-        if !oversubscribed {
-            caps.iter().map(|&(c, inn, out)| if out { c * 0.9 } else if inn { c * 0.1 } else { c }).collect()
-        } else {
-            let scale = host.total_mips / total_req;
-            caps.iter()
-                .map(|&(c, inn, out)| if out { (c * scale * 0.9).floor() } else if inn { (c * 0.1 * scale).floor() } else { (c * scale).floor() })
-                .collect()
+        let scale = host.total_mips / total_req;
+        for &v in &host.vm_list {
+            let vm = &self.vms[v as usize];
+            let c = vm.sched_req.min(host.pe_mips);
+            let inn = host.migrating_in.contains(&v);
+            let out = vm.in_migration && !inn;
+            let a = if !oversubscribed {
+                if out {
+                    c * 0.9
+                } else if inn {
+                    c * 0.1
+                } else {
+                    c
+                }
+            } else if out {
+                (c * scale * 0.9).floor()
+            } else if inn {
+                (c * 0.1 * scale).floor()
+            } else {
+                (c * scale).floor()
+            };
+            f(v, inn, a);
         }
     }
 
@@ -513,8 +535,11 @@ impl<'a> Simulation<'a> {
             util += alloc;
             host_req += req;
         }
+        let frac = self.utilization_fraction(util, h as usize);
+        let power_now = self.spec.host_types[self.hosts[h as usize].ty].power.power(frac);
         let host = &mut self.hosts[h as usize];
         host.util_mips = util;
+        host.power_now = power_now;
         host.prev_energy_util = host.energy_util;
         host.energy_util = util + host.overhead_mips;
         self.host_entry(h, HostEntry { t, alloc: util, req: host_req, active: util > 0.0 });
@@ -988,7 +1013,7 @@ impl PlacementContext for Ctx<'_, '_> {
         let model = &sim.spec.host_types[h.ty].power;
         // Power now comes from the utilisation measured at the start of the round; the power
         // after allocation from what the scheduler has allocated by now (CloudSim mixes both).
-        let now = model.power(sim.utilization_fraction(h.util_mips, host.idx()));
+        let now = h.power_now;
         let after = (h.alloc_sum + vm.requested_mips) / h.total_mips;
         (now, if after <= 1.0 { Some(model.power(after)) } else { None })
     }

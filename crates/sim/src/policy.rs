@@ -333,17 +333,20 @@ impl VmPlacement for Pabfd {
             if ctx.is_excluded(host) || !ctx.is_suitable(host, vm) {
                 continue;
             }
+            // The power test is cheap and the over-utilisation test is not; a host that cannot
+            // beat the current minimum needs no over-utilisation test, so test power first (the
+            // outcome is the same as CloudSim's order because both tests are pure).
+            let (now, after) = ctx.power_now_and_after(host, vm);
+            let Some(after) = after else { continue };
+            let diff = after - now;
+            if diff >= min {
+                continue;
+            }
             if ctx.utilization_mips(host) != 0.0 && ctx.overloaded_after(host, vm) {
                 continue;
             }
-            let (now, after) = ctx.power_now_and_after(host, vm);
-            if let Some(after) = after {
-                let diff = after - now;
-                if diff < min {
-                    min = diff;
-                    best = Some(host);
-                }
-            }
+            min = diff;
+            best = Some(host);
         }
         best
     }
