@@ -132,7 +132,11 @@ impl fmt::Display for WorkloadSpec {
                     format_size(self.wss),
                     self.pattern.name()
                 )?;
-                if self.pattern == Pattern::HotCold {
+                let default = WorkloadSpec::new(self.kind);
+                if self.pattern == Pattern::HotCold
+                    || self.hot != default.hot
+                    || self.hot_writes != default.hot_writes
+                {
                     write!(f, ",hot={},hotw={}", self.hot, self.hot_writes)?;
                 }
                 if self.seed != 1 {
@@ -292,6 +296,31 @@ mod tests {
         );
         let h: WorkloadSpec = "verify:pattern=hotcold".parse().expect("hotcold");
         assert_eq!((h.hot, h.hot_writes), (0.1, 0.9));
+    }
+
+    #[test]
+    fn generated_specs_round_trip() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..500 {
+            let kind = [WorkloadKind::Dirty, WorkloadKind::Verify][(next() % 2) as usize];
+            let spec = WorkloadSpec {
+                kind,
+                rate: next() % 100_000,
+                wss: (next() % 100_000 + 1) * PAGE_SIZE,
+                pattern: [Pattern::Seq, Pattern::Random, Pattern::HotCold][(next() % 3) as usize],
+                hot: (next() % 999 + 1) as f64 / 1000.0,
+                hot_writes: (next() % 1001) as f64 / 1000.0,
+                seed: next() % 3,
+            };
+            let text = spec.to_string();
+            assert_eq!(text.parse::<WorkloadSpec>().expect(&text), spec, "{text}");
+        }
     }
 
     #[test]
