@@ -15,6 +15,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,8 +77,12 @@ pub struct MigrateOptions {
     pub ack_timeout: Duration,
     /// Cancel from any thread. Honoured until `Commit` is sent.
     pub cancel: CancelToken,
-    /// Progress callback.
+    /// Progress callback: called after setup, after every dirty-log sync, at stop-and-copy
+    /// and at the end, on the migrating thread; and every `progress_interval` during a round,
+    /// from a ticker thread.
     pub progress: Option<ProgressFn>,
+    /// Period of in-round progress reports; zero disables them. Default 500 ms.
+    pub progress_interval: Duration,
 }
 
 impl std::fmt::Debug for MigrateOptions {
@@ -92,6 +97,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("io_timeout", &self.io_timeout)
             .field("ack_timeout", &self.ack_timeout)
             .field("progress", &self.progress.is_some())
+            .field("progress_interval", &self.progress_interval)
             .finish()
     }
 }
@@ -109,6 +115,7 @@ impl Default for MigrateOptions {
             ack_timeout: Duration::from_secs(30),
             cancel: CancelToken::new(),
             progress: None,
+            progress_interval: Duration::from_millis(500),
         }
     }
 }
@@ -197,13 +204,59 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
         dirty_rate: f64,
         stop_and_copy: bool,
     ) -> Result<(), MigrationError> {
-        let ctx = SendCtx {
-            hashes: &self.hashes,
-            bucket: self.bucket.as_ref(),
-            cancel: &self.opts.cancel,
-        };
+        let done_pages = AtomicU64::new(0);
+        let finished = AtomicBool::new(false);
         let start = Instant::now();
-        let stats = self.transport.send_pages(&self.mem, pages, &ctx)?;
+        let stats = std::thread::scope(|sc| {
+            if let (Some(cb), false) = (&self.opts.progress, self.opts.progress_interval.is_zero())
+            {
+                // Periodic progress inside long rounds, from a ticker thread.
+                let (cb, done_pages, finished) = (cb.clone(), &done_pages, &finished);
+                let base = Progress {
+                    phase: if stop_and_copy {
+                        Phase::StopAndCopy
+                    } else {
+                        Phase::PreCopy
+                    },
+                    round: self.rounds.len() as u32,
+                    remaining_pages: pages.len() as u64,
+                    dirty_rate_pages_s: dirty_rate,
+                    bandwidth_mib_s: self.bandwidth() / MIB,
+                    bytes_sent: self.total.bytes,
+                    pages_sent: self.total.pages,
+                    elapsed_ms: 0.0,
+                };
+                let (t0, interval) = (self.t0, self.opts.progress_interval);
+                sc.spawn(move || {
+                    let mut next = Instant::now() + interval;
+                    while !finished.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                        if Instant::now() < next {
+                            continue;
+                        }
+                        next += interval;
+                        let done = done_pages.load(Ordering::Relaxed);
+                        let secs = start.elapsed().as_secs_f64();
+                        let mut p = base.clone();
+                        p.remaining_pages = p.remaining_pages.saturating_sub(done);
+                        p.pages_sent += done;
+                        p.bytes_sent += done * PAGE_SIZE as u64;
+                        p.bandwidth_mib_s = done as f64 * PAGE_SIZE as f64 / secs.max(1e-6) / MIB;
+                        p.elapsed_ms = t0.elapsed().as_secs_f64() * 1e3;
+                        cb(&p);
+                    }
+                });
+            }
+            let ctx = SendCtx {
+                hashes: &self.hashes,
+                bucket: self.bucket.as_ref(),
+                cancel: &self.opts.cancel,
+                done_pages: &done_pages,
+            };
+            let r = self.transport.send_pages(&self.mem, pages, &ctx);
+            finished.store(true, Ordering::Relaxed);
+            r
+        })?;
         let secs = start.elapsed().as_secs_f64();
         self.send_s += secs;
         self.total.add(stats);

@@ -156,6 +156,19 @@ impl DirtyBitmap {
         Self { words, pages }
     }
 
+    /// ORs a per-region bitmap (KVM layout, one `KVM_GET_DIRTY_LOG` result) into this
+    /// global bitmap, its page 0 landing on global page `first_page`.
+    pub fn or_region_words(&mut self, first_page: usize, words: &[u64]) {
+        for (wi, &w) in words.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                self.set(first_page + wi * 64 + bit);
+            }
+        }
+    }
+
     /// Number of pages covered.
     pub fn len(&self) -> usize {
         self.pages
@@ -249,6 +262,11 @@ mod tests {
         assert!(b.get(129) && !b.get(128));
         let from = DirtyBitmap::from_words(vec![u64::MAX, u64::MAX, u64::MAX], 130);
         assert_eq!(from.count(), 130);
+        let mut g = DirtyBitmap::new(200);
+        g.or_region_words(100, &[0b101, 1 << 3, u64::MAX]);
+        // Region bits 0, 2 and 64+3 land on pages 100, 102 and 167; word 2 (pages 228..)
+        // lies past the 200 pages and is dropped.
+        assert_eq!(g.iter_dirty().collect::<Vec<_>>(), vec![100, 102, 167]);
     }
 
     #[test]

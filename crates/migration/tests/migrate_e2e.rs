@@ -186,6 +186,46 @@ fn progress_reports_every_phase_in_order() {
 }
 
 #[test]
+fn progress_ticks_inside_a_long_round() {
+    // 8 MiB at a 4 MiB/s cap: round 1 lasts about 1.75 s, so a 100 ms ticker must report
+    // partial progress of that round (remaining pages strictly between 0 and all).
+    let src = SoftVm::new(8 * MIB).expect("src");
+    src.fill(1.0);
+    let dst = SoftVm::new_incoming(8 * MIB).expect("dst");
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let opts = MigrateOptions {
+        bandwidth_limit: Some(4 * MIB),
+        progress_interval: Duration::from_millis(100),
+        progress: Some(Arc::new(move |p: &Progress| {
+            sink.lock().expect("lock").push(p.clone())
+        })),
+        transport: TransportKind::MultiTcp { streams: 2 },
+        ..Default::default()
+    };
+    let (r, _) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+    r.expect("migration");
+    let seen = seen.lock().expect("lock");
+    let partial: Vec<&Progress> = seen
+        .iter()
+        .filter(|p| {
+            p.phase == Phase::PreCopy
+                && p.round == 0
+                && p.remaining_pages > 0
+                && p.remaining_pages < 2048
+        })
+        .collect();
+    assert!(
+        !partial.is_empty(),
+        "no in-round progress among {} reports",
+        seen.len()
+    );
+    assert!(partial
+        .windows(2)
+        .all(|w| w[0].remaining_pages >= w[1].remaining_pages));
+}
+
+#[test]
 fn bandwidth_cap_bounds_throughput() {
     let src = SoftVm::new(4 * MIB).expect("src");
     src.fill(1.0);

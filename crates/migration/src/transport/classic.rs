@@ -75,6 +75,10 @@ impl SourceTransport for ClassicSource {
             }
             out.write_all(&frame).map_err(send_err)?;
             stats.bytes += frame.len() as u64;
+            if i % 64 == 63 {
+                ctx.done_pages
+                    .store(i as u64 + 1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         out.flush().map_err(send_err)?;
         Ok(stats)

@@ -13,6 +13,7 @@
 //! See PROTOCOL.md for the frames each transport uses.
 
 use std::str::FromStr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use crate::digest::PageHashes;
@@ -95,6 +96,8 @@ pub struct SendCtx<'a> {
     pub bucket: Option<&'a TokenBucket>,
     /// Checked between batches.
     pub cancel: &'a CancelToken,
+    /// Pages handled so far in this call, bumped per batch (read by the progress ticker).
+    pub done_pages: &'a AtomicU64,
 }
 
 /// Counters of one sending or receiving call.

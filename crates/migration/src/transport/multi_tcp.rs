@@ -168,6 +168,8 @@ fn send_stream(
         // invariant). The kernel only reads them.
         unsafe { send_all(fd, &mut iovs) }.map_err(send_err)?;
         stats.bytes += total as u64;
+        ctx.done_pages
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(stats)
 }

@@ -177,6 +177,8 @@ impl SourceTransport for ShmSource {
                 )
             })?;
             stats.bytes += (chunk.len() * PAGE_SIZE + f.len()) as u64;
+            ctx.done_pages
+                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(stats)
     }
