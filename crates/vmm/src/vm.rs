@@ -342,7 +342,17 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmmError::kvm("KVM_CREATE_VCPU", e))?;
-            fd.set_cpuid2(&cpuid)
+            // Each vCPU reports its own APIC id (leaf 1 EBX[31:24], x2APIC id in leaves
+            // 0xb/0x1f EDX), as on real hardware.
+            let mut own = cpuid.clone();
+            for entry in own.as_mut_slice() {
+                match entry.function {
+                    1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(id) << 24),
+                    0xb | 0x1f => entry.edx = u32::from(id),
+                    _ => {}
+                }
+            }
+            fd.set_cpuid2(&own)
                 .map_err(|e| VmmError::kvm("KVM_SET_CPUID2", e))?;
             slots.push(VcpuSlot {
                 fd: Mutex::new(fd),
@@ -890,10 +900,23 @@ fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), VmmError> {
             .map_err(|e| VmmError::kvm("KVM_SET_MSRS", e))?;
         rest = if n < chunk.len() {
             // Some saveable MSRs are read-only or host-specific; skip and report.
-            tracing::warn!(
-                msr = format_args!("{:#x}", chunk[n].0),
-                "MSR could not be restored"
-            );
+            // Nothing is lost when the vCPU already holds the saved value (seen for KVM's
+            // async-PF MSR 0x4b564d06 when the guest CPUID lacks that PV feature).
+            let (index, wanted) = chunk[n];
+            let current = read_msr_chunk(fd, &[index])?.first().map(|&(_, v)| v);
+            if current == Some(wanted) {
+                tracing::debug!(
+                    msr = format_args!("{index:#x}"),
+                    "MSR not writable, already equal"
+                );
+            } else {
+                tracing::warn!(
+                    msr = format_args!("{index:#x}"),
+                    wanted,
+                    ?current,
+                    "MSR could not be restored"
+                );
+            }
             &rest[n + 1..]
         } else {
             &rest[n..]
