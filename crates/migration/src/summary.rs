@@ -120,7 +120,7 @@ pub struct Progress {
     pub dirty_rate_pages_s: f64,
     /// Last measured bandwidth, MiB/s.
     pub bandwidth_mib_s: f64,
-    /// Page bytes sent so far.
+    /// Page bytes sent so far (in-round ticks estimate the current round as pages × 4 KiB).
     pub bytes_sent: u64,
     /// Pages sent so far.
     pub pages_sent: u64,
