@@ -268,13 +268,15 @@ fn install_kick_handler() {
 /// A KVM virtual machine running one of the built-in workloads. `Send + Sync`: every method
 /// takes `&self`.
 pub struct Vm {
+    // Fields drop in this order: threads and vCPU fds first, then the VM fd, and the guest
+    // memory mapping last, so KVM never holds a memslot over an unmapped range.
     cfg: VmConfig,
-    vm_fd: Arc<VmFd>,
-    mem: Arc<GuestMemory>,
-    dirty: Arc<DirtyLog>,
-    shared: Arc<Shared>,
-    saveable_msrs: Vec<u32>,
     handles: Mutex<Vec<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    dirty: Arc<DirtyLog>,
+    vm_fd: Arc<VmFd>,
+    saveable_msrs: Vec<u32>,
+    mem: Arc<GuestMemory>,
 }
 
 impl Vm {
@@ -530,6 +532,11 @@ impl Vm {
         ctl.desired = Desired::Pause;
         self.shared.cv.notify_all();
         while ctl.running > 0 {
+            if ctl.desired == Desired::Run {
+                return Err(VmmError::InvalidState(
+                    "resumed by another caller before the pause completed".into(),
+                ));
+            }
             // Re-kick until acknowledged: a kick that lands just before a thread enters
             // KVM_RUN is lost, the next one is not.
             Shared::kick_all(&ctl);
@@ -826,8 +833,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.shutdown();
-        // Silence "field never read": the VM fd must outlive the vCPU fds and the memory
-        // registration; it is dropped last with the struct.
+        // The VM fd is only held to keep the VM alive until the fields drop in order.
         let _ = &self.vm_fd;
     }
 }

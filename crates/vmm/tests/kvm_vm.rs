@@ -399,3 +399,59 @@ fn verify_is_exact_wherever_a_pause_lands() {
         );
     }
 }
+
+#[test]
+fn concurrent_callers_neither_deadlock_nor_corrupt_the_guest() {
+    // The control socket, a migration and the rate monitor all use the VM at once.
+    let vm = std::sync::Arc::new(started(config(
+        16,
+        2,
+        "verify:rate=8000,wss=2M,pattern=random",
+    )));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..3)
+        .map(|w| {
+            let vm = std::sync::Arc::clone(&vm);
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let log = vm.dirty_log().expect("subscribe");
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    match (w + i) % 4 {
+                        // A pause can lose a race with another caller's resume; that is an
+                        // error, not a hang.
+                        0 => {
+                            if vm.pause().is_ok() {
+                                let _ = vm.save_state();
+                            }
+                            let _ = vm.resume();
+                        }
+                        1 => {
+                            let report = vm.verify_memory();
+                            if let Ok(r) = report {
+                                assert_eq!(r.errors, 0, "{:?}", r.first_errors);
+                            }
+                        }
+                        2 => {
+                            log.fetch().expect("fetch");
+                        }
+                        _ => {
+                            let _ = vm.status();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker finished without panicking");
+    }
+    let _ = vm.resume();
+    assert_progress_grows(&vm);
+    vm.pause().expect("final pause");
+    let report = vm.verify_memory().expect("final verify");
+    assert_eq!(report.errors, 0, "{:?}", report.first_errors);
+}
