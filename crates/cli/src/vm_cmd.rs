@@ -53,6 +53,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
     /// Workload spec `NAME[:key=value,...]`, e.g. `dirty:rate=20000,wss=32M,pattern=random`.
+    ///
+    /// Workloads: `idle` (halts; a heartbeat every ~10 ms), `dirty` and `verify` (write the
+    /// working set at a paced rate; `verify` stamps pages so `verify-memory` can check them),
+    /// `fill` (writes every page once, then idles). Keys for dirty/verify: `rate` pages/s
+    /// (1000; 0 = unpaced), `wss` (16M), `pattern` seq|random|hotcold (random), `hot` hot
+    /// fraction of the working set (0.1), `hotw` fraction of writes that go hot (0.9), `seed`
+    /// (1). Key for fill: `rate` (0).
     #[arg(long, default_value = "idle")]
     workload: String,
     /// Control socket path (newline-delimited JSON, QMP-like).
