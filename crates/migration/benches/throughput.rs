@@ -79,9 +79,9 @@ fn main() {
         });
         match (s, d) {
             (Ok(s), Ok(Ok(d))) => println!(
-                "{{\"label\":\"{label}\",\"mib\":{mib},\"fill\":{fill},\"writer_pages_s\":{rate},\"total_ms\":{:.1},\"downtime_ms\":{:.1},\"setup_ms\":{:.2},\"rounds\":{},\"throughput_mib_s\":{:.1},\"bytes_sent\":{},\"zero_pages\":{},\"src_cpu_s\":{:.3},\"dst_cpu_s\":{:.3},\"digest_match\":{}}}",
+                "{{\"label\":\"{label}\",\"mib\":{mib},\"fill\":{fill},\"writer_pages_s\":{rate},\"total_ms\":{:.1},\"downtime_ms\":{:.1},\"setup_ms\":{:.2},\"rounds\":{},\"throughput_mib_s\":{:.1},\"bytes_sent\":{},\"zero_pages\":{},\"src_cpu_s\":{:.3},\"dst_cpu_s\":{:.3},\"digest_match\":{},\"dst_setup_ms\":{:.2},\"dst_pages\":{}}}",
                 s.total_ms, s.downtime_ms, s.setup_ms, s.rounds, s.throughput_mib_s, s.bytes_sent,
-                s.zero_pages_skipped, s.src_cpu_s, s.dst_cpu_s, s.digest_match
+                s.zero_pages_skipped, s.src_cpu_s, s.dst_cpu_s, s.digest_match, d.setup_ms, d.pages_received
             ),
             (s, d) => eprintln!("{label}: failed: source {s:?} destination {d:?}"),
         }
