@@ -455,3 +455,31 @@ fn concurrent_callers_neither_deadlock_nor_corrupt_the_guest() {
     let report = vm.verify_memory().expect("final verify");
     assert_eq!(report.errors, 0, "{:?}", report.first_errors);
 }
+
+#[test]
+fn another_process_sees_guest_writes_through_the_memfd() {
+    let vm = started(config(16, 1, "verify:rate=3000,wss=4M,pattern=seq"));
+    wait_for("a few writes", || vm.status().pages_written > 10);
+    vm.pause().expect("pause");
+    let region = vm.memory_regions()[0];
+    let page = fastmig_vmm::guest::DATA_BASE / PAGE_SIZE + 3;
+    // `dd` opens the memfd through /proc, i.e. an independent open of the same pages.
+    let out = std::process::Command::new("dd")
+        .arg(format!("if=/proc/{}/fd/{}", std::process::id(), region.fd))
+        .args(["bs=4096", "count=1", "status=none"])
+        .arg(format!("skip={page}"))
+        .output()
+        .expect("dd runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut ours = vec![0u8; PAGE_SIZE as usize];
+    vm.read_memory(page * PAGE_SIZE, &mut ours).expect("read");
+    assert_eq!(out.stdout, ours);
+    assert_eq!(
+        u64::from_le_bytes(out.stdout[8..16].try_into().expect("8 bytes")),
+        page
+    );
+}
