@@ -4,7 +4,7 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -192,12 +192,18 @@ struct VcpuSlot {
     pacer: Mutex<Option<(Instant, u64)>>,
 }
 
+/// The workload a VM runs and how its working set is split between vCPUs.
+struct WorkloadLayout {
+    spec: WorkloadSpec,
+    slices: Vec<Slice>,
+}
+
 struct Shared {
     ctl: Mutex<Control>,
     cv: Condvar,
     vcpus: Vec<VcpuSlot>,
-    spec: WorkloadSpec,
-    slices: Vec<Slice>,
+    /// Written only by `restore_state` before any vCPU thread exists; read per batch.
+    workload: RwLock<WorkloadLayout>,
     dirty_rate_bits: AtomicU64,
 }
 
@@ -270,7 +276,8 @@ fn install_kick_handler() {
 pub struct Vm {
     // Fields drop in this order: threads and vCPU fds first, then the VM fd, and the guest
     // memory mapping last, so KVM never holds a memslot over an unmapped range.
-    cfg: VmConfig,
+    /// Behind a lock because an incoming VM adopts the workload of the state it restores.
+    cfg: RwLock<VmConfig>,
     handles: Mutex<Vec<JoinHandle<()>>>,
     shared: Arc<Shared>,
     dirty: Arc<DirtyLog>,
@@ -380,12 +387,14 @@ impl Vm {
             }),
             cv: Condvar::new(),
             vcpus: slots,
-            spec: cfg.workload.clone(),
-            slices,
+            workload: RwLock::new(WorkloadLayout {
+                spec: cfg.workload.clone(),
+                slices,
+            }),
             dirty_rate_bits: AtomicU64::new(0),
         });
         Ok(Vm {
-            cfg,
+            cfg: RwLock::new(cfg),
             vm_fd,
             mem: Arc::new(mem),
             dirty,
@@ -404,13 +413,14 @@ impl Vm {
             }
         });
         result?;
-        if self.cfg.workload.kind == WorkloadKind::Fill {
+        if self.cfg().workload.kind == WorkloadKind::Fill {
             // `fill` promises every page non-zero: mark the low pages the loader left empty.
             for page in [0, 0x9000, 0xa000, 0xb000, 0xc000, 0xd000, 0xe000, 0xf000] {
                 self.mem.write(page, &[0xa5; PAGE_SIZE as usize])?;
             }
         }
-        for (slot, slice) in self.shared.vcpus.iter().zip(&self.shared.slices) {
+        let layout = self.shared.workload.read().unwrap_or_else(|p| p.into_inner());
+        for (slot, slice) in self.shared.vcpus.iter().zip(&layout.slices) {
             let fd = lock(&slot.fd);
             let mut sregs = fd
                 .get_sregs()
@@ -600,8 +610,12 @@ impl Vm {
     }
 
     /// The configuration the VM was built with.
-    pub fn config(&self) -> &VmConfig {
-        &self.cfg
+    pub fn config(&self) -> VmConfig {
+        self.cfg().clone()
+    }
+
+    fn cfg(&self) -> RwLockReadGuard<'_, VmConfig> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Guest memory: a single region at GPA 0 backed by the memfd.
@@ -669,8 +683,8 @@ impl Vm {
             });
         }
         Ok(VmState {
-            mem_size: self.cfg.mem_size,
-            workload: self.cfg.workload.clone(),
+            mem_size: self.cfg().mem_size,
+            workload: self.cfg().workload.clone(),
             vcpus,
         })
     }
@@ -685,19 +699,35 @@ impl Vm {
                 "restore_state needs a VM that has not started".into(),
             ));
         }
-        if st.mem_size != self.cfg.mem_size
+        // An incoming VM is built before anyone knows what the source runs: it adopts the
+        // state's workload (the guest program itself arrives with guest memory).
+        let adopt = ctl.phase == Phase::Incoming && st.workload != self.cfg().workload;
+        if st.mem_size != self.cfg().mem_size
             || st.vcpus.len() != self.shared.vcpus.len()
-            || st.workload != self.cfg.workload
+            || (!adopt && st.workload != self.cfg().workload)
         {
             return Err(VmmError::InvalidState(format!(
                 "state is for {} bytes, {} vCPUs, workload `{}`; this VM has {} bytes, {} vCPUs, `{}`",
                 st.mem_size,
                 st.vcpus.len(),
                 st.workload,
-                self.cfg.mem_size,
+                self.cfg().mem_size,
                 self.shared.vcpus.len(),
-                self.cfg.workload
+                self.cfg().workload
             )));
+        }
+        if adopt {
+            VmConfig {
+                workload: st.workload.clone(),
+                ..self.config()
+            }
+            .validate()?;
+            let slices = guest::slices(&st.workload, st.mem_size, self.cfg().vcpus);
+            *self.shared.workload.write().unwrap_or_else(|p| p.into_inner()) = WorkloadLayout {
+                spec: st.workload.clone(),
+                slices,
+            };
+            self.cfg.write().unwrap_or_else(|p| p.into_inner()).workload = st.workload.clone();
         }
         for (slot, vs) in self.shared.vcpus.iter().zip(&st.vcpus) {
             let fd = lock(&slot.fd);
@@ -730,8 +760,8 @@ impl Vm {
     /// Checks every page of the `verify` working set against the stamps the guest must have
     /// written, recomputed from each vCPU's exact sequence number. Pauses briefly if running.
     pub fn verify_memory(&self) -> Result<VerifyReport, VmmError> {
-        if self.cfg.workload.kind != WorkloadKind::Verify {
-            return Err(VmmError::NotVerifiable(self.cfg.workload.to_string()));
+        if self.cfg().workload.kind != WorkloadKind::Verify {
+            return Err(VmmError::NotVerifiable(self.cfg().workload.to_string()));
         }
         let was_running = self.status().state == VmRunState::Running;
         if was_running {
@@ -756,7 +786,7 @@ impl Vm {
             .shared
             .vcpus
             .iter()
-            .zip(&self.shared.slices)
+            .zip(&self.shared.workload.read().unwrap_or_else(|p| p.into_inner()).slices)
             .enumerate()
         {
             let regs = lock(&slot.fd)
@@ -1017,8 +1047,9 @@ fn run_vcpu(shared: &Shared, idx: usize, fd: &mut VcpuFd) -> Result<(), String> 
 /// The VMM side of the mailbox: confirms the previous batch and paces the next one.
 fn next_batch(shared: &Shared, idx: usize) -> u32 {
     let slot = &shared.vcpus[idx];
-    let slice = &shared.slices[idx];
-    let spec = &shared.spec;
+    let layout = shared.workload.read().unwrap_or_else(|p| p.into_inner());
+    let slice = &layout.slices[idx];
+    let spec = &layout.spec;
     let issued = {
         let mut w = lock(&slot.workload);
         w.pages_done += w.in_flight;

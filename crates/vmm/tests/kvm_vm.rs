@@ -178,8 +178,9 @@ fn save_state_needs_a_paused_vm_and_restore_a_fresh_one() {
         vm.restore_state(&st),
         Err(VmmError::InvalidState(_))
     ));
+    // A destination of another memory size must refuse the state.
     let other =
-        Vm::new_incoming(config(16, 1, "verify:rate=1000,wss=8M,pattern=seq")).expect("incoming");
+        Vm::new_incoming(config(32, 1, "verify:rate=1000,wss=4M,pattern=seq")).expect("incoming");
     assert!(matches!(
         other.restore_state(&st),
         Err(VmmError::InvalidState(_))
@@ -188,6 +189,13 @@ fn save_state_needs_a_paused_vm_and_restore_a_fresh_one() {
         other.start().is_err(),
         "an incoming VM must not start without state"
     );
+}
+
+/// The canonical text of a workload spec.
+fn spec_of(spec: &str) -> String {
+    spec.parse::<fastmig_vmm::WorkloadSpec>()
+        .expect("spec")
+        .to_string()
 }
 
 /// Copies all guest memory from `src` to `dst` through the public memory API.
@@ -234,11 +242,14 @@ fn snapshot_round_trip_continues_where_it_stopped_with_no_lost_write() {
             "save has no side effects"
         );
 
-        let dst = Vm::new_incoming(cfg).expect("incoming");
+        // The destination is built before it knows the workload (as `fastmig incoming`
+        // does): restoring adopts the source's.
+        let dst = Vm::new_incoming(config(16, vcpus, "idle")).expect("incoming");
         assert_eq!(dst.status().state, VmRunState::Incoming);
         copy_memory(&src, &dst);
         src.shutdown();
         dst.restore_state(&state).expect("restore");
+        assert_eq!(dst.config().workload.to_string(), spec_of(spec));
         assert_eq!(
             dst.status().progress,
             at_pause,
