@@ -338,8 +338,8 @@ fn handover_pause<V: MigratableVm + ?Sized>(
             fd_offset: r.fd_offset,
         })
         .collect();
-    vm.pause().map_err(MigrationError::Pause)?;
     g.paused = true;
+    vm.pause().map_err(MigrationError::Pause)?;
     let at = Instant::now();
     send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
         .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
@@ -439,6 +439,8 @@ fn run<V: MigratableVm + ?Sized>(
         g.dirty_on = true;
         let all: Vec<usize> = (0..npages).collect();
         s.send_round(&all, 0.0, false)?;
+        write_message(&mut control, &Message::RoundEnd { round: 1 })
+            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
         let mut last_sync = Instant::now();
         let mut prev_dirty = usize::MAX;
         let mut stalled = 0u32;
@@ -521,8 +523,9 @@ fn run<V: MigratableVm + ?Sized>(
         if opts.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }
-        s.vm.pause().map_err(MigrationError::Pause)?;
+        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
         g.paused = true;
+        s.vm.pause().map_err(MigrationError::Pause)?;
         let paused_at = Instant::now();
         let last =
             s.vm.sync_dirty_log()

@@ -11,6 +11,7 @@
 //! said `Commit` (it has given the VM up). Any failure before that returns an error, tells
 //! the source `Failed`, and leaves the VM paused for the caller to discard.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use crate::error::{wire, MigrationError};
 use crate::fdpass::recv_frame_with_fds;
 use crate::guestmem::GuestMemory;
 use crate::protocol::{
-    read_message, write_message, HelloReply, Message, Resumed, PROTOCOL_VERSION,
+    read_message, write_message, HelloReply, Message, ProtocolError, Resumed, PROTOCOL_VERSION,
 };
 use crate::summary::ReceiveSummary;
 use crate::transport::classic::ClassicDest;
@@ -104,6 +105,46 @@ pub fn receive_on<V: MigratableVm + ?Sized>(
                 );
             }
             Err(e)
+        }
+    }
+}
+
+/// Waits until the control stream has data. While it is idle, page data arriving on other
+/// streams counts as liveness: only `io_timeout` without any byte anywhere is a timeout (a
+/// multi-tcp round can last far longer than `io_timeout` with a silent control stream).
+/// Also surfaces a failed data stream without waiting for the control stream.
+fn wait_for_control(
+    control: &Conn,
+    t: &mut dyn DestTransport,
+    io_timeout: Duration,
+) -> Result<(), MigrationError> {
+    let mut marker = t.check()?;
+    let mut idle_since = Instant::now();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on our stack, count 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if rc > 0 {
+            return Ok(());
+        }
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(MigrationError::ReceivePages(ProtocolError::Io(e)));
+            }
+        }
+        let now_marker = t.check()?;
+        if now_marker != marker {
+            marker = now_marker;
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= io_timeout {
+            return Err(MigrationError::Timeout {
+                phase: "receiving pages",
+            });
         }
     }
 }
@@ -217,6 +258,7 @@ fn run<V: MigratableVm + ?Sized>(
     let mut state = None;
     let mut rounds = 0;
     let complete = loop {
+        wait_for_control(control, t.as_mut(), opts.io_timeout)?;
         let msg = read_message(control)
             .map_err(|e| wire("receiving pages", e, MigrationError::ReceivePages))?;
         let Some(msg) = t.on_control(msg, &ctx)? else {

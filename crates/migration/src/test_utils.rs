@@ -123,6 +123,16 @@ impl SoftVm {
     /// Maps all of memfd `fd` (which this VM then owns) with `regions` laid out back to back.
     fn map(fd: i32, regions: &[(u64, u64)], vcpus: u32, features: u64) -> Result<Self, VmError> {
         let total: u64 = regions.iter().map(|r| r.1).sum();
+        // SAFETY: an all-zero stat is a valid out-buffer; `fd` is ours.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 || (st.st_size as u64) < total {
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(fd) };
+            return Err(VmError::msg(
+                "memfd smaller than the regions (would SIGBUS)",
+            ));
+        }
         // SAFETY: a fresh shared mapping of `total` bytes of our memfd; the kernel picks the
         // address, so it cannot overlap anything of ours.
         let p = unsafe {

@@ -490,3 +490,51 @@ fn listener_unix_endpoint_parses_and_binds() {
     assert!("nonsense".parse::<Endpoint>().is_err());
     let _ = encode(&Message::Ready);
 }
+
+#[test]
+fn silent_multi_tcp_source_times_out_and_stops_receivers() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let Ok(Endpoint::Tcp(addr)) = l.endpoint() else {
+        unreachable!()
+    };
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let mut c = TcpStream::connect(addr).expect("connect");
+        let hello = Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            layout: dst.layout(),
+            transport: "multi-tcp".into(),
+            data_streams: 1,
+            session: 42,
+        });
+        write_message(&mut c, &hello).expect("hello");
+        let Ok(Message::HelloReply(rep)) = read_message(&mut c) else {
+            panic!("no reply")
+        };
+        assert!(rep.accepted);
+        let mut data = TcpStream::connect(addr).expect("data connect");
+        write_message(
+            &mut data,
+            &Message::DataHello {
+                session: 42,
+                stream: 0,
+            },
+        )
+        .expect("data hello");
+        // Then say nothing on either stream, keeping both open.
+        let r = h.join().expect("join");
+        drop((c, data));
+        r
+    });
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Timeout {
+                phase: "receiving pages"
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(dst.resume_count(), 0);
+}

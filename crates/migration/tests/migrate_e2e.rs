@@ -228,6 +228,29 @@ fn progress_ticks_inside_a_long_round() {
 }
 
 #[test]
+fn multi_tcp_round_longer_than_io_timeout_is_not_a_timeout() {
+    // Round 1 moves 8 MiB at 4 MiB/s (about 1.75 s) while the control stream stays silent;
+    // the destination's 600 ms io_timeout must count data-stream bytes as liveness (a 1 MiB
+    // batch lands every ~250 ms somewhere).
+    let src = SoftVm::new(8 * MIB).expect("src");
+    src.fill(1.0);
+    let dst = SoftVm::new_incoming(8 * MIB).expect("dst");
+    let opts = MigrateOptions {
+        transport: TransportKind::MultiTcp { streams: 2 },
+        bandwidth_limit: Some(4 * MIB),
+        ..Default::default()
+    };
+    let ropts = ReceiveOptions {
+        io_timeout: Duration::from_millis(600),
+        ..Default::default()
+    };
+    let (r, d) = pair(&src, &dst, &opts, &ropts);
+    r.expect("migration");
+    d.expect("receive");
+    check_equal_and_handed_over(&src, &dst);
+}
+
+#[test]
 fn bandwidth_cap_bounds_throughput() {
     let src = SoftVm::new(4 * MIB).expect("src");
     src.fill(1.0);

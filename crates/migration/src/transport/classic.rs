@@ -149,6 +149,11 @@ impl DestTransport for ClassicDest {
         0.0
     }
 
+    fn check(&mut self) -> Result<u64, MigrationError> {
+        // Pages travel on the control stream itself: nothing else to watch.
+        Ok(0)
+    }
+
     fn abort(&mut self) -> Option<MigrationError> {
         None
     }

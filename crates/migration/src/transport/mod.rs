@@ -162,6 +162,9 @@ pub trait DestTransport: Send {
     fn finish(&mut self) -> Result<PageStats, MigrationError>;
     /// CPU seconds spent by the transport's own worker threads.
     fn worker_cpu_s(&self) -> f64;
+    /// Called while the control stream is idle: returns a counter that grows while page
+    /// data arrives on other streams (liveness), or the error of a worker that failed.
+    fn check(&mut self) -> Result<u64, MigrationError>;
     /// The migration failed: stop every worker, and return the error of a worker that had
     /// already failed on its own (the likely root cause), if any.
     fn abort(&mut self) -> Option<MigrationError>;

@@ -7,6 +7,8 @@
 //! overtaken by its older copy. No per-round barrier is needed.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
@@ -268,6 +270,8 @@ pub(crate) struct MultiTcpDest {
     workers: Vec<JoinHandle<WorkerResult>>,
     results: Vec<WorkerResult>,
     conns: Vec<Conn>,
+    /// Bytes received on all data streams so far.
+    progress: Arc<AtomicU64>,
 }
 
 fn recv_err(e: ProtocolError) -> MigrationError {
@@ -281,7 +285,11 @@ fn malformed(reason: String) -> MigrationError {
     })
 }
 
-fn recv_stream(conn: &mut Conn, ctx: &RecvCtx) -> Result<PageStats, MigrationError> {
+fn recv_stream(
+    conn: &mut Conn,
+    ctx: &RecvCtx,
+    progress: &AtomicU64,
+) -> Result<PageStats, MigrationError> {
     let fd = conn.as_raw_fd();
     let mut stats = PageStats::default();
     let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -356,6 +364,7 @@ fn recv_stream(conn: &mut Conn, ctx: &RecvCtx) -> Result<PageStats, MigrationErr
             stats.pages += c as u64;
         }
         stats.bytes += (HEADER_LEN + desc + data) as u64;
+        progress.fetch_add((HEADER_LEN + desc + data) as u64, Ordering::Relaxed);
     }
 }
 
@@ -395,17 +404,27 @@ impl MultiTcpDest {
                 }
             }
         }
+        let progress = Arc::new(AtomicU64::new(0));
         let mut workers = Vec::with_capacity(n as usize);
         let mut conns = Vec::with_capacity(n as usize);
         for mut c in slots.into_iter().flatten() {
+            // No per-stream read timeout: with a bandwidth cap a stream may legitimately wait
+            // longer than io_timeout between batches. Liveness is judged over all streams by
+            // the control loop (`receive::wait_for_control`), which shuts the streams down.
+            c.set_timeouts(None)
+                .map_err(|e| MigrationError::TransportSetup {
+                    reason: "clearing data stream timeouts".into(),
+                    source: Some(e),
+                })?;
             conns.push(c.try_clone().map_err(|e| MigrationError::TransportSetup {
                 reason: "cloning a data stream".into(),
                 source: Some(e),
             })?);
             let ctx = ctx.clone();
+            let progress = Arc::clone(&progress);
             workers.push(std::thread::spawn(move || {
                 let c0 = thread_cpu_time();
-                let r = recv_stream(&mut c, &ctx);
+                let r = recv_stream(&mut c, &ctx, &progress);
                 (r, thread_cpu_time() - c0)
             }));
         }
@@ -413,6 +432,7 @@ impl MultiTcpDest {
             workers,
             results: Vec::new(),
             conns,
+            progress,
         })
     }
 
@@ -481,6 +501,14 @@ impl DestTransport for MultiTcpDest {
 
     fn worker_cpu_s(&self) -> f64 {
         self.results.iter().map(|(_, c)| c).sum()
+    }
+
+    fn check(&mut self) -> Result<u64, MigrationError> {
+        self.poll();
+        match self.first_error() {
+            Some(e) => Err(e),
+            None => Ok(self.progress.load(Ordering::Relaxed)),
+        }
     }
 
     fn abort(&mut self) -> Option<MigrationError> {

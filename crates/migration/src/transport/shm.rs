@@ -85,6 +85,23 @@ fn clone(c: &Conn) -> Result<Conn, MigrationError> {
 }
 
 fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationError> {
+    // Touching a mapping past the end of the file raises SIGBUS and would kill the source
+    // (and its VM): check the peer's memfd really is that large.
+    // SAFETY: an all-zero stat is a valid out-buffer for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a valid descriptor and `st` a writable stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(MigrationError::TransportSetup {
+            reason: "fstat on the destination's memory".into(),
+            source: Some(std::io::Error::last_os_error()),
+        });
+    }
+    if (st.st_size as u64) < offset.saturating_add(len as u64) {
+        return Err(setup_err(format!(
+            "destination memfd has {} bytes, region needs {} at offset {offset}",
+            st.st_size, len
+        )));
+    }
     // SAFETY: a fresh MAP_SHARED mapping chosen by the kernel (null hint) cannot overlap any
     // Rust object; `fd` is a valid descriptor for the call's duration.
     let p = unsafe {
@@ -264,6 +281,11 @@ impl DestTransport for ShmDest {
 
     fn worker_cpu_s(&self) -> f64 {
         0.0
+    }
+
+    fn check(&mut self) -> Result<u64, MigrationError> {
+        // Pages travel on the control stream itself: nothing else to watch.
+        Ok(0)
     }
 
     fn abort(&mut self) -> Option<MigrationError> {
