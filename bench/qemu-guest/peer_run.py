@@ -249,7 +249,7 @@ def run_once(args, rep: int) -> dict:
         dq.cmd("migrate-incoming", uri=uri)
 
         src_cpu0, src_vcpu0 = cpu_seconds(src.proc.pid)
-        dst_cpu0, _ = cpu_seconds(dst.proc.pid)
+        dst_cpu0, dst_vcpu0 = cpu_seconds(dst.proc.pid)
         serial_len0 = len(src.serial())
         sq.cmd("migrate", uri=uri)
         deadline = time.monotonic() + args.migrate_timeout
@@ -281,7 +281,7 @@ def run_once(args, rep: int) -> dict:
             if time.monotonic() > dst_deadline:
                 raise RuntimeError("destination did not start running after completion")
             time.sleep(0.02)
-        dst_cpu1, _ = cpu_seconds(dst.proc.pid)
+        dst_cpu1, dst_vcpu1 = cpu_seconds(dst.proc.pid)
 
         ram = info.get("ram", {})
         # QEMU >= 9 reports zero pages as "zero-pages"; older ones as "duplicate".
@@ -303,10 +303,14 @@ def run_once(args, rep: int) -> dict:
             "zero_pages": zero_pages,
             "throughput_mib_s": round(transferred / (1 << 20) / (total_ms / 1000), 1)
             if total_ms else None,
-            "src_cpu_s": round(src_cpu1 - src_cpu0, 3),
-            # Source CPU minus the guest's own vCPU thread: the migration cost.
-            "src_cpu_excl_vcpu_s": round((src_cpu1 - src_cpu0) - (src_vcpu1 - src_vcpu0), 3),
-            "dst_cpu_s": round(dst_cpu1 - dst_cpu0, 3),
+            # Like fastmig's summary, src/dst_cpu_s count the migration work
+            # only: the process minus its vCPU thread (under TCG the source
+            # vCPU thread is the guest itself, busy dirtying). The *_process_s
+            # fields keep the whole-process deltas.
+            "src_cpu_s": round((src_cpu1 - src_cpu0) - (src_vcpu1 - src_vcpu0), 3),
+            "dst_cpu_s": round((dst_cpu1 - dst_cpu0) - (dst_vcpu1 - dst_vcpu0), 3),
+            "src_cpu_process_s": round(src_cpu1 - src_cpu0, 3),
+            "dst_cpu_process_s": round(dst_cpu1 - dst_cpu0, 3),
             "guest_rate_pps_during": round(sum(during) / len(during)) if during else None,
         })
         # Proof the guest survived: the destination's console must continue
