@@ -23,7 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let policy = PolicySpec::parse(&name, None)?;
-        let opts = SimOptions { remove_idle_vms: !keep_idle, ..SimOptions::default() };
+        let index_min_hosts = std::env::var("INDEX_MIN_HOSTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+        let opts = SimOptions { remove_idle_vms: !keep_idle, index_min_hosts, ..SimOptions::default() };
         let t0 = Instant::now();
         let r = simulate(&trace, &spec, policy, &CloudSimCost, &opts)?;
         let ms = t0.elapsed().as_millis();

@@ -24,6 +24,7 @@ use std::collections::BinaryHeap;
 use crate::cost::{MigrationCostModel, MigrationRequest};
 use crate::error::SimError;
 use crate::ids::{HostId, VmId};
+use crate::index::PabfdIndex;
 use crate::metrics::SimResult;
 use crate::policy::{FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement, VmSelector, VmView};
 use crate::rng::SplitMix64;
@@ -48,11 +49,14 @@ pub struct SimOptions {
     /// `getCompletedVms` treats it as finished). `true` reproduces that; `false` keeps idle
     /// VMs in place.
     pub remove_idle_vms: bool,
+    /// Use the bucketed PABFD index instead of a full scan when there are at least this many
+    /// hosts. Both give identical placements; the index is faster for large data centres.
+    pub index_min_hosts: usize,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { duration_s: 86_400.0, start_s: 0.1, seed: 42, remove_idle_vms: true }
+        Self { duration_s: 86_400.0, start_s: 0.1, seed: 42, remove_idle_vms: true, index_min_hosts: 2000 }
     }
 }
 
@@ -184,6 +188,7 @@ pub struct Simulation<'a> {
     migrations: u64,
     clamped: u64,
     ticks: u64,
+    index: Option<PabfdIndex>,
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
@@ -285,6 +290,7 @@ impl<'a> Simulation<'a> {
             migrations: 0,
             clamped: 0,
             ticks: 0,
+            index: None,
         })
     }
 
@@ -320,15 +326,16 @@ impl<'a> Simulation<'a> {
 
     fn initial_placement(&mut self) -> Result<(), SimError> {
         let excluded = vec![false; self.hosts.len()];
+        if self.is_dynamic() {
+            self.build_index();
+        }
         for v in 0..self.vms.len() {
             let pv = PlacementVm { id: VmId(v as u32), requested_mips: self.vms[v].requested };
-            let found = {
+            let found = if self.is_dynamic() {
+                self.place(v as u32, &excluded, false).map(HostId)
+            } else {
                 let ctx = Ctx { sim: self, excluded: &excluded };
-                if self.is_dynamic() {
-                    Pabfd.find_host(&pv, &ctx)
-                } else {
-                    FirstFit.find_host(&pv, &ctx)
-                }
+                FirstFit.find_host(&pv, &ctx)
             };
             let h = found.ok_or(SimError::InitialPlacement(v as u32))?;
             if !self.vm_create(h.0, v as u32) {
@@ -419,6 +426,23 @@ impl<'a> Simulation<'a> {
         host.hist_sum = hist;
         host.max_ram = max_ram;
         host.available_mips = available;
+        if let Some(index) = self.index.as_mut() {
+            let host = &self.hosts[h as usize];
+            index.update(h, host.ty, alloc_sum / host.total_mips, host.power_now, alloc_sum < host.util_mips);
+        }
+    }
+
+    /// (Re)builds the PABFD index from the current host states, if the data centre is large.
+    fn build_index(&mut self) {
+        if self.hosts.len() < self.opts.index_min_hosts {
+            self.index = None;
+            return;
+        }
+        let mut index = PabfdIndex::new(self.spec.host_types.len(), self.hosts.len());
+        for (h, host) in self.hosts.iter().enumerate() {
+            index.update(h as u32, host.ty, host.alloc_sum / host.total_mips, host.power_now, host.alloc_sum < host.util_mips);
+        }
+        self.index = Some(index);
     }
 
     fn is_migrating_in(&self, h: u32, v: u32) -> bool {
@@ -693,10 +717,98 @@ impl<'a> Simulation<'a> {
         candidates.get(i).copied()
     }
 
-    fn place(&self, v: u32, excluded: &[bool]) -> Option<u32> {
+    /// PABFD. `off_excluded`: every host idle at the start of the round is excluded (lets the
+    /// index skip those groups without walking them).
+    fn place(&self, v: u32, excluded: &[bool], off_excluded: bool) -> Option<u32> {
         let pv = PlacementVm { id: VmId(v), requested_mips: self.vms[v as usize].requested };
         let ctx = Ctx { sim: self, excluded };
-        Pabfd.find_host(&pv, &ctx).map(|h| h.0)
+        match &self.index {
+            Some(index) => self.place_indexed(index, &pv, &ctx, off_excluded),
+            None => Pabfd.find_host(&pv, &ctx).map(|h| h.0),
+        }
+    }
+
+    /// PABFD through [`PabfdIndex`]; same answer as [`Pabfd`] (see the index docs).
+    fn place_indexed(&self, index: &PabfdIndex, vm: &PlacementVm, ctx: &Ctx<'_, '_>, off_excluded: bool) -> Option<u32> {
+        let mut best: Option<(f64, u32)> = None;
+        let better = |d: f64, h: u32, best: &Option<(f64, u32)>| match best {
+            None => true,
+            Some((bd, bh)) => d < *bd || (d == *bd && h < *bh),
+        };
+        // Exact check of one host, PABFD order: suitability, power, then over-utilisation.
+        let consider = |h: u32, best: &mut Option<(f64, u32)>| {
+            let id = HostId(h);
+            if ctx.is_excluded(id) || !ctx.is_suitable(id, vm) {
+                return;
+            }
+            let (now, after) = ctx.power_now_and_after(id, vm);
+            let Some(after) = after else { return };
+            let diff = after - now;
+            if !better(diff, h, best) {
+                return;
+            }
+            if ctx.utilization_mips(id) != 0.0 && ctx.overloaded_after(id, vm) {
+                return;
+            }
+            *best = Some((diff, h));
+        };
+        for &h in &index.shrunk {
+            consider(h, &mut best);
+        }
+        for (&(ty, bits), set) in &index.empty {
+            let model = &self.spec.host_types[ty].power;
+            if off_excluded && f64::from_bits(bits) == model.power(0.0) {
+                continue;
+            }
+            for &h in set {
+                let id = HostId(h);
+                if ctx.is_excluded(id) || !ctx.is_suitable(id, vm) {
+                    continue;
+                }
+                consider(h, &mut best);
+                break;
+            }
+        }
+        let mut order: Vec<(f64, usize, usize)> = Vec::new();
+        for (ty, buckets) in index.buckets.iter().enumerate() {
+            let t = &self.spec.host_types[ty];
+            let total = t.total_mips();
+            let x = vm.requested_mips / total;
+            let d = |f: f64| t.power.power(f + x) - t.power.power(f);
+            for (b, hosts) in buckets.iter().enumerate() {
+                if hosts.is_empty() {
+                    continue;
+                }
+                let (lo, hi) = PabfdIndex::bucket_bounds(b);
+                let limit = 1.0 - x;
+                if lo > limit {
+                    continue;
+                }
+                let hi = hi.min(limit);
+                let mut lb = d(lo).min(d(hi));
+                for k in 0..=10 {
+                    for bp in [k as f64 / 10.0, k as f64 / 10.0 - x] {
+                        if bp > lo && bp < hi {
+                            lb = lb.min(d(bp));
+                        }
+                    }
+                }
+                // Margin for rounding in the bound.
+                order.push((lb - 1e-9, ty, b));
+            }
+        }
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for (lb, ty, b) in order {
+            if let Some((bd, _)) = best {
+                if lb > bd {
+                    break;
+                }
+            }
+            for &h in &index.buckets[ty][b] {
+                consider(h, &mut best);
+            }
+        }
+        best.map(|(_, h)| h)
     }
 
     fn sort_by_utilization_desc(&self, vms: &mut [u32]) {
@@ -707,6 +819,7 @@ impl<'a> Simulation<'a> {
     /// CloudSim `PowerVmAllocationPolicyMigrationAbstract.optimizeAllocation`.
     fn optimize_allocation(&mut self, _t: f64) -> Vec<(u32, u32)> {
         let n = self.hosts.len();
+        self.build_index();
         let over: Vec<u32> = (0..n as u32).filter(|&h| self.is_overloaded(h, None)).collect();
         let saved: Vec<(u32, u32)> = (0..n as u32)
             .flat_map(|h| {
@@ -733,7 +846,7 @@ impl<'a> Simulation<'a> {
         let mut map = Vec::new();
         self.sort_by_utilization_desc(&mut to_migrate);
         for v in to_migrate {
-            if let Some(h) = self.place(v, &over_set) {
+            if let Some(h) = self.place(v, &over_set, false) {
                 self.vm_create(h, v);
                 map.push((v, h));
             }
@@ -785,7 +898,7 @@ impl<'a> Simulation<'a> {
             self.sort_by_utilization_desc(&mut vms);
             let mut placed: Vec<(u32, u32)> = Vec::new();
             for v in vms {
-                match self.place(v, &excl_place) {
+                match self.place(v, &excl_place, true) {
                     Some(h) => {
                         self.vm_create(h, v);
                         placed.push((v, h));
@@ -808,6 +921,7 @@ impl<'a> Simulation<'a> {
             map.extend(placed);
         }
 
+        self.index = None;
         self.restore_allocation(&saved);
         map
     }

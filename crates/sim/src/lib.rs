@@ -24,6 +24,7 @@ pub mod cost;
 pub mod engine;
 pub mod error;
 pub mod ids;
+mod index;
 pub mod metrics;
 pub mod policy;
 pub mod power;
