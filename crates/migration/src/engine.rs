@@ -51,6 +51,24 @@ pub enum OnNoConverge {
     Abort,
 }
 
+/// Error parsing an [`OnNoConverge`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown non-convergence policy {0:?}: expected wait, force or abort")]
+pub struct BadPolicy(pub String);
+
+impl std::str::FromStr for OnNoConverge {
+    type Err = BadPolicy;
+    /// `wait`, `force` or `abort`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "wait" => Ok(OnNoConverge::Wait),
+            "force" => Ok(OnNoConverge::Force),
+            "abort" => Ok(OnNoConverge::Abort),
+            _ => Err(BadPolicy(s.into())),
+        }
+    }
+}
+
 /// Callback receiving [`Progress`] reports (called on the migrating thread; keep it short).
 pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 

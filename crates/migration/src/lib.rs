@@ -31,11 +31,11 @@ mod vm;
 
 pub use conn::{BadEndpoint, Conn, Endpoint, Listener};
 pub use digest::{hash_page_bytes, PageHashes};
-pub use engine::{migrate, MigrateOptions, OnNoConverge, ProgressFn};
+pub use engine::{migrate, BadPolicy, MigrateOptions, OnNoConverge, ProgressFn};
 pub use error::MigrationError;
 pub use guestmem::{BadRegion, GuestMemory};
 pub use receive::{receive, receive_handover, receive_on, HandoverRegion, ReceiveOptions};
 pub use summary::{MigrationStatus, MigrationSummary, Phase, Progress, ReceiveSummary, RoundStats};
-pub use transport::TransportKind;
+pub use transport::{BadTransport, TransportKind};
 pub use util::{thread_cpu_time, CancelToken, TokenBucket};
 pub use vm::{DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE};

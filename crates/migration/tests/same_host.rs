@@ -130,3 +130,48 @@ fn handover_to_a_copying_destination_is_refused() {
     common::assert_source_intact(&src);
     assert_eq!(dst.resume_count(), 0);
 }
+
+#[test]
+fn shm_honours_the_bandwidth_cap() {
+    let src = SoftVm::new(4 * MIB).expect("src");
+    src.fill(1.0);
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = Listener::bind(&unix_endpoint("shm-cap")).expect("bind");
+    let opts = MigrateOptions {
+        transport: TransportKind::Shm,
+        bandwidth_limit: Some(8 * MIB),
+        ..Default::default()
+    };
+    let (r, _) = pair_on(&l, &src, &dst, &opts, &ReceiveOptions::default());
+    let s = r.expect("migration");
+    // 4 MiB at 8 MiB/s after a 1 MiB burst: at least ~0.37 s of copying.
+    assert!(
+        s.throughput_mib_s < 8.0 * 1.4,
+        "{} MiB/s over an 8 MiB/s cap",
+        s.throughput_mib_s
+    );
+}
+
+#[test]
+fn transport_and_policy_names_parse() {
+    use fastmig_migration::OnNoConverge;
+    assert_eq!(
+        "shm".parse::<TransportKind>().ok(),
+        Some(TransportKind::Shm)
+    );
+    assert_eq!(
+        "handover".parse::<TransportKind>().ok(),
+        Some(TransportKind::Handover)
+    );
+    assert_eq!(
+        "multi-tcp:3".parse::<TransportKind>().ok(),
+        Some(TransportKind::MultiTcp { streams: 3 })
+    );
+    assert!("multi-tcp:0".parse::<TransportKind>().is_err());
+    assert!("rdma".parse::<TransportKind>().is_err());
+    assert_eq!(
+        "force".parse::<OnNoConverge>().ok(),
+        Some(OnNoConverge::Force)
+    );
+    assert!("maybe".parse::<OnNoConverge>().is_err());
+}
