@@ -774,27 +774,38 @@ impl<'a> Simulation<'a> {
             let t = &self.spec.host_types[ty];
             let total = t.total_mips();
             let x = vm.requested_mips / total;
+            let limit = 1.0 - x;
+            if limit < 0.0 {
+                continue;
+            }
             let d = |f: f64| t.power.power(f + x) - t.power.power(f);
-            for (b, hosts) in buckets.iter().enumerate() {
-                if hosts.is_empty() {
-                    continue;
-                }
+            // D is piecewise linear in f, so its minimum over a bucket lies at the bucket's
+            // ends or at a breakpoint (k/10 or k/10 - x) inside it.
+            let nb = buckets.len();
+            let mut lbs = vec![f64::INFINITY; nb];
+            let mut prev = d(0.0);
+            for (b, lb) in lbs.iter_mut().enumerate() {
                 let (lo, hi) = PabfdIndex::bucket_bounds(b);
-                let limit = 1.0 - x;
                 if lo > limit {
-                    continue;
+                    break;
                 }
-                let hi = hi.min(limit);
-                let mut lb = d(lo).min(d(hi));
-                for k in 0..=10 {
-                    for bp in [k as f64 / 10.0, k as f64 / 10.0 - x] {
-                        if bp > lo && bp < hi {
-                            lb = lb.min(d(bp));
-                        }
+                let end = d(hi.min(limit));
+                *lb = prev.min(end);
+                prev = end;
+            }
+            for k in 0..=10 {
+                for bp in [k as f64 / 10.0, k as f64 / 10.0 - x] {
+                    if (0.0..=limit).contains(&bp) {
+                        let b = PabfdIndex::bucket_of(bp);
+                        lbs[b] = lbs[b].min(d(bp));
                     }
                 }
-                // Margin for rounding in the bound.
-                order.push((lb - 1e-9, ty, b));
+            }
+            for (b, hosts) in buckets.iter().enumerate() {
+                if !hosts.is_empty() && lbs[b].is_finite() {
+                    // Margin for rounding in the bound.
+                    order.push((lbs[b] - 1e-9, ty, b));
+                }
             }
         }
         order.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -31,11 +31,13 @@ pub(crate) struct PabfdIndex {
     /// Hosts whose allocation dropped below their start-of-round utilisation.
     pub(crate) shrunk: BTreeSet<u32>,
     slots: Vec<Slot>,
+    /// Position of each host inside its bucket vector.
+    pos: Vec<usize>,
 }
 
 impl PabfdIndex {
     pub(crate) fn new(types: usize, hosts: usize) -> Self {
-        Self { buckets: vec![vec![Vec::new(); BUCKETS]; types], empty: BTreeMap::new(), shrunk: BTreeSet::new(), slots: vec![Slot::None; hosts] }
+        Self { buckets: vec![vec![Vec::new(); BUCKETS]; types], empty: BTreeMap::new(), shrunk: BTreeSet::new(), slots: vec![Slot::None; hosts], pos: vec![0; hosts] }
     }
 
     pub(crate) fn bucket_of(frac: f64) -> usize {
@@ -55,8 +57,10 @@ impl PabfdIndex {
                 Slot::None => {}
                 Slot::Bucket(t, b) => {
                     let v = &mut self.buckets[t][b];
-                    if let Some(p) = v.iter().position(|&x| x == h) {
-                        v.swap_remove(p);
+                    let p = self.pos[h as usize];
+                    v.swap_remove(p);
+                    if let Some(&moved) = v.get(p) {
+                        self.pos[moved as usize] = p;
                     }
                 }
                 Slot::Empty(t, bits) => {
@@ -70,7 +74,10 @@ impl PabfdIndex {
             }
             match slot {
                 Slot::None => {}
-                Slot::Bucket(t, b) => self.buckets[t][b].push(h),
+                Slot::Bucket(t, b) => {
+                    self.pos[h as usize] = self.buckets[t][b].len();
+                    self.buckets[t][b].push(h);
+                }
                 Slot::Empty(t, bits) => {
                     self.empty.entry((t, bits)).or_default().insert(h);
                 }
@@ -79,7 +86,7 @@ impl PabfdIndex {
         }
         if shrunk {
             self.shrunk.insert(h);
-        } else {
+        } else if !self.shrunk.is_empty() {
             self.shrunk.remove(&h);
         }
     }
