@@ -11,7 +11,27 @@
 //!                              state, Complete           Ready/Commit, resume
 //! ```
 //!
-//! Everything is tested without KVM through [`test_utils::SoftVm`] (feature `test-utils`).
+//! Everything is tested without KVM through `test_utils::SoftVm` (feature `test-utils`):
+//!
+//! ```
+//! # #[cfg(feature = "test-utils")] {
+//! use fastmig_migration::test_utils::SoftVm;
+//! use fastmig_migration::{migrate, receive, Listener, MigrateOptions, ReceiveOptions};
+//!
+//! let src = SoftVm::new(4 << 20).expect("source VM");
+//! src.fill(0.5);
+//! let dst = SoftVm::new_incoming(4 << 20).expect("destination VM");
+//! let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+//! let at = listener.endpoint().expect("bound endpoint");
+//! let summary = std::thread::scope(|s| {
+//!     let incoming = s.spawn(|| receive(&dst, &listener, &ReceiveOptions::default()));
+//!     let summary = migrate(&src, &at, &MigrateOptions::default()).expect("migration");
+//!     incoming.join().expect("receiver").expect("receive");
+//!     summary
+//! });
+//! assert!(summary.digest_match && dst.is_running() && !src.is_running());
+//! # }
+//! ```
 
 mod conn;
 mod digest;

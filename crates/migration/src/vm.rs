@@ -226,6 +226,11 @@ impl DirtyBitmap {
 
 /// A VM the engine can migrate. Required methods have no default bodies on purpose: an empty
 /// `impl` must not compile into a VM that silently saves nothing.
+///
+/// ```compile_fail
+/// struct Nothing;
+/// impl fastmig_migration::MigratableVm for Nothing {}
+/// ```
 pub trait MigratableVm: Send + Sync {
     /// Memory regions, vCPU count and features, for the handshake.
     fn layout(&self) -> VmLayout;
