@@ -334,7 +334,11 @@ fn handover_pause<V: MigratableVm + ?Sized>(
     vm: &V,
     control: &Conn,
     g: &mut Guard,
+    cancel: &CancelToken,
 ) -> Result<Instant, MigrationError> {
+    if cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
     let setup = |reason: &str| MigrationError::TransportSetup {
         reason: reason.into(),
         source: None,
@@ -450,7 +454,7 @@ fn run<V: MigratableVm + ?Sized>(
     s.progress(Phase::Setup, npages, 0.0);
 
     let (paused_at, forced, dirty_rate) = if opts.transport == TransportKind::Handover {
-        (handover_pause(vm, &control, g)?, false, 0.0)
+        (handover_pause(vm, &control, g, &opts.cancel)?, false, 0.0)
     } else {
         // Pre-copy.
         s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
