@@ -5,7 +5,8 @@
 //! `{"error": {"class": "...", "desc": "..."}}`. Unlike QMP there is no greeting or
 //! capabilities negotiation: a client may send commands at once.
 //!
-//! Commands: `query-status`, `query-vm`, `stop`, `cont`, `quit`, `verify-memory`.
+//! Commands: `query-status`, `query-vm`, `stop`, `cont`, `quit`, `verify-memory`, `migrate`,
+//! `query-migrate`, `migrate-cancel` (see [`crate::host::Host::execute`]).
 //! Error classes: `GenericError` (malformed request or failed command), `CommandNotFound`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::host::Host;
 use anyhow::Context;
-use fastmig_vmm::Vm;
 use serde_json::{json, Value};
 
 /// Longest request line accepted; longer lines get an error and close the connection.
@@ -29,9 +30,9 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Binds `path` (replacing a stale socket nobody listens on) and serves `vm` on a
-    /// background thread. `quit` sets `quit_flag`.
-    pub fn start(vm: Arc<Vm>, path: &Path, quit_flag: Arc<AtomicBool>) -> anyhow::Result<Self> {
+    /// Binds `path` (replacing a stale socket nobody listens on) and serves `host` on a
+    /// background thread.
+    pub fn start(host: Arc<Host>, path: &Path) -> anyhow::Result<Self> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 return Err(crate::usage!(
@@ -55,11 +56,10 @@ impl ApiServer {
                     }
                     match conn {
                         Ok(stream) => {
-                            let vm = Arc::clone(&vm);
-                            let quit = Arc::clone(&quit_flag);
+                            let host = Arc::clone(&host);
                             let spawned = std::thread::Builder::new()
                                 .name("api-conn".into())
-                                .spawn(move || serve_connection(&vm, stream, &quit));
+                                .spawn(move || serve_connection(&host, stream));
                             if let Err(e) = spawned {
                                 tracing::warn!("control socket: cannot spawn a thread: {e}");
                             }
@@ -84,7 +84,7 @@ impl ApiServer {
     }
 }
 
-fn serve_connection(vm: &Vm, stream: UnixStream, quit: &AtomicBool) {
+fn serve_connection(host: &Arc<Host>, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -110,7 +110,7 @@ fn serve_connection(vm: &Vm, stream: UnixStream, quit: &AtomicBool) {
         } else if line.trim().is_empty() {
             continue;
         } else {
-            handle_request(vm, line.trim(), quit)
+            handle_request(host, line.trim())
         };
         if writeln!(writer, "{reply}").is_err() || too_long {
             return;
@@ -127,7 +127,7 @@ fn error_reply(id: Option<&Value>, class: &str, desc: &str) -> Value {
 }
 
 /// Handles one request line and returns the reply object.
-pub fn handle_request(vm: &Vm, line: &str, quit: &AtomicBool) -> Value {
+pub fn handle_request(host: &Arc<Host>, line: &str) -> Value {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
         Err(e) => return error_reply(None, "GenericError", &format!("invalid JSON: {e}")),
@@ -139,58 +139,15 @@ pub fn handle_request(vm: &Vm, line: &str, quit: &AtomicBool) -> Value {
     let Some(cmd) = obj.get("execute").and_then(Value::as_str) else {
         return error_reply(id, "GenericError", "missing string member \"execute\"");
     };
-    match obj.get("arguments") {
-        None => {}
-        Some(Value::Object(args)) if args.is_empty() => {}
-        Some(Value::Object(_)) => {
-            return error_reply(id, "GenericError", &format!("{cmd} takes no arguments"))
-        }
+    let empty = serde_json::Map::new();
+    let args = match obj.get("arguments") {
+        None => &empty,
+        Some(Value::Object(args)) => args,
         Some(_) => return error_reply(id, "GenericError", "\"arguments\" must be an object"),
-    }
-    let result: Result<Value, String> = match cmd {
-        "query-status" => {
-            let s = vm.status();
-            let mut v = json!({
-                "status": s.state.name(),
-                "progress": s.progress,
-                "dirty_rate_pps": s.dirty_rate_pps,
-                "pages_written": s.pages_written,
-                "heartbeats": s.heartbeats,
-            });
-            if let fastmig_vmm::VmRunState::Failed(why) = &s.state {
-                v["error"] = json!(why);
-            }
-            Ok(v)
-        }
-        "query-vm" => {
-            let c = vm.config();
-            Ok(json!({
-                "mem_size": c.mem_size,
-                "vcpus": c.vcpus,
-                "workload": c.workload.to_string(),
-            }))
-        }
-        "stop" => vm.pause().map(|()| json!({})).map_err(|e| e.to_string()),
-        "cont" => vm.resume().map(|()| json!({})).map_err(|e| e.to_string()),
-        "quit" => {
-            quit.store(true, Ordering::SeqCst);
-            Ok(json!({}))
-        }
-        "verify-memory" => vm
-            .verify_memory()
-            .map_err(|e| e.to_string())
-            .and_then(|r| serde_json::to_value(r).map_err(|e| e.to_string())),
-        other => {
-            return error_reply(
-                id,
-                "CommandNotFound",
-                &format!("the command {other} has not been found"),
-            )
-        }
     };
-    let mut reply = match result {
+    let mut reply = match host.execute(cmd, args) {
         Ok(v) => json!({ "return": v }),
-        Err(desc) => error_reply(None, "GenericError", &desc),
+        Err(e) => error_reply(None, e.class, &e.desc),
     };
     if let Some(id) = id {
         reply["id"] = id.clone();

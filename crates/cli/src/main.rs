@@ -5,8 +5,15 @@
 //! (a malformed spec, a missing `/dev/kvm`, a size that does not fit).
 
 mod api;
+mod bench_cmd;
+mod charts;
 mod error;
+mod host;
+mod kvm_adapter;
+mod migrate_cmd;
+mod procs;
 mod sim_cmd;
+mod units;
 mod vm_cmd;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +34,11 @@ struct Cli {
 enum Command {
     #[command(flatten)]
     Vm(vm_cmd::VmCommand),
+    #[command(flatten)]
+    Migrate(migrate_cmd::MigrateCommand),
+    /// Benchmarks (results go to bench/RESULTS.md by hand, with the command line).
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
     /// Run the trace-driven data-centre simulator.
     Simulate(sim_cmd::SimulateArgs),
 }
@@ -36,6 +48,8 @@ fn main() {
     init_logging(cli.log.as_deref());
     let result = match cli.command {
         Command::Vm(cmd) => vm_cmd::main(cmd),
+        Command::Migrate(cmd) => migrate_cmd::main(cmd),
+        Command::Bench(cmd) => bench_cmd::main(cmd),
         Command::Simulate(args) => sim_cmd::main(args),
     };
     if let Err(err) = result {

@@ -4,13 +4,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
-use fastmig_vmm::{Vm, VmConfig, VmRunState, VmStatus, VmmError, WorkloadSpec};
+use fastmig_vmm::{Vm, VmConfig, VmRunState, VmmError, WorkloadSpec};
 use serde_json::Value;
 
 use crate::api;
+use crate::host::Host;
 
 /// VM subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -34,12 +35,6 @@ pub enum VmCommand {
         api: PathBuf,
         /// The command name.
         command: String,
-    },
-    /// Run a `dirty` VM for a few seconds and print its status.
-    Demo {
-        /// How long to run, in seconds.
-        #[arg(long, default_value_t = 3)]
-        seconds: u64,
     },
 }
 
@@ -65,6 +60,10 @@ pub struct RunArgs {
     /// Control socket path (newline-delimited JSON, QMP-like).
     #[arg(long)]
     api: Option<PathBuf>,
+    /// Before the workload starts, write non-zero data into every guest page the workload
+    /// does not own, from the VMM (fast), so that all memory is touched: for benchmarks.
+    #[arg(long)]
+    prefill: bool,
 }
 
 /// Runs a VM subcommand.
@@ -77,12 +76,11 @@ pub fn main(cmd: VmCommand) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&reply)?);
             Ok(())
         }
-        VmCommand::Demo { seconds } => demo(seconds),
     }
 }
 
 /// Maps VMM errors that are the user's fault (spec, size, missing KVM) to usage errors.
-fn vmm_error(e: VmmError) -> anyhow::Error {
+pub fn vmm_error(e: VmmError) -> anyhow::Error {
     if e.is_usage() {
         crate::usage!("{e}")
     } else {
@@ -104,11 +102,16 @@ fn parse_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
 
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
+/// True once SIGINT or SIGTERM arrived (after [`install_termination_handlers`]).
+pub fn signalled() -> bool {
+    SIGNALLED.load(Ordering::SeqCst)
+}
+
 extern "C" fn on_terminate(_: libc::c_int) {
     SIGNALLED.store(true, Ordering::SeqCst);
 }
 
-fn install_termination_handlers() {
+pub fn install_termination_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic (async-signal-safe); an all-zero
         // sigaction with the handler set is a valid argument.
@@ -124,14 +127,13 @@ fn install_termination_handlers() {
 fn run(args: &RunArgs) -> anyhow::Result<()> {
     let cfg = parse_config(args)?;
     let vm = Arc::new(Vm::new(cfg.clone()).map_err(vmm_error)?);
-    let quit = Arc::new(AtomicBool::new(false));
+    if args.prefill {
+        prefill(&vm)?;
+    }
+    let host = Host::running(Arc::clone(&vm));
     install_termination_handlers();
     let server = match &args.api {
-        Some(path) => Some(api::ApiServer::start(
-            Arc::clone(&vm),
-            path,
-            Arc::clone(&quit),
-        )?),
+        Some(path) => Some(api::ApiServer::start(Arc::clone(&host), path)?),
         None => None,
     };
     let result = vm.start().map_err(vmm_error).and_then(|()| {
@@ -145,7 +147,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
                 .map(|p| format!(", control socket {}", p.display()))
                 .unwrap_or_default()
         );
-        wait_for_exit(&vm, &quit)
+        wait_for_exit(&host)
     });
     if let Some(server) = &server {
         server.close();
@@ -154,9 +156,11 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
     result
 }
 
-fn wait_for_exit(vm: &Vm, quit: &AtomicBool) -> anyhow::Result<()> {
+/// Serves until `quit`, a signal, or a VM failure. A VM that migrated away stays paused here
+/// (like QEMU's `postmigrate`) until `quit`.
+pub fn wait_for_exit(host: &Host) -> anyhow::Result<()> {
     loop {
-        if quit.load(Ordering::SeqCst) {
+        if host.quit.load(Ordering::SeqCst) {
             tracing::info!("quit requested over the control socket");
             return Ok(());
         }
@@ -164,11 +168,43 @@ fn wait_for_exit(vm: &Vm, quit: &AtomicBool) -> anyhow::Result<()> {
             tracing::info!("signal received, shutting down");
             return Ok(());
         }
-        if let VmRunState::Failed(why) = vm.status().state {
-            anyhow::bail!("VM failed: {why}");
+        if let Some(vm) = host.vm() {
+            if let VmRunState::Failed(why) = vm.status().state {
+                anyhow::bail!("VM failed: {why}");
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Writes a non-zero, page-unique pattern into every guest page from the end of the
+/// workload's own pages to the end of memory. `verify` pages are left alone (its check knows
+/// what each must hold); for the other workloads the whole data area is filled.
+fn prefill(vm: &Vm) -> anyhow::Result<()> {
+    let cfg = vm.config();
+    let mut start = fastmig_vmm::guest::DATA_BASE;
+    if cfg.workload.kind == fastmig_vmm::WorkloadKind::Verify {
+        start += cfg.workload.wss;
+    }
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut gpa = start;
+    while gpa < cfg.mem_size {
+        let len = CHUNK.min(cfg.mem_size - gpa) as usize;
+        for (i, page) in buf[..len]
+            .chunks_mut(fastmig_vmm::PAGE_SIZE as usize)
+            .enumerate()
+        {
+            let tag = (gpa / fastmig_vmm::PAGE_SIZE + i as u64) | 0x5a00_0000_0000_0000;
+            for word in page.chunks_exact_mut(8) {
+                word.copy_from_slice(&tag.to_le_bytes());
+            }
+        }
+        vm.write_memory(gpa, &buf[..len])
+            .context("prefilling guest memory")?;
+        gpa += len as u64;
+    }
+    Ok(())
 }
 
 fn status(path: &Path, as_json: bool) -> anyhow::Result<()> {
@@ -189,47 +225,5 @@ fn status(path: &Path, as_json: bool) -> anyhow::Result<()> {
     if let Some(err) = reply.get("error").and_then(Value::as_str) {
         println!("error: {err}");
     }
-    Ok(())
-}
-
-fn print_status(s: &VmStatus) {
-    println!(
-        "status: {:<8} progress: {:>9}  dirty rate: {:>8.0} pages/s",
-        s.state.name(),
-        s.progress,
-        s.dirty_rate_pps
-    );
-}
-
-/// The demo for now: a `dirty` VM for a few seconds. (A later change turns this into a
-/// migration demo; keep it self-contained.)
-fn demo(seconds: u64) -> anyhow::Result<()> {
-    let cfg = VmConfig {
-        mem_size: 64 << 20,
-        vcpus: 1,
-        workload: "dirty:rate=5000,wss=32M,pattern=random"
-            .parse()
-            .map_err(vmm_error)?,
-    };
-    println!(
-        "demo: {} memory, workload {}",
-        fastmig_vmm::format_size(cfg.mem_size),
-        cfg.workload
-    );
-    let vm = Vm::new(cfg).map_err(vmm_error)?;
-    vm.start().context("starting the demo VM")?;
-    let started = Instant::now();
-    for _ in 0..seconds {
-        std::thread::sleep(Duration::from_secs(1));
-        print_status(&vm.status());
-    }
-    vm.pause().context("pausing the demo VM")?;
-    let s = vm.status();
-    println!(
-        "demo: {} pages written in {:.1} s",
-        s.pages_written,
-        started.elapsed().as_secs_f64()
-    );
-    vm.shutdown();
     Ok(())
 }

@@ -1,0 +1,414 @@
+//! `fastmig bench migration`: migrates the same VM with each transport (and optionally QEMU),
+//! several times each, in one run, and writes a table (medians), a JSON file and an SVG chart.
+//!
+//! Every repetition starts a fresh source (`fastmig run`) and destination (`fastmig incoming`)
+//! process, waits for the workload to reach its dirty rate, then runs `fastmig migrate --json`
+//! and keeps its summary. Ratios between transports are meaningful within one run only: this
+//! machine is noisy.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::procs::{free_loopback_port, run_json, ChildVm};
+use crate::usage;
+
+/// `fastmig bench ...`
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Migrate one VM with several transports (and QEMU), repeatedly, and report medians.
+    Migration(MigrationBenchArgs),
+}
+
+/// Arguments of `fastmig bench migration`.
+#[derive(clap::Args, Debug)]
+pub struct MigrationBenchArgs {
+    /// Guest memory size (K/M/G suffixes).
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// Workload spec of the migrated VM, e.g. `dirty:rate=20000,wss=256M,pattern=random`.
+    #[arg(long, default_value = "idle")]
+    pub workload: String,
+    /// Comma-separated transports: classic, multi-tcp, shm, handover.
+    #[arg(long, default_value = "classic,multi-tcp,shm")]
+    pub transports: String,
+    /// Repetitions of each transport (the table shows medians).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Streams for multi-tcp (default: number of cores).
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// Downtime limit passed to `migrate`.
+    #[arg(long, default_value = "30ms")]
+    pub downtime_limit: String,
+    /// Bandwidth cap passed to `migrate` (bytes/s with K/M/G suffixes); none by default.
+    #[arg(long)]
+    pub max_bandwidth: Option<String>,
+    /// Also migrate a QEMU VM of the same size and dirty rate (`bench/peer-qemu.sh`, modes tcp and multifd).
+    #[arg(long, value_parser = ["qemu"])]
+    pub peer: Option<String>,
+    /// Do not write non-zero data into all guest memory before the workload starts.
+    #[arg(long)]
+    pub no_prefill: bool,
+    /// Seconds the workload runs on the source before the migration starts.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_s: f64,
+    /// Output directory for `results.json`, `results.md` and `chart.svg`.
+    #[arg(long, default_value = "bench/out/migration")]
+    pub out: PathBuf,
+    /// Print the child processes' logs.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Print the result as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Summary fields whose medians are reported, in table order.
+const FIELDS: &[&str] = &[
+    "total_ms",
+    "downtime_ms",
+    "setup_ms",
+    "rounds",
+    "bytes_sent",
+    "pages_sent",
+    "throughput_mib_s",
+    "src_cpu_s",
+    "dst_cpu_s",
+    "cpu_s_per_gib",
+];
+
+/// Runs a bench subcommand.
+pub fn main(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Migration(args) => migration(args),
+    }
+}
+
+fn migration(args: MigrationBenchArgs) -> Result<()> {
+    let mem_bytes = crate::units::parse_size(&args.mem)?;
+    let transports: Vec<String> = args
+        .transports
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for t in &transports {
+        if !["classic", "multi-tcp", "shm", "handover"].contains(&t.as_str()) {
+            return Err(usage!(
+                "unknown transport `{t}` (classic, multi-tcp, shm, handover)"
+            ));
+        }
+    }
+    if args.repeat == 0 {
+        return Err(usage!("--repeat must be at least 1"));
+    }
+    let rate = workload_rate(&args.workload);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let work = tempfile::Builder::new().prefix("fastmig-bench").tempdir()?;
+
+    let total_runs = transports.len() * args.repeat;
+    let bar = indicatif::ProgressBar::new(total_runs as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:30} [{bar:30}] {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut runs: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for transport in &transports {
+        for rep in 0..args.repeat {
+            bar.set_message(format!("{transport} #{}", rep + 1));
+            let summary = one_migration(&args, transport, mem_bytes, work.path(), rep)
+                .with_context(|| format!("{transport} repetition {}", rep + 1))?;
+            runs.entry(transport.clone()).or_default().push(summary);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+
+    if args.peer.as_deref() == Some("qemu") {
+        for mode in ["tcp", "multifd"] {
+            eprintln!("bench: QEMU peer, {mode} ...");
+            let rows = qemu_peer(&args, mode, rate)?;
+            runs.insert(format!("qemu-{mode}"), rows);
+        }
+    }
+
+    for rows in runs.values_mut() {
+        for row in rows.iter_mut() {
+            add_cpu_per_gib(row, mem_bytes);
+        }
+    }
+    let medians: BTreeMap<String, BTreeMap<String, f64>> = runs
+        .iter()
+        .map(|(t, rows)| (t.clone(), median_fields(rows)))
+        .collect();
+    let result = json!({
+        "mem_bytes": mem_bytes,
+        "workload": args.workload,
+        "repeat": args.repeat,
+        "downtime_limit": args.downtime_limit,
+        "prefill": !args.no_prefill,
+        "medians": medians,
+        "runs": runs,
+    });
+    let json_path = args.out.join("results.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&result)?)?;
+    let table = markdown_table(&medians);
+    std::fs::write(args.out.join("results.md"), &table)?;
+    let chart = args.out.join("chart.svg");
+    crate::charts::migration_chart(&chart, &args.mem, &args.workload, &medians)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "mem {} workload {} ({} repetitions, medians)\n",
+            args.mem, args.workload, args.repeat
+        );
+        println!("{table}");
+        println!(
+            "wrote {}, {}, {}",
+            json_path.display(),
+            args.out.join("results.md").display(),
+            chart.display()
+        );
+    }
+    Ok(())
+}
+
+/// The `rate=` of a workload spec, for the QEMU peer (0 when there is none).
+fn workload_rate(spec: &str) -> u64 {
+    spec.split_once(':')
+        .map(|(_, kv)| kv)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.trim() == "rate")
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn one_migration(
+    args: &MigrationBenchArgs,
+    transport: &str,
+    mem_bytes: u64,
+    work: &Path,
+    rep: usize,
+) -> Result<Value> {
+    let src_api = work.join(format!("src-{transport}-{rep}.sock"));
+    let dst_api = work.join(format!("dst-{transport}-{rep}.sock"));
+    let addr = match transport {
+        "shm" | "handover" => format!("unix:{}", work.join(format!("mig-{rep}.sock")).display()),
+        _ => format!("127.0.0.1:{}", free_loopback_port()?),
+    };
+    let mut run_args = vec![
+        "run".to_string(),
+        "--mem".into(),
+        args.mem.clone(),
+        "--workload".into(),
+        args.workload.clone(),
+        "--api".into(),
+        src_api.display().to_string(),
+    ];
+    if !args.no_prefill {
+        run_args.push("--prefill".into());
+    }
+    let boot = Duration::from_secs(120);
+    let mut src = ChildVm::spawn("source", &run_args, &src_api, args.verbose, boot)?;
+    src.wait_status("running", boot, |st| st["status"] == "running")?;
+    let dst_args = vec![
+        "incoming".to_string(),
+        "--listen".into(),
+        addr.clone(),
+        "--api".into(),
+        dst_api.display().to_string(),
+        "--mem".into(),
+        mem_bytes.to_string(),
+    ];
+    let dst = ChildVm::spawn("destination", &dst_args, &dst_api, args.verbose, boot)?;
+    std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.0)));
+
+    let mut mig_args = vec![
+        "migrate".to_string(),
+        "--api".into(),
+        src_api.display().to_string(),
+        "--to".into(),
+        addr,
+        "--transport".into(),
+        transport.to_string(),
+        "--downtime-limit".into(),
+        args.downtime_limit.clone(),
+        "--json".into(),
+    ];
+    if let Some(n) = args.streams {
+        mig_args.extend(["--streams".to_string(), n.to_string()]);
+    }
+    if let Some(bw) = &args.max_bandwidth {
+        mig_args.extend(["--max-bandwidth".to_string(), bw.clone()]);
+    }
+    let summary = run_json(&mig_args)?;
+    if summary["status"] != "completed" {
+        bail!("migration did not complete: {summary}");
+    }
+    dst.quit().ok();
+    src.quit().ok();
+    Ok(summary)
+}
+
+fn qemu_peer(args: &MigrationBenchArgs, mode: &str, rate: u64) -> Result<Vec<Value>> {
+    let script = Path::new("bench/peer-qemu.sh");
+    if !script.exists() {
+        return Err(usage!(
+            "--peer qemu needs bench/peer-qemu.sh: run from the repository root"
+        ));
+    }
+    let limit_ms = crate::units::parse_duration(&args.downtime_limit)?.as_millis();
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(script)
+        .args([
+            "--mem",
+            &args.mem,
+            "--rate",
+            &rate.to_string(),
+            "--mode",
+            mode,
+        ])
+        .args(["--repeat", &args.repeat.to_string()])
+        .args(["--downtime-limit", &limit_ms.to_string()]);
+    if mode == "multifd" {
+        let streams = args.streams.unwrap_or_else(default_streams);
+        cmd.args(["--channels", &streams.to_string()]);
+    }
+    if let Some(wss) = workload_key(&args.workload, "wss") {
+        cmd.args(["--wss", &wss]);
+    }
+    if let Some(p) = workload_key(&args.workload, "pattern") {
+        cmd.args(["--pattern", &p]);
+    }
+    let out = cmd
+        .stderr(if args.verbose {
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
+        .output()
+        .context("running bench/peer-qemu.sh")?;
+    if !out.status.success() {
+        bail!("bench/peer-qemu.sh --mode {mode} failed ({})", out.status);
+    }
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("parsing bench/peer-qemu.sh output")?;
+    if rows.is_empty() {
+        bail!("bench/peer-qemu.sh --mode {mode} printed no result");
+    }
+    Ok(rows)
+}
+
+fn workload_key(spec: &str, key: &str) -> Option<String> {
+    spec.split_once(':')?
+        .1
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// Default stream count: the number of cores.
+pub fn default_streams() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// Source plus destination CPU seconds per GiB of guest memory migrated.
+fn add_cpu_per_gib(row: &mut Value, mem_bytes: u64) {
+    let cpu = row["src_cpu_s"].as_f64().unwrap_or(0.0) + row["dst_cpu_s"].as_f64().unwrap_or(0.0);
+    let gib = mem_bytes as f64 / (1u64 << 30) as f64;
+    if let Value::Object(map) = row {
+        map.insert("cpu_s_per_gib".into(), json!(cpu / gib));
+    }
+}
+
+/// Median of each numeric summary field over the repetitions.
+fn median_fields(rows: &[Value]) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for field in FIELDS {
+        let mut v: Vec<f64> = rows.iter().filter_map(|r| r[*field].as_f64()).collect();
+        if let Some(m) = median(&mut v) {
+            out.insert(field.to_string(), m);
+        }
+    }
+    out
+}
+
+/// Median (mean of the middle two for an even count); `None` for no values.
+pub fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+fn markdown_table(medians: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
+    let mut s = String::from("| transport |");
+    for f in FIELDS {
+        s.push_str(&format!(" {f} |"));
+    }
+    s.push_str("\n|---|");
+    s.push_str(&"---:|".repeat(FIELDS.len()));
+    s.push('\n');
+    for (t, m) in medians {
+        s.push_str(&format!("| {t} |"));
+        for f in FIELDS {
+            match m.get(*f) {
+                Some(v) if v.abs() >= 100.0 => s.push_str(&format!(" {v:.0} |")),
+                Some(v) => s.push_str(&format!(" {v:.3} |")),
+                None => s.push_str(" - |"),
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
+
+    #[test]
+    fn rate_and_keys_are_read_from_a_workload_spec() {
+        assert_eq!(workload_rate("dirty:rate=20000,wss=256M"), 20000);
+        assert_eq!(workload_rate("idle"), 0);
+        assert_eq!(
+            workload_key("dirty:rate=5,pattern=seq", "pattern").as_deref(),
+            Some("seq")
+        );
+    }
+
+    #[test]
+    fn cpu_per_gib_adds_both_sides() {
+        let mut row = json!({"src_cpu_s": 1.0, "dst_cpu_s": 0.5});
+        add_cpu_per_gib(&mut row, 512 << 20);
+        assert_eq!(row["cpu_s_per_gib"], json!(3.0));
+    }
+}
