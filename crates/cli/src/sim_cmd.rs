@@ -61,6 +61,10 @@ pub struct SimulateArgs {
     /// CloudSim reference CSV to compare a `--sweep` against (columns day,policy,param,...).
     #[arg(long)]
     reference: Option<PathBuf>,
+    /// Approximate PABFD for very large runs: stop each host search after this many candidate
+    /// hosts once a valid one is found (0 = exact CloudSim semantics).
+    #[arg(long, default_value_t = 0)]
+    pabfd_budget: usize,
     /// Worker threads for sweeps.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -84,16 +88,27 @@ pub fn main(args: SimulateArgs) -> Result<()> {
         return Err(usage!("--threads must be at least 1"));
     }
     let days = resolve_days(&args.trace)?;
-    let opts = SimOptions { seed: args.seed, remove_idle_vms: !args.keep_idle_vms, ..SimOptions::default() };
+    let opts = SimOptions {
+        seed: args.seed,
+        remove_idle_vms: !args.keep_idle_vms,
+        ..SimOptions::default()
+    };
     if args.sweep || args.migration_sweep {
-        std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
     }
     if args.sweep {
         let cost = parse_migration(&args.migration)?;
         let policies = PolicySpec::all_reference();
         let jobs: Vec<Job> = days
             .iter()
-            .flat_map(|d| policies.iter().map(move |p| Job { day: d.clone(), policy: *p, gbit: None }))
+            .flat_map(|d| {
+                policies.iter().map(move |p| Job {
+                    day: d.clone(),
+                    policy: *p,
+                    gbit: None,
+                })
+            })
             .collect();
         let rows = run_jobs(&jobs, &args, &opts, Some(cost.as_ref()))?;
         let reference = match &args.reference {
@@ -107,9 +122,17 @@ pub fn main(args: SimulateArgs) -> Result<()> {
         let policy = parse_policy(&args.policy, args.param)?;
         let mut jobs = Vec::new();
         for d in &days {
-            jobs.push(Job { day: d.clone(), policy, gbit: None });
+            jobs.push(Job {
+                day: d.clone(),
+                policy,
+                gbit: None,
+            });
             for g in SWEEP_SPEEDS_GBIT {
-                jobs.push(Job { day: d.clone(), policy, gbit: Some(g) });
+                jobs.push(Job {
+                    day: d.clone(),
+                    policy,
+                    gbit: Some(g),
+                });
             }
         }
         let rows = run_jobs(&jobs, &args, &opts, None)?;
@@ -126,8 +149,13 @@ pub fn main(args: SimulateArgs) -> Result<()> {
         let trace = load_trace(day)?;
         let spec = scaled_spec(&trace, args.scale);
         let t0 = std::time::Instant::now();
-        let result = simulate(&trace, &spec, policy, cost.as_ref(), &opts).with_context(|| format!("simulating {}", day.display()))?;
-        let row = Row { day: day_name(day), result, wall_s: t0.elapsed().as_secs_f64() };
+        let result = simulate(&trace, &spec, policy, cost.as_ref(), &opts)
+            .with_context(|| format!("simulating {}", day.display()))?;
+        let row = Row {
+            day: day_name(day),
+            result,
+            wall_s: t0.elapsed().as_secs_f64(),
+        };
         if args.json {
             println!("{}", serde_json::to_string(&row)?);
         } else {
@@ -148,16 +176,21 @@ fn parse_migration(spec: &str) -> Result<Box<dyn MigrationCostModel>> {
         return Ok(Box::new(CloudSimCost));
     }
     if let Some(n) = s.strip_prefix("gbit=") {
-        let g: f64 = n.parse().map_err(|_| usage!("--migration gbit=N: {n:?} is not a number"))?;
+        let g: f64 = n
+            .parse()
+            .map_err(|_| usage!("--migration gbit=N: {n:?} is not a number"))?;
         let p = MigrationProfile::bandwidth(g);
         p.validate().map_err(|e| usage!("--migration: {e}"))?;
         return Ok(Box::new(p));
     }
     if let Some(f) = s.strip_prefix("profile:") {
-        let p = MigrationProfile::from_file(Path::new(f)).map_err(|e| usage!("--migration: {e}"))?;
+        let p =
+            MigrationProfile::from_file(Path::new(f)).map_err(|e| usage!("--migration: {e}"))?;
         return Ok(Box::new(p));
     }
-    Err(usage!("--migration must be cloudsim, gbit=N or profile:FILE.json, got {spec:?}"))
+    Err(usage!(
+        "--migration must be cloudsim, gbit=N or profile:FILE.json, got {spec:?}"
+    ))
 }
 
 /// Expands each `--trace`: a directory whose entries are all directories is a set of days.
@@ -174,7 +207,12 @@ fn resolve_days(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 let e = e?;
                 if e.path().is_dir() {
                     subdirs.push(e.path());
-                } else if !e.file_name().to_string_lossy().to_ascii_lowercase().starts_with("readme") {
+                } else if !e
+                    .file_name()
+                    .to_string_lossy()
+                    .to_ascii_lowercase()
+                    .starts_with("readme")
+                {
                     files += 1;
                 }
             }
@@ -197,13 +235,17 @@ fn scaled_spec(trace: &Trace, scale: f64) -> DatacenterSpec {
     if scale == 1.0 {
         return DatacenterSpec::reference(trace.len());
     }
-    let hosts = ((fastmig_sim::setup::REFERENCE_HOSTS as f64) * scale).round().max(1.0) as usize;
+    let hosts = ((fastmig_sim::setup::REFERENCE_HOSTS as f64) * scale)
+        .round()
+        .max(1.0) as usize;
     let vms = ((trace.len() as f64) * scale).round().max(1.0) as usize;
     DatacenterSpec::scaled(hosts, vms, trace.len())
 }
 
 fn day_name(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
 }
 
 fn print_text(row: &Row) {
@@ -214,7 +256,11 @@ fn print_text(row: &Row) {
     println!("hosts / VMs      {} / {}", r.hosts, r.vms);
     println!("migration model  {}", r.migration_model);
     println!("energy           {:.2} kWh", r.energy_kwh);
-    println!("SLATAH           {:.5} ({:.2} %)", r.slatah, r.slatah * 100.0);
+    println!(
+        "SLATAH           {:.5} ({:.2} %)",
+        r.slatah,
+        r.slatah * 100.0
+    );
     println!("PDM              {:.6} ({:.4} %)", r.pdm, r.pdm * 100.0);
     println!("SLAV             {:.8}", r.slav);
     println!("ESV              {:.8}", r.esv);
@@ -232,7 +278,12 @@ struct Job {
 
 /// Runs jobs on `--threads` workers with a progress bar on stderr. Traces are loaded once per
 /// day. Rows come back in job order.
-fn run_jobs(jobs: &[Job], args: &SimulateArgs, opts: &SimOptions, base_cost: Option<&dyn MigrationCostModel>) -> Result<Vec<Row>> {
+fn run_jobs(
+    jobs: &[Job],
+    args: &SimulateArgs,
+    opts: &SimOptions,
+    base_cost: Option<&dyn MigrationCostModel>,
+) -> Result<Vec<Row>> {
     let mut traces: Vec<(PathBuf, Trace)> = Vec::new();
     for j in jobs {
         if !traces.iter().any(|(p, _)| *p == j.day) {
@@ -241,17 +292,22 @@ fn run_jobs(jobs: &[Job], args: &SimulateArgs, opts: &SimOptions, base_cost: Opt
     }
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Row>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<Row>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
     std::thread::scope(|s| {
         for _ in 0..args.threads.min(jobs.len()).max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
-                let Some((_, trace)) = traces.iter().find(|(p, _)| *p == job.day) else { break };
+                let Some((_, trace)) = traces.iter().find(|(p, _)| *p == job.day) else {
+                    break;
+                };
                 let spec = scaled_spec(trace, args.scale);
                 let profile;
                 let cost: &dyn MigrationCostModel = match (job.gbit, base_cost) {
@@ -264,7 +320,11 @@ fn run_jobs(jobs: &[Job], args: &SimulateArgs, opts: &SimOptions, base_cost: Opt
                 };
                 let t0 = std::time::Instant::now();
                 let r = simulate(trace, &spec, job.policy, cost, opts)
-                    .map(|result| Row { day: day_name(&job.day), result, wall_s: t0.elapsed().as_secs_f64() })
+                    .map(|result| Row {
+                        day: day_name(&job.day),
+                        result,
+                        wall_s: t0.elapsed().as_secs_f64(),
+                    })
                     .map_err(|e| anyhow!("{} {}: {e}", day_name(&job.day), job.policy.name()));
                 bar.set_message(format!("{} {}", day_name(&job.day), job.policy.name()));
                 bar.inc(1);
@@ -275,8 +335,13 @@ fn run_jobs(jobs: &[Job], args: &SimulateArgs, opts: &SimOptions, base_cost: Opt
         }
     });
     bar.finish_and_clear();
-    let results = results.into_inner().map_err(|_| anyhow!("a simulation thread panicked"))?;
-    results.into_iter().map(|r| r.unwrap_or_else(|| Err(anyhow!("a simulation did not run")))).collect()
+    let results = results
+        .into_inner()
+        .map_err(|_| anyhow!("a simulation thread panicked"))?;
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(anyhow!("a simulation did not run"))))
+        .collect()
 }
 
 /// Reference rows keyed by (day, policy).
@@ -291,18 +356,37 @@ struct SimResultRef {
 }
 
 fn read_reference(path: &Path) -> Result<Reference> {
-    let text = std::fs::read_to_string(path).map_err(|e| usage!("--reference {}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| usage!("--reference {}: {e}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         if f.len() < 11 {
-            return Err(usage!("--reference {}:{}: expected 11 columns", path.display(), i + 1));
+            return Err(usage!(
+                "--reference {}:{}: expected 11 columns",
+                path.display(),
+                i + 1
+            ));
         }
-        let num = |k: usize| f[k].parse::<f64>().map_err(|_| usage!("--reference {}:{}: not a number {:?}", path.display(), i + 1, f[k]));
+        let num = |k: usize| {
+            f[k].parse::<f64>().map_err(|_| {
+                usage!(
+                    "--reference {}:{}: not a number {:?}",
+                    path.display(),
+                    i + 1,
+                    f[k]
+                )
+            })
+        };
         out.push((
             f[0].to_string(),
             f[1].replace('_', "-"),
-            SimResultRef { energy_kwh: num(5)?, slatah: num(6)?, pdm: num(7)?, migrations: num(9)? },
+            SimResultRef {
+                energy_kwh: num(5)?,
+                slatah: num(6)?,
+                pdm: num(7)?,
+                migrations: num(9)?,
+            },
         ));
     }
     Ok(out)
@@ -320,7 +404,11 @@ fn rel(a: f64, b: f64) -> String {
     }
 }
 
-fn write_policy_sweep(out: &Path, rows: &[Row], reference: Option<&[(String, String, SimResultRef)]>) -> Result<()> {
+fn write_policy_sweep(
+    out: &Path,
+    rows: &[Row],
+    reference: Option<&[(String, String, SimResultRef)]>,
+) -> Result<()> {
     let mut csv = String::from("day,policy,param,hosts,vms,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns,wall_s\n");
     let mut md = String::from("| day | policy | param | energy kWh | SLATAH | PDM | SLAV | ESV | migrations | shutdowns |");
     if reference.is_some() {
@@ -334,14 +422,38 @@ fn write_policy_sweep(out: &Path, rows: &[Row], reference: Option<&[(String, Str
         let param = r.param.map(|p| p.to_string()).unwrap_or_default();
         csv.push_str(&format!(
             "{},{},{},{},{},{:.4},{:.7},{:.7},{:.9},{:.9},{},{},{:.3}\n",
-            row.day, r.policy, param, r.hosts, r.vms, r.energy_kwh, r.slatah, r.pdm, r.slav, r.esv, r.migrations, r.host_shutdowns, row.wall_s
+            row.day,
+            r.policy,
+            param,
+            r.hosts,
+            r.vms,
+            r.energy_kwh,
+            r.slatah,
+            r.pdm,
+            r.slav,
+            r.esv,
+            r.migrations,
+            r.host_shutdowns,
+            row.wall_s
         ));
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.4} | {:.5} | {:.7} | {:.6} | {} | {} |",
-            row.day, r.policy, param, r.energy_kwh, r.slatah, r.pdm, r.slav, r.esv, r.migrations, r.host_shutdowns
+            row.day,
+            r.policy,
+            param,
+            r.energy_kwh,
+            r.slatah,
+            r.pdm,
+            r.slav,
+            r.esv,
+            r.migrations,
+            r.host_shutdowns
         ));
         if let Some(refs) = reference {
-            match refs.iter().find(|(d, p, _)| *d == row.day && *p == r.policy) {
+            match refs
+                .iter()
+                .find(|(d, p, _)| *d == row.day && *p == r.policy)
+            {
                 Some((_, _, x)) => md.push_str(&format!(
                     " {:.2} | {} | {:.4} | {} | {:.4} | {} | {} | {} |",
                     x.energy_kwh,
@@ -366,26 +478,51 @@ fn write_policy_sweep(out: &Path, rows: &[Row], reference: Option<&[(String, Str
     let mut days: Vec<&str> = rows.iter().map(|r| r.day.as_str()).collect();
     days.dedup();
     for day in days {
-        let sel: Vec<&Row> = rows.iter().filter(|r| r.day == day && r.result.policy != "npa").collect();
+        let sel: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.day == day && r.result.policy != "npa")
+            .collect();
         let names: Vec<String> = sel.iter().map(|r| r.result.policy.clone()).collect();
         let panels: [(&str, Vec<f64>); 4] = [
-            ("energy (kWh)", sel.iter().map(|r| r.result.energy_kwh).collect()),
-            ("SLAV (x 1e-5)", sel.iter().map(|r| r.result.slav * 1e5).collect()),
-            ("ESV (x 1e-3)", sel.iter().map(|r| r.result.esv * 1e3).collect()),
-            ("migrations", sel.iter().map(|r| r.result.migrations as f64).collect()),
+            (
+                "energy (kWh)",
+                sel.iter().map(|r| r.result.energy_kwh).collect(),
+            ),
+            (
+                "SLAV (x 1e-5)",
+                sel.iter().map(|r| r.result.slav * 1e5).collect(),
+            ),
+            (
+                "ESV (x 1e-3)",
+                sel.iter().map(|r| r.result.esv * 1e3).collect(),
+            ),
+            (
+                "migrations",
+                sel.iter().map(|r| r.result.migrations as f64).collect(),
+            ),
         ];
         let path = out.join(format!("policies-{day}.svg"));
-        bar_chart_grid(&path, &format!("fastmig simulate, day {day}, all policies (NPA omitted)"), &names, &panels)?;
+        bar_chart_grid(
+            &path,
+            &format!("fastmig simulate, day {day}, all policies (NPA omitted)"),
+            &names,
+            &panels,
+        )?;
     }
     Ok(())
 }
 
 fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
-    let mut csv = String::from("day,policy,migration,gbit,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns\n");
+    let mut csv = String::from(
+        "day,policy,migration,gbit,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns\n",
+    );
     let mut md = String::from("| day | policy | migration | energy kWh | SLATAH | PDM | SLAV | ESV | migrations | shutdowns |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (row, job) in rows.iter().zip(jobs) {
         let r = &row.result;
-        let label = job.gbit.map(|g| format!("{g} Gbit/s")).unwrap_or_else(|| "cloudsim".into());
+        let label = job
+            .gbit
+            .map(|g| format!("{g} Gbit/s"))
+            .unwrap_or_else(|| "cloudsim".into());
         csv.push_str(&format!(
             "{},{},{},{},{:.4},{:.7},{:.7},{:.9},{:.9},{},{}\n",
             row.day,
@@ -402,7 +539,16 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
         ));
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.4} | {:.6} | {:.8} | {:.6} | {} | {} |\n",
-            row.day, r.policy, label, r.energy_kwh, r.slatah, r.pdm, r.slav, r.esv, r.migrations, r.host_shutdowns
+            row.day,
+            r.policy,
+            label,
+            r.energy_kwh,
+            r.slatah,
+            r.pdm,
+            r.slav,
+            r.esv,
+            r.migrations,
+            r.host_shutdowns
         ));
     }
     std::fs::write(out.join("migration-speed.csv"), csv).context("writing migration-speed.csv")?;
@@ -411,7 +557,12 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
     // Chart: mean over days of each metric against bandwidth (log x axis).
     let speeds = SWEEP_SPEEDS_GBIT;
     let mean = |f: &dyn Fn(&SimResult) -> f64, g: f64| {
-        let v: Vec<f64> = rows.iter().zip(jobs).filter(|(_, j)| j.gbit == Some(g)).map(|(r, _)| f(&r.result)).collect();
+        let v: Vec<f64> = rows
+            .iter()
+            .zip(jobs)
+            .filter(|(_, j)| j.gbit == Some(g))
+            .map(|(r, _)| f(&r.result))
+            .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     let metrics: [(&str, &dyn Fn(&SimResult) -> f64); 4] = [
@@ -420,11 +571,19 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
         ("ESV (x 1e-3)", &|r| r.esv * 1e3),
         ("migrations", &|r| r.migrations as f64),
     ];
-    let policy = rows.first().map(|r| r.result.policy.clone()).unwrap_or_default();
+    let policy = rows
+        .first()
+        .map(|r| r.result.policy.clone())
+        .unwrap_or_default();
     let svg = out.join("migration-speed.svg");
     let root = SVGBackend::new(&svg, (1200, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    let root = root.titled(&format!("{policy}: effect of migration bandwidth (mean over days)"), ("sans-serif", 20)).map_err(plot_err)?;
+    let root = root
+        .titled(
+            &format!("{policy}: effect of migration bandwidth (mean over days)"),
+            ("sans-serif", 20),
+        )
+        .map_err(plot_err)?;
     for (area, (label, f)) in root.split_evenly((2, 2)).iter().zip(metrics) {
         let pts: Vec<(f64, f64)> = speeds.iter().map(|&g| (g.log10(), mean(f, g))).collect();
         let ymax = pts.iter().map(|p| p.1).fold(0.0_f64, f64::max).max(1e-9) * 1.15;
@@ -441,14 +600,23 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
             .x_label_formatter(&|x| format!("{:.2}", 10f64.powf(*x)))
             .draw()
             .map_err(plot_err)?;
-        chart.draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2))).map_err(plot_err)?;
-        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(plot_err)?;
+        chart
+            .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
+            .map_err(plot_err)?;
     }
     root.present().map_err(plot_err)?;
     Ok(())
 }
 
-fn bar_chart_grid(path: &Path, title: &str, names: &[String], panels: &[(&str, Vec<f64>); 4]) -> Result<()> {
+fn bar_chart_grid(
+    path: &Path,
+    title: &str,
+    names: &[String],
+    panels: &[(&str, Vec<f64>); 4],
+) -> Result<()> {
     let root = SVGBackend::new(path, (1400, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let root = root.titled(title, ("sans-serif", 20)).map_err(plot_err)?;
@@ -465,7 +633,11 @@ fn bar_chart_grid(path: &Path, title: &str, names: &[String], panels: &[(&str, V
             .configure_mesh()
             .disable_x_mesh()
             .x_labels(names.len())
-            .x_label_style(("sans-serif", 10).into_font().transform(FontTransform::Rotate90))
+            .x_label_style(
+                ("sans-serif", 10)
+                    .into_font()
+                    .transform(FontTransform::Rotate90),
+            )
             .x_label_formatter(&|x| match x {
                 SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
                 _ => String::new(),
@@ -474,7 +646,10 @@ fn bar_chart_grid(path: &Path, title: &str, names: &[String], panels: &[(&str, V
             .map_err(plot_err)?;
         chart
             .draw_series(
-                Histogram::vertical(&chart).style(BLUE.mix(0.7).filled()).margin(3).data(values.iter().enumerate().map(|(i, v)| (i, *v))),
+                Histogram::vertical(&chart)
+                    .style(BLUE.mix(0.7).filled())
+                    .margin(3)
+                    .data(values.iter().enumerate().map(|(i, v)| (i, *v))),
             )
             .map_err(plot_err)?;
     }
@@ -496,7 +671,9 @@ mod tests {
         let m = parse_migration("gbit=10").map(|m| m.describe());
         assert!(m.is_ok_and(|d| d.contains("10 Gbit/s")));
         for bad in ["gbit=x", "gbit=0", "warp", "profile:/nonexistent.json"] {
-            let e = parse_migration(bad).err().map(|e| crate::error::exit_code(&e));
+            let e = parse_migration(bad)
+                .err()
+                .map(|e| crate::error::exit_code(&e));
             assert_eq!(e, Some(2), "{bad}");
         }
     }

@@ -52,11 +52,14 @@ pub struct SimOptions {
     /// Use the bucketed PABFD index instead of a full scan when there are at least this many
     /// hosts. Both give identical placements; the index is faster for large data centres.
     pub index_min_hosts: usize,
+    /// Approximation for very large data centres: when non-zero, an indexed PABFD search stops
+    /// after examining this many candidate hosts once it has found a valid one (0 = exact).
+    pub pabfd_budget: usize,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { duration_s: 86_400.0, start_s: 0.1, seed: 42, remove_idle_vms: true, index_min_hosts: 2000 }
+        Self { duration_s: 86_400.0, start_s: 0.1, seed: 42, remove_idle_vms: true, index_min_hosts: 2000, pabfd_budget: 0 }
     }
 }
 
@@ -809,7 +812,9 @@ impl<'a> Simulation<'a> {
             }
         }
         order.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (lb, ty, b) in order {
+        let budget = self.opts.pabfd_budget;
+        let mut examined = 0usize;
+        'buckets: for (lb, ty, b) in order {
             if let Some((bd, _)) = best {
                 if lb > bd {
                     break;
@@ -817,6 +822,10 @@ impl<'a> Simulation<'a> {
             }
             for &h in &index.buckets[ty][b] {
                 consider(h, &mut best);
+                examined += 1;
+                if budget > 0 && examined >= budget && best.is_some() {
+                    break 'buckets;
+                }
             }
         }
         best.map(|(_, h)| h)
@@ -853,6 +862,7 @@ impl<'a> Simulation<'a> {
         let mut over_set = vec![false; n];
         for &h in &over {
             over_set[h as usize] = true;
+            self.disable_in_index(h);
         }
         let mut map = Vec::new();
         self.sort_by_utilization_desc(&mut to_migrate);
@@ -875,6 +885,7 @@ impl<'a> Simulation<'a> {
                 }
                 excl_under[h] = true;
                 excl_place[h] = true;
+                self.disable_in_index(h as u32);
             }
         }
         let mut order: Vec<u32> = (0..n as u32)
@@ -902,6 +913,7 @@ impl<'a> Simulation<'a> {
             excl_under[under as usize] = true;
             excluded_count += 1;
             excl_place[under as usize] = true;
+            self.disable_in_index(under);
             let mut vms: Vec<u32> = self.hosts[under as usize].vm_list.iter().copied().filter(|&v| !self.vms[v as usize].in_migration).collect();
             if vms.is_empty() {
                 continue;
@@ -935,6 +947,12 @@ impl<'a> Simulation<'a> {
         self.index = None;
         self.restore_allocation(&saved);
         map
+    }
+
+    fn disable_in_index(&mut self, h: u32) {
+        if let Some(index) = self.index.as_mut() {
+            index.disable(h);
+        }
     }
 
     fn all_migrating_out_or_any_in(&self, h: u32) -> bool {

@@ -33,11 +33,13 @@ pub(crate) struct PabfdIndex {
     slots: Vec<Slot>,
     /// Position of each host inside its bucket vector.
     pos: Vec<usize>,
+    /// Hosts excluded for the rest of the round; kept out so searches never walk them.
+    disabled: Vec<bool>,
 }
 
 impl PabfdIndex {
     pub(crate) fn new(types: usize, hosts: usize) -> Self {
-        Self { buckets: vec![vec![Vec::new(); BUCKETS]; types], empty: BTreeMap::new(), shrunk: BTreeSet::new(), slots: vec![Slot::None; hosts], pos: vec![0; hosts] }
+        Self { buckets: vec![vec![Vec::new(); BUCKETS]; types], empty: BTreeMap::new(), shrunk: BTreeSet::new(), slots: vec![Slot::None; hosts], pos: vec![0; hosts], disabled: vec![false; hosts] }
     }
 
     pub(crate) fn bucket_of(frac: f64) -> usize {
@@ -48,9 +50,28 @@ impl PabfdIndex {
         (b as f64 / BUCKETS as f64, (b + 1) as f64 / BUCKETS as f64)
     }
 
+    /// Takes host `h` out of the index for the rest of the round.
+    pub(crate) fn disable(&mut self, h: u32) {
+        self.move_to(h, Slot::None);
+        self.shrunk.remove(&h);
+        self.disabled[h as usize] = true;
+    }
+
     /// Moves host `h` to where its state says it belongs.
     pub(crate) fn update(&mut self, h: u32, ty: usize, alloc_frac: f64, power_now: f64, shrunk: bool) {
+        if self.disabled[h as usize] {
+            return;
+        }
         let slot = if alloc_frac == 0.0 { Slot::Empty(ty, power_now.to_bits()) } else { Slot::Bucket(ty, Self::bucket_of(alloc_frac)) };
+        self.move_to(h, slot);
+        if shrunk {
+            self.shrunk.insert(h);
+        } else if !self.shrunk.is_empty() {
+            self.shrunk.remove(&h);
+        }
+    }
+
+    fn move_to(&mut self, h: u32, slot: Slot) {
         let old = self.slots[h as usize];
         if old != slot {
             match old {
@@ -83,11 +104,6 @@ impl PabfdIndex {
                 }
             }
             self.slots[h as usize] = slot;
-        }
-        if shrunk {
-            self.shrunk.insert(h);
-        } else if !self.shrunk.is_empty() {
-            self.shrunk.remove(&h);
         }
     }
 }
