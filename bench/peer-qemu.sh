@@ -6,14 +6,16 @@
 # prints ONE JSON object per repetition on stdout (fields as fastmig's
 # migration summary, see bench/README.md). Diagnostics go to stderr.
 #
-# Installs on demand, from Debian apt only: qemu-system-x86, a Debian cloud
-# kernel (extracted into bench/.cache), and builds the static /init
-# (bench/qemu-guest) into an initramfs there.
+# Installs on demand, from Debian apt only: qemu-system-x86 (>= 9, from
+# bookworm-backports if needed, see bench/README.md), a Debian cloud kernel
+# (extracted into bench/.cache), and builds the static /init (bench/qemu-guest)
+# into an initramfs there.
 #
 # Usage:
 #   bench/peer-qemu.sh --mem 1G --rate 20000 --mode tcp|multifd [--wss SIZE]
-#       [--pattern random|seq] [--channels N] [--max-bandwidth BYTES/s]
+#       [--pattern random|seq|hotcold] [--hot F] [--hotw F] [--channels N] [--max-bandwidth BYTES/s]
 #       [--downtime-limit MS] [--repeat N] [--accel tcg|kvm] [--timeout S]
+#       [--warmup S] [--no-prefill]
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,16 +23,18 @@ cache="$here/.cache"
 log() { echo "[peer-qemu] $*" >&2; }
 die() { log "error: $*"; exit 2; }
 
-usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2; exit "${1:-2}"; }
 
 mem=1G rate=0 wss="" pattern=random mode=tcp channels=2 max_bw="" downtime=30
-repeat=1 accel=tcg run_timeout=""
+repeat=1 accel=tcg run_timeout="" hot=0.1 hotw=0.9 warmup=2 no_prefill=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --mem) mem="${2:?}"; shift 2 ;;
         --rate) rate="${2:?}"; shift 2 ;;
         --wss) wss="${2:?}"; shift 2 ;;
         --pattern) pattern="${2:?}"; shift 2 ;;
+        --hot) hot="${2:?}"; shift 2 ;;
+        --hotw) hotw="${2:?}"; shift 2 ;;
         --mode) mode="${2:?}"; shift 2 ;;
         --channels) channels="${2:?}"; shift 2 ;;
         --max-bandwidth) max_bw="${2:?}"; shift 2 ;;
@@ -38,6 +42,8 @@ while [[ $# -gt 0 ]]; do
         --repeat) repeat="${2:?}"; shift 2 ;;
         --accel) accel="${2:?}"; shift 2 ;;
         --timeout) run_timeout="${2:?}"; shift 2 ;;
+        --warmup) warmup="${2:?}"; shift 2 ;;
+        --no-prefill) no_prefill=1; shift ;;
         -h|--help) usage 0 ;;
         *) log "unknown argument: $1"; usage ;;
     esac
@@ -45,7 +51,7 @@ done
 [[ "$rate" =~ ^[0-9]+$ ]] || die "--rate must be a number of pages/s"
 [[ "$repeat" =~ ^[1-9][0-9]*$ ]] || die "--repeat must be >= 1"
 [[ "$mode" == tcp || "$mode" == multifd ]] || die "--mode must be tcp or multifd"
-[[ "$pattern" == random || "$pattern" == seq ]] || die "--pattern must be random or seq"
+[[ "$pattern" =~ ^(random|seq|hotcold)$ ]] || die "--pattern must be random, seq or hotcold"
 [[ "$accel" == tcg || "$accel" == kvm ]] || die "--accel must be tcg or kvm"
 
 # --- dependencies (idempotent, quiet) --------------------------------------
@@ -129,8 +135,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 args=(--kernel "$kernel" --initrd "$initrd" --workdir "$workdir" --mem "$mem"
-    --rate "$rate" --pattern "$pattern" --mode "$mode" --channels "$channels"
-    --downtime-limit "$downtime" --repeat "$repeat" --accel "$accel")
+    --rate "$rate" --pattern "$pattern" --hot "$hot" --hotw "$hotw" --mode "$mode" --channels "$channels"
+    --downtime-limit "$downtime" --repeat "$repeat" --accel "$accel" --warmup "$warmup")
+[[ $no_prefill == 1 ]] && args+=(--no-prefill)
 [[ -n "$wss" ]] && args+=(--wss "$wss")
 [[ -n "$max_bw" ]] && args+=(--max-bandwidth "$max_bw")
 

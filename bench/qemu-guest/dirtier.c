@@ -10,9 +10,16 @@
  * unrecognised `key=value` word to init's environment, so no /proc mount is
  * needed:
  *   fm_rate=PAGES_PER_S   pages dirtied per second (0 = idle; default 0)
- *   fm_wss=BYTES          working set (suffix K/M/G allowed; default: free
- *                         memory at start minus a reserve for the kernel)
- *   fm_pattern=random|seq order of the dirtied pages (default random)
+ *   fm_wss=BYTES          working set that is dirtied (suffix K/M/G allowed;
+ *                         default: free memory at start minus a reserve for
+ *                         the kernel)
+ *   fm_prefill=0|1        1 (default): first write a non-zero word into all
+ *                         that free memory, not only the working set, like
+ *                         fastmig's bench prefill; 0: touch only the working set
+ *   fm_pattern=random|seq|hotcold  order of the dirtied pages (default random)
+ *   fm_hot=F, fm_hotw=F   hotcold only: the first F of the pages are hot
+ *                         (default 0.1) and take fm_hotw of the writes (0.9),
+ *                         as in fastmig's `dirty` workload
  *   fm_report_ms=MS       period of the rate line on the console (default 1000)
  *
  * Console protocol (one line each, parsed by bench/qemu-guest/peer_run.py):
@@ -65,6 +72,18 @@ static uint64_t parse_size(const char *s, uint64_t dflt)
     return v;
 }
 
+/* A fraction in [0, 1]; anything else falls back to the default. */
+static double parse_fraction(const char *s, double dflt)
+{
+    if (s == NULL || *s == '\0')
+        return dflt;
+    char *end = NULL;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0' || !(v >= 0.0 && v <= 1.0))
+        return dflt;
+    return v;
+}
+
 /* xorshift64*: cheap, good enough to spread writes over the working set. */
 static uint64_t rng_state = 0x9e3779b97f4a7c15ULL;
 static uint64_t next_random(void)
@@ -104,8 +123,12 @@ int main(void)
     uint64_t wss = parse_size(getenv("fm_wss"), dflt_wss);
     uint64_t rate = parse_size(getenv("fm_rate"), 0);
     uint64_t report_ms = parse_size(getenv("fm_report_ms"), 1000);
+    int prefill = parse_size(getenv("fm_prefill"), 1) != 0;
     const char *pattern = getenv("fm_pattern");
     int seq = pattern != NULL && strcmp(pattern, "seq") == 0;
+    int hotcold = pattern != NULL && strcmp(pattern, "hotcold") == 0;
+    double hot = parse_fraction(getenv("fm_hot"), 0.1);
+    double hotw = parse_fraction(getenv("fm_hotw"), 0.9);
     if (report_ms == 0)
         report_ms = 1000;
 
@@ -115,7 +138,17 @@ int main(void)
         for (;;)
             pause();
     }
-    uint64_t *mem = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE,
+    uint64_t hot_pages = (uint64_t)(hot * (double)pages);
+    if (hot_pages == 0)
+        hot_pages = 1;
+    /* Integer threshold on a 32-bit draw: no floating point in the loop. */
+    uint64_t hotw_threshold = (uint64_t)(hotw * 4294967296.0);
+    /* The working set is the start of a mapping that may extend over all
+     * free memory so the prefill covers it too. */
+    uint64_t map_pages = pages;
+    if (prefill && dflt_wss / PAGE > map_pages)
+        map_pages = dflt_wss / PAGE;
+    uint64_t *mem = mmap(NULL, map_pages * PAGE, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) {
         printf("FM error=mmap wss=%llu\n", (unsigned long long)wss);
@@ -127,15 +160,18 @@ int main(void)
      * ("all memory touched", like fastmig's `fill`). */
     uint64_t t0 = now_ns();
     const uint64_t words_per_page = PAGE / sizeof(uint64_t);
-    for (uint64_t p = 0; p < pages; p++)
+    for (uint64_t p = 0; p < map_pages; p++)
         mem[p * words_per_page] = p + 1;
     uint64_t fill_ms = (now_ns() - t0) / 1000000ULL;
 
-    printf("FM total_bytes=%llu free_bytes=%llu wss_bytes=%llu pages=%llu fill_ms=%llu "
-           "rate=%llu pattern=%s\n",
+    printf("FM total_bytes=%llu free_bytes=%llu filled_bytes=%llu wss_bytes=%llu pages=%llu "
+           "fill_ms=%llu "
+           "rate=%llu pattern=%s hot_pages=%llu\n",
            (unsigned long long)totalb, (unsigned long long)freeb,
+           (unsigned long long)(map_pages * PAGE),
            (unsigned long long)(pages * PAGE), (unsigned long long)pages,
-           (unsigned long long)fill_ms, (unsigned long long)rate, seq ? "seq" : "random");
+           (unsigned long long)fill_ms, (unsigned long long)rate,
+           seq ? "seq" : hotcold ? "hotcold" : "random", (unsigned long long)hot_pages);
     printf("READY\n");
 
     uint64_t start = now_ns();
@@ -152,7 +188,16 @@ int main(void)
             uint64_t due = (rate * (tick + 1)) / TICKS_PER_S;
             uint64_t batch = due - total;
             for (uint64_t i = 0; i < batch; i++) {
-                uint64_t p = seq ? cursor++ % pages : next_random() % pages;
+                uint64_t p;
+                if (seq) {
+                    p = cursor++ % pages;
+                } else if (hotcold) {
+                    uint64_t r = next_random();
+                    int to_hot = (r >> 32) < hotw_threshold || hot_pages >= pages;
+                    p = to_hot ? r % hot_pages : hot_pages + r % (pages - hot_pages);
+                } else {
+                    p = next_random() % pages;
+                }
                 /* A word that differs on every write: the page really changes. */
                 mem[p * words_per_page + (stamp % words_per_page)] = stamp;
                 stamp++;

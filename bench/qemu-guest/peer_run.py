@@ -96,7 +96,8 @@ class Guest:
                 os.unlink(p)
         cmdline = (
             f"console=ttyS0 quiet panic=-1 fm_rate={args.rate} "
-            f"fm_pattern={args.pattern} fm_report_ms=1000"
+            f"fm_pattern={args.pattern} fm_hot={args.hot} fm_hotw={args.hotw} fm_report_ms=1000 "
+            f"fm_prefill={0 if args.no_prefill else 1}"
         )
         if args.wss is not None:
             cmdline += f" fm_wss={args.wss}"
@@ -221,13 +222,15 @@ def run_once(args, rep: int) -> dict:
         t_boot = time.monotonic()
         wait_ready(src, args.ready_timeout)
         boot_s = time.monotonic() - t_boot
-        # Let the dirty rate settle so the migration starts under load.
+        # Let the dirty rate settle so the migration starts under load
+        # (at least one full 1 s rate line must exist).
         time.sleep(args.warmup)
         text = src.serial()
         fm = FM_RE.search(text)
         if fm:
             info = dict(kv.split("=", 1) for kv in fm.group(0).split()[1:] if "=" in kv)
             result["wss_bytes"] = int(info.get("wss_bytes", 0))
+            result["filled_bytes"] = int(info.get("filled_bytes", 0))
             result["guest_fill_ms"] = int(info.get("fill_ms", 0))
         result["boot_to_ready_s"] = round(boot_s, 2)
         pre = last_rates(text, 3)
@@ -340,7 +343,9 @@ def main() -> int:
     ap.add_argument("--mem", type=parse_size, default=parse_size("1G"))
     ap.add_argument("--rate", type=int, default=0, help="guest dirty rate, pages/s")
     ap.add_argument("--wss", type=parse_size, default=None, help="guest working set, bytes")
-    ap.add_argument("--pattern", choices=["random", "seq"], default="random")
+    ap.add_argument("--pattern", choices=["random", "seq", "hotcold"], default="random")
+    ap.add_argument("--hot", type=float, default=0.1, help="hotcold: hot fraction of the pages")
+    ap.add_argument("--hotw", type=float, default=0.9, help="hotcold: fraction of writes to hot pages")
     ap.add_argument("--mode", choices=["tcp", "multifd"], default="tcp")
     ap.add_argument("--channels", type=int, default=2)
     ap.add_argument("--max-bandwidth", type=parse_size, default=UNLIMITED_BANDWIDTH)
@@ -349,7 +354,10 @@ def main() -> int:
     ap.add_argument("--accel", default="tcg")
     ap.add_argument("--machine", default="q35")
     ap.add_argument("--cpu", default="max")
-    ap.add_argument("--warmup", type=float, default=3.0, help="s of dirtying before migrate")
+    ap.add_argument("--warmup", type=float, default=2.0,
+                    help="s of dirtying before migrate (fastmig's bench default: 2)")
+    ap.add_argument("--no-prefill", action="store_true",
+                    help="touch only the working set, not all free guest memory")
     ap.add_argument("--ready-timeout", type=float, default=None, help="s; default scales with --mem")
     ap.add_argument("--migrate-timeout", type=float, default=300.0, help="s per migration")
     ap.add_argument("--qmp-timeout", type=float, default=15.0, help="s per QMP command")
@@ -362,6 +370,8 @@ def main() -> int:
         args.ready_timeout = 60 + 120 * args.mem / (1 << 30)
     if args.rate < 0 or args.channels < 1 or args.repeat < 1:
         ap.error("--rate must be >= 0, --channels and --repeat >= 1")
+    if not (0 <= args.hot <= 1 and 0 <= args.hotw <= 1):
+        ap.error("--hot and --hotw are fractions in [0, 1]")
     os.makedirs(args.workdir, exist_ok=True)
 
     # SIGTERM from the wrapper's trap: unwind through `finally` to kill QEMUs.
