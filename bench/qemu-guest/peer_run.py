@@ -222,8 +222,7 @@ def run_once(args, rep: int) -> dict:
         t_boot = time.monotonic()
         wait_ready(src, args.ready_timeout)
         boot_s = time.monotonic() - t_boot
-        # Let the dirty rate settle so the migration starts under load
-        # (at least one full 1 s rate line must exist).
+        # Let the dirty rate settle so the migration starts under load.
         time.sleep(args.warmup)
         text = src.serial()
         fm = FM_RE.search(text)
@@ -233,8 +232,10 @@ def run_once(args, rep: int) -> dict:
             result["filled_bytes"] = int(info.get("filled_bytes", 0))
             result["guest_fill_ms"] = int(info.get("fill_ms", 0))
         result["boot_to_ready_s"] = round(boot_s, 2)
-        pre = last_rates(text, 3)
-        result["guest_rate_pps_before"] = min(pre) if pre else None
+        # The last full second before `migrate` (the first one after READY
+        # includes start-up and reads low).
+        pre = last_rates(text, 1)
+        result["guest_rate_pps_before"] = pre[0] if pre else None
 
         caps = [{"capability": "multifd", "state": args.mode == "multifd"}]
         params = {}
