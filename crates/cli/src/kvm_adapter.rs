@@ -27,6 +27,11 @@ impl KvmMigratable {
             dirty: Mutex::new(None),
         }
     }
+
+    /// The wrapped VM.
+    pub fn vm(&self) -> &Arc<Vm> {
+        &self.vm
+    }
 }
 
 fn vm_err(what: &str) -> impl FnOnce(fastmig_vmm::VmmError) -> VmError + '_ {

@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fastmig_migration::{Endpoint, Listener, ReceiveOptions, ReceiveSummary};
+use fastmig_migration::{
+    Endpoint, HandoverRegion, IncomingVm, Listener, ReceiveOptions, ReceiveSummary, VmError,
+    VmLayout,
+};
 use fastmig_vmm::{Vm, VmConfig};
 use serde_json::{json, Value};
 
@@ -53,7 +56,8 @@ pub struct IncomingArgs {
     #[arg(long)]
     pub api: Option<PathBuf>,
     /// Guest memory size. With it, the VM and its memory are prepared (pre-faulted) before
-    /// the migration begins, and a source of another size is refused. Required for now.
+    /// the migration begins, and a source of another size is refused. Without it, the VM is
+    /// built to the source's size during setup (counted in the setup time).
     #[arg(long)]
     pub mem: Option<String>,
     /// Number of vCPUs the source must have.
@@ -164,32 +168,39 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         .map(units::parse_duration)
         .transpose()?;
     let io_timeout = units::parse_duration(&args.timeout)?;
-    let Some(mem) = &args.mem else {
-        return Err(usage!(
-            "incoming needs --mem SIZE (the guest memory is prepared before the migration begins)"
-        ));
-    };
-    let mem_size = units::parse_size(mem)?;
+    let mem_size = args.mem.as_deref().map(units::parse_size).transpose()?;
+    let vcpus = args.vcpus;
     let host = Host::incoming();
     let server = match &args.api {
         Some(path) => Some(api::ApiServer::start(Arc::clone(&host), path)?),
         None => None,
     };
     let result = (|| -> Result<()> {
-        // Built and pre-faulted before anyone connects, as a hypervisor creates the destination
-        // VM first: first-touch faults cost 2.5-14 us a page here and must not land in downtime.
-        let cfg = VmConfig {
+        let idle: fastmig_vmm::WorkloadSpec = "idle".parse().map_err(crate::vm_cmd::vmm_error)?;
+        let config = |mem_size: u64, vcpus: u8| VmConfig {
             mem_size,
-            vcpus: args.vcpus,
-            workload: "idle".parse().map_err(crate::vm_cmd::vmm_error)?,
+            vcpus,
+            // Replaced by the source's workload when its state is restored.
+            workload: idle.clone(),
         };
-        let t = Instant::now();
-        let vm = Arc::new(Vm::new_incoming(cfg).map_err(crate::vm_cmd::vmm_error)?);
-        tracing::info!(
-            ms = t.elapsed().as_secs_f64() * 1e3,
-            "destination memory prepared"
-        );
-        host.set_vm(Arc::clone(&vm));
+        // With --mem the VM is built and pre-faulted before anyone connects, as a hypervisor
+        // creates the destination VM first: first-touch faults cost 2.5-14 us a page here and
+        // must not land in the migration. Without it, the same happens during setup.
+        let prepared = match mem_size {
+            Some(mem_size) => {
+                let t = Instant::now();
+                let vm = Arc::new(
+                    Vm::new_incoming(config(mem_size, vcpus)).map_err(crate::vm_cmd::vmm_error)?,
+                );
+                tracing::info!(
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "destination memory prepared"
+                );
+                host.set_vm(Arc::clone(&vm));
+                IncomingVm::Prepared(KvmMigratable::new(vm))
+            }
+            None => IncomingVm::OnDemand,
+        };
         let listener = Listener::bind(&endpoint).map_err(|e| {
             usage!(
                 "cannot listen on {}: {}",
@@ -203,10 +214,14 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
             io_timeout,
             ..ReceiveOptions::default()
         };
-        let adapter = KvmMigratable::new(Arc::clone(&vm));
-        let summary = fastmig_migration::receive(&adapter, &listener, &opts).map_err(|e| {
-            anyhow::Error::new(e).context("incoming migration failed; the VM was not started")
-        })?;
+        let make_vm = |layout: &VmLayout, regions: Option<Vec<HandoverRegion>>| {
+            build_destination_vm(layout, regions, &config)
+        };
+        let (vm, summary) = fastmig_migration::receive_any(&listener, &opts, prepared, make_vm)
+            .map_err(|e| {
+                anyhow::Error::new(e).context("incoming migration failed; the VM was not started")
+            })?;
+        host.set_vm(Arc::clone(vm.vm()));
         host.incoming_done();
         report_incoming(&summary, args.json)?;
         crate::vm_cmd::install_termination_handlers();
@@ -219,6 +234,33 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         vm.shutdown();
     }
     result
+}
+
+/// Builds the destination VM during setup: on fresh, pre-faulted memory of the source's size,
+/// or (handover) on the source's own memfd, so that nothing is copied.
+fn build_destination_vm(
+    layout: &VmLayout,
+    regions: Option<Vec<HandoverRegion>>,
+    config: &dyn Fn(u64, u8) -> VmConfig,
+) -> Result<KvmMigratable, VmError> {
+    let vcpus = u8::try_from(layout.vcpus)
+        .map_err(|_| VmError::msg(format!("{} vCPUs is more than this VMM runs", layout.vcpus)))?;
+    let cfg = config(layout.memory_bytes(), vcpus);
+    let vm = match regions {
+        None => Vm::new_incoming(cfg),
+        Some(mut regions) => {
+            // This VMM maps all guest memory as one memfd region at GPA 0.
+            let single = regions.len() == 1 && regions[0].gpa == 0 && regions[0].fd_offset == 0;
+            let Some(region) = regions.pop().filter(|_| single) else {
+                return Err(VmError::msg(
+                    "handover: this VMM takes one memory region at GPA 0, offset 0",
+                ));
+            };
+            Vm::from_memory_fd(cfg, region.fd)
+        }
+    }
+    .map_err(|e| VmError::with_source("building the destination VM", e))?;
+    Ok(KvmMigratable::new(Arc::new(vm)))
 }
 
 fn report_incoming(summary: &ReceiveSummary, as_json: bool) -> Result<()> {

@@ -459,11 +459,12 @@ fn run<V: MigratableVm + ?Sized>(
         // Pre-copy.
         s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
         g.dirty_on = true;
+        // The log counts from here: the first sync's pages were dirtied during the full pass.
+        let mut last_sync = Instant::now();
         let all: Vec<usize> = (0..npages).collect();
         s.send_round(&all, 0.0, false)?;
         write_message(&mut control, &Message::RoundEnd { round: 1 })
             .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
-        let mut last_sync = Instant::now();
         let mut prev_dirty = usize::MAX;
         let mut stalled = 0u32;
         let mut forced = false;

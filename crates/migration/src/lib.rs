@@ -54,7 +54,9 @@ pub use digest::{hash_page_bytes, PageHashes};
 pub use engine::{migrate, BadPolicy, MigrateOptions, OnNoConverge, ProgressFn};
 pub use error::MigrationError;
 pub use guestmem::{BadRegion, GuestMemory};
-pub use receive::{receive, receive_handover, receive_on, HandoverRegion, ReceiveOptions};
+pub use receive::{
+    receive, receive_any, receive_handover, receive_on, HandoverRegion, IncomingVm, ReceiveOptions,
+};
 pub use summary::{MigrationStatus, MigrationSummary, Phase, Progress, ReceiveSummary, RoundStats};
 pub use transport::{BadTransport, TransportKind};
 pub use util::{thread_cpu_time, CancelToken, TokenBucket};

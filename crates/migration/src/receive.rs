@@ -23,7 +23,8 @@ use crate::error::{wire, MigrationError};
 use crate::fdpass::recv_frame_with_fds;
 use crate::guestmem::GuestMemory;
 use crate::protocol::{
-    read_message, write_message, HelloReply, Message, ProtocolError, Resumed, PROTOCOL_VERSION,
+    read_message, write_message, Hello, HelloReply, Message, ProtocolError, Resumed,
+    PROTOCOL_VERSION,
 };
 use crate::summary::ReceiveSummary;
 use crate::transport::classic::ClassicDest;
@@ -82,31 +83,36 @@ pub fn receive_on<V: MigratableVm + ?Sized>(
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
     let mut transport: Option<Box<dyn DestTransport>> = None;
-    let r = run(vm, &mut control, listener, opts, &mut transport, t0, cpu0);
-    match r {
+    match run(
+        vm,
+        &mut control,
+        listener,
+        opts,
+        &mut transport,
+        t0,
+        cpu0,
+        None,
+    ) {
         Ok(s) => Ok(s),
-        Err(mut e) => {
-            if let Some(t) = transport.as_mut() {
-                if let Some(root) = t.abort() {
-                    e = root;
-                }
-            }
-            warn!(error = %e, "incoming migration failed; VM not resumed");
-            if !matches!(
-                e,
-                MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }
-            ) {
-                let _ = control.set_timeouts(Some(Duration::from_millis(300)));
-                let _ = write_message(
-                    &mut control,
-                    &Message::Failed {
-                        reason: format!("destination: {e}"),
-                    },
-                );
-            }
-            Err(e)
+        Err(e) => Err(fail_incoming(&mut control, transport.as_mut(), e)),
+    }
+}
+
+/// After a failed receive: prefers the transport's root cause, logs, and tells the source
+/// `Failed` (unless it was the source that failed or refused).
+fn fail_incoming(
+    control: &mut Conn,
+    transport: Option<&mut Box<dyn DestTransport>>,
+    mut e: MigrationError,
+) -> MigrationError {
+    if let Some(t) = transport {
+        if let Some(root) = t.abort() {
+            e = root;
         }
     }
+    let r: Result<(), _> = Err(e);
+    report_failure(control, &r, "migration");
+    r.err().unwrap_or(MigrationError::Cancelled)
 }
 
 /// Waits until the control stream has data. While it is idle, page data arriving on other
@@ -149,25 +155,8 @@ fn wait_for_control(
     }
 }
 
-fn refuse(control: &mut Conn, reason: String) -> MigrationError {
-    let reply = HelloReply {
-        version: PROTOCOL_VERSION,
-        accepted: false,
-        reason: Some(reason.clone()),
-    };
-    let _ = write_message(control, &Message::HelloReply(reply));
-    MigrationError::Incompatible { reason }
-}
-
-fn run<V: MigratableVm + ?Sized>(
-    vm: &V,
-    control: &mut Conn,
-    listener: &Listener,
-    opts: &ReceiveOptions,
-    transport: &mut Option<Box<dyn DestTransport>>,
-    t0: Instant,
-    cpu0: f64,
-) -> Result<ReceiveSummary, MigrationError> {
+/// Reads the source's `Hello` and refuses a peer of another protocol version.
+fn read_hello(control: &mut Conn, opts: &ReceiveOptions) -> Result<Hello, MigrationError> {
     control
         .set_timeouts(Some(opts.io_timeout))
         .map_err(|e| MigrationError::TransportSetup {
@@ -193,6 +182,35 @@ fn run<V: MigratableVm + ?Sized>(
             ),
         ));
     }
+    Ok(hello)
+}
+
+fn refuse(control: &mut Conn, reason: String) -> MigrationError {
+    let reply = HelloReply {
+        version: PROTOCOL_VERSION,
+        accepted: false,
+        reason: Some(reason.clone()),
+    };
+    let _ = write_message(control, &Message::HelloReply(reply));
+    MigrationError::Incompatible { reason }
+}
+
+// Private and called from the two entry points only; bundling would only rename the list.
+#[allow(clippy::too_many_arguments)]
+fn run<V: MigratableVm + ?Sized>(
+    vm: &V,
+    control: &mut Conn,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    transport: &mut Option<Box<dyn DestTransport>>,
+    t0: Instant,
+    cpu0: f64,
+    hello: Option<Hello>,
+) -> Result<ReceiveSummary, MigrationError> {
+    let hello = match hello {
+        Some(h) => h,
+        None => read_hello(control, opts)?,
+    };
     if let Some(reason) = hello.layout.incompatibility(&vm.layout()) {
         return Err(refuse(control, reason));
     }
@@ -378,23 +396,103 @@ where
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
     let mut control = listener.accept(opts.accept_timeout)?;
-    let r = handover_run(&mut control, opts, make_vm, t0, cpu0);
-    if let Err(e) = &r {
-        warn!(error = %e, "incoming handover failed; VM not resumed");
+    let r = handover_run(&mut control, opts, make_vm, t0, cpu0, None);
+    report_failure(&mut control, &r, "handover");
+    r
+}
+
+/// Logs a failed handover and tells the source why (unless the source said it first).
+fn report_failure<T>(control: &mut Conn, r: &Result<T, MigrationError>, what: &str) {
+    if let Err(e) = r {
+        warn!(error = %e, "incoming {what} failed; VM not resumed");
         if !matches!(
             e,
             MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }
         ) {
             let _ = control.set_timeouts(Some(Duration::from_millis(300)));
             let _ = write_message(
-                &mut control,
+                control,
                 &Message::Failed {
                     reason: format!("destination: {e}"),
                 },
             );
         }
     }
-    r
+}
+
+/// The destination's VM when a source connects to [`receive_any`].
+pub enum IncomingVm<V> {
+    /// Built before the migration, memory prepared: the source must match its layout.
+    Prepared(V),
+    /// Not built yet: made during setup from the source's announced layout.
+    OnDemand,
+}
+
+/// Receives one migration of any transport from the first source that connects.
+///
+/// The source's `Hello` decides the path. A `handover` builds the VM on the source's own
+/// memory with `make_vm(layout, Some(regions))` (a prepared VM is then dropped unused); any
+/// other transport uses the prepared VM, or builds one with `make_vm(layout, None)` during
+/// setup (counted in `setup_ms`). Returns the VM, running, and the summary; on error the VM
+/// is dropped without ever having been resumed.
+pub fn receive_any<V, F>(
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    vm: IncomingVm<V>,
+    make_vm: F,
+) -> Result<(V, ReceiveSummary), MigrationError>
+where
+    V: MigratableVm,
+    F: FnOnce(&VmLayout, Option<Vec<HandoverRegion>>) -> Result<V, VmError>,
+{
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let mut control = listener.accept(opts.accept_timeout)?;
+    let hello = match read_hello(&mut control, opts) {
+        Ok(h) => h,
+        Err(e) => {
+            let r: Result<(), _> = Err(e);
+            report_failure(&mut control, &r, "migration");
+            return Err(r.err().unwrap_or(MigrationError::Cancelled));
+        }
+    };
+    if hello.transport == "handover" {
+        drop(vm);
+        let r = handover_run(
+            &mut control,
+            opts,
+            |layout: &VmLayout, regions| make_vm(layout, Some(regions)),
+            t0,
+            cpu0,
+            Some(hello),
+        );
+        report_failure(&mut control, &r, "handover");
+        return r;
+    }
+    let vm = match vm {
+        IncomingVm::Prepared(vm) => vm,
+        IncomingVm::OnDemand => match make_vm(&hello.layout, None) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let reason = format!("cannot build a VM for this source: {e}");
+                return Err(refuse(&mut control, reason));
+            }
+        },
+    };
+    let mut transport: Option<Box<dyn DestTransport>> = None;
+    match run(
+        &vm,
+        &mut control,
+        listener,
+        opts,
+        &mut transport,
+        t0,
+        cpu0,
+        Some(hello),
+    ) {
+        Ok(summary) => Ok((vm, summary)),
+        Err(e) => Err(fail_incoming(&mut control, transport.as_mut(), e)),
+    }
 }
 
 fn handover_run<V, F>(
@@ -403,36 +501,16 @@ fn handover_run<V, F>(
     make_vm: F,
     t0: Instant,
     cpu0: f64,
+    hello: Option<Hello>,
 ) -> Result<(V, ReceiveSummary), MigrationError>
 where
     V: MigratableVm,
     F: FnOnce(&VmLayout, Vec<HandoverRegion>) -> Result<V, VmError>,
 {
-    control
-        .set_timeouts(Some(opts.io_timeout))
-        .map_err(|e| MigrationError::TransportSetup {
-            reason: "setting control stream timeouts".into(),
-            source: Some(e),
-        })?;
-    let hello =
-        match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
-            Message::Hello(h) => h,
-            other => {
-                return Err(MigrationError::Unexpected {
-                    phase: "handshake",
-                    got: other.name().into(),
-                })
-            }
-        };
-    if hello.version != PROTOCOL_VERSION {
-        return Err(refuse(
-            control,
-            format!(
-                "protocol version mismatch: source speaks {}, destination speaks {PROTOCOL_VERSION}",
-                hello.version
-            ),
-        ));
-    }
+    let hello = match hello {
+        Some(h) => h,
+        None => read_hello(control, opts)?,
+    };
     if hello.transport != "handover" {
         return Err(refuse(
             control,
