@@ -61,8 +61,8 @@ pub struct SimulateArgs {
     /// CloudSim reference CSV to compare a `--sweep` against (columns day,policy,param,...).
     #[arg(long)]
     reference: Option<PathBuf>,
-    /// Approximate PABFD for very large runs: stop each host search after this many candidate
-    /// hosts once a valid one is found (0 = exact CloudSim semantics).
+    /// Approximate PABFD for very large runs: examine at most this many candidate hosts per
+    /// VM (most promising first) and take the best valid one seen (0 = exact semantics).
     #[arg(long, default_value_t = 0)]
     pabfd_budget: usize,
     /// Worker threads for sweeps.

@@ -52,8 +52,9 @@ pub struct SimOptions {
     /// Use the bucketed PABFD index instead of a full scan when there are at least this many
     /// hosts. Both give identical placements; the index is faster for large data centres.
     pub index_min_hosts: usize,
-    /// Approximation for very large data centres: when non-zero, an indexed PABFD search stops
-    /// after examining this many candidate hosts once it has found a valid one (0 = exact).
+    /// Approximation for very large data centres: when non-zero, an indexed PABFD search
+    /// examines at most this many candidate hosts, in order of their bucket's lower bound, and
+    /// returns the best valid one seen (or none). 0 = exact.
     pub pabfd_budget: usize,
 }
 
@@ -823,7 +824,7 @@ impl<'a> Simulation<'a> {
             for &h in &index.buckets[ty][b] {
                 consider(h, &mut best);
                 examined += 1;
-                if budget > 0 && examined >= budget && best.is_some() {
+                if budget > 0 && examined >= budget {
                     break 'buckets;
                 }
             }
