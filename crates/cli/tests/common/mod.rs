@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -67,10 +67,27 @@ pub fn api(path: &Path, execute: &str, args: Value) -> Result<Value, Value> {
     }
 }
 
+/// Generous deadline for anything a loaded 2-core machine should finish "soon".
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `f` every 20 ms until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out ({timeout:?}) waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A `fastmig` process with a control socket, killed on drop.
 pub struct Proc {
     pub child: Child,
     pub api: PathBuf,
+    /// Where its stderr goes.
+    pub log_path: PathBuf,
 }
 
 impl Proc {
@@ -87,6 +104,7 @@ impl Proc {
         let mut p = Proc {
             child,
             api: api_path.to_path_buf(),
+            log_path: dir.join(format!("{name}.log")),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -104,8 +122,120 @@ impl Proc {
         }
     }
 
+    /// `fastmig run --mem MEM --workload WORKLOAD --api DIR/NAME.sock`, waited until running.
+    pub fn run(dir: &Path, name: &str, mem: &str, workload: &str) -> Proc {
+        Proc::run_with(dir, name, mem, workload, &[])
+    }
+
+    /// [`Proc::run`] with extra arguments (e.g. `--prefill`).
+    pub fn run_with(dir: &Path, name: &str, mem: &str, workload: &str, extra: &[&str]) -> Proc {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut args = vec![
+            "run",
+            "--mem",
+            mem,
+            "--workload",
+            workload,
+            "--api",
+            path_str(&sock),
+        ];
+        args.extend_from_slice(extra);
+        let p = Proc::spawn(dir, name, &args, &sock);
+        p.wait_status("running", PATIENCE);
+        p
+    }
+
+    /// `fastmig incoming --listen LISTEN --mem MEM --api DIR/NAME.sock [extra...]`, waited
+    /// until it listens (its control socket opens before the listener binds).
+    pub fn incoming(dir: &Path, name: &str, listen: &str, mem: &str, extra: &[&str]) -> Proc {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut args = vec![
+            "incoming",
+            "--listen",
+            listen,
+            "--mem",
+            mem,
+            "--api",
+            path_str(&sock),
+        ];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn(dir, name, &args, &sock);
+        wait_until(&format!("{name} to listen on {listen}"), PATIENCE, || {
+            if let Ok(Some(st)) = p.child.try_wait() {
+                panic!("{name} exited early ({st}): {}", p.log());
+            }
+            p.log().contains("waiting for an incoming migration").then_some(())
+        });
+        p
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     pub fn status(&self) -> Value {
         api(&self.api, "query-status", json!({})).expect("query-status")
+    }
+
+    /// `query-status`, or `None` when the socket does not answer (process gone).
+    pub fn try_status(&self) -> Option<Value> {
+        api(&self.api, "query-status", json!({})).ok()
+    }
+
+    /// Waits until `query-status` says `status`; returns that reply.
+    pub fn wait_status(&self, status: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_status() {
+                if st["status"] == status {
+                    return st;
+                }
+                last = st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never became {status}; last {last}; log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the guest's progress counter exceeds `than` (the VM really runs).
+    pub fn wait_progress_above(&self, than: u64) -> u64 {
+        wait_until(
+            &format!("progress above {than} ({})", self.api.display()),
+            PATIENCE,
+            || self.progress_opt().filter(|&p| p > than),
+        )
+    }
+
+    fn progress_opt(&self) -> Option<u64> {
+        self.try_status()?["progress"].as_u64()
+    }
+
+    /// `verify-memory`, asserting it checked pages and found no error.
+    pub fn assert_memory_intact(&self) -> Value {
+        let r = api(&self.api, "verify-memory", json!({}))
+            .unwrap_or_else(|e| panic!("verify-memory failed: {e}"));
+        assert_eq!(r["errors"].as_u64(), Some(0), "verify-memory: {r}");
+        assert!(
+            r["pages_checked"].as_u64().is_some_and(|n| n > 0),
+            "verify-memory checked nothing: {r}"
+        );
+        r
+    }
+
+    /// After a failed migration: the source is `running` again, its guest makes progress,
+    /// and every page it can check is intact.
+    pub fn assert_still_runs_here(&self) {
+        let st = self.wait_status("running", PATIENCE);
+        assert_eq!(st["migrating"], false, "{st}");
+        let p = st["progress"].as_u64().expect("progress");
+        self.wait_progress_above(p);
+        self.assert_memory_intact();
     }
 
     pub fn progress(&self) -> u64 {
@@ -136,6 +266,157 @@ impl Drop for Proc {
     }
 }
 
+/// A path as `&str` (temp paths are UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// A fresh temp dir for one test's sockets and logs.
+pub fn workdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("fastmig-e2e")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// A `fastmig migrate` (or other short-lived) client running in the background, with its
+/// stdout and stderr captured in files (pipes could fill up and block it).
+pub struct Client {
+    pub child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+/// What a finished [`Client`] printed.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Client {
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Client {
+        let out = dir.join(format!("{name}.stdout"));
+        let err = dir.join(format!("{name}.stderr"));
+        let child = Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("stdout file"))
+            .stderr(std::fs::File::create(&err).expect("stderr file"))
+            .spawn()
+            .expect("spawn fastmig");
+        Client { child, out, err }
+    }
+
+    /// Waits (up to `timeout`, else panics) for the client to exit.
+    pub fn finish(mut self, timeout: Duration) -> Finished {
+        let st = wait_until("the client to exit", timeout, || {
+            self.child.try_wait().ok().flatten()
+        });
+        Finished {
+            code: st.code(),
+            stdout: std::fs::read_to_string(&self.out).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&self.err).unwrap_or_default(),
+        }
+    }
+
+    /// Sends a signal (e.g. `libc::SIGINT`) to the client.
+    pub fn signal(&self, sig: i32) {
+        let rc = send_signal(self.child.id(), sig);
+        assert_eq!(rc, 0, "kill({}, {sig})", self.child.id());
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `kill(2)` through the `kill` utility, so the tests need no `unsafe`.
+pub fn send_signal(pid: u32, sig: i32) -> i32 {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    st.code().unwrap_or(-1)
+}
+
+impl Finished {
+    /// The command failed at runtime (exit 1) with exactly one stderr line that contains
+    /// every one of `needles` (case-insensitive).
+    pub fn assert_failed_with(&self, needles: &[&str]) -> &str {
+        self.assert_one_line_exit(1, needles)
+    }
+
+    /// Exit code `code` and exactly one stderr line containing every one of `needles`.
+    pub fn assert_one_line_exit(&self, code: i32, needles: &[&str]) -> &str {
+        assert_eq!(self.code, Some(code), "exit code; {self:?}");
+        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "want one stderr line, got {:?}", self.stderr);
+        let lower = lines[0].to_lowercase();
+        for n in needles {
+            assert!(
+                lower.contains(&n.to_lowercase()),
+                "stderr {:?} should mention {n:?}",
+                lines[0]
+            );
+        }
+        lines[0]
+    }
+}
+
+/// Runs `fastmig migrate --api SRC --to TO [extra...]` to completion (bounded by `PATIENCE`).
+pub fn migrate(dir: &Path, src: &Proc, to: &str, extra: &[&str]) -> Finished {
+    migrate_spawn(dir, src, to, extra).finish(PATIENCE)
+}
+
+/// Starts `fastmig migrate --api SRC --to TO [extra...]` in the background.
+pub fn migrate_spawn(dir: &Path, src: &Proc, to: &str, extra: &[&str]) -> Client {
+    let mut args = vec!["migrate", "--api", path_str(&src.api), "--to", to];
+    args.extend_from_slice(extra);
+    Client::spawn(dir, "migrate", &args)
+}
+
+/// Waits until the source reports an active migration that has sent at least `bytes`.
+pub fn wait_bytes_sent(src: &Proc, bytes: u64) {
+    wait_until(
+        &format!("the source to send {bytes} bytes"),
+        PATIENCE,
+        || {
+            let m = api(&src.api, "query-migrate", json!({})).ok()?;
+            if m["status"] != "active" {
+                assert!(
+                    m["status"] == "none",
+                    "migration ended before {bytes} bytes: {m}"
+                );
+                return None;
+            }
+            (m["progress"]["bytes_sent"].as_u64()? >= bytes).then_some(())
+        },
+    );
+}
+
+/// After a failed migration, the destination must never have run the VM: its process exits
+/// non-zero (within `PATIENCE`), and while it was alive it never said `running`.
+pub fn assert_destination_never_resumed(dst: &mut Proc) {
+    let code = wait_until("the destination to exit", PATIENCE, || {
+        if let Some(st) = dst.try_status() {
+            assert_ne!(st["status"], "running", "destination resumed: {}", dst.log());
+        }
+        dst.child.try_wait().ok().flatten()
+    });
+    assert_ne!(code.code(), Some(0), "destination exit; log: {}", dst.log());
+    assert!(
+        !dst.log().contains("VM running"),
+        "destination says it runs the VM: {}",
+        dst.log()
+    );
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -152,12 +433,66 @@ pub enum Fault {
     CorruptAt(u64),
     /// Close both directions after this many bytes.
     TruncateAt(u64),
+    /// Flip one bit in the middle of the data of the n-th (0-based) non-zero classic `Page`
+    /// frame, found by following the frame headers of the stream (classic transport only:
+    /// batches have unframed data behind them).
+    CorruptPageData(u64),
+}
+
+/// Follows frame boundaries of a classic stream to find the n-th non-zero page's data.
+struct FrameWalker {
+    /// Stream offset where the next frame header starts.
+    next_frame: u64,
+    header: Vec<u8>,
+    /// Non-zero page frames seen.
+    pages: u64,
+}
+
+impl FrameWalker {
+    /// Feeds `chunk` (at stream offset `offset`); returns the stream offset of the byte to
+    /// corrupt once the target frame's header has been seen.
+    fn feed(&mut self, offset: u64, chunk: &[u8], target: u64) -> Option<u64> {
+        let mut hit = None;
+        let end = offset + chunk.len() as u64;
+        let mut at = offset;
+        while at < end {
+            if at < self.next_frame {
+                at = self.next_frame;
+                continue;
+            }
+            // Collect the 16-byte header, possibly across chunks.
+            let need = 16 - self.header.len();
+            let take = need.min((end - at) as usize);
+            let from = (at - offset) as usize;
+            self.header.extend_from_slice(&chunk[from..from + take]);
+            at += take as u64;
+            if self.header.len() < 16 {
+                break;
+            }
+            let kind = self.header[6];
+            let flags = self.header[7];
+            let len = u32::from_le_bytes(self.header[8..12].try_into().expect("4 bytes")) as u64;
+            self.header.clear();
+            let payload_start = at;
+            self.next_frame = payload_start + len;
+            if kind == 4 && flags & 1 == 0 && len == 8 + 4096 {
+                if self.pages == target && hit.is_none() {
+                    // Skip the gpa, land in the middle of the page bytes.
+                    hit = Some(payload_start + 8 + 2048);
+                }
+                self.pages += 1;
+            }
+        }
+        hit
+    }
 }
 
 /// A one-connection TCP proxy from `listen` to `target` that injects a [`Fault`].
 pub struct FaultProxy {
     pub port: u16,
     pub forwarded: Arc<AtomicU64>,
+    /// Set once the corrupting fault has actually flipped a bit.
+    pub corrupted: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -167,6 +502,8 @@ impl FaultProxy {
         let port = listener.local_addr().expect("addr").port();
         let forwarded = Arc::new(AtomicU64::new(0));
         let fwd = forwarded.clone();
+        let corrupted = Arc::new(AtomicBool::new(false));
+        let flipped = corrupted.clone();
         let handle = std::thread::spawn(move || {
             // Serve connections until one carries the fault; extra streams (multi-tcp)
             // are forwarded each on its own thread.
@@ -183,7 +520,10 @@ impl FaultProxy {
                         let server = TcpStream::connect(("127.0.0.1", target_port))
                             .expect("connect to destination");
                         let fwd = fwd.clone();
-                        threads.push(std::thread::spawn(move || pump(client, server, fault, fwd)));
+                        let flipped = flipped.clone();
+                        threads.push(std::thread::spawn(move || {
+                            pump(client, server, fault, fwd, flipped)
+                        }));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if !threads.is_empty() && threads.iter().all(|t: &JoinHandle<()>| t.is_finished()) {
@@ -201,6 +541,7 @@ impl FaultProxy {
         FaultProxy {
             port,
             forwarded,
+            corrupted,
             handle: Some(handle),
         }
     }
@@ -214,7 +555,13 @@ impl Drop for FaultProxy {
     }
 }
 
-fn pump(client: TcpStream, server: TcpStream, fault: Fault, fwd: Arc<AtomicU64>) {
+fn pump(
+    client: TcpStream,
+    server: TcpStream,
+    fault: Fault,
+    fwd: Arc<AtomicU64>,
+    fwd_corrupted: Arc<AtomicBool>,
+) {
     // Destination -> source: plain copy.
     let mut back_src = server.try_clone().expect("clone");
     let mut back_dst = client.try_clone().expect("clone");
@@ -226,16 +573,33 @@ fn pump(client: TcpStream, server: TcpStream, fault: Fault, fwd: Arc<AtomicU64>)
     let mut to = server;
     let mut buf = vec![0u8; 64 * 1024];
     let mut offset = 0u64;
+    let mut walker = FrameWalker {
+        next_frame: 0,
+        header: Vec::new(),
+        pages: 0,
+    };
+    let mut corrupt_at: Option<u64> = match fault {
+        Fault::CorruptAt(at) => Some(at),
+        _ => None,
+    };
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let chunk = &mut buf[..n];
-        match fault {
-            Fault::CorruptAt(at) if at >= offset && at < offset + n as u64 => {
-                chunk[(at - offset) as usize] ^= 0x10;
+        if let Fault::CorruptPageData(target) = fault {
+            if let Some(at) = walker.feed(offset, chunk, target) {
+                corrupt_at = Some(at);
             }
+        }
+        if let Some(at) = corrupt_at {
+            if at >= offset && at < offset + n as u64 {
+                chunk[(at - offset) as usize] ^= 0x10;
+                fwd_corrupted.store(true, Ordering::Relaxed);
+            }
+        }
+        match fault {
             Fault::TruncateAt(at) if offset + n as u64 >= at => {
                 let keep = (at - offset.min(at)) as usize;
                 let _ = to.write_all(&chunk[..keep]);
