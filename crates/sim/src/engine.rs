@@ -760,8 +760,12 @@ impl<'a> Simulation<'a> {
             consider(h, &mut best);
         }
         for (&(ty, bits), set) in &index.empty {
-            let model = &self.spec.host_types[ty].power;
-            if off_excluded && f64::from_bits(bits) == model.power(0.0) {
+            let t = &self.spec.host_types[ty];
+            if off_excluded && f64::from_bits(bits) == t.power.power(0.0) {
+                continue;
+            }
+            // No host of this type can take the VM: do not walk the group.
+            if t.pe_mips < vm.requested_mips || t.total_mips() < vm.requested_mips {
                 continue;
             }
             for &h in set {
