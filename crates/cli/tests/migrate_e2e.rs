@@ -46,7 +46,11 @@ fn migrate_and_check(case: &Case) -> Value {
     );
 
     // Exactly one JSON object on stdout.
-    let lines: Vec<&str> = out.stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
     assert_eq!(lines.len(), 1, "want one JSON line: {:?}", out.stdout);
     let summary: Value = serde_json::from_str(lines[0]).expect("summary is JSON");
     check_summary(&summary, case);
@@ -70,7 +74,11 @@ fn migrate_and_check(case: &Case) -> Value {
     // The guest keeps going on the destination...
     dst.wait_progress_above(dst_progress);
     // ...and not on the source.
-    assert_eq!(src.progress(), src_progress, "the source VM moved after migrating");
+    assert_eq!(
+        src.progress(),
+        src_progress,
+        "the source VM moved after migrating"
+    );
 
     // Only a `verify` guest stamps its pages in a checkable way; the others are refused.
     if case.workload.starts_with("verify") {
@@ -95,10 +103,13 @@ fn check_summary(s: &Value, case: &Case) {
     let downtime = num("downtime_ms");
     let setup = num("setup_ms");
     assert!(total > 0.0, "{s}");
-    assert!(downtime > 0.0 && downtime <= total, "downtime vs total: {s}");
+    assert!(
+        downtime > 0.0 && downtime <= total,
+        "downtime vs total: {s}"
+    );
     assert!(setup >= 0.0 && setup <= total, "setup vs total: {s}");
     let rounds = num("rounds");
-    assert!(rounds >= 1.0 && rounds <= 30.0, "rounds: {s}");
+    assert!((1.0..=30.0).contains(&rounds), "rounds: {s}");
     assert_eq!(rounds.fract(), 0.0, "rounds is a count: {s}");
     let pages = num("pages_sent");
     let bytes = num("bytes_sent");
@@ -114,9 +125,15 @@ fn check_summary(s: &Value, case: &Case) {
     let src_cpu = num("src_cpu_s");
     let dst_cpu = num("dst_cpu_s");
     assert!(src_cpu > 0.0, "the source must have spent some CPU: {s}");
-    assert!(dst_cpu > 0.0, "the destination must have spent some CPU: {s}");
+    assert!(
+        dst_cpu > 0.0,
+        "the destination must have spent some CPU: {s}"
+    );
     // CPU per side cannot exceed wall time times the two cores of this machine by much.
-    assert!(src_cpu * 1e3 <= total * 4.0 + 100.0, "src_cpu_s vs total: {s}");
+    assert!(
+        src_cpu * 1e3 <= total * 4.0 + 100.0,
+        "src_cpu_s vs total: {s}"
+    );
 }
 
 #[test]

@@ -77,7 +77,10 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out ({timeout:?}) waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out ({timeout:?}) waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -164,7 +167,9 @@ impl Proc {
             if let Ok(Some(st)) = p.child.try_wait() {
                 panic!("{name} exited early ({st}): {}", p.log());
             }
-            p.log().contains("waiting for an incoming migration").then_some(())
+            p.log()
+                .contains("waiting for an incoming migration")
+                .then_some(())
         });
         p
     }
@@ -355,8 +360,17 @@ impl Finished {
     /// Exit code `code` and exactly one stderr line containing every one of `needles`.
     pub fn assert_one_line_exit(&self, code: i32, needles: &[&str]) -> &str {
         assert_eq!(self.code, Some(code), "exit code; {self:?}");
-        let lines: Vec<&str> = self.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-        assert_eq!(lines.len(), 1, "want one stderr line, got {:?}", self.stderr);
+        let lines: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "want one stderr line, got {:?}",
+            self.stderr
+        );
         let lower = lines[0].to_lowercase();
         for n in needles {
             assert!(
@@ -405,7 +419,12 @@ pub fn wait_bytes_sent(src: &Proc, bytes: u64) {
 pub fn assert_destination_never_resumed(dst: &mut Proc) {
     let code = wait_until("the destination to exit", PATIENCE, || {
         if let Some(st) = dst.try_status() {
-            assert_ne!(st["status"], "running", "destination resumed: {}", dst.log());
+            assert_ne!(
+                st["status"],
+                "running",
+                "destination resumed: {}",
+                dst.log()
+            );
         }
         dst.child.try_wait().ok().flatten()
     });
@@ -507,9 +526,7 @@ impl FaultProxy {
         let handle = std::thread::spawn(move || {
             // Serve connections until one carries the fault; extra streams (multi-tcp)
             // are forwarded each on its own thread.
-            listener
-                .set_nonblocking(false)
-                .expect("blocking listener");
+            listener.set_nonblocking(false).expect("blocking listener");
             let mut threads = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(60);
             listener.set_nonblocking(true).ok();
@@ -526,7 +543,9 @@ impl FaultProxy {
                         }));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if !threads.is_empty() && threads.iter().all(|t: &JoinHandle<()>| t.is_finished()) {
+                        if !threads.is_empty()
+                            && threads.iter().all(|t: &JoinHandle<()>| t.is_finished())
+                        {
                             break;
                         }
                         std::thread::sleep(Duration::from_millis(5));
