@@ -179,6 +179,21 @@ impl GuestMemory {
         true
     }
 
+    /// 64-bit hash of page `page`, read in place (no copy into a buffer first).
+    ///
+    /// # Safety
+    /// Nothing may write the page during the call. Only for memory that this thread alone
+    /// writes, e.g. the shm source's mapping of the paused destination's memory, for a page
+    /// it has just copied itself; never for the memory of a VM that may run.
+    pub(crate) unsafe fn hash_page_unshared(&self, page: usize) -> Option<u64> {
+        let addr = self.run_addr(page, 1)?;
+        // SAFETY: `addr .. addr + PAGE_SIZE` lies inside a live mapping (struct invariant and
+        // the bounds check in `run_addr`), and the caller guarantees nobody writes it while
+        // the shared slice lives (this call).
+        let bytes = unsafe { &*(addr as *const [u8; PAGE_SIZE]) };
+        Some(crate::digest::hash_page_bytes(bytes))
+    }
+
     /// 64-bit hash of page `page` as it is now (copied first, then hashed).
     pub fn hash_page(&self, page: usize) -> Option<u64> {
         let mut buf = [0u8; PAGE_SIZE];

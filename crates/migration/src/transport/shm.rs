@@ -7,17 +7,72 @@
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
 use crate::conn::Conn;
+use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::{recv_frame_with_fds, send_frame_with_fds};
 use crate::guestmem::GuestMemory;
 use crate::protocol::{encode, FdRegion, Message, ProtocolError};
+use crate::util::{thread_cpu_time, CancelToken};
 use crate::vm::{MemoryRegion, VmLayout, PAGE_SIZE};
 
-/// Pages copied between two `Written` notifications (and token-bucket requests).
+/// Pages copied between two `Written` notifications (and token-bucket requests); also the
+/// unit of work handed to a copy thread.
 const NOTIFY_PAGES: usize = 512;
+/// Most copy threads per round. One copy thread is limited by memory latency, not bandwidth,
+/// so a second one helps even on two cores; more would only take CPU from the guest and the
+/// destination (which hashes what we copy).
+const MAX_COPY_THREADS: usize = 2;
+
+fn copy_threads() -> usize {
+    if let Some(n) = std::env::var("FASTMIG_SHM_THREADS").ok().and_then(|v| v.parse().ok()) {
+        return n;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_COPY_THREADS)
+}
+
+/// Send buffer of the control socket during shm (bytes; the kernel doubles it).
+const CONTROL_SNDBUF: libc::c_int = 8 << 10;
+
+/// Shrinks the send buffer of the control socket so that `Written` frames cannot run far
+/// ahead of the destination. The destination hashes every page it is told about; if it lags,
+/// its backlog is worked off after the pause, inside the downtime (about 50 ms per GiB of
+/// lag here). A small buffer makes the copy loop wait for it instead. Each small frame costs
+/// about 1 KiB of buffer accounting (skb overhead), so 16 KiB allow roughly 16 frames of
+/// `NOTIFY_PAGES` pages (32 MiB) in flight.
+fn limit_control_backlog(control: &Conn) -> Result<(), MigrationError> {
+    let v: libc::c_int = std::env::var("FASTMIG_SHM_SNDBUF")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CONTROL_SNDBUF);
+    if v == 0 {
+        return Ok(());
+    }
+    // SAFETY: `v` is a live c_int and its size is passed; the descriptor is our socket.
+    let r = unsafe {
+        libc::setsockopt(
+            control.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(MigrationError::TransportSetup {
+            reason: "limiting the control socket's send buffer".into(),
+            source: Some(std::io::Error::last_os_error()),
+        });
+    }
+    Ok(())
+}
 
 fn setup_err(reason: impl Into<String>) -> MigrationError {
     MigrationError::TransportSetup {
@@ -31,6 +86,12 @@ pub(crate) struct ShmSource {
     control: Conn,
     remote: GuestMemory,
     maps: Vec<(usize, usize)>,
+    /// Copy threads per `send_pages` call.
+    threads: usize,
+    /// The first call (the full pass) has been made.
+    first_pass_done: bool,
+    /// CPU seconds of the copy threads (when more than one).
+    cpu_s: f64,
 }
 
 impl ShmSource {
@@ -56,6 +117,9 @@ impl ShmSource {
             control: clone(control)?,
             remote: GuestMemory::new(&[]).map_err(MigrationError::Memory)?,
             maps: Vec::new(),
+            threads: copy_threads(),
+            first_pass_done: false,
+            cpu_s: 0.0,
         };
         let mut mrs = Vec::new();
         for ((r, fd), l) in regions.iter().zip(&fds).zip(&layout.regions) {
@@ -73,7 +137,23 @@ impl ShmSource {
             });
         }
         me.remote = GuestMemory::new(&mrs)?;
+        limit_control_backlog(&me.control)?;
         Ok(me)
+    }
+}
+
+#[cfg(test)]
+impl ShmSource {
+    /// A source writing into `remote` directly (no fd passing), for unit tests.
+    fn from_parts(control: Conn, remote: GuestMemory, threads: usize) -> Self {
+        Self {
+            control,
+            remote,
+            maps: Vec::new(),
+            threads,
+            first_pass_done: false,
+            cpu_s: 0.0,
+        }
     }
 }
 
@@ -120,7 +200,65 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationE
             source: Some(std::io::Error::last_os_error()),
         });
     }
-    Ok(p as usize)
+    let addr = p as usize;
+    if let Err(e) = populate(addr, len) {
+        // SAFETY: unmapping the mapping made above; nothing points into it yet.
+        unsafe { libc::munmap(p, len) };
+        return Err(e);
+    }
+    Ok(addr)
+}
+
+/// Bytes populated per `madvise` call (the unit of work of a populating thread).
+const POPULATE_CHUNK: usize = 32 << 20;
+
+/// Builds the page tables of the fresh mapping `addr .. addr + len` now, during setup, with
+/// the copy threads. Otherwise every first copy into a page takes a write fault (about
+/// 1-2 us here, as much as the copy itself). `MADV_POPULATE_READ` read-faults the pages,
+/// which the kernel does 16 at a time (fault-around); shmem needs no write notification, so
+/// the entries are writable at once. Unlike `MAP_POPULATE` it reports failures.
+fn populate(addr: usize, len: usize) -> Result<(), MigrationError> {
+    let chunks = len.div_ceil(POPULATE_CHUNK);
+    let next = AtomicUsize::new(0);
+    let work = || -> std::io::Result<()> {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= chunks {
+                return Ok(());
+            }
+            let start = addr + i * POPULATE_CHUNK;
+            let n = POPULATE_CHUNK.min(addr + len - start);
+            // SAFETY: `start .. start + n` lies inside the mapping `populate` was given;
+            // populating only faults pages in, it changes no byte.
+            if unsafe { libc::madvise(start as *mut libc::c_void, n, libc::MADV_POPULATE_READ) }
+                != 0
+            {
+                let e = std::io::Error::last_os_error();
+                // Kernels before 5.14: pages fault in during the copies instead.
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        }
+    };
+    let threads = copy_threads().min(chunks).max(1);
+    let results: Vec<std::io::Result<()>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut r = vec![work()];
+        r.extend(hs.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("populate thread panicked")))
+        }));
+        r
+    });
+    for r in results {
+        r.map_err(|e| MigrationError::TransportSetup {
+            reason: "populating the mapping of the destination's memory".into(),
+            source: Some(e),
+        })?;
+    }
+    Ok(())
 }
 
 impl Drop for ShmSource {
@@ -144,60 +282,78 @@ impl SourceTransport for ShmSource {
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {
+        let first_pass = !self.first_pass_done;
+        self.first_pass_done = true;
+        let chunks: Vec<&[usize]> = pages.chunks(NOTIFY_PAGES).collect();
+        let next = AtomicUsize::new(0);
+        let stop = CancelToken::new();
+        let control = Mutex::new(&mut self.control);
+        let job = CopyJob {
+            mem,
+            remote: &self.remote,
+            chunks: &chunks,
+            next: &next,
+            stop: &stop,
+            control: &control,
+            ctx,
+            first_pass,
+        };
+        let threads = self.threads.min(chunks.len()).max(1);
+        let results: Vec<(Result<PageStats, MigrationError>, f64)> = if threads == 1 {
+            // The calling thread's CPU time is already counted by the engine.
+            vec![(job.run(), 0.0)]
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|_| {
+                        let job = &job;
+                        s.spawn(move || {
+                            let c0 = thread_cpu_time();
+                            let r = job.run();
+                            if r.is_err() {
+                                job.stop.cancel();
+                            }
+                            (r, thread_cpu_time() - c0)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            (
+                                Err(MigrationError::Unexpected {
+                                    phase: "sending pages",
+                                    got: "a copy thread panicked".into(),
+                                }),
+                                0.0,
+                            )
+                        })
+                    })
+                    .collect()
+            })
+        };
         let mut stats = PageStats::default();
-        for chunk in pages.chunks(NOTIFY_PAGES) {
-            if ctx.cancel.is_cancelled() {
-                return Err(MigrationError::Cancelled);
-            }
-            if let Some(b) = ctx.bucket {
-                if !b.take(chunk.len() * PAGE_SIZE, ctx.cancel) {
-                    return Err(MigrationError::Cancelled);
+        let mut first_err = None;
+        for (r, cpu) in results {
+            self.cpu_s += cpu;
+            match r {
+                Ok(s) => stats.add(s),
+                // Keep the root cause, not the `Cancelled` it induced in the sibling.
+                Err(MigrationError::Cancelled) if !ctx.cancel.is_cancelled() => {
+                    first_err.get_or_insert(MigrationError::Cancelled);
                 }
-            }
-            let mut runs: Vec<(u64, u32)> = Vec::new();
-            for &p in chunk {
-                let (Some(from), Some(to)) = (mem.run_addr(p, 1), self.remote.run_addr(p, 1))
-                else {
-                    return Err(MigrationError::Unexpected {
-                        phase: "sending pages",
-                        got: format!("page {p} outside memory"),
-                    });
-                };
-                // SAFETY: both addresses are bounds-checked pages of live mappings (ours per the
-                // GuestMemory invariant, the destination's mapped in `open`); they are distinct
-                // mappings. The destination VM is paused until Commit, so nothing else writes
-                // `to`; the guest may write `from`, which only makes the page dirty again.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, PAGE_SIZE)
-                };
-                // Hash what landed, read back from the destination's memory.
-                ctx.hashes.set(p, self.remote.hash_page(p).unwrap_or(0));
-                let gpa = self.remote.page_gpa(p).unwrap_or(0);
-                match runs.last_mut() {
-                    Some((g, n))
-                        if *g + *n as u64 * PAGE_SIZE as u64 == gpa
-                            && p > 0
-                            && self.remote.same_region(p - 1, p) =>
-                    {
-                        *n += 1
+                Err(e) => {
+                    if matches!(first_err, None | Some(MigrationError::Cancelled)) {
+                        first_err = Some(e);
                     }
-                    _ => runs.push((gpa, 1)),
                 }
-                stats.pages += 1;
             }
-            let f = encode(&Message::Written(runs));
-            self.control.write_all(&f).map_err(|e| {
-                wire(
-                    "sending pages",
-                    ProtocolError::Io(e),
-                    MigrationError::SendPages,
-                )
-            })?;
-            stats.bytes += (chunk.len() * PAGE_SIZE + f.len()) as u64;
-            ctx.done_pages
-                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
         }
-        Ok(stats)
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
     }
 
     fn finish(&mut self) -> Result<(), MigrationError> {
@@ -205,7 +361,150 @@ impl SourceTransport for ShmSource {
     }
 
     fn worker_cpu_s(&self) -> f64 {
-        0.0
+        self.cpu_s
+    }
+}
+
+/// One `send_pages` call, shared by the copy threads: each takes the next chunk of
+/// `NOTIFY_PAGES` pages, copies it and names it in one `Written` frame.
+struct CopyJob<'a> {
+    mem: &'a GuestMemory,
+    remote: &'a GuestMemory,
+    chunks: &'a [&'a [usize]],
+    next: &'a AtomicUsize,
+    /// Set by a failing thread so that its sibling stops at its next chunk.
+    stop: &'a CancelToken,
+    control: &'a Mutex<&'a mut Conn>,
+    ctx: &'a SendCtx<'a>,
+    /// The full first pass: zero pages may be skipped where the destination is zero too.
+    first_pass: bool,
+}
+
+impl CopyJob<'_> {
+    fn run(&self) -> Result<PageStats, MigrationError> {
+        let mut stats = PageStats::default();
+        let mut written: Vec<(u64, u32)> = Vec::new();
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = self.chunks.get(i) else {
+                return Ok(stats);
+            };
+            if self.ctx.cancel.is_cancelled() || self.stop.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            if let Some(b) = self.ctx.bucket {
+                if !b.take(chunk.len() * PAGE_SIZE, self.ctx.cancel) {
+                    return Err(MigrationError::Cancelled);
+                }
+            }
+            written.clear();
+            let mut j = 0;
+            while j < chunk.len() {
+                // A run: consecutive page indices inside one region (contiguous on both sides).
+                let first = chunk[j];
+                let mut k = j + 1;
+                while k < chunk.len()
+                    && chunk[k] == chunk[k - 1] + 1
+                    && self.mem.same_region(chunk[k - 1], chunk[k])
+                {
+                    k += 1;
+                }
+                self.copy_run(first, k - j, &mut written, &mut stats)?;
+                j = k;
+            }
+            if !written.is_empty() {
+                let f = encode(&Message::Written(std::mem::take(&mut written)));
+                let mut control = self
+                    .control
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                control.write_all(&f).map_err(|e| {
+                    wire(
+                        "sending pages",
+                        ProtocolError::Io(e),
+                        MigrationError::SendPages,
+                    )
+                })?;
+                stats.bytes += f.len() as u64;
+            }
+            self.ctx
+                .done_pages
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Copies pages `first .. first + count` (one region) into the destination's memory,
+    /// records their hashes, and appends the copied spans to `written`.
+    fn copy_run(
+        &self,
+        first: usize,
+        count: usize,
+        written: &mut Vec<(u64, u32)>,
+        stats: &mut PageStats,
+    ) -> Result<(), MigrationError> {
+        let outside = || MigrationError::Unexpected {
+            phase: "sending pages",
+            got: format!("run {first}+{count} outside memory"),
+        };
+        let (Some(from), Some(to), Some(gpa)) = (
+            self.mem.run_addr(first, count),
+            self.remote.run_addr(first, count),
+            self.remote.page_gpa(first),
+        ) else {
+            return Err(outside());
+        };
+        let mut span: Option<usize> = None; // offset (in pages) of the pending copy span
+        let ours = written.len(); // entries before this are other runs (maybe other regions)
+        for t in 0..=count {
+            // In the first pass a page that is zero here *and* there needs no copy: the
+            // destination's table starts at the zero-page hash for every page. Both sides are
+            // checked, nothing is assumed about the destination's memory. A page the guest
+            // writes after our check is dirty and copied in a later round.
+            let skip = t < count
+                && self.first_pass
+                && self.mem.is_zero_page(first + t)
+                && self.remote.is_zero_page(first + t);
+            if t < count && !skip {
+                span.get_or_insert(t);
+                continue;
+            }
+            if skip {
+                self.ctx.hashes.set(first + t, zero_page_hash());
+                stats.zero_pages += 1;
+            }
+            let Some(s) = span.take() else { continue };
+            let n = t - s;
+            // SAFETY: `run_addr` bounds-checked both runs inside live mappings (ours per the
+            // GuestMemory invariant, the destination's mapped in `open`); they are distinct
+            // mappings. The destination VM is paused until Commit and each page belongs to one
+            // copy thread, so nothing else writes `to`; the guest may write `from`, which only
+            // makes the page dirty again.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (from + s * PAGE_SIZE) as *const u8,
+                    (to + s * PAGE_SIZE) as *mut u8,
+                    n * PAGE_SIZE,
+                )
+            };
+            // Hash what landed, read back from the destination's memory (still in cache).
+            for p in first + s..first + t {
+                // SAFETY: only this thread writes page `p` of the destination's memory (see
+                // above) and it is done writing it.
+                let h = unsafe { self.remote.hash_page_unshared(p) }.ok_or_else(outside)?;
+                self.ctx.hashes.set(p, h);
+            }
+            let span_gpa = gpa + (s * PAGE_SIZE) as u64;
+            let mine = written.len() > ours;
+            match written.last_mut() {
+                Some((g, c)) if mine && *g + *c as u64 * PAGE_SIZE as u64 == span_gpa => {
+                    *c += n as u32
+                }
+                _ => written.push((span_gpa, n as u32)),
+            }
+            stats.pages += n as u64;
+            stats.bytes += (n * PAGE_SIZE) as u64;
+        }
+        Ok(())
     }
 }
 
@@ -290,5 +589,141 @@ impl DestTransport for ShmDest {
 
     fn abort(&mut self) -> Option<MigrationError> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::{hash_page_bytes, PageHashes};
+    use crate::protocol::read_message;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicU64;
+
+    /// Page-aligned anonymous memory of `pages` pages, unmapped on drop.
+    struct Anon {
+        addr: usize,
+        len: usize,
+    }
+
+    impl Anon {
+        fn new(pages: usize) -> Self {
+            let len = pages * PAGE_SIZE;
+            // SAFETY: a fresh private anonymous mapping chosen by the kernel.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED, "mmap");
+            Self {
+                addr: p as usize,
+                len,
+            }
+        }
+
+        fn mem(&self) -> GuestMemory {
+            GuestMemory::new(&[MemoryRegion {
+                gpa: 0,
+                size: self.len as u64,
+                host_addr: self.addr,
+                fd: None,
+                fd_offset: 0,
+            }])
+            .expect("aligned")
+        }
+    }
+
+    impl Drop for Anon {
+        fn drop(&mut self) {
+            // SAFETY: unmapping our own mapping; every GuestMemory over it is gone by now.
+            unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        }
+    }
+
+    fn page_of(byte: u8) -> [u8; PAGE_SIZE] {
+        let mut p = [0u8; PAGE_SIZE];
+        p[17] = byte;
+        p
+    }
+
+    /// Every page named by the `Written` frames waiting on `rx`.
+    fn written(rx: &mut UnixStream) -> Vec<usize> {
+        rx.set_nonblocking(true).expect("nonblocking");
+        let mut pages = Vec::new();
+        while let Ok(Message::Written(runs)) = read_message(rx) {
+            for (gpa, n) in runs {
+                let first = (gpa / PAGE_SIZE as u64) as usize;
+                pages.extend(first..first + n as usize);
+            }
+        }
+        rx.set_nonblocking(false).expect("blocking");
+        pages.sort_unstable();
+        pages
+    }
+
+    fn send(t: &mut ShmSource, src: &GuestMemory, pages: &[usize], h: &PageHashes) -> PageStats {
+        let cancel = CancelToken::new();
+        let done = AtomicU64::new(0);
+        let ctx = SendCtx {
+            hashes: h,
+            bucket: None,
+            cancel: &cancel,
+            done_pages: &done,
+        };
+        let stats = t.send_pages(src, pages, &ctx).expect("send");
+        assert_eq!(done.load(Ordering::Relaxed), pages.len() as u64);
+        stats
+    }
+
+    #[test]
+    fn zero_pages_skipped_only_in_first_pass_and_only_where_both_sides_are_zero() {
+        for threads in [1, 2] {
+            let pages = 2000; // several chunks, so two threads really share the work
+            let (src_buf, dst_buf) = (Anon::new(pages), Anon::new(pages));
+            let (src, dst) = (src_buf.mem(), dst_buf.mem());
+            // Source: every third page non-zero. Destination: zero except page 1 and 4.
+            for p in (0..pages).step_by(3) {
+                assert!(src.write_page(p, &page_of(p as u8 | 1)));
+            }
+            assert!(dst.write_page(1, &page_of(9)));
+            assert!(dst.write_page(4, &page_of(9)));
+            let (a, mut b) = UnixStream::pair().expect("socketpair");
+            let mut t = ShmSource::from_parts(Conn::Unix(a), dst.clone(), threads);
+            let h = PageHashes::new(pages);
+
+            let all: Vec<usize> = (0..pages).collect();
+            let st = send(&mut t, &src, &all, &h);
+            let named = written(&mut b);
+            // Copied: the non-zero source pages, plus pages 1 and 4 (zero here, not there).
+            let mut expect: Vec<usize> = (0..pages).step_by(3).collect();
+            expect.extend([1, 4]);
+            expect.sort_unstable();
+            assert_eq!(named, expect, "threads {threads}");
+            assert_eq!(st.pages as usize, expect.len());
+            assert_eq!(st.zero_pages as usize, pages - expect.len());
+            let mut buf = [0u8; PAGE_SIZE];
+            for p in 0..pages {
+                assert!(dst.read_page(p, &mut buf));
+                let mut want = [0u8; PAGE_SIZE];
+                assert!(src.read_page(p, &mut want));
+                assert!(buf == want, "page {p} differs after the first pass");
+                assert_eq!(h.get(p), Some(hash_page_bytes(&want)), "hash of page {p}");
+            }
+
+            // After the first pass a page that became zero is copied (and named) like any
+            // other: the destination still holds its old bytes.
+            assert!(src.zero_page(3));
+            let st = send(&mut t, &src, &[3, 5], &h);
+            assert_eq!(written(&mut b), vec![3, 5]);
+            assert_eq!((st.pages, st.zero_pages), (2, 0));
+            assert!(dst.is_zero_page(3));
+            assert_eq!(h.get(3), Some(zero_page_hash()));
+        }
     }
 }
