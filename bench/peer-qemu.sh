@@ -91,7 +91,10 @@ if [[ "$(qemu_major)" -lt 9 ]]; then
         log "warning: backports QEMU install failed (see $cache/apt.log); runs with a dirtying guest will be marked failed"
     fi
 fi
-command -v gcc >/dev/null || apt_install gcc libc6-dev
+# The guest is linked statically: gcc alone is not enough, libc.a is needed.
+if ! command -v gcc >/dev/null || ! gcc -print-file-name=libc.a | grep -q /; then
+    apt_install gcc libc6-dev
+fi
 
 kernel="$cache/vmlinuz"
 if [[ ! -s "$kernel" ]]; then

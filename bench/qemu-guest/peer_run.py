@@ -36,7 +36,7 @@ from qmp import Qmp, QmpError  # noqa: E402
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # fastmig's defaults: 30 ms downtime target, bandwidth effectively unlimited.
 DEFAULT_DOWNTIME_MS = 30
-UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s; QEMU 7.2's own default is 32 MiB/s
+UNLIMITED_BANDWIDTH = 100 << 30  # bytes/s; QEMU 10 defaults to 128 MiB/s
 
 
 def log(msg: str):
