@@ -30,7 +30,7 @@ use crate::policy::{FirstFit, HostView, OverloadDetector, Pabfd, PlacementContex
 use crate::rng::SplitMix64;
 use crate::setup::DatacenterSpec;
 use crate::spec::PolicySpec;
-use crate::trace::Trace;
+use crate::trace::{Instant, Trace};
 
 /// Length of the per-VM utilisation history (CloudSim `PowerVm.HISTORY_LENGTH`).
 pub const VM_HISTORY: usize = 30;
@@ -193,6 +193,8 @@ pub struct Simulation<'a> {
     clamped: u64,
     ticks: u64,
     index: Option<PabfdIndex>,
+    /// Inside a scheduling round (or the initial placement): keep host histories current.
+    in_round: bool,
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
@@ -295,6 +297,7 @@ impl<'a> Simulation<'a> {
             clamped: 0,
             ticks: 0,
             index: None,
+            in_round: false,
         })
     }
 
@@ -330,6 +333,7 @@ impl<'a> Simulation<'a> {
 
     fn initial_placement(&mut self) -> Result<(), SimError> {
         let excluded = vec![false; self.hosts.len()];
+        self.in_round = true;
         if self.is_dynamic() {
             self.build_index();
         }
@@ -351,6 +355,8 @@ impl<'a> Simulation<'a> {
             self.vms[v].requested = 0.0;
             self.refresh(h.0);
         }
+        self.in_round = false;
+        self.index = None;
         Ok(())
     }
 
@@ -411,8 +417,11 @@ impl<'a> Simulation<'a> {
         for &v in &host.vm_list {
             let vm = &self.vms[v as usize];
             req_sum += vm.requested;
-            for (i, u) in vm.hist.iter().enumerate() {
-                hist[i] += u * vm.mips / host.total_mips;
+            // Histories only matter to detectors, which run inside scheduling rounds.
+            if self.in_round {
+                for (i, u) in vm.hist.iter().enumerate() {
+                    hist[i] += u * vm.mips / host.total_mips;
+                }
             }
             max_ram = max_ram.max(vm.ram_mb);
         }
@@ -523,8 +532,8 @@ impl<'a> Simulation<'a> {
         }
     }
 
-    fn vm_update(&mut self, v: u32, t: f64) {
-        let u = self.trace.utilization(self.vms[v as usize].trace, t);
+    fn vm_update(&mut self, v: u32, t: f64, at: &Instant) {
+        let u = self.trace.utilization_at(self.vms[v as usize].trace, at);
         let start = self.opts.start_s;
         let interval = self.trace.interval_s;
         let vm = &mut self.vms[v as usize];
@@ -539,9 +548,14 @@ impl<'a> Simulation<'a> {
 
     /// CloudSim `HostDynamicWorkload.updateVmsProcessing`.
     fn host_update(&mut self, h: u32, t: f64) {
+        let at = self.trace.instant(t);
+        self.host_update_at(h, t, &at);
+    }
+
+    fn host_update_at(&mut self, h: u32, t: f64, at: &Instant) {
         let list = self.hosts[h as usize].vm_list.clone();
         for &v in &list {
-            self.vm_update(v, t);
+            self.vm_update(v, t, at);
         }
         for &v in &list {
             let vm = &mut self.vms[v as usize];
@@ -627,8 +641,9 @@ impl<'a> Simulation<'a> {
             let types = &self.spec.host_types;
             self.energy_j += self.hosts.iter().map(|h| types[h.ty].power.max_power() * dt).sum::<f64>();
         }
+        let at = self.trace.instant(t);
         for h in 0..self.hosts.len() {
-            self.host_update(h as u32, t);
+            self.host_update_at(h as u32, t, &at);
         }
         if !npa && dt > 0.0 {
             let mut e = 0.0;
@@ -844,6 +859,10 @@ impl<'a> Simulation<'a> {
     /// CloudSim `PowerVmAllocationPolicyMigrationAbstract.optimizeAllocation`.
     fn optimize_allocation(&mut self, _t: f64) -> Vec<(u32, u32)> {
         let n = self.hosts.len();
+        self.in_round = true;
+        for h in 0..n {
+            self.refresh(h as u32);
+        }
         self.build_index();
         let over: Vec<u32> = (0..n as u32).filter(|&h| self.is_overloaded(h, None)).collect();
         let saved: Vec<(u32, u32)> = (0..n as u32)
@@ -950,6 +969,7 @@ impl<'a> Simulation<'a> {
         }
 
         self.index = None;
+        self.in_round = false;
         self.restore_allocation(&saved);
         map
     }

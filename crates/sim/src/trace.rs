@@ -17,6 +17,15 @@ use crate::error::SimError;
 /// Samples per PlanetLab file (one day at 300 s).
 pub const PLANETLAB_SAMPLES: usize = 288;
 
+/// Interpolation coordinates of one point in time (see [`Trace::instant`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Instant {
+    t1: usize,
+    t2: usize,
+    denom: f64,
+    offset: f64,
+}
+
 /// A set of VM utilisation traces sampled at a fixed interval.
 #[derive(Debug, Clone)]
 pub struct Trace {
@@ -64,6 +73,31 @@ impl Trace {
             return u1;
         }
         u1 + delta * (time - t1 as f64 * interval)
+    }
+
+    /// The time-dependent part of [`Trace::utilization`] at `time`, shared by every VM.
+    pub fn instant(&self, time: f64) -> Instant {
+        let interval = self.interval_s;
+        let last = self.samples.first().map_or(0, |d| d.len() - 1);
+        if time % interval == 0.0 {
+            let i = ((time as i64 / interval as i64) as usize).min(last);
+            return Instant { t1: i, t2: i, denom: 0.0, offset: 0.0 };
+        }
+        let t1 = ((time / interval).floor() as usize).min(last);
+        let t2 = ((time / interval).ceil() as usize).min(last);
+        Instant { t1, t2, denom: (t2 as f64 - t1 as f64) * interval, offset: time - t1 as f64 * interval }
+    }
+
+    /// Utilisation of VM `vm` at a precomputed instant; same arithmetic as
+    /// [`Trace::utilization`].
+    pub fn utilization_at(&self, vm: usize, at: &Instant) -> f64 {
+        let data = &self.samples[vm];
+        let u1 = data[at.t1];
+        if at.denom == 0.0 {
+            return u1;
+        }
+        let delta = (data[at.t2] - u1) / at.denom;
+        u1 + delta * at.offset
     }
 
     /// Builds a trace from percent values (tests and generators). Each row gets the repeated
@@ -202,5 +236,8 @@ mod tests {
         assert!((t.utilization(0, 60.0) - 0.26).abs() < 1e-12);
         // Past the last sample the repeated tail keeps the value flat: 0.29.
         assert!((t.utilization(0, 700.0) - 0.29).abs() < 1e-12);
+        for time in [0.0, 60.0, 300.0, 300.1, 555.5, 700.0] {
+            assert_eq!(t.utilization(0, time), t.utilization_at(0, &t.instant(time)), "{time}");
+        }
     }
 }
