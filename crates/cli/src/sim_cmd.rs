@@ -344,6 +344,9 @@ fn run_jobs(
         .collect()
 }
 
+/// Extracts one metric from a result (for charts).
+type MetricFn = dyn Fn(&SimResult) -> f64;
+
 /// Reference rows keyed by (day, policy).
 type Reference = Vec<(String, String, SimResultRef)>;
 
@@ -565,7 +568,7 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
             .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
-    let metrics: [(&str, &dyn Fn(&SimResult) -> f64); 4] = [
+    let metrics: [(&str, &MetricFn); 4] = [
         ("energy (kWh)", &|r| r.energy_kwh),
         ("SLAV (x 1e-5)", &|r| r.slav * 1e5),
         ("ESV (x 1e-3)", &|r| r.esv * 1e3),

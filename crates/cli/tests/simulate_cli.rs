@@ -10,7 +10,9 @@ fn tiny_csv(dir: &std::path::Path) -> std::path::PathBuf {
     // 12 VMs over 2 hours of 5-minute samples, loads between 5 and 95 %.
     let mut s = String::from("vm,samples...\n");
     for i in 0..12 {
-        let row: Vec<String> = (0..24).map(|k| (5 + (i * 17 + k * 7) % 90).to_string()).collect();
+        let row: Vec<String> = (0..24)
+            .map(|k| (5 + (i * 17 + k * 7) % 90).to_string())
+            .collect();
         s.push_str(&format!("vm{i},{}\n", row.join(",")));
     }
     let p = dir.join("tiny.csv");
@@ -22,10 +24,29 @@ fn tiny_csv(dir: &std::path::Path) -> std::path::PathBuf {
 fn json_has_the_documented_fields_as_fractions() {
     let dir = tempfile::tempdir().expect("tempdir");
     let csv = tiny_csv(dir.path());
-    let out = fastmig().args(["simulate", "--trace"]).arg(&csv).args(["--policy", "thr-mmt", "--param", "0.7", "--json"]).output().expect("run");
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = fastmig()
+        .args(["simulate", "--trace"])
+        .arg(&csv)
+        .args(["--policy", "thr-mmt", "--param", "0.7", "--json"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-    for k in ["hosts", "vms", "energy_kwh", "slatah", "pdm", "slav", "esv", "migrations", "host_shutdowns"] {
+    for k in [
+        "hosts",
+        "vms",
+        "energy_kwh",
+        "slatah",
+        "pdm",
+        "slav",
+        "esv",
+        "migrations",
+        "host_shutdowns",
+    ] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
     assert_eq!(v["vms"], 12);
@@ -45,20 +66,45 @@ fn bad_input_is_one_line_and_exit_code_two() {
     let csv = tiny_csv(dir.path());
     let cases: Vec<Vec<String>> = vec![
         vec!["--trace".into(), "/nonexistent/day".into()],
-        vec!["--trace".into(), csv.display().to_string(), "--policy".into(), "foo-mmt".into()],
-        vec!["--trace".into(), csv.display().to_string(), "--migration".into(), "gbit=zero".into()],
-        vec!["--trace".into(), csv.display().to_string(), "--scale".into(), "0".into()],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--policy".into(),
+            "foo-mmt".into(),
+        ],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--migration".into(),
+            "gbit=zero".into(),
+        ],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--scale".into(),
+            "0".into(),
+        ],
     ];
     for args in cases {
         let out = fastmig().arg("simulate").args(&args).output().expect("run");
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
     // A malformed trace file names the file and line.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "a,1,2,3\nb,1,x,3\n").expect("write");
-    let out = fastmig().arg("simulate").arg("--trace").arg(&bad).output().expect("run");
+    let out = fastmig()
+        .arg("simulate")
+        .arg("--trace")
+        .arg(&bad)
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.csv:2"));
 }
@@ -69,13 +115,23 @@ fn migration_sweep_writes_table_csv_and_chart() {
     let csv = tiny_csv(dir.path());
     let out_dir = dir.path().join("out");
     let out = fastmig()
-        .args(["simulate", "--migration-sweep", "--policy", "thr-mmt", "--trace"])
+        .args([
+            "simulate",
+            "--migration-sweep",
+            "--policy",
+            "thr-mmt",
+            "--trace",
+        ])
         .arg(&csv)
         .arg("--out")
         .arg(&out_dir)
         .output()
         .expect("run");
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = std::fs::read_to_string(out_dir.join("migration-speed.csv")).expect("csv");
     // Header + cloudsim + 4 speeds.
     assert_eq!(table.lines().count(), 6, "{table}");

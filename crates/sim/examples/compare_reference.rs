@@ -8,16 +8,25 @@ use fastmig_sim::{simulate, CloudSimCost, DatacenterSpec, PolicySpec, SimOptions
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let dir = args.get(1).ok_or("usage: compare_reference DAY_DIR REFERENCE_CSV [policy...]")?;
+    let dir = args
+        .get(1)
+        .ok_or("usage: compare_reference DAY_DIR REFERENCE_CSV [policy...]")?;
     let csv = args.get(2).ok_or("missing REFERENCE_CSV")?;
     let trace = Trace::load(std::path::Path::new(dir))?;
     // SCALE=F replicates the day to round(800 F) hosts and round(n F) VMs (metrics then differ
     // from the reference, which is for F = 1).
-    let scale: f64 = std::env::var("SCALE").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    let scale: f64 = std::env::var("SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
     let spec = if scale == 1.0 {
         DatacenterSpec::reference(trace.len())
     } else {
-        DatacenterSpec::scaled((800.0 * scale).round() as usize, (trace.len() as f64 * scale).round() as usize, trace.len())
+        DatacenterSpec::scaled(
+            (800.0 * scale).round() as usize,
+            (trace.len() as f64 * scale).round() as usize,
+            trace.len(),
+        )
     };
     let reference = std::fs::read_to_string(csv)?;
     let keep_idle = std::env::var("KEEP_IDLE").is_ok();
@@ -30,9 +39,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         let policy = PolicySpec::parse(&name, None)?;
-        let index_min_hosts = std::env::var("INDEX_MIN_HOSTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
-        let pabfd_budget = std::env::var("BUDGET").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-        let opts = SimOptions { remove_idle_vms: !keep_idle, index_min_hosts, pabfd_budget, ..SimOptions::default() };
+        let index_min_hosts = std::env::var("INDEX_MIN_HOSTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        let pabfd_budget = std::env::var("BUDGET")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let opts = SimOptions {
+            remove_idle_vms: !keep_idle,
+            index_min_hosts,
+            pabfd_budget,
+            ..SimOptions::default()
+        };
         let t0 = Instant::now();
         let r = simulate(&trace, &spec, policy, &CloudSimCost, &opts)?;
         let ms = t0.elapsed().as_millis();

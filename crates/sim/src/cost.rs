@@ -81,13 +81,22 @@ pub struct MigrationProfile {
 impl MigrationProfile {
     /// A pure-bandwidth profile (`--migration gbit=N`).
     pub fn bandwidth(gbit: f64) -> Self {
-        Self { bandwidth_gbit: gbit, setup_s: 0.0, dirty_traffic_fraction: 0.0, source_cpu_s_per_gib: 0.0, target_cpu_s_per_gib: 0.0 }
+        Self {
+            bandwidth_gbit: gbit,
+            setup_s: 0.0,
+            dirty_traffic_fraction: 0.0,
+            source_cpu_s_per_gib: 0.0,
+            target_cpu_s_per_gib: 0.0,
+        }
     }
 
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.bandwidth_gbit.is_finite() && self.bandwidth_gbit > 0.0) {
-            return Err(format!("bandwidth_gbit must be > 0, got {}", self.bandwidth_gbit));
+            return Err(format!(
+                "bandwidth_gbit must be > 0, got {}",
+                self.bandwidth_gbit
+            ));
         }
         for (name, v) in [
             ("setup_s", self.setup_s),
@@ -104,7 +113,10 @@ impl MigrationProfile {
 
     /// Reads and validates a JSON profile.
     pub fn from_file(path: &Path) -> Result<Self, SimError> {
-        let err = |msg: String| SimError::Profile { path: path.to_path_buf(), msg };
+        let err = |msg: String| SimError::Profile {
+            path: path.to_path_buf(),
+            msg,
+        };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let p: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
         p.validate().map_err(err)?;
@@ -129,8 +141,18 @@ impl MigrationCostModel for MigrationProfile {
         let transfer = megabits / (self.bandwidth_gbit * 1000.0);
         let duration_s = self.setup_s + transfer;
         // Core-seconds spread over the migration, expressed as MIPS of one PE.
-        let per_s = |cpu_s_per_gib: f64| if duration_s > 0.0 { cpu_s_per_gib * gib * (1.0 + self.dirty_traffic_fraction) / duration_s * pe_mips } else { 0.0 };
-        MigrationCost { duration_s, source_overhead_mips: per_s(self.source_cpu_s_per_gib), target_overhead_mips: per_s(self.target_cpu_s_per_gib) }
+        let per_s = |cpu_s_per_gib: f64| {
+            if duration_s > 0.0 {
+                cpu_s_per_gib * gib * (1.0 + self.dirty_traffic_fraction) / duration_s * pe_mips
+            } else {
+                0.0
+            }
+        };
+        MigrationCost {
+            duration_s,
+            source_overhead_mips: per_s(self.source_cpu_s_per_gib),
+            target_overhead_mips: per_s(self.target_cpu_s_per_gib),
+        }
     }
 }
 
@@ -141,16 +163,34 @@ mod tests {
     #[test]
     fn cloudsim_formula_matches_its_comment() {
         // 870 MB / (1e6 / 16000) = 870 / 62.5 = 13.92 s.
-        let c = CloudSimCost.cost(&MigrationRequest { ram_mb: 870, target_bw: 1_000_000 }, 1860.0);
+        let c = CloudSimCost.cost(
+            &MigrationRequest {
+                ram_mb: 870,
+                target_bw: 1_000_000,
+            },
+            1860.0,
+        );
         assert!((c.duration_s - 13.92).abs() < 1e-12);
         assert_eq!(c.source_overhead_mips, 0.0);
     }
 
     #[test]
     fn profile_adds_setup_dirty_traffic_and_cpu() {
-        let p = MigrationProfile { bandwidth_gbit: 10.0, setup_s: 0.5, dirty_traffic_fraction: 0.25, source_cpu_s_per_gib: 1.0, target_cpu_s_per_gib: 0.0 };
+        let p = MigrationProfile {
+            bandwidth_gbit: 10.0,
+            setup_s: 0.5,
+            dirty_traffic_fraction: 0.25,
+            source_cpu_s_per_gib: 1.0,
+            target_cpu_s_per_gib: 0.0,
+        };
         // 1024 MB * 8 * 1.25 = 10240 Mbit at 10 Gbit/s = 1.024 s, + 0.5 s setup = 1.524 s.
-        let c = p.cost(&MigrationRequest { ram_mb: 1024, target_bw: 1_000_000 }, 1000.0);
+        let c = p.cost(
+            &MigrationRequest {
+                ram_mb: 1024,
+                target_bw: 1_000_000,
+            },
+            1000.0,
+        );
         assert!((c.duration_s - 1.524).abs() < 1e-12);
         // 1 core-s/GiB * 1.25 GiB moved over 1.524 s = 0.8202 cores = 820.2 MIPS of a 1000-MIPS PE.
         assert!((c.source_overhead_mips - 1.25 / 1.524 * 1000.0).abs() < 1e-9);

@@ -26,7 +26,10 @@ use crate::error::SimError;
 use crate::ids::{HostId, VmId};
 use crate::index::PabfdIndex;
 use crate::metrics::SimResult;
-use crate::policy::{FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement, VmSelector, VmView};
+use crate::policy::{
+    FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement,
+    VmSelector, VmView,
+};
 use crate::rng::SplitMix64;
 use crate::setup::DatacenterSpec;
 use crate::spec::PolicySpec;
@@ -60,7 +63,14 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        Self { duration_s: 86_400.0, start_s: 0.1, seed: 42, remove_idle_vms: true, index_min_hosts: 2000, pabfd_budget: 0 }
+        Self {
+            duration_s: 86_400.0,
+            start_s: 0.1,
+            seed: 42,
+            remove_idle_vms: true,
+            index_min_hosts: 2000,
+            pabfd_budget: 0,
+        }
     }
 }
 
@@ -198,25 +208,40 @@ pub struct Simulation<'a> {
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
-pub fn simulate(trace: &Trace, spec: &DatacenterSpec, policy: PolicySpec, cost: &dyn MigrationCostModel, opts: &SimOptions) -> Result<SimResult, SimError> {
+pub fn simulate(
+    trace: &Trace,
+    spec: &DatacenterSpec,
+    policy: PolicySpec,
+    cost: &dyn MigrationCostModel,
+    opts: &SimOptions,
+) -> Result<SimResult, SimError> {
     Simulation::new(trace, spec, policy, cost, opts.clone())?.run()
 }
 
 impl<'a> Simulation<'a> {
     /// Validates the setup and creates the hosts and VMs (not yet placed).
-    pub fn new(trace: &'a Trace, spec: &'a DatacenterSpec, policy: PolicySpec, cost: &'a dyn MigrationCostModel, opts: SimOptions) -> Result<Self, SimError> {
+    pub fn new(
+        trace: &'a Trace,
+        spec: &'a DatacenterSpec,
+        policy: PolicySpec,
+        cost: &'a dyn MigrationCostModel,
+        opts: SimOptions,
+    ) -> Result<Self, SimError> {
         if spec.hosts.is_empty() {
             return Err(SimError::Config("no hosts".into()));
         }
         if trace.is_empty() {
             return Err(SimError::Config("no VMs in the trace".into()));
         }
-        if !(trace.interval_s > 0.0) {
+        if trace.interval_s.is_nan() || trace.interval_s <= 0.0 {
             return Err(SimError::Config("trace interval must be > 0".into()));
         }
         let mut hosts = Vec::with_capacity(spec.hosts.len());
         for &ty in &spec.hosts {
-            let t = spec.host_types.get(ty).ok_or_else(|| SimError::Config(format!("host type {ty} undefined")))?;
+            let t = spec
+                .host_types
+                .get(ty)
+                .ok_or_else(|| SimError::Config(format!("host type {ty} undefined")))?;
             hosts.push(Host {
                 ty,
                 total_mips: t.total_mips(),
@@ -249,9 +274,15 @@ impl<'a> Simulation<'a> {
         }
         let mut vms = Vec::with_capacity(spec.vms.len());
         for &(ty, tr) in &spec.vms {
-            let t = spec.vm_types.get(ty).ok_or_else(|| SimError::Config(format!("VM type {ty} undefined")))?;
+            let t = spec
+                .vm_types
+                .get(ty)
+                .ok_or_else(|| SimError::Config(format!("VM type {ty} undefined")))?;
             if tr >= trace.len() {
-                return Err(SimError::Config(format!("VM uses trace row {tr}, trace has {}", trace.len())));
+                return Err(SimError::Config(format!(
+                    "VM uses trace row {tr}, trace has {}",
+                    trace.len()
+                )));
             }
             vms.push(Vm {
                 mips: t.mips,
@@ -275,7 +306,11 @@ impl<'a> Simulation<'a> {
             });
         }
         let (detector, selector) = match policy {
-            PolicySpec::Dynamic { detector, selector, param } => (Some(detector.build(param)), Some(selector.build())),
+            PolicySpec::Dynamic {
+                detector,
+                selector,
+                param,
+            } => (Some(detector.build(param)), Some(selector.build())),
             _ => (None, None),
         };
         Ok(Self {
@@ -309,7 +344,11 @@ impl<'a> Simulation<'a> {
         loop {
             let next_mig = self.events.peek().map(|e| e.t);
             let take_mig = matches!(next_mig, Some(m) if m < next_tick);
-            let t = if take_mig { next_mig.unwrap_or(next_tick) } else { next_tick };
+            let t = if take_mig {
+                next_mig.unwrap_or(next_tick)
+            } else {
+                next_tick
+            };
             if t >= self.opts.duration_s {
                 break;
             }
@@ -338,11 +377,17 @@ impl<'a> Simulation<'a> {
             self.build_index();
         }
         for v in 0..self.vms.len() {
-            let pv = PlacementVm { id: VmId(v as u32), requested_mips: self.vms[v].requested };
+            let pv = PlacementVm {
+                id: VmId(v as u32),
+                requested_mips: self.vms[v].requested,
+            };
             let found = if self.is_dynamic() {
                 self.place(v as u32, &excluded, false).map(HostId)
             } else {
-                let ctx = Ctx { sim: self, excluded: &excluded };
+                let ctx = Ctx {
+                    sim: self,
+                    excluded: &excluded,
+                };
                 FirstFit.find_host(&pv, &ctx)
             };
             let h = found.ok_or(SimError::InitialPlacement(v as u32))?;
@@ -365,11 +410,18 @@ impl<'a> Simulation<'a> {
     fn vm_create(&mut self, h: u32, v: u32) -> bool {
         let (ram, bw, size, req) = {
             let vm = &self.vms[v as usize];
-            let (ram, bw) = if vm.instantiating { (i64::from(vm.ram_mb), vm.bw as i64) } else { (0, 0) };
+            let (ram, bw) = if vm.instantiating {
+                (i64::from(vm.ram_mb), vm.bw as i64)
+            } else {
+                (0, 0)
+            };
             (ram, bw, vm.size_mb as i64, vm.requested)
         };
         let host = &mut self.hosts[h as usize];
-        if host.storage_mb - host.storage_used < size || host.ram_mb - host.ram_used < ram || host.bw - host.bw_used < bw {
+        if host.storage_mb - host.storage_used < size
+            || host.ram_mb - host.ram_used < ram
+            || host.bw - host.bw_used < bw
+        {
             return false;
         }
         host.storage_used += size;
@@ -441,7 +493,13 @@ impl<'a> Simulation<'a> {
         host.available_mips = available;
         if let Some(index) = self.index.as_mut() {
             let host = &self.hosts[h as usize];
-            index.update(h, host.ty, alloc_sum / host.total_mips, host.power_now, alloc_sum < host.util_mips);
+            index.update(
+                h,
+                host.ty,
+                alloc_sum / host.total_mips,
+                host.power_now,
+                alloc_sum < host.util_mips,
+            );
         }
     }
 
@@ -453,7 +511,13 @@ impl<'a> Simulation<'a> {
         }
         let mut index = PabfdIndex::new(self.spec.host_types.len(), self.hosts.len());
         for (h, host) in self.hosts.iter().enumerate() {
-            index.update(h as u32, host.ty, host.alloc_sum / host.total_mips, host.power_now, host.alloc_sum < host.util_mips);
+            index.update(
+                h as u32,
+                host.ty,
+                host.alloc_sum / host.total_mips,
+                host.power_now,
+                host.alloc_sum < host.util_mips,
+            );
         }
         self.index = Some(index);
     }
@@ -498,7 +562,11 @@ impl<'a> Simulation<'a> {
         let mut total_req = 0.0;
         for &v in &host.vm_list {
             let c = self.vms[v as usize].sched_req.min(host.pe_mips);
-            let r = if host.migrating_in.contains(&v) { c * 0.1 } else { c };
+            let r = if host.migrating_in.contains(&v) {
+                c * 0.1
+            } else {
+                c
+            };
             total_req += r;
             if avail >= r {
                 avail -= r;
@@ -569,7 +637,15 @@ impl<'a> Simulation<'a> {
             let mut alloc = allocs[i];
             if !self.is_migrating_in(h, v) {
                 let migrating = self.vms[v as usize].in_migration;
-                self.vm_entry(v, VmEntry { t, alloc, req, migrating });
+                self.vm_entry(
+                    v,
+                    VmEntry {
+                        t,
+                        alloc,
+                        req,
+                        migrating,
+                    },
+                );
                 if migrating {
                     alloc /= 0.9;
                 }
@@ -578,13 +654,23 @@ impl<'a> Simulation<'a> {
             host_req += req;
         }
         let frac = self.utilization_fraction(util, h as usize);
-        let power_now = self.spec.host_types[self.hosts[h as usize].ty].power.power(frac);
+        let power_now = self.spec.host_types[self.hosts[h as usize].ty]
+            .power
+            .power(frac);
         let host = &mut self.hosts[h as usize];
         host.util_mips = util;
         host.power_now = power_now;
         host.prev_energy_util = host.energy_util;
         host.energy_util = util + host.overhead_mips;
-        self.host_entry(h, HostEntry { t, alloc: util, req: host_req, active: util > 0.0 });
+        self.host_entry(
+            h,
+            HostEntry {
+                t,
+                alloc: util,
+                req: host_req,
+                active: util > 0.0,
+            },
+        );
         self.refresh(h);
     }
 
@@ -639,7 +725,11 @@ impl<'a> Simulation<'a> {
         let npa = matches!(self.policy, PolicySpec::Npa);
         if npa && dt > 0.0 {
             let types = &self.spec.host_types;
-            self.energy_j += self.hosts.iter().map(|h| types[h.ty].power.max_power() * dt).sum::<f64>();
+            self.energy_j += self
+                .hosts
+                .iter()
+                .map(|h| types[h.ty].power.max_power() * dt)
+                .sum::<f64>();
         }
         let at = self.trace.instant(t);
         for h in 0..self.hosts.len() {
@@ -653,7 +743,11 @@ impl<'a> Simulation<'a> {
                 if from > 1.0 || to > 1.0 {
                     self.clamped += 1;
                 }
-                e += self.spec.host_types[self.hosts[h].ty].power.energy_linear(from.min(1.0), to.min(1.0), dt);
+                e += self.spec.host_types[self.hosts[h].ty].power.energy_linear(
+                    from.min(1.0),
+                    to.min(1.0),
+                    dt,
+                );
             }
             self.energy_j += e;
         }
@@ -697,7 +791,12 @@ impl<'a> Simulation<'a> {
         self.last_process = t;
     }
 
-    fn host_view<'h>(&self, h: u32, extra: Option<u32>, buf: &'h mut [f64; VM_HISTORY]) -> HostView<'h> {
+    fn host_view<'h>(
+        &self,
+        h: u32,
+        extra: Option<u32>,
+        buf: &'h mut [f64; VM_HISTORY],
+    ) -> HostView<'h> {
         let host = &self.hosts[h as usize];
         *buf = host.hist_sum;
         let mut req = host.req_sum;
@@ -711,24 +810,52 @@ impl<'a> Simulation<'a> {
             max_ram = max_ram.max(vm.ram_mb);
         }
         let len = buf.iter().rposition(|&x| x != 0.0).map_or(0, |i| i + 1);
-        let mig = self.cost.cost(&MigrationRequest { ram_mb: max_ram, target_bw: host.bw as u64 }, host.pe_mips).duration_s;
-        HostView { total_mips: host.total_mips, requested_mips: req, history: &buf[..len], max_vm_migration_time_s: mig, interval_s: self.trace.interval_s }
+        let mig = self
+            .cost
+            .cost(
+                &MigrationRequest {
+                    ram_mb: max_ram,
+                    target_bw: host.bw as u64,
+                },
+                host.pe_mips,
+            )
+            .duration_s;
+        HostView {
+            total_mips: host.total_mips,
+            requested_mips: req,
+            history: &buf[..len],
+            max_vm_migration_time_s: mig,
+            interval_s: self.trace.interval_s,
+        }
     }
 
     fn is_overloaded(&self, h: u32, extra: Option<u32>) -> bool {
-        let Some(d) = self.detector.as_deref() else { return false };
+        let Some(d) = self.detector.as_deref() else {
+            return false;
+        };
         let mut buf = [0.0; VM_HISTORY];
         let view = self.host_view(h, extra, &mut buf);
         d.is_overloaded(&view)
     }
 
     fn select_vm(&mut self, h: u32) -> Option<u32> {
-        let candidates: Vec<u32> = self.hosts[h as usize].vm_list.iter().copied().filter(|&v| !self.vms[v as usize].in_migration).collect();
+        let candidates: Vec<u32> = self.hosts[h as usize]
+            .vm_list
+            .iter()
+            .copied()
+            .filter(|&v| !self.vms[v as usize].in_migration)
+            .collect();
         let views: Vec<VmView<'_>> = candidates
             .iter()
             .map(|&v| {
                 let vm = &self.vms[v as usize];
-                VmView { id: VmId(v), ram_mb: vm.ram_mb, mips: vm.mips, requested_mips: vm.requested, history: &vm.hist }
+                VmView {
+                    id: VmId(v),
+                    ram_mb: vm.ram_mb,
+                    mips: vm.mips,
+                    requested_mips: vm.requested,
+                    history: &vm.hist,
+                }
             })
             .collect();
         let sel = self.selector.as_deref()?;
@@ -739,8 +866,14 @@ impl<'a> Simulation<'a> {
     /// PABFD. `off_excluded`: every host idle at the start of the round is excluded (lets the
     /// index skip those groups without walking them).
     fn place(&self, v: u32, excluded: &[bool], off_excluded: bool) -> Option<u32> {
-        let pv = PlacementVm { id: VmId(v), requested_mips: self.vms[v as usize].requested };
-        let ctx = Ctx { sim: self, excluded };
+        let pv = PlacementVm {
+            id: VmId(v),
+            requested_mips: self.vms[v as usize].requested,
+        };
+        let ctx = Ctx {
+            sim: self,
+            excluded,
+        };
         match &self.index {
             Some(index) => self.place_indexed(index, &pv, &ctx, off_excluded),
             None => Pabfd.find_host(&pv, &ctx).map(|h| h.0),
@@ -748,7 +881,13 @@ impl<'a> Simulation<'a> {
     }
 
     /// PABFD through [`PabfdIndex`]; same answer as [`Pabfd`] (see the index docs).
-    fn place_indexed(&self, index: &PabfdIndex, vm: &PlacementVm, ctx: &Ctx<'_, '_>, off_excluded: bool) -> Option<u32> {
+    fn place_indexed(
+        &self,
+        index: &PabfdIndex,
+        vm: &PlacementVm,
+        ctx: &Ctx<'_, '_>,
+        off_excluded: bool,
+    ) -> Option<u32> {
         let mut best: Option<(f64, u32)> = None;
         let better = |d: f64, h: u32, best: &Option<(f64, u32)>| match best {
             None => true,
@@ -853,7 +992,11 @@ impl<'a> Simulation<'a> {
 
     fn sort_by_utilization_desc(&self, vms: &mut [u32]) {
         // Stable, like Java's Collections.sort.
-        vms.sort_by(|&a, &b| self.vms[b as usize].requested.total_cmp(&self.vms[a as usize].requested));
+        vms.sort_by(|&a, &b| {
+            self.vms[b as usize]
+                .requested
+                .total_cmp(&self.vms[a as usize].requested)
+        });
     }
 
     /// CloudSim `PowerVmAllocationPolicyMigrationAbstract.optimizeAllocation`.
@@ -864,11 +1007,17 @@ impl<'a> Simulation<'a> {
             self.refresh(h as u32);
         }
         self.build_index();
-        let over: Vec<u32> = (0..n as u32).filter(|&h| self.is_overloaded(h, None)).collect();
+        let over: Vec<u32> = (0..n as u32)
+            .filter(|&h| self.is_overloaded(h, None))
+            .collect();
         let saved: Vec<(u32, u32)> = (0..n as u32)
             .flat_map(|h| {
                 let host = &self.hosts[h as usize];
-                host.vm_list.iter().filter(|v| !host.migrating_in.contains(v)).map(move |&v| (h, v)).collect::<Vec<_>>()
+                host.vm_list
+                    .iter()
+                    .filter(|v| !host.migrating_in.contains(v))
+                    .map(move |&v| (h, v))
+                    .collect::<Vec<_>>()
             })
             .collect();
 
@@ -931,14 +1080,22 @@ impl<'a> Simulation<'a> {
             while start < order.len() && excl_under[order[start] as usize] {
                 start += 1;
             }
-            let Some(&under) = order[start..].iter().find(|&&h| !excl_under[h as usize] && !self.all_migrating_out_or_any_in(h)) else {
+            let Some(&under) = order[start..]
+                .iter()
+                .find(|&&h| !excl_under[h as usize] && !self.all_migrating_out_or_any_in(h))
+            else {
                 break;
             };
             excl_under[under as usize] = true;
             excluded_count += 1;
             excl_place[under as usize] = true;
             self.disable_in_index(under);
-            let mut vms: Vec<u32> = self.hosts[under as usize].vm_list.iter().copied().filter(|&v| !self.vms[v as usize].in_migration).collect();
+            let mut vms: Vec<u32> = self.hosts[under as usize]
+                .vm_list
+                .iter()
+                .copied()
+                .filter(|&v| !self.vms[v as usize].in_migration)
+                .collect();
             if vms.is_empty() {
                 continue;
             }
@@ -1027,7 +1184,10 @@ impl<'a> Simulation<'a> {
     fn start_migration(&mut self, v: u32, target: u32, t: f64) {
         let source = self.vms[v as usize].host;
         let cost = self.cost.cost(
-            &MigrationRequest { ram_mb: self.vms[v as usize].ram_mb, target_bw: self.hosts[target as usize].bw as u64 },
+            &MigrationRequest {
+                ram_mb: self.vms[v as usize].ram_mb,
+                target_bw: self.hosts[target as usize].bw as u64,
+            },
             self.hosts[target as usize].pe_mips,
         );
         self.vms[v as usize].in_migration = true;
@@ -1085,7 +1245,10 @@ impl<'a> Simulation<'a> {
         }
         self.vms[v as usize].in_migration = false;
         if !self.vm_create(ev.target, v) {
-            return Err(SimError::MigrationTarget { vm: v, host: ev.target });
+            return Err(SimError::MigrationTarget {
+                vm: v,
+                host: ev.target,
+            });
         }
         self.vms[v as usize].table = Some(ev.target);
         let more_now = self.events.peek().is_some_and(|e| e.t == t);
@@ -1160,8 +1323,15 @@ impl PlacementContext for Ctx<'_, '_> {
     fn is_suitable(&self, host: HostId, vm: &PlacementVm) -> bool {
         let h = &self.sim.hosts[host.idx()];
         let v = &self.sim.vms[vm.id.idx()];
-        let (ram, bw) = if v.instantiating { (i64::from(v.ram_mb), v.bw as i64) } else { (0, 0) };
-        h.pe_mips >= vm.requested_mips && h.available_mips >= vm.requested_mips && h.ram_mb - h.ram_used >= ram && h.bw - h.bw_used >= bw
+        let (ram, bw) = if v.instantiating {
+            (i64::from(v.ram_mb), v.bw as i64)
+        } else {
+            (0, 0)
+        };
+        h.pe_mips >= vm.requested_mips
+            && h.available_mips >= vm.requested_mips
+            && h.ram_mb - h.ram_used >= ram
+            && h.bw - h.bw_used >= bw
     }
     fn utilization_mips(&self, host: HostId) -> f64 {
         self.sim.hosts[host.idx()].alloc_sum
@@ -1183,6 +1353,13 @@ impl PlacementContext for Ctx<'_, '_> {
         // after allocation from what the scheduler has allocated by now (CloudSim mixes both).
         let now = h.power_now;
         let after = (h.alloc_sum + vm.requested_mips) / h.total_mips;
-        (now, if after <= 1.0 { Some(model.power(after)) } else { None })
+        (
+            now,
+            if after <= 1.0 {
+                Some(model.power(after))
+            } else {
+                None
+            },
+        )
     }
 }

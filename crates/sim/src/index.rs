@@ -39,7 +39,14 @@ pub(crate) struct PabfdIndex {
 
 impl PabfdIndex {
     pub(crate) fn new(types: usize, hosts: usize) -> Self {
-        Self { buckets: vec![vec![Vec::new(); BUCKETS]; types], empty: BTreeMap::new(), shrunk: BTreeSet::new(), slots: vec![Slot::None; hosts], pos: vec![0; hosts], disabled: vec![false; hosts] }
+        Self {
+            buckets: vec![vec![Vec::new(); BUCKETS]; types],
+            empty: BTreeMap::new(),
+            shrunk: BTreeSet::new(),
+            slots: vec![Slot::None; hosts],
+            pos: vec![0; hosts],
+            disabled: vec![false; hosts],
+        }
     }
 
     pub(crate) fn bucket_of(frac: f64) -> usize {
@@ -58,11 +65,22 @@ impl PabfdIndex {
     }
 
     /// Moves host `h` to where its state says it belongs.
-    pub(crate) fn update(&mut self, h: u32, ty: usize, alloc_frac: f64, power_now: f64, shrunk: bool) {
+    pub(crate) fn update(
+        &mut self,
+        h: u32,
+        ty: usize,
+        alloc_frac: f64,
+        power_now: f64,
+        shrunk: bool,
+    ) {
         if self.disabled[h as usize] {
             return;
         }
-        let slot = if alloc_frac == 0.0 { Slot::Empty(ty, power_now.to_bits()) } else { Slot::Bucket(ty, Self::bucket_of(alloc_frac)) };
+        let slot = if alloc_frac == 0.0 {
+            Slot::Empty(ty, power_now.to_bits())
+        } else {
+            Slot::Bucket(ty, Self::bucket_of(alloc_frac))
+        };
         self.move_to(h, slot);
         if shrunk {
             self.shrunk.insert(h);

@@ -129,7 +129,9 @@ impl Lr {
         if host.history.len() < LR_HISTORY {
             return None;
         }
-        let y: Vec<f64> = (0..LR_HISTORY).map(|i| host.history[LR_HISTORY - i - 1]).collect();
+        let y: Vec<f64> = (0..LR_HISTORY)
+            .map(|i| host.history[LR_HISTORY - i - 1])
+            .collect();
         let x: Vec<f64> = (1..=LR_HISTORY).map(|i| i as f64).collect();
         let (a, b) = stats::simple_regression(&x, &y)?;
         let intervals = (host.max_vm_migration_time_s / host.interval_s).ceil();
@@ -257,7 +259,10 @@ impl VmSelector for Mc {
         }
         let mut metrics = Vec::with_capacity(n);
         for i in 0..n {
-            let others: Vec<&[f64]> = (0..n).filter(|&j| j != i).map(|j| &vms[j].history[..m]).collect();
+            let others: Vec<&[f64]> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| &vms[j].history[..m])
+                .collect();
             match stats::r_squared(&others, &vms[i].history[..m]) {
                 Some(r2) => metrics.push(r2),
                 None => return Mmt.select(vms, rng),
@@ -362,7 +367,9 @@ impl VmPlacement for FirstFit {
         "first-fit"
     }
     fn find_host(&self, vm: &PlacementVm, ctx: &dyn PlacementContext) -> Option<HostId> {
-        (0..ctx.host_count()).map(|h| HostId(h as u32)).find(|&h| !ctx.is_excluded(h) && ctx.is_suitable(h, vm))
+        (0..ctx.host_count())
+            .map(|h| HostId(h as u32))
+            .find(|&h| !ctx.is_excluded(h) && ctx.is_suitable(h, vm))
     }
 }
 
@@ -371,7 +378,13 @@ mod tests {
     use super::*;
 
     fn view(requested: f64, history: &[f64]) -> HostView<'_> {
-        HostView { total_mips: 1000.0, requested_mips: requested, history, max_vm_migration_time_s: 27.84, interval_s: 300.0 }
+        HostView {
+            total_mips: 1000.0,
+            requested_mips: requested,
+            history,
+            max_vm_migration_time_s: 27.84,
+            interval_s: 300.0,
+        }
     }
 
     #[test]
@@ -385,7 +398,14 @@ mod tests {
     fn short_history_falls_back_to_thr_07() {
         let h = [0.5; 5];
         // 750 / 1000 = 0.75 > 0.7 with fewer than 12 (IQR/MAD) or 10 (LR) samples.
-        for d in [&Iqr { safety: 1.5 } as &dyn OverloadDetector, &Mad { safety: 2.5 }, &Lr { safety: 1.2, robust: false }] {
+        for d in [
+            &Iqr { safety: 1.5 } as &dyn OverloadDetector,
+            &Mad { safety: 2.5 },
+            &Lr {
+                safety: 1.2,
+                robust: false,
+            },
+        ] {
             assert!(d.is_overloaded(&view(750.0, &h)), "{}", d.name());
             assert!(!d.is_overloaded(&view(650.0, &h)), "{}", d.name());
         }
@@ -405,7 +425,9 @@ mod tests {
     fn mad_threshold_from_history() {
         // 12 values alternating 0.4 / 0.6: median 0.5, all deviations 0.1, MAD = 0.1,
         // threshold 1 - 2.5 * 0.1 = 0.75.
-        let h: Vec<f64> = (0..12).map(|i| if i % 2 == 0 { 0.4 } else { 0.6 }).collect();
+        let h: Vec<f64> = (0..12)
+            .map(|i| if i % 2 == 0 { 0.4 } else { 0.6 })
+            .collect();
         let d = Mad { safety: 2.5 };
         assert!(d.is_overloaded(&view(760.0, &h)));
         assert!(!d.is_overloaded(&view(740.0, &h)));
@@ -417,21 +439,38 @@ mod tests {
         // One migration interval ahead (27.84 s -> 1 interval): x = 11 -> 0.82; 0.82 * 1.2 =
         // 0.984 < 1, not overloaded; with safety 1.25: 1.025 >= 1, overloaded.
         let h: Vec<f64> = (0..10).map(|i| 0.80 - 0.02 * i as f64).collect();
-        let lr = Lr { safety: 1.2, robust: false };
+        let lr = Lr {
+            safety: 1.2,
+            robust: false,
+        };
         let p = lr.predict(&view(0.0, &h)).expect("enough history");
         assert!((p - 0.82).abs() < 1e-12);
         assert!(!lr.is_overloaded(&view(0.0, &h)));
-        assert!(Lr { safety: 1.25, robust: true }.is_overloaded(&view(0.0, &h)));
+        assert!(Lr {
+            safety: 1.25,
+            robust: true
+        }
+        .is_overloaded(&view(0.0, &h)));
     }
 
     fn vm(id: u32, ram: u32, req: f64, hist: &[f64]) -> VmView<'_> {
-        VmView { id: VmId(id), ram_mb: ram, mips: 1000.0, requested_mips: req, history: hist }
+        VmView {
+            id: VmId(id),
+            ram_mb: ram,
+            mips: 1000.0,
+            requested_mips: req,
+            history: hist,
+        }
     }
 
     #[test]
     fn mmt_and_mu_pick_the_minimum_first_on_ties() {
         let mut rng = SplitMix64::new(1);
-        let vms = [vm(0, 1740, 100.0, &[]), vm(1, 613, 300.0, &[]), vm(2, 613, 50.0, &[])];
+        let vms = [
+            vm(0, 1740, 100.0, &[]),
+            vm(1, 613, 300.0, &[]),
+            vm(2, 613, 50.0, &[]),
+        ];
         // Least RAM is 613 MB; VM 1 comes first.
         assert_eq!(Mmt.select(&vms, &mut rng), Some(1));
         // Lowest utilisation: VM 2 at 5 %.
@@ -447,13 +486,25 @@ mod tests {
         // R² near 1 while VM 0's R² is near 0: MC must pick VM 1 or VM 2, never VM 0.
         let noise = [0.31, 0.05, 0.27, 0.12, 0.33, 0.02, 0.18];
         let a = [0.10, 0.15, 0.22, 0.30, 0.34, 0.41, 0.47];
-        let b: Vec<f64> = a.iter().enumerate().map(|(i, x)| 2.0 * x + if i % 2 == 0 { 0.01 } else { -0.01 }).collect();
-        let vms = [vm(0, 613, 1.0, &noise), vm(1, 870, 1.0, &a), vm(2, 870, 1.0, &b)];
+        let b: Vec<f64> = a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| 2.0 * x + if i % 2 == 0 { 0.01 } else { -0.01 })
+            .collect();
+        let vms = [
+            vm(0, 613, 1.0, &noise),
+            vm(1, 870, 1.0, &a),
+            vm(2, 870, 1.0, &b),
+        ];
         let pick = Mc.select(&vms, &mut rng);
         assert!(pick == Some(1) || pick == Some(2), "picked {pick:?}");
         // Too little history (2 samples for 3 VMs) -> MMT fall-back -> first VM with least RAM.
         let short = [0.1, 0.2];
-        let vms = [vm(0, 870, 1.0, &short), vm(1, 613, 1.0, &short), vm(2, 613, 1.0, &short)];
+        let vms = [
+            vm(0, 870, 1.0, &short),
+            vm(1, 613, 1.0, &short),
+            vm(2, 613, 1.0, &short),
+        ];
         assert_eq!(Mc.select(&vms, &mut rng), Some(1));
     }
 
@@ -462,7 +513,9 @@ mod tests {
         let vms = [vm(0, 1, 1.0, &[]), vm(1, 1, 1.0, &[]), vm(2, 1, 1.0, &[])];
         let picks = |seed| {
             let mut r = SplitMix64::new(seed);
-            (0..20).map(|_| Rs.select(&vms, &mut r).unwrap_or(9)).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| Rs.select(&vms, &mut r).unwrap_or(9))
+                .collect::<Vec<_>>()
         };
         assert_eq!(picks(7), picks(7));
         assert!(picks(7).iter().all(|&i| i < 3));

@@ -11,9 +11,13 @@ pub struct SpecPowerModel {
 }
 
 /// HP ProLiant ML110 G4 (Xeon 3040), SPECpower_ssj2008.
-pub const HP_ML110_G4: [f64; 11] = [86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0];
+pub const HP_ML110_G4: [f64; 11] = [
+    86.0, 89.4, 92.6, 96.0, 99.5, 102.0, 106.0, 108.0, 112.0, 114.0, 117.0,
+];
 /// HP ProLiant ML110 G5 (Xeon 3075), SPECpower_ssj2008.
-pub const HP_ML110_G5: [f64; 11] = [93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0];
+pub const HP_ML110_G5: [f64; 11] = [
+    93.7, 97.0, 101.0, 105.0, 110.0, 116.0, 121.0, 125.0, 129.0, 133.0, 135.0,
+];
 
 impl SpecPowerModel {
     /// A model from an 11-point table.

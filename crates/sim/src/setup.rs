@@ -88,7 +88,12 @@ pub fn reference_host_types() -> Vec<HostType> {
 pub fn reference_vm_types() -> Vec<VmType> {
     [(2500.0, 870), (2000.0, 1740), (1000.0, 1740), (500.0, 613)]
         .into_iter()
-        .map(|(mips, ram_mb)| VmType { mips, ram_mb, bw: 100_000, size_mb: 2500 })
+        .map(|(mips, ram_mb)| VmType {
+            mips,
+            ram_mb,
+            bw: 100_000,
+            size_mb: 2500,
+        })
         .collect()
 }
 
@@ -107,7 +112,9 @@ impl DatacenterSpec {
             host_types: reference_host_types(),
             hosts: (0..hosts).map(|i| i % 2).collect(),
             vm_types: reference_vm_types(),
-            vms: (0..vms).map(|i| ((i / block).min(3), i % traces.max(1))).collect(),
+            vms: (0..vms)
+                .map(|i| ((i / block).min(3), i % traces.max(1)))
+                .collect(),
         }
     }
 }

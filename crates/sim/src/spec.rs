@@ -81,8 +81,14 @@ impl DetectorKind {
             Self::Thr => Box::new(Thr { threshold: param }),
             Self::Iqr => Box::new(Iqr { safety: param }),
             Self::Mad => Box::new(Mad { safety: param }),
-            Self::Lr => Box::new(Lr { safety: param, robust: false }),
-            Self::Lrr => Box::new(Lr { safety: param, robust: true }),
+            Self::Lr => Box::new(Lr {
+                safety: param,
+                robust: false,
+            }),
+            Self::Lrr => Box::new(Lr {
+                safety: param,
+                robust: true,
+            }),
         }
     }
 }
@@ -110,9 +116,20 @@ impl SelectorKind {
 }
 
 /// All detectors, in CloudSim's reporting order.
-pub const DETECTORS: [DetectorKind; 5] = [DetectorKind::Thr, DetectorKind::Iqr, DetectorKind::Mad, DetectorKind::Lr, DetectorKind::Lrr];
+pub const DETECTORS: [DetectorKind; 5] = [
+    DetectorKind::Thr,
+    DetectorKind::Iqr,
+    DetectorKind::Mad,
+    DetectorKind::Lr,
+    DetectorKind::Lrr,
+];
 /// All selectors, in CloudSim's reporting order.
-pub const SELECTORS: [SelectorKind; 4] = [SelectorKind::Mmt, SelectorKind::Mc, SelectorKind::Mu, SelectorKind::Rs];
+pub const SELECTORS: [SelectorKind; 4] = [
+    SelectorKind::Mmt,
+    SelectorKind::Mc,
+    SelectorKind::Mu,
+    SelectorKind::Rs,
+];
 
 impl PolicySpec {
     /// Parses `npa`, `dvfs` or `DETECTOR-SELECTOR` (underscores accepted too, as in CloudSim's
@@ -120,7 +137,9 @@ impl PolicySpec {
     pub fn parse(name: &str, param: Option<f64>) -> Result<Self, SimError> {
         let lower = name.trim().to_ascii_lowercase().replace('_', "-");
         match lower.as_str() {
-            "npa" | "dvfs" if param.is_some() => Err(SimError::Config(format!("policy {lower} takes no --param"))),
+            "npa" | "dvfs" if param.is_some() => {
+                Err(SimError::Config(format!("policy {lower} takes no --param")))
+            }
             "npa" => Ok(Self::Npa),
             "dvfs" => Ok(Self::Dvfs),
             _ => {
@@ -130,16 +149,30 @@ impl PolicySpec {
                 let detector = DETECTORS
                     .into_iter()
                     .find(|k| k.name() == d)
-                    .ok_or_else(|| SimError::Config(format!("unknown detector {d:?} in {name:?}: expected thr, iqr, mad, lr or lrr")))?;
+                    .ok_or_else(|| {
+                        SimError::Config(format!(
+                            "unknown detector {d:?} in {name:?}: expected thr, iqr, mad, lr or lrr"
+                        ))
+                    })?;
                 let selector = SELECTORS
                     .into_iter()
                     .find(|k| k.name() == s)
-                    .ok_or_else(|| SimError::Config(format!("unknown selector {s:?} in {name:?}: expected mmt, mc, mu or rs")))?;
+                    .ok_or_else(|| {
+                        SimError::Config(format!(
+                            "unknown selector {s:?} in {name:?}: expected mmt, mc, mu or rs"
+                        ))
+                    })?;
                 let param = param.unwrap_or(detector.default_param());
                 if !param.is_finite() || param < 0.0 {
-                    return Err(SimError::Config(format!("--param must be a finite number >= 0, got {param}")));
+                    return Err(SimError::Config(format!(
+                        "--param must be a finite number >= 0, got {param}"
+                    )));
                 }
-                Ok(Self::Dynamic { detector, selector, param })
+                Ok(Self::Dynamic {
+                    detector,
+                    selector,
+                    param,
+                })
             }
         }
     }
@@ -149,7 +182,9 @@ impl PolicySpec {
         match self {
             Self::Npa => "npa".into(),
             Self::Dvfs => "dvfs".into(),
-            Self::Dynamic { detector, selector, .. } => format!("{}-{}", detector.name(), selector.name()),
+            Self::Dynamic {
+                detector, selector, ..
+            } => format!("{}-{}", detector.name(), selector.name()),
         }
     }
 
@@ -166,7 +201,11 @@ impl PolicySpec {
         let mut v = vec![Self::Npa, Self::Dvfs];
         for d in DETECTORS {
             for s in SELECTORS {
-                v.push(Self::Dynamic { detector: d, selector: s, param: d.default_param() });
+                v.push(Self::Dynamic {
+                    detector: d,
+                    selector: s,
+                    param: d.default_param(),
+                });
             }
         }
         v
@@ -181,8 +220,20 @@ mod tests {
     fn parses_names_and_defaults() {
         assert_eq!(PolicySpec::parse("npa", None).ok(), Some(PolicySpec::Npa));
         let p = PolicySpec::parse("LR_MMT", None).ok();
-        assert_eq!(p, Some(PolicySpec::Dynamic { detector: DetectorKind::Lr, selector: SelectorKind::Mmt, param: 1.2 }));
-        assert_eq!(PolicySpec::parse("thr-mc", Some(0.9)).ok().and_then(|p| p.param()), Some(0.9));
+        assert_eq!(
+            p,
+            Some(PolicySpec::Dynamic {
+                detector: DetectorKind::Lr,
+                selector: SelectorKind::Mmt,
+                param: 1.2
+            })
+        );
+        assert_eq!(
+            PolicySpec::parse("thr-mc", Some(0.9))
+                .ok()
+                .and_then(|p| p.param()),
+            Some(0.9)
+        );
         assert!(PolicySpec::parse("foo-mmt", None).is_err());
         assert!(PolicySpec::parse("thr-xx", None).is_err());
         assert!(PolicySpec::parse("dvfs", Some(1.0)).is_err());

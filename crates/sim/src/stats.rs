@@ -41,7 +41,9 @@ pub fn iqr(data: &[f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len() as f64;
     let q1 = ((0.25 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1);
-    let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1).min(v.len() - 1);
+    let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize)
+        .saturating_sub(1)
+        .min(v.len() - 1);
     v[q3] - v[q1]
 }
 
@@ -109,7 +111,11 @@ pub fn r_squared(xs: &[&[f64]], y: &[f64]) -> Option<f64> {
     let mut b = y.to_vec();
     for k in 0..p {
         let norm_sq: f64 = a[k][k..].iter().map(|v| v * v).sum();
-        let alpha = if a[k][k] > 0.0 { -norm_sq.sqrt() } else { norm_sq.sqrt() };
+        let alpha = if a[k][k] > 0.0 {
+            -norm_sq.sqrt()
+        } else {
+            norm_sq.sqrt()
+        };
         if alpha == 0.0 {
             return None;
         }

@@ -52,7 +52,9 @@ impl Trace {
 
     /// Number of real samples per VM (without the repeated tail).
     pub fn sample_count(&self) -> usize {
-        self.samples.first().map_or(0, |s| s.len().saturating_sub(1))
+        self.samples
+            .first()
+            .map_or(0, |s| s.len().saturating_sub(1))
     }
 
     /// Utilisation of VM `vm` at `time` seconds, linearly interpolated between samples exactly
@@ -81,11 +83,21 @@ impl Trace {
         let last = self.samples.first().map_or(0, |d| d.len() - 1);
         if time % interval == 0.0 {
             let i = ((time as i64 / interval as i64) as usize).min(last);
-            return Instant { t1: i, t2: i, denom: 0.0, offset: 0.0 };
+            return Instant {
+                t1: i,
+                t2: i,
+                denom: 0.0,
+                offset: 0.0,
+            };
         }
         let t1 = ((time / interval).floor() as usize).min(last);
         let t2 = ((time / interval).ceil() as usize).min(last);
-        Instant { t1, t2, denom: (t2 as f64 - t1 as f64) * interval, offset: time - t1 as f64 * interval }
+        Instant {
+            t1,
+            t2,
+            denom: (t2 as f64 - t1 as f64) * interval,
+            offset: time - t1 as f64 * interval,
+        }
     }
 
     /// Utilisation of VM `vm` at a precomputed instant; same arithmetic as
@@ -113,12 +125,20 @@ impl Trace {
             names.push(name);
             samples.push(s);
         }
-        Self { names, samples, interval_s }
+        Self {
+            names,
+            samples,
+            interval_s,
+        }
     }
 
     /// Loads a PlanetLab directory or, when `path` is a file ending in `.csv`, a CSV trace.
     pub fn load(path: &Path) -> Result<Self, SimError> {
-        if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+        if path.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+        {
             load_csv(path, 300.0)
         } else {
             load_planetlab_dir(path)
@@ -128,7 +148,10 @@ impl Trace {
 
 /// Loads a PlanetLab day directory (files in sorted name order).
 pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
-    let io = |source| SimError::TraceIo { path: dir.to_path_buf(), source };
+    let io = |source| SimError::TraceIo {
+        path: dir.to_path_buf(),
+        source,
+    };
     let mut files: Vec<PathBuf> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
@@ -136,7 +159,8 @@ pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         // README files and hidden files are documentation, not VMs.
-        if name.starts_with('.') || name.to_ascii_lowercase().starts_with("readme") || !p.is_file() {
+        if name.starts_with('.') || name.to_ascii_lowercase().starts_with("readme") || !p.is_file()
+        {
             continue;
         }
         files.push(p);
@@ -147,20 +171,31 @@ pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
     }
     let mut rows = Vec::with_capacity(files.len());
     for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|source| SimError::TraceIo { path: f.clone(), source })?;
+        let text = std::fs::read_to_string(f).map_err(|source| SimError::TraceIo {
+            path: f.clone(),
+            source,
+        })?;
         let mut vals = Vec::with_capacity(PLANETLAB_SAMPLES);
         for (i, line) in text.lines().enumerate() {
             if vals.len() == PLANETLAB_SAMPLES {
                 break;
             }
             let t = line.trim();
-            let v: f64 = t.parse::<i64>().map(|v| v as f64).or_else(|_| t.parse::<f64>()).map_err(|_| SimError::TraceFormat {
-                path: f.clone(),
-                line: i + 1,
-                msg: format!("not a number: {t:?}"),
-            })?;
+            let v: f64 = t
+                .parse::<i64>()
+                .map(|v| v as f64)
+                .or_else(|_| t.parse::<f64>())
+                .map_err(|_| SimError::TraceFormat {
+                    path: f.clone(),
+                    line: i + 1,
+                    msg: format!("not a number: {t:?}"),
+                })?;
             if !(0.0..=100.0).contains(&v) {
-                return Err(SimError::TraceFormat { path: f.clone(), line: i + 1, msg: format!("utilisation {v} outside 0..=100") });
+                return Err(SimError::TraceFormat {
+                    path: f.clone(),
+                    line: i + 1,
+                    msg: format!("utilisation {v} outside 0..=100"),
+                });
             }
             vals.push(v);
         }
@@ -168,10 +203,16 @@ pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
             return Err(SimError::TraceFormat {
                 path: f.clone(),
                 line: vals.len() + 1,
-                msg: format!("short file: {} samples, expected {PLANETLAB_SAMPLES}", vals.len()),
+                msg: format!(
+                    "short file: {} samples, expected {PLANETLAB_SAMPLES}",
+                    vals.len()
+                ),
             });
         }
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         rows.push((name, vals));
     }
     Ok(Trace::from_percent_rows(rows, 300.0))
@@ -179,7 +220,10 @@ pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
 
 /// Loads a CSV trace (see the module docs for the format).
 pub fn load_csv(path: &Path, interval_s: f64) -> Result<Trace, SimError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SimError::TraceIo { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| SimError::TraceIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut rows = Vec::new();
     let mut width: Option<usize> = None;
     for (i, line) in text.lines().enumerate() {
@@ -190,19 +234,34 @@ pub fn load_csv(path: &Path, interval_s: f64) -> Result<Trace, SimError> {
         let mut fields = t.split(',').map(str::trim);
         let name = fields.next().unwrap_or_default().to_string();
         let rest: Vec<&str> = fields.collect();
-        if rows.is_empty() && width.is_none() && rest.first().is_some_and(|f| f.parse::<f64>().is_err()) {
+        if rows.is_empty()
+            && width.is_none()
+            && rest.first().is_some_and(|f| f.parse::<f64>().is_err())
+        {
             continue; // header
         }
         let mut vals = Vec::with_capacity(rest.len());
         for f in rest {
-            let v: f64 = f.parse().map_err(|_| SimError::TraceFormat { path: path.to_path_buf(), line: i + 1, msg: format!("not a number: {f:?}") })?;
+            let v: f64 = f.parse().map_err(|_| SimError::TraceFormat {
+                path: path.to_path_buf(),
+                line: i + 1,
+                msg: format!("not a number: {f:?}"),
+            })?;
             if !(0.0..=100.0).contains(&v) {
-                return Err(SimError::TraceFormat { path: path.to_path_buf(), line: i + 1, msg: format!("utilisation {v} outside 0..=100") });
+                return Err(SimError::TraceFormat {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: format!("utilisation {v} outside 0..=100"),
+                });
             }
             vals.push(v);
         }
         if vals.len() < 2 {
-            return Err(SimError::TraceFormat { path: path.to_path_buf(), line: i + 1, msg: "fewer than 2 samples".into() });
+            return Err(SimError::TraceFormat {
+                path: path.to_path_buf(),
+                line: i + 1,
+                msg: "fewer than 2 samples".into(),
+            });
         }
         match width {
             None => width = Some(vals.len()),
@@ -237,7 +296,11 @@ mod tests {
         // Past the last sample the repeated tail keeps the value flat: 0.29.
         assert!((t.utilization(0, 700.0) - 0.29).abs() < 1e-12);
         for time in [0.0, 60.0, 300.0, 300.1, 555.5, 700.0] {
-            assert_eq!(t.utilization(0, time), t.utilization_at(0, &t.instant(time)), "{time}");
+            assert_eq!(
+                t.utilization(0, time),
+                t.utilization_at(0, &t.instant(time)),
+                "{time}"
+            );
         }
     }
 }

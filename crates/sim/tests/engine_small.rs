@@ -6,16 +6,28 @@ use fastmig_sim::setup::{reference_host_types, reference_vm_types};
 use fastmig_sim::{simulate, CloudSimCost, DatacenterSpec, PolicySpec, SimOptions, Trace};
 
 fn flat_trace(percents: &[f64]) -> Trace {
-    let rows = percents.iter().enumerate().map(|(i, &p)| (format!("vm{i}"), vec![p; 6])).collect();
+    let rows = percents
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| (format!("vm{i}"), vec![p; 6]))
+        .collect();
     Trace::from_percent_rows(rows, 300.0)
 }
 
 fn spec(hosts: Vec<usize>, vms: Vec<(usize, usize)>) -> DatacenterSpec {
-    DatacenterSpec { host_types: reference_host_types(), hosts, vm_types: reference_vm_types(), vms }
+    DatacenterSpec {
+        host_types: reference_host_types(),
+        hosts,
+        vm_types: reference_vm_types(),
+        vms,
+    }
 }
 
 fn short_day() -> SimOptions {
-    SimOptions { duration_s: 1000.0, ..SimOptions::default() }
+    SimOptions {
+        duration_s: 1000.0,
+        ..SimOptions::default()
+    }
 }
 
 fn close(a: f64, b: f64) -> bool {
@@ -28,8 +40,22 @@ fn npa_draws_full_power_on_every_host_from_the_first_tick() {
     // every host its full-load power from t = 0 to the last tick: (117 W + 135 W) * 900.1 s
     // = 226,825.2 J = 0.063007 kWh.
     let trace = flat_trace(&[10.0]);
-    let r = simulate(&trace, &spec(vec![0, 1], vec![(3, 0)]), PolicySpec::Npa, &CloudSimCost, &short_day()).expect("run");
-    assert!(close(r.energy_kwh, (HP_ML110_G4[10] + HP_ML110_G5[10]) * 900.1 / 3.6e6), "{}", r.energy_kwh);
+    let r = simulate(
+        &trace,
+        &spec(vec![0, 1], vec![(3, 0)]),
+        PolicySpec::Npa,
+        &CloudSimCost,
+        &short_day(),
+    )
+    .expect("run");
+    assert!(
+        close(
+            r.energy_kwh,
+            (HP_ML110_G4[10] + HP_ML110_G5[10]) * 900.1 / 3.6e6
+        ),
+        "{}",
+        r.energy_kwh
+    );
     assert_eq!(r.migrations, 0);
 }
 
@@ -41,10 +67,22 @@ fn dvfs_integrates_the_power_curve_and_counts_idle_hosts_as_off() {
     // interval starts at 0 % load); then 2 intervals of 300 s: 2 * 300 * P.
     // The second host never gets a VM: off, no energy, one "shutdown" (hosts start active).
     let trace = flat_trace(&[50.0]);
-    let r = simulate(&trace, &spec(vec![0, 0], vec![(2, 0)]), PolicySpec::Dvfs, &CloudSimCost, &short_day()).expect("run");
+    let r = simulate(
+        &trace,
+        &spec(vec![0, 0], vec![(2, 0)]),
+        PolicySpec::Dvfs,
+        &CloudSimCost,
+        &short_day(),
+    )
+    .expect("run");
     let u = 500.0 / 3720.0;
     let p = 89.4 + (92.6 - 89.4) * (u * 10.0 - 1.0);
-    assert!(close(r.energy_kwh, 2.0 * 300.0 * p / 3.6e6), "{} vs {}", r.energy_kwh, 2.0 * 300.0 * p / 3.6e6);
+    assert!(
+        close(r.energy_kwh, 2.0 * 300.0 * p / 3.6e6),
+        "{} vs {}",
+        r.energy_kwh,
+        2.0 * 300.0 * p / 3.6e6
+    );
     assert_eq!(r.host_shutdowns, 1);
     assert_eq!(r.slatah, 0.0);
 }
@@ -64,7 +102,14 @@ fn underloaded_host_is_evacuated_with_cloudsim_migration_accounting() {
     // Shutdowns: host 0 goes idle once.
     let trace = flat_trace(&[20.0, 20.0]);
     let policy = PolicySpec::parse("thr-mmt", None).expect("policy");
-    let r = simulate(&trace, &spec(vec![1, 1], vec![(3, 0), (3, 1)]), policy, &CloudSimCost, &short_day()).expect("run");
+    let r = simulate(
+        &trace,
+        &spec(vec![1, 1], vec![(3, 0), (3, 1)]),
+        policy,
+        &CloudSimCost,
+        &short_day(),
+    )
+    .expect("run");
     assert_eq!(r.migrations, 1);
     assert_eq!(r.host_shutdowns, 1);
     assert!(close(r.pdm, 98.08 / 120_000.0), "pdm {}", r.pdm);
@@ -85,7 +130,14 @@ fn overloaded_hosts_are_relieved_and_sla_time_stays_in_migration_windows() {
     // after consolidation: SLATAH is bounded by migration windows (< 30 s per 300 s tick).
     let trace = flat_trace(&[90.0, 90.0, 90.0]);
     let policy = PolicySpec::parse("thr-mmt", Some(0.8)).expect("policy");
-    let r = simulate(&trace, &spec(vec![0, 0], vec![(2, 0), (2, 1), (3, 2)]), policy, &CloudSimCost, &short_day()).expect("run");
+    let r = simulate(
+        &trace,
+        &spec(vec![0, 0], vec![(2, 0), (2, 1), (3, 2)]),
+        policy,
+        &CloudSimCost,
+        &short_day(),
+    )
+    .expect("run");
     assert!(r.migrations >= 1);
     assert!(r.slatah < 30.0 / 300.0, "slatah {}", r.slatah);
 }
@@ -93,11 +145,20 @@ fn overloaded_hosts_are_relieved_and_sla_time_stays_in_migration_windows() {
 #[test]
 fn same_input_same_output_including_random_selection() {
     let rows: Vec<(String, Vec<f64>)> = (0..40)
-        .map(|i| (format!("vm{i}"), (0..20).map(|k| ((i * 37 + k * 11) % 97) as f64).collect()))
+        .map(|i| {
+            (
+                format!("vm{i}"),
+                (0..20).map(|k| ((i * 37 + k * 11) % 97) as f64).collect(),
+            )
+        })
         .collect();
     let trace = Trace::from_percent_rows(rows, 300.0);
     let spec = DatacenterSpec::scaled(30, 40, 40);
-    let opts = SimOptions { duration_s: 6000.0, seed: 7, ..SimOptions::default() };
+    let opts = SimOptions {
+        duration_s: 6000.0,
+        seed: 7,
+        ..SimOptions::default()
+    };
     for name in ["thr-rs", "mad-mc", "lr-mu"] {
         let p = PolicySpec::parse(name, None).expect("policy");
         let a = simulate(&trace, &spec, p, &CloudSimCost, &opts).expect("run a");
@@ -111,13 +172,25 @@ fn same_input_same_output_including_random_selection() {
 fn indexed_and_full_scan_placement_agree() {
     // The bucketed PABFD index must give exactly the full scan's placements.
     let rows: Vec<(String, Vec<f64>)> = (0..120)
-        .map(|i| (format!("vm{i}"), (0..20).map(|k| ((i * 53 + k * 29) % 89) as f64).collect()))
+        .map(|i| {
+            (
+                format!("vm{i}"),
+                (0..20).map(|k| ((i * 53 + k * 29) % 89) as f64).collect(),
+            )
+        })
         .collect();
     let trace = Trace::from_percent_rows(rows, 300.0);
     let spec = DatacenterSpec::scaled(90, 120, 120);
     let p = PolicySpec::parse("lr-mmt", None).expect("policy");
-    let full = SimOptions { duration_s: 6000.0, index_min_hosts: usize::MAX, ..SimOptions::default() };
-    let indexed = SimOptions { index_min_hosts: 0, ..full.clone() };
+    let full = SimOptions {
+        duration_s: 6000.0,
+        index_min_hosts: usize::MAX,
+        ..SimOptions::default()
+    };
+    let indexed = SimOptions {
+        index_min_hosts: 0,
+        ..full.clone()
+    };
     let a = simulate(&trace, &spec, p, &CloudSimCost, &full).expect("full");
     let b = simulate(&trace, &spec, p, &CloudSimCost, &indexed).expect("indexed");
     assert_eq!(a, b);

@@ -26,9 +26,11 @@ fn within(ours: f64, reference: f64, tol: f64) -> bool {
 fn reference_day_matches_cloudsim_within_tolerance() {
     let shared = shared();
     let csv_path = shared.join("reference/cloudsim-3.0.3-20110303.csv");
-    let csv = std::fs::read_to_string(&csv_path).unwrap_or_else(|e| panic!("reference CSV {} is required: {e}", csv_path.display()));
+    let csv = std::fs::read_to_string(&csv_path)
+        .unwrap_or_else(|e| panic!("reference CSV {} is required: {e}", csv_path.display()));
     let day = shared.join("data/planetlab/20110303");
-    let trace = Trace::load(&day).unwrap_or_else(|e| panic!("PlanetLab day {} is required: {e}", day.display()));
+    let trace = Trace::load(&day)
+        .unwrap_or_else(|e| panic!("PlanetLab day {} is required: {e}", day.display()));
     assert_eq!(trace.len(), 1052);
     let spec = DatacenterSpec::reference(trace.len());
     // Debug builds are slow; three policies cover the baselines, a threshold and a regression
@@ -41,16 +43,50 @@ fn reference_day_matches_cloudsim_within_tolerance() {
         if !wanted.contains(&name.as_str()) {
             continue;
         }
-        let num = |i: usize| f[i].parse::<f64>().unwrap_or_else(|_| panic!("bad number in {line}"));
-        let r = simulate(&trace, &spec, PolicySpec::parse(&name, None).expect("policy"), &CloudSimCost, &SimOptions::default()).expect("run");
-        assert!(within(r.energy_kwh, num(5), 0.05), "{name} energy {} vs {}", r.energy_kwh, num(5));
-        assert!(within(r.migrations as f64, num(9), 0.05), "{name} migrations {} vs {}", r.migrations, num(9));
+        let num = |i: usize| {
+            f[i].parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad number in {line}"))
+        };
+        let r = simulate(
+            &trace,
+            &spec,
+            PolicySpec::parse(&name, None).expect("policy"),
+            &CloudSimCost,
+            &SimOptions::default(),
+        )
+        .expect("run");
+        assert!(
+            within(r.energy_kwh, num(5), 0.05),
+            "{name} energy {} vs {}",
+            r.energy_kwh,
+            num(5)
+        );
+        assert!(
+            within(r.migrations as f64, num(9), 0.05),
+            "{name} migrations {} vs {}",
+            r.migrations,
+            num(9)
+        );
         // CloudSim prints SLATAH and PDM in percent with two decimals: allow that rounding
         // (0.00005 as a fraction) on top of the 10 %.
-        assert!(within(r.slatah, num(6), 0.10) || (r.slatah - num(6)).abs() <= 5e-5, "{name} slatah {} vs {}", r.slatah, num(6));
-        assert!(within(r.pdm, num(7), 0.10) || (r.pdm - num(7)).abs() <= 5e-5, "{name} pdm {} vs {}", r.pdm, num(7));
+        assert!(
+            within(r.slatah, num(6), 0.10) || (r.slatah - num(6)).abs() <= 5e-5,
+            "{name} slatah {} vs {}",
+            r.slatah,
+            num(6)
+        );
+        assert!(
+            within(r.pdm, num(7), 0.10) || (r.pdm - num(7)).abs() <= 5e-5,
+            "{name} pdm {} vs {}",
+            r.pdm,
+            num(7)
+        );
         assert_eq!(r.hosts, 800);
         checked += 1;
     }
-    assert_eq!(checked, wanted.len(), "reference CSV lacks some of {wanted:?}");
+    assert_eq!(
+        checked,
+        wanted.len(),
+        "reference CSV lacks some of {wanted:?}"
+    );
 }

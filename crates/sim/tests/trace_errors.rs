@@ -34,18 +34,27 @@ fn short_file_and_non_number_name_file_and_line() {
     write(&d, "b", &full[..100]);
     let e = Trace::load(&d).expect_err("short");
     let msg = e.to_string();
-    assert!(msg.contains("/b:101") && msg.contains("short file"), "{msg}");
+    assert!(
+        msg.contains("/b:101") && msg.contains("short file"),
+        "{msg}"
+    );
 
     let mut bad = full.clone();
     bad[6] = "7x";
     write(&d, "b", &bad);
     let msg = Trace::load(&d).expect_err("nan").to_string();
-    assert!(msg.contains("/b:7") && msg.contains("not a number"), "{msg}");
+    assert!(
+        msg.contains("/b:7") && msg.contains("not a number"),
+        "{msg}"
+    );
 
     write(&d, "b", &full);
     let t = Trace::load(&d).expect("good");
     // Sorted by name: "a vm with spaces" before "b".
-    assert_eq!(t.names, vec!["a vm with spaces".to_string(), "b".to_string()]);
+    assert_eq!(
+        t.names,
+        vec!["a vm with spaces".to_string(), "b".to_string()]
+    );
     assert_eq!(t.sample_count(), 288);
     let _ = std::fs::remove_dir_all(&d);
 }
