@@ -303,6 +303,38 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
         Ok(())
     }
 
+    /// Ends a pre-copy round and waits until the destination has every page of it: the
+    /// round's time (and so the bandwidth estimate) is then end to end, and no backlog of
+    /// pages still in flight can spill into the downtime.
+    fn end_round(&mut self, control: &mut Conn) -> Result<(), MigrationError> {
+        let start = Instant::now();
+        let round = self.rounds.len() as u32;
+        let data_bytes = if self.opts.transport.uses_data_streams() {
+            self.total.bytes
+        } else {
+            0
+        };
+        write_message(control, &Message::RoundEnd { round, data_bytes })
+            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+        match read_message(control).map_err(|e| wire("round ack", e, MigrationError::SendPages))? {
+            Message::RoundAck { round: r } if r == round => {}
+            Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+            other => {
+                return Err(MigrationError::Unexpected {
+                    phase: "round ack",
+                    got: other.name().into(),
+                })
+            }
+        }
+        let waited = start.elapsed().as_secs_f64();
+        self.send_s += waited;
+        if let Some(last) = self.rounds.last_mut() {
+            last.ms += waited * 1e3;
+            last.bandwidth_mib_s = last.bytes as f64 / (last.ms / 1e3).max(1e-9) / MIB;
+        }
+        Ok(())
+    }
+
     /// Bytes/s measured over all rounds so far (bounded by the cap).
     fn bandwidth(&self) -> f64 {
         let measured = if self.send_s > 0.0 {
@@ -470,8 +502,7 @@ fn run<V: MigratableVm + ?Sized>(
         let mut last_sync = Instant::now();
         let all: Vec<usize> = (0..npages).collect();
         s.send_round(&all, 0.0, false)?;
-        write_message(&mut control, &Message::RoundEnd { round: 1 })
-            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+        s.end_round(&mut control)?;
         let mut prev_dirty = usize::MAX;
         let mut stalled = 0u32;
         let mut forced = false;
@@ -540,13 +571,7 @@ fn run<V: MigratableVm + ?Sized>(
             }
             let list: Vec<usize> = pending.iter_dirty().collect();
             s.send_round(&list, dirty_rate, false)?;
-            write_message(
-                &mut control,
-                &Message::RoundEnd {
-                    round: s.rounds.len() as u32,
-                },
-            )
-            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+            s.end_round(&mut control)?;
         }
 
         // Stop-and-copy.

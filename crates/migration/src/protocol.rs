@@ -25,8 +25,9 @@ use crate::vm::{VmLayout, PAGE_SIZE};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FMIG");
 /// Protocol version spoken by this build. Bump on any change to a non-frozen frame; peers must
 /// be equal (no range negotiation: source and destination are upgraded together, and a refused
-/// migration leaves the VM running where it was).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// migration leaves the VM running where it was). History: 1, first; 2, `RoundEnd` carries
+/// the data-stream byte count and the destination answers `RoundAck`.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted, in bytes (64 MiB: device state of a large VM fits; a corrupt
@@ -182,9 +183,19 @@ pub enum Message {
     Batch(Vec<Run>),
     /// Shm: pages the source has written straight into the destination's memory.
     Written(Vec<(u64, u32)>),
-    /// End of a pre-copy round (informational, lets the destination log progress).
+    /// End of a pre-copy round. The destination answers [`Message::RoundAck`] once every
+    /// page sent before it has landed in its memory.
     RoundEnd {
         /// Round number, 1-based.
+        round: u32,
+        /// Bytes written so far on the data streams (multi-tcp; 0 for transports that carry
+        /// pages on the control stream, where order already says everything has arrived).
+        data_bytes: u64,
+    },
+    /// Destination: every page of the round (and before) is in guest memory. Lets the source
+    /// measure end-to-end bandwidth, and keeps a backlog of in-flight pages out of downtime.
+    RoundAck {
+        /// The round acknowledged.
         round: u32,
     },
     /// No more page data on this stream.
@@ -231,6 +242,7 @@ impl Message {
             Message::Batch(_) => "batch",
             Message::Written(_) => "written",
             Message::RoundEnd { .. } => "round-end",
+            Message::RoundAck { .. } => "round-ack",
             Message::EndOfData => "end-of-data",
             Message::State(_) => "state",
             Message::Complete(_) => "complete",
@@ -259,6 +271,7 @@ mod kind {
     pub const RESUMED: u8 = 13;
     pub const FAILED: u8 = 14;
     pub const MEMORY_FDS: u8 = 15;
+    pub const ROUND_ACK: u8 = 16;
 }
 
 const FLAG_ZERO_PAGE: u8 = 1;
@@ -271,6 +284,8 @@ struct DataHelloJson {
 #[derive(Serialize, Deserialize)]
 struct RoundJson {
     round: u32,
+    #[serde(default)]
+    data_bytes: u64,
 }
 #[derive(Serialize, Deserialize)]
 struct FailedJson {
@@ -352,12 +367,25 @@ pub fn encode_with_version(msg: &Message, version: u16) -> Vec<u8> {
             }
             frame(&mut out, version, kind::WRITTEN, 0, &p);
         }
-        Message::RoundEnd { round } => frame(
+        Message::RoundEnd { round, data_bytes } => frame(
             &mut out,
             version,
             kind::ROUND_END,
             0,
-            &json(&RoundJson { round: *round }),
+            &json(&RoundJson {
+                round: *round,
+                data_bytes: *data_bytes,
+            }),
+        ),
+        Message::RoundAck { round } => frame(
+            &mut out,
+            version,
+            kind::ROUND_ACK,
+            0,
+            &json(&RoundJson {
+                round: *round,
+                data_bytes: 0,
+            }),
         ),
         Message::EndOfData => frame(&mut out, version, kind::END_OF_DATA, 0, &[]),
         Message::State(s) => frame(&mut out, version, kind::STATE, 0, s),
@@ -578,7 +606,14 @@ pub fn decode_payload(
         }
         kind::ROUND_END => {
             let r: RoundJson = from_json("round-end", p)?;
-            Ok(Message::RoundEnd { round: r.round })
+            Ok(Message::RoundEnd {
+                round: r.round,
+                data_bytes: r.data_bytes,
+            })
+        }
+        kind::ROUND_ACK => {
+            let r: RoundJson = from_json("round-ack", p)?;
+            Ok(Message::RoundAck { round: r.round })
         }
         kind::END_OF_DATA => empty("end-of-data", Message::EndOfData),
         kind::STATE => Ok(Message::State(p.to_vec())),
@@ -683,7 +718,11 @@ mod tests {
                 },
             ]),
             Message::Written(vec![(0, 4), (8192, 1)]),
-            Message::RoundEnd { round: 4 },
+            Message::RoundEnd {
+                round: 4,
+                data_bytes: 1 << 40,
+            },
+            Message::RoundAck { round: 4 },
             Message::EndOfData,
             Message::State(vec![1, 2, 3]),
             Message::Complete(Complete {
@@ -722,14 +761,18 @@ mod tests {
 
     #[test]
     fn bad_magic_version_checksum_truncation() {
-        let b = encode(&Message::RoundEnd { round: 1 });
+        let end = Message::RoundEnd {
+            round: 1,
+            data_bytes: 0,
+        };
+        let b = encode(&end);
         let mut m = b.clone();
         m[0] ^= 1;
         assert!(matches!(decode(&m), Err(ProtocolError::BadMagic(_))));
-        let v2 = encode_with_version(&Message::RoundEnd { round: 1 }, 2);
+        let v1 = encode_with_version(&end, 1);
         assert!(matches!(
-            decode(&v2),
-            Err(ProtocolError::BadVersion { got: 2, want: 1 })
+            decode(&v1),
+            Err(ProtocolError::BadVersion { got: 1, want: 2 })
         ));
         let mut c = b.clone();
         let last = c.len() - 1;

@@ -115,6 +115,30 @@ fn fail_incoming(
     r.err().unwrap_or(MigrationError::Cancelled)
 }
 
+/// Waits until the data streams have delivered `bytes` (what the source wrote on them before
+/// its `RoundEnd`); a stall of `io_timeout` without any new byte is a timeout.
+fn wait_for_data(
+    t: &mut dyn DestTransport,
+    bytes: u64,
+    io_timeout: Duration,
+) -> Result<(), MigrationError> {
+    let mut last = t.check()?;
+    let mut last_change = Instant::now();
+    while last < bytes {
+        std::thread::sleep(Duration::from_micros(200));
+        let now = t.check()?;
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > io_timeout {
+            return Err(MigrationError::Timeout {
+                phase: "receiving pages",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Waits until the control stream has data. While it is idle, page data arriving on other
 /// streams counts as liveness: only `io_timeout` without any byte anywhere is a timeout (a
 /// multi-tcp round can last far longer than `io_timeout` with a silent control stream).
@@ -283,8 +307,11 @@ fn run<V: MigratableVm + ?Sized>(
             continue;
         };
         match msg {
-            Message::RoundEnd { round } => {
+            Message::RoundEnd { round, data_bytes } => {
                 rounds = round;
+                wait_for_data(t.as_mut(), data_bytes, opts.io_timeout)?;
+                write_message(control, &Message::RoundAck { round })
+                    .map_err(|e| wire("round ack", e, MigrationError::ReceivePages))?;
                 debug!(round, "round received");
             }
             Message::State(s) => state = Some(s),

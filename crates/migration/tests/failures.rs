@@ -229,6 +229,9 @@ fn destination_gone_after_pause_resumes_source() {
         loop {
             match read_message(c) {
                 Ok(Message::Complete(_)) | Err(_) => break,
+                Ok(Message::RoundEnd { round, .. }) => {
+                    let _ = write_message(c, &Message::RoundAck { round });
+                }
                 Ok(_) => {}
             }
         }
@@ -255,6 +258,9 @@ fn destination_silent_after_complete_times_out_and_resumes_source() {
         loop {
             match read_message(c) {
                 Ok(Message::Complete(_)) | Err(_) => break,
+                Ok(Message::RoundEnd { round, .. }) => {
+                    let _ = write_message(c, &Message::RoundAck { round });
+                }
                 Ok(_) => {}
             }
         }

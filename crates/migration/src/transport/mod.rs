@@ -54,6 +54,11 @@ impl TransportKind {
         }
     }
 
+    /// True when pages travel on streams other than the control stream.
+    pub fn uses_data_streams(&self) -> bool {
+        matches!(self, TransportKind::MultiTcp { .. })
+    }
+
     /// Multi-tcp with one stream per available core.
     pub fn multi_tcp_default() -> Self {
         let n = std::thread::available_parallelism()
