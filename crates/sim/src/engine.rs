@@ -203,8 +203,9 @@ pub struct Simulation<'a> {
     clamped: u64,
     ticks: u64,
     index: Option<PabfdIndex>,
-    /// Inside a scheduling round (or the initial placement): keep host histories current.
+    /// Inside a scheduling round (or the initial placement): keep host aggregates current.
     in_round: bool,
+    scratch: Vec<f64>,
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
@@ -333,6 +334,7 @@ impl<'a> Simulation<'a> {
             ticks: 0,
             index: None,
             in_round: false,
+            scratch: Vec::new(),
         })
     }
 
@@ -462,6 +464,11 @@ impl<'a> Simulation<'a> {
     /// Recomputes the cached aggregates of a host from its VM list, in list order (the order
     /// CloudSim sums in).
     fn refresh(&mut self, h: u32) {
+        // The aggregates serve placement and detection only, which happen inside rounds (each
+        // round starts by refreshing every host), so outside rounds there is nothing to keep.
+        if !self.in_round {
+            return;
+        }
         let host = &self.hosts[h as usize];
         let mut req_sum = 0.0;
         let mut hist = [0.0; VM_HISTORY];
@@ -544,13 +551,6 @@ impl<'a> Simulation<'a> {
         avail
     }
 
-    /// MIPS allocated to each VM of the host's list, in list order.
-    fn allocations(&self, h: u32) -> Vec<f64> {
-        let mut out = Vec::with_capacity(self.hosts[h as usize].vm_list.len());
-        self.for_each_allocation(h, |_, _, a| out.push(a));
-        out
-    }
-
     /// Calls `f(vm, migrating_in, allocated_mips)` for each VM of the host's list, in list
     /// order, with CloudSim's over-subscribing time-shared scheduler semantics: requests are
     /// capped at the PE size, a VM migrating out gets 90 %, one migrating in is charged 10 %,
@@ -621,15 +621,17 @@ impl<'a> Simulation<'a> {
     }
 
     fn host_update_at(&mut self, h: u32, t: f64, at: &Instant) {
-        let list = self.hosts[h as usize].vm_list.clone();
+        let list = std::mem::take(&mut self.hosts[h as usize].vm_list);
         for &v in &list {
             self.vm_update(v, t, at);
-        }
-        for &v in &list {
             let vm = &mut self.vms[v as usize];
             vm.sched_req = vm.requested;
         }
-        let allocs = self.allocations(h);
+        self.hosts[h as usize].vm_list = list;
+        let mut allocs = std::mem::take(&mut self.scratch);
+        allocs.clear();
+        self.for_each_allocation(h, |_, _, a| allocs.push(a));
+        let list = std::mem::take(&mut self.hosts[h as usize].vm_list);
         let mut util = 0.0;
         let mut host_req = 0.0;
         for (i, &v) in list.iter().enumerate() {
@@ -653,6 +655,8 @@ impl<'a> Simulation<'a> {
             util += alloc;
             host_req += req;
         }
+        self.hosts[h as usize].vm_list = list;
+        self.scratch = allocs;
         let frac = self.utilization_fraction(util, h as usize);
         let power_now = self.spec.host_types[self.hosts[h as usize].ty]
             .power
