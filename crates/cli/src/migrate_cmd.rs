@@ -389,6 +389,17 @@ fn print_summary(s: &Value) {
     println!("  digest match {:>10}", s["digest_match"]);
 }
 
+/// Demo narration: stdout normally, stderr under `--json` (stdout then holds only JSON).
+macro_rules! say {
+    ($args:expr, $($fmt:tt)*) => {
+        if $args.json {
+            eprintln!($($fmt)*);
+        } else {
+            println!($($fmt)*);
+        }
+    };
+}
+
 fn demo(args: &DemoArgs) -> Result<()> {
     use crate::procs::{free_loopback_port, ChildVm};
     let work = tempfile::Builder::new().prefix("fastmig-demo").tempdir()?;
@@ -401,7 +412,12 @@ fn demo(args: &DemoArgs) -> Result<()> {
     };
     let boot = Duration::from_secs(60);
     let s = |x: &str| x.to_string();
-    println!("demo: source VM {} running `{}`", args.mem, args.workload);
+    say!(
+        args,
+        "demo: source VM {} running `{}`",
+        args.mem,
+        args.workload
+    );
     let mut src = ChildVm::spawn(
         "source",
         &[
@@ -435,7 +451,8 @@ fn demo(args: &DemoArgs) -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.0)));
     let before = src.call("query-status", json!({}))?;
-    println!(
+    say!(
+        args,
         "demo: source progress {} at {:.0} dirty pages/s; migrating to {to} with {}",
         before["progress"],
         before["dirty_rate_pps"].as_f64().unwrap_or(0.0),

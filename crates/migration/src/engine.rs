@@ -15,7 +15,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -229,13 +229,18 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
         stop_and_copy: bool,
     ) -> Result<(), MigrationError> {
         let done_pages = AtomicU64::new(0);
-        let finished = AtomicBool::new(false);
+        // Dropping the sender wakes the ticker at once: joining it must not add a tick's
+        // sleep to the round (in stop-and-copy that would be downtime).
+        let (finished, finished_rx) = std::sync::mpsc::channel::<()>();
         let start = Instant::now();
         let stats = std::thread::scope(|sc| {
-            if let (Some(cb), false) = (&self.opts.progress, self.opts.progress_interval.is_zero())
-            {
-                // Periodic progress inside long rounds, from a ticker thread.
-                let (cb, done_pages, finished) = (cb.clone(), &done_pages, &finished);
+            if let (Some(cb), false, false) = (
+                &self.opts.progress,
+                self.opts.progress_interval.is_zero(),
+                stop_and_copy,
+            ) {
+                // Periodic progress inside long pre-copy rounds, from a ticker thread.
+                let (cb, done_pages) = (cb.clone(), &done_pages);
                 let base = Progress {
                     phase: if stop_and_copy {
                         Phase::StopAndCopy
@@ -253,8 +258,9 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
                 let (t0, interval) = (self.t0, self.opts.progress_interval);
                 sc.spawn(move || {
                     let mut next = Instant::now() + interval;
-                    while !finished.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(20));
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        finished_rx.recv_timeout(Duration::from_millis(20))
+                    {
                         if Instant::now() < next {
                             continue;
                         }
@@ -278,7 +284,7 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
                 done_pages: &done_pages,
             };
             let r = self.transport.send_pages(&self.mem, pages, &ctx);
-            finished.store(true, Ordering::Relaxed);
+            drop(finished);
             r
         })?;
         let secs = start.elapsed().as_secs_f64();

@@ -472,9 +472,10 @@ where
     V: MigratableVm,
     F: FnOnce(&VmLayout, Option<Vec<HandoverRegion>>) -> Result<V, VmError>,
 {
+    let mut control = listener.accept(opts.accept_timeout)?;
+    // Setup is timed from the source's arrival, not from when we started waiting.
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
-    let mut control = listener.accept(opts.accept_timeout)?;
     let hello = match read_hello(&mut control, opts) {
         Ok(h) => h,
         Err(e) => {
