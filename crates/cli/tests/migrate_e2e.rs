@@ -16,6 +16,9 @@ struct Case<'a> {
     workload: &'a str,
     transport: &'a str,
     extra: &'a [&'a str],
+    /// Start the destination with `--mem` (memory prepared before the migration) or
+    /// without (VM built from the source's announced layout).
+    prepared: bool,
 }
 
 /// Migrates a `case.workload` VM from a `run` process to an `incoming` process and checks
@@ -28,7 +31,11 @@ fn migrate_and_check(case: &Case) -> Value {
         _ => format!("127.0.0.1:{}", free_port()),
     };
     let src = Proc::run(dir.path(), "src", case.mem, case.workload);
-    let mut dst = Proc::incoming(dir.path(), "dst", &to, case.mem, &[]);
+    let mut dst = if case.prepared {
+        Proc::incoming(dir.path(), "dst", &to, case.mem, &[])
+    } else {
+        Proc::incoming_with(dir.path(), "dst", &to, &[])
+    };
     assert_eq!(dst.status()["status"], "inmigrate");
     // Let the guest run a little on the source, so there is progress to carry over.
     let before = src.progress();
@@ -64,6 +71,9 @@ fn migrate_and_check(case: &Case) -> Value {
         "cont refusal should say why: {refused}"
     );
     assert_eq!(src.status()["status"], "postmigrate");
+    // Nor will it migrate the VM a second time.
+    let again = migrate(dir.path(), &src, &to, &["--transport", case.transport]);
+    again.assert_one_line_exit(2, &["not started"]);
     // Still paused a moment later: its progress does not move.
     let dst_first = dst.wait_status("running", PATIENCE);
     let dst_progress = dst_first["progress"].as_u64().expect("progress");
@@ -109,11 +119,19 @@ fn check_summary(s: &Value, case: &Case) {
     );
     assert!(setup >= 0.0 && setup <= total, "setup vs total: {s}");
     let rounds = num("rounds");
-    assert!((1.0..=30.0).contains(&rounds), "rounds: {s}");
     assert_eq!(rounds.fract(), 0.0, "rounds is a count: {s}");
     let pages = num("pages_sent");
     let bytes = num("bytes_sent");
-    assert!(pages > 0.0, "{s}");
+    let throughput = num("throughput_mib_s");
+    if case.transport == "handover" {
+        // The memory itself changes hands: nothing is copied, there are no rounds.
+        assert_eq!((rounds, pages, bytes), (0.0, 0.0, 0.0), "{s}");
+        assert!(throughput >= 0.0, "{s}");
+    } else {
+        assert!((1.0..=30.0).contains(&rounds), "rounds: {s}");
+        assert!(pages > 0.0, "{s}");
+        assert!(throughput > 0.0, "{s}");
+    }
     if matches!(case.transport, "classic" | "multi-tcp") {
         // Every sent page travels in full, plus framing.
         assert!(
@@ -121,7 +139,6 @@ fn check_summary(s: &Value, case: &Case) {
             "bytes_sent {bytes} < pages_sent {pages} x 4096: {s}"
         );
     }
-    assert!(num("throughput_mib_s") > 0.0, "{s}");
     let src_cpu = num("src_cpu_s");
     let dst_cpu = num("dst_cpu_s");
     assert!(src_cpu > 0.0, "the source must have spent some CPU: {s}");
@@ -143,6 +160,7 @@ fn classic_migrates_an_idle_vm() {
         workload: "idle",
         transport: "classic",
         extra: &[],
+        prepared: true,
     });
     // An idle guest dirties almost nothing: the first pass is (nearly) all there is.
     assert!(s["rounds"].as_u64().is_some_and(|r| r <= 5), "{s}");
@@ -155,6 +173,7 @@ fn classic_migrates_a_dirtying_vm() {
         workload: "dirty:rate=3000,wss=8M,pattern=random",
         transport: "classic",
         extra: &[],
+        prepared: true,
     });
 }
 
@@ -165,6 +184,7 @@ fn classic_migrates_a_verify_vm_page_for_page() {
         workload: "verify:rate=3000,wss=8M,pattern=hotcold",
         transport: "classic",
         extra: &[],
+        prepared: true,
     });
 }
 
@@ -175,6 +195,7 @@ fn multi_tcp_migrates_a_verify_vm() {
         workload: "verify:rate=3000,wss=8M,pattern=random",
         transport: "multi-tcp",
         extra: &["--streams", "2"],
+        prepared: true,
     });
     assert_eq!(s["transport"], "multi-tcp");
 }
@@ -186,5 +207,29 @@ fn shm_migrates_a_verify_vm_over_a_unix_socket() {
         workload: "verify:rate=3000,wss=8M,pattern=seq",
         transport: "shm",
         extra: &[],
+        prepared: true,
     });
+}
+
+#[test]
+fn destination_without_mem_builds_the_vm_from_the_source_layout() {
+    migrate_and_check(&Case {
+        mem: "32M",
+        workload: "verify:rate=2000,wss=4M,pattern=random",
+        transport: "classic",
+        extra: &[],
+        prepared: false,
+    });
+}
+
+#[test]
+fn handover_passes_the_memory_itself() {
+    let s = migrate_and_check(&Case {
+        mem: "64M",
+        workload: "verify:rate=3000,wss=8M,pattern=random",
+        transport: "handover",
+        extra: &[],
+        prepared: false,
+    });
+    assert_eq!(s["transport"], "handover");
 }

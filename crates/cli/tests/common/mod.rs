@@ -151,16 +151,16 @@ impl Proc {
     /// `fastmig incoming --listen LISTEN --mem MEM --api DIR/NAME.sock [extra...]`, waited
     /// until it listens (its control socket opens before the listener binds).
     pub fn incoming(dir: &Path, name: &str, listen: &str, mem: &str, extra: &[&str]) -> Proc {
+        let mut args = vec!["--mem", mem];
+        args.extend_from_slice(extra);
+        Proc::incoming_with(dir, name, listen, &args)
+    }
+
+    /// `fastmig incoming --listen LISTEN --api DIR/NAME.sock [args...]` (no `--mem` unless
+    /// given: the VM is then built from the source's layout), waited until it listens.
+    pub fn incoming_with(dir: &Path, name: &str, listen: &str, extra: &[&str]) -> Proc {
         let sock = dir.join(format!("{name}.sock"));
-        let mut args = vec![
-            "incoming",
-            "--listen",
-            listen,
-            "--mem",
-            mem,
-            "--api",
-            path_str(&sock),
-        ];
+        let mut args = vec!["incoming", "--listen", listen, "--api", path_str(&sock)];
         args.extend_from_slice(extra);
         let mut p = Proc::spawn(dir, name, &args, &sock);
         wait_until(&format!("{name} to listen on {listen}"), PATIENCE, || {
