@@ -90,6 +90,26 @@ fn kill_destination_mid_transfer(transport: &str) {
     let out = client.finish(PATIENCE);
     out.assert_failed_with(&["migration failed", "still runs on the source"]);
     src.assert_still_runs_here();
+    // The failed attempt left nothing behind (dirty log, transport state): a retry to a new
+    // destination succeeds and the VM arrives intact.
+    let to = match transport {
+        "shm" => format!("unix:{}", dir.path().join("mig2.sock").display()),
+        _ => loopback(free_port()),
+    };
+    let dst2 = Proc::incoming(dir.path(), "dst2", &to, MEM, &[]);
+    let retry = migrate(dir.path(), &src, &to, &["--transport", transport]);
+    assert_eq!(
+        retry.code,
+        Some(0),
+        "retry failed: {retry:?}\n{}",
+        dst2.log()
+    );
+    let p = dst2.wait_status("running", PATIENCE)["progress"]
+        .as_u64()
+        .expect("progress");
+    dst2.wait_progress_above(p);
+    dst2.assert_memory_intact();
+    assert_eq!(src.status()["status"], "postmigrate");
 }
 
 #[test]
@@ -119,6 +139,11 @@ fn connection_closed_mid_transfer() {
     // Close the connection after 3 MiB of the ~64 MiB stream.
     let proxy = FaultProxy::start(dst_port, Fault::TruncateAt(3 << 20));
     let out = migrate(dir.path(), &src, &loopback(proxy.port), &[]);
+    assert_eq!(
+        proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+        3 << 20,
+        "the cut must fall inside the transfer"
+    );
     let line = out.assert_failed_with(&["migration failed", "still runs on the source"]);
     assert!(
         [

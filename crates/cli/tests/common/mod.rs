@@ -526,10 +526,12 @@ impl FaultProxy {
         let handle = std::thread::spawn(move || {
             // Serve connections until one carries the fault; extra streams (multi-tcp)
             // are forwarded each on its own thread.
-            listener.set_nonblocking(false).expect("blocking listener");
             let mut threads = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(60);
-            listener.set_nonblocking(true).ok();
+            // Non-blocking accept, so the loop can notice when every stream is done.
+            listener
+                .set_nonblocking(true)
+                .expect("non-blocking listener");
             while Instant::now() < deadline {
                 match listener.accept() {
                     Ok((client, _)) => {
