@@ -136,6 +136,9 @@ struct Host {
     energy_util: f64,
     prev_energy_util: f64,
     overhead_mips: f64,
+    /// Migrations whose CPU overhead is in `overhead_mips`; at 0 the sum is reset to exactly 0
+    /// so rounding residue cannot keep an empty host "on".
+    overhead_count: u32,
     // Cached aggregates over `vm_list`, refreshed on every change.
     req_sum: f64,
     hist_sum: [f64; VM_HISTORY],
@@ -163,6 +166,9 @@ struct MigrationEvent {
     source: Option<u32>,
     source_overhead: f64,
     target_overhead: f64,
+    /// Whether this migration's CPU overhead was added (not for a repeated migration of a VM
+    /// that is already migrating into the same target).
+    counted: bool,
 }
 
 impl PartialEq for MigrationEvent {
@@ -260,6 +266,7 @@ impl<'a> Simulation<'a> {
                 energy_util: 0.0,
                 prev_energy_util: 0.0,
                 overhead_mips: 0.0,
+                overhead_count: 0,
                 req_sum: 0.0,
                 hist_sum: [0.0; VM_HISTORY],
                 available_mips: t.total_mips(),
@@ -1195,15 +1202,19 @@ impl<'a> Simulation<'a> {
             self.hosts[target as usize].pe_mips,
         );
         self.vms[v as usize].in_migration = true;
-        if !self.is_migrating_in(target, v) {
+        let counted = !self.is_migrating_in(target, v);
+        if counted {
             let size = self.vms[v as usize].size_mb as i64;
             let host = &mut self.hosts[target as usize];
             host.storage_used += size;
             host.migrating_in.push(v);
             host.vm_list.push(v);
             host.overhead_mips += cost.target_overhead_mips;
+            host.overhead_count += 1;
             if let Some(s) = source {
-                self.hosts[s as usize].overhead_mips += cost.source_overhead_mips;
+                let src = &mut self.hosts[s as usize];
+                src.overhead_mips += cost.source_overhead_mips;
+                src.overhead_count += 1;
             }
             self.host_update(target, t);
             if let Some(s) = source {
@@ -1220,6 +1231,7 @@ impl<'a> Simulation<'a> {
             source,
             source_overhead: cost.source_overhead_mips,
             target_overhead: cost.target_overhead_mips,
+            counted,
         });
     }
 
@@ -1241,11 +1253,12 @@ impl<'a> Simulation<'a> {
             if let Some(pos) = host.vm_list.iter().position(|&x| x == v) {
                 host.vm_list.remove(pos);
             }
-            host.overhead_mips = (host.overhead_mips - ev.target_overhead).max(0.0);
+            if ev.counted {
+                release_overhead(host, ev.target_overhead);
+            }
         }
-        if let Some(s) = ev.source {
-            let host = &mut self.hosts[s as usize];
-            host.overhead_mips = (host.overhead_mips - ev.source_overhead).max(0.0);
+        if let (Some(s), true) = (ev.source, ev.counted) {
+            release_overhead(&mut self.hosts[s as usize], ev.source_overhead);
         }
         self.vms[v as usize].in_migration = false;
         if !self.vm_create(ev.target, v) {
@@ -1302,6 +1315,15 @@ impl<'a> Simulation<'a> {
             migration_model: self.cost.describe(),
         }
     }
+}
+
+fn release_overhead(host: &mut Host, mips: f64) {
+    host.overhead_count = host.overhead_count.saturating_sub(1);
+    host.overhead_mips = if host.overhead_count == 0 {
+        0.0
+    } else {
+        (host.overhead_mips - mips).max(0.0)
+    };
 }
 
 fn finalize_host_entry(host: &mut Host, e: HostEntry) {

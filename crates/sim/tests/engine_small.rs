@@ -195,3 +195,30 @@ fn indexed_and_full_scan_placement_agree() {
     let b = simulate(&trace, &spec, p, &CloudSimCost, &indexed).expect("indexed");
     assert_eq!(a, b);
 }
+
+#[test]
+fn migration_cpu_overhead_costs_energy_only_while_migrating() {
+    // Same evacuation as above (one 613-MB migration at t = 300.1), now through a 1 Gbit/s
+    // profile whose source spends 1 core-second per GiB. The migration takes 613 * 8 / 1000 =
+    // 4.904 s; the extra energy can be at most both hosts at full power for that long
+    // (2 * 135 W * 4.904 s), and must be positive. A host left empty must not keep drawing
+    // power afterwards (regression: rounding residue of the overhead kept it "on").
+    use fastmig_sim::MigrationProfile;
+    let trace = flat_trace(&[20.0, 20.0]);
+    let policy = PolicySpec::parse("thr-mmt", None).expect("policy");
+    let spec = spec(vec![1, 1], vec![(3, 0), (3, 1)]);
+    let plain = MigrationProfile::bandwidth(1.0);
+    let busy = MigrationProfile {
+        source_cpu_s_per_gib: 1.0,
+        ..plain
+    };
+    let a = simulate(&trace, &spec, policy, &plain, &short_day()).expect("plain");
+    let b = simulate(&trace, &spec, policy, &busy, &short_day()).expect("busy");
+    assert_eq!(a.migrations, 1);
+    assert_eq!(b.migrations, 1);
+    let extra_j = (b.energy_kwh - a.energy_kwh) * 3.6e6;
+    assert!(
+        extra_j > 0.0 && extra_j <= 2.0 * 135.0 * 4.904,
+        "extra {extra_j} J"
+    );
+}
