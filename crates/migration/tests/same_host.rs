@@ -175,3 +175,53 @@ fn transport_and_policy_names_parse() {
     );
     assert!("maybe".parse::<OnNoConverge>().is_err());
 }
+
+/// Zero pages of a (mostly zero) source are skipped in the first pass only where the
+/// destination's page is zero too; against a destination full of old data every page is
+/// copied. Either way the destination ends equal to the source.
+#[test]
+fn shm_first_pass_skips_zero_pages_only_where_the_destination_is_zero() {
+    for dirty_destination in [false, true] {
+        let src = SoftVm::new(16 * MIB).expect("src");
+        src.fill(0.25);
+        let dst = SoftVm::new_incoming(16 * MIB).expect("dst");
+        if dirty_destination {
+            dst.fill(1.0);
+        }
+        let snap = src.snapshot();
+        let pages = snap.len() / 4096;
+        let zero = snap
+            .chunks(4096)
+            .filter(|p| p.iter().all(|&b| b == 0))
+            .count();
+        assert!(
+            zero > pages / 2,
+            "the source is mostly zero ({zero} of {pages})"
+        );
+        let tag = format!("shm-zero-{dirty_destination}");
+        let l = Listener::bind(&unix_endpoint(&tag)).expect("bind");
+        let opts = MigrateOptions {
+            transport: TransportKind::Shm,
+            ..Default::default()
+        };
+        let ropts = ReceiveOptions {
+            verify_memory: true,
+            ..Default::default()
+        };
+        let (r, d) = pair_on(&l, &src, &dst, &opts, &ropts);
+        let s = r.expect("migration");
+        d.expect("receive");
+        assert!(s.digest_match);
+        if dirty_destination {
+            assert_eq!(s.zero_pages_skipped, 0);
+            assert_eq!(s.pages_sent as usize, pages);
+        } else {
+            assert_eq!(s.zero_pages_skipped as usize, zero);
+            assert_eq!(s.pages_sent as usize, pages - zero);
+        }
+        assert!(
+            src.snapshot() == dst.snapshot(),
+            "destination equals the source (dirty destination: {dirty_destination})"
+        );
+    }
+}

@@ -297,7 +297,10 @@ impl SourceTransport for MultiTcpSource {
             let sends: u64 = zcs.iter().map(|z| z.sends).sum();
             let copied: u64 = zcs.iter().map(|z| z.copied).sum();
             // On loopback (and with devices lacking scatter-gather) the kernel copies anyway.
-            info!(sends, copied, "MSG_ZEROCOPY completions (copied: kernel fell back to a copy)");
+            info!(
+                sends,
+                copied, "MSG_ZEROCOPY completions (copied: kernel fell back to a copy)"
+            );
         }
         for c in &mut self.streams {
             write_message(c, &Message::EndOfData)

@@ -29,49 +29,16 @@ const NOTIFY_PAGES: usize = 512;
 const MAX_COPY_THREADS: usize = 2;
 
 fn copy_threads() -> usize {
-    if let Some(n) = std::env::var("FASTMIG_SHM_THREADS").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("FASTMIG_SHM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         return n;
     }
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, MAX_COPY_THREADS)
-}
-
-/// Send buffer of the control socket during shm (bytes; the kernel doubles it).
-const CONTROL_SNDBUF: libc::c_int = 8 << 10;
-
-/// Shrinks the send buffer of the control socket so that `Written` frames cannot run far
-/// ahead of the destination. The destination hashes every page it is told about; if it lags,
-/// its backlog is worked off after the pause, inside the downtime (about 50 ms per GiB of
-/// lag here). A small buffer makes the copy loop wait for it instead. Each small frame costs
-/// about 1 KiB of buffer accounting (skb overhead), so 16 KiB allow roughly 16 frames of
-/// `NOTIFY_PAGES` pages (32 MiB) in flight.
-fn limit_control_backlog(control: &Conn) -> Result<(), MigrationError> {
-    let v: libc::c_int = std::env::var("FASTMIG_SHM_SNDBUF")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CONTROL_SNDBUF);
-    if v == 0 {
-        return Ok(());
-    }
-    // SAFETY: `v` is a live c_int and its size is passed; the descriptor is our socket.
-    let r = unsafe {
-        libc::setsockopt(
-            control.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(MigrationError::TransportSetup {
-            reason: "limiting the control socket's send buffer".into(),
-            source: Some(std::io::Error::last_os_error()),
-        });
-    }
-    Ok(())
 }
 
 fn setup_err(reason: impl Into<String>) -> MigrationError {
@@ -137,7 +104,6 @@ impl ShmSource {
             });
         }
         me.remote = GuestMemory::new(&mrs)?;
-        limit_control_backlog(&me.control)?;
         Ok(me)
     }
 }
