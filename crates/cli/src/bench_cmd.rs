@@ -111,7 +111,22 @@ fn migration(args: MigrationBenchArgs) -> Result<()> {
     if args.repeat == 0 {
         return Err(usage!("--repeat must be at least 1"));
     }
-    let rate = workload_rate(&args.workload);
+    let spec: fastmig_vmm::WorkloadSpec = args
+        .workload
+        .parse()
+        .map_err(|e| usage!("--workload: {e}"))?;
+    let rate = workload_rate(&spec);
+    if args.peer.is_some()
+        && rate == 0
+        && matches!(
+            spec.kind,
+            fastmig_vmm::WorkloadKind::Dirty | fastmig_vmm::WorkloadKind::Verify
+        )
+    {
+        return Err(usage!(
+            "--peer qemu needs a paced workload (rate > 0): QEMU's guest has no unpaced mode"
+        ));
+    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let work = tempfile::Builder::new().prefix("fastmig-bench").tempdir()?;
@@ -185,16 +200,13 @@ fn migration(args: MigrationBenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The `rate=` of a workload spec, for the QEMU peer (0 when there is none).
-fn workload_rate(spec: &str) -> u64 {
-    spec.split_once(':')
-        .map(|(_, kv)| kv)
-        .unwrap_or("")
-        .split(',')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| k.trim() == "rate")
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(0)
+/// The guest's dirty rate in pages/s, for the QEMU peer: 0 for workloads that do not keep
+/// writing (`idle`, `fill`).
+fn workload_rate(spec: &fastmig_vmm::WorkloadSpec) -> u64 {
+    match spec.kind {
+        fastmig_vmm::WorkloadKind::Dirty | fastmig_vmm::WorkloadKind::Verify => spec.rate,
+        _ => 0,
+    }
 }
 
 fn one_migration(
@@ -410,8 +422,11 @@ mod tests {
 
     #[test]
     fn rate_and_keys_are_read_from_a_workload_spec() {
-        assert_eq!(workload_rate("dirty:rate=20000,wss=256M"), 20000);
-        assert_eq!(workload_rate("idle"), 0);
+        let rate = |s: &str| workload_rate(&s.parse().expect("spec"));
+        assert_eq!(rate("dirty:rate=20000,wss=256M"), 20000);
+        assert_eq!(rate("dirty"), 1000, "the workload's default rate");
+        assert_eq!(rate("idle"), 0);
+        assert_eq!(rate("fill:rate=500"), 0);
         assert_eq!(
             workload_key("dirty:rate=5,pattern=seq", "pattern").as_deref(),
             Some("seq")
