@@ -101,10 +101,6 @@ pub struct MigrateOptions {
     pub progress: Option<ProgressFn>,
     /// Period of in-round progress reports; zero disables them. Default 500 ms.
     pub progress_interval: Duration,
-    /// multi-tcp only: send page data with `MSG_ZEROCOPY` (the kernel reads guest memory
-    /// at transmit time instead of copying it in `sendmsg`). Default false: on loopback the
-    /// kernel copies anyway and pinning costs extra (measured in `bench/RESULTS.md`).
-    pub zero_copy_send: bool,
 }
 
 impl std::fmt::Debug for MigrateOptions {
@@ -120,7 +116,6 @@ impl std::fmt::Debug for MigrateOptions {
             .field("ack_timeout", &self.ack_timeout)
             .field("progress", &self.progress.is_some())
             .field("progress_interval", &self.progress_interval)
-            .field("zero_copy_send", &self.zero_copy_send)
             .finish()
     }
 }
@@ -139,7 +134,6 @@ impl Default for MigrateOptions {
             cancel: CancelToken::new(),
             progress: None,
             progress_interval: Duration::from_millis(500),
-            zero_copy_send: false,
         }
     }
 }
@@ -471,7 +465,6 @@ fn run<V: MigratableVm + ?Sized>(
             session,
             opts.connect_timeout,
             opts.io_timeout,
-            opts.zero_copy_send,
         )?),
         TransportKind::Shm => Box::new(ShmSource::open(&control, &layout)?),
         TransportKind::Handover => Box::new(NoCopy),

@@ -11,8 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tracing::info;
-
 use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
@@ -22,10 +20,7 @@ use crate::protocol::{
     encode_batch, read_message, write_message, Message, ProtocolError, Run, HEADER_LEN,
     MAX_RUN_PAGES,
 };
-use crate::rawio::{
-    enable_zero_copy, iovec_of, recv_all, send_all, send_all_zero_copy, zero_copy_wait,
-    ZeroCopyStats,
-};
+use crate::rawio::{iovec_of, recv_all, send_all};
 use crate::util::{thread_cpu_time, CancelToken};
 use crate::vm::PAGE_SIZE;
 
@@ -43,8 +38,6 @@ fn stream_of(page: usize, streams: usize) -> usize {
 pub(crate) struct MultiTcpSource {
     streams: Vec<Conn>,
     cpu_s: f64,
-    /// `MSG_ZEROCOPY` counters per stream, if zero-copy send is on.
-    zero_copy: Option<Vec<ZeroCopyStats>>,
 }
 
 impl MultiTcpSource {
@@ -55,17 +48,10 @@ impl MultiTcpSource {
         session: u64,
         connect_timeout: std::time::Duration,
         io_timeout: std::time::Duration,
-        zero_copy: bool,
     ) -> Result<Self, MigrationError> {
         let mut streams = Vec::with_capacity(n as usize);
         for stream in 0..n {
             let mut c = Conn::connect(ep, connect_timeout)?;
-            if zero_copy {
-                enable_zero_copy(c.as_raw_fd()).map_err(|e| MigrationError::TransportSetup {
-                    reason: "enabling SO_ZEROCOPY on a data stream".into(),
-                    source: Some(e),
-                })?;
-            }
             c.set_timeouts(Some(io_timeout))
                 .map_err(|e| MigrationError::TransportSetup {
                     reason: "setting data stream timeouts".into(),
@@ -76,7 +62,6 @@ impl MultiTcpSource {
             streams.push(c);
         }
         Ok(Self {
-            zero_copy: zero_copy.then(|| vec![ZeroCopyStats::default(); streams.len()]),
             streams,
             cpu_s: 0.0,
         })
@@ -91,16 +76,13 @@ fn send_err(e: std::io::Error) -> MigrationError {
     )
 }
 
-/// Sends `list` (this stream's share of the pages, ascending) in batches. With `zc`, page
-/// data goes out with `MSG_ZEROCOPY` and the call returns only once the kernel is done with
-/// it (see [`SourceTransport::send_pages`]).
+/// Sends `list` (this stream's share of the pages, ascending) in batches.
 fn send_stream(
     conn: &mut Conn,
     mem: &GuestMemory,
     list: &[usize],
     ctx: &SendCtx<'_>,
     stop: &CancelToken,
-    mut zc: Option<&mut ZeroCopyStats>,
 ) -> Result<PageStats, MigrationError> {
     let fd = conn.as_raw_fd();
     let mut stats = PageStats::default();
@@ -183,32 +165,13 @@ fn send_stream(
                 return Err(MigrationError::Cancelled);
             }
         }
-        match zc.as_deref_mut() {
-            // SAFETY: the first iovec covers `hdr`, alive for this call; the others come from
-            // `run_addr`, which bounds-checks them inside a live guest mapping (GuestMemory
-            // invariant). The kernel only reads them.
-            None => unsafe { send_all(fd, &mut iovs) }.map_err(send_err)?,
-            Some(zc) => {
-                // The descriptor is copied the ordinary way: `hdr` is reused by the next batch,
-                // while a zero-copy send would let the kernel read it later.
-                // SAFETY: the iovec covers `hdr`, alive for this call.
-                unsafe { send_all(fd, &mut iovs[..1]) }.map_err(send_err)?;
-                // The kernel reads these guest pages when it transmits, possibly after the
-                // guest wrote them again. Such a page was written after the dirty-log sync that
-                // listed it, so it is dirty and is sent again later (at the latest in
-                // stop-and-copy, when the guest is paused and nothing changes): the bytes
-                // hashed above and the bytes sent may differ only for pages sent again.
-                // SAFETY: as above; guest memory stays mapped for the whole migration (the
-                // engine borrows the VM) and `zero_copy_wait` below runs before we return.
-                unsafe { send_all_zero_copy(fd, &mut iovs[1..], zc) }.map_err(send_err)?;
-            }
-        }
+        // SAFETY: the first iovec covers `hdr`, alive for this call; the others come from
+        // `run_addr`, which bounds-checks them inside a live guest mapping (GuestMemory
+        // invariant). The kernel only reads them.
+        unsafe { send_all(fd, &mut iovs) }.map_err(send_err)?;
         stats.bytes += total as u64;
         ctx.done_pages
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-    if let Some(zc) = zc {
-        zero_copy_wait(fd, zc).map_err(send_err)?;
     }
     Ok(stats)
 }
@@ -231,22 +194,17 @@ impl SourceTransport for MultiTcpSource {
         }
         // A failing stream stops its siblings at their next batch.
         let stop = CancelToken::new();
-        let mut zcs: Vec<Option<&mut ZeroCopyStats>> = match self.zero_copy.as_mut() {
-            Some(v) => v.iter_mut().map(Some).collect(),
-            None => (0..n).map(|_| None).collect(),
-        };
         let results: Vec<(Result<PageStats, MigrationError>, f64)> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .streams
                 .iter_mut()
                 .zip(&lists)
-                .zip(zcs.iter_mut())
-                .filter(|((_, l), _)| !l.is_empty())
-                .map(|((conn, list), zc)| {
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(conn, list)| {
                     let stop = &stop;
                     s.spawn(move || {
                         let c0 = thread_cpu_time();
-                        let r = send_stream(conn, mem, list, ctx, stop, zc.as_deref_mut());
+                        let r = send_stream(conn, mem, list, ctx, stop);
                         if r.is_err() {
                             stop.cancel();
                         }
@@ -293,15 +251,6 @@ impl SourceTransport for MultiTcpSource {
     }
 
     fn finish(&mut self) -> Result<(), MigrationError> {
-        if let Some(zcs) = &self.zero_copy {
-            let sends: u64 = zcs.iter().map(|z| z.sends).sum();
-            let copied: u64 = zcs.iter().map(|z| z.copied).sum();
-            // On loopback (and with devices lacking scatter-gather) the kernel copies anyway.
-            info!(
-                sends,
-                copied, "MSG_ZEROCOPY completions (copied: kernel fell back to a copy)"
-            );
-        }
         for c in &mut self.streams {
             write_message(c, &Message::EndOfData)
                 .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
