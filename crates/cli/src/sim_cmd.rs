@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, Context, Result};
 use fastmig_sim::cost::{CloudSimCost, MigrationCostModel, MigrationProfile};
-use fastmig_sim::{simulate, DatacenterSpec, PolicySpec, SimOptions, SimResult, Trace};
+use fastmig_sim::{simulate, DatacenterSpec, PolicySpec, SimOptions, SimResult, Simulation, Trace};
 use plotters::prelude::*;
 use serde::Serialize;
 
@@ -149,8 +149,16 @@ pub fn main(args: SimulateArgs) -> Result<()> {
         let trace = load_trace(day)?;
         let spec = scaled_spec(&trace, args.scale);
         let t0 = std::time::Instant::now();
-        let result = simulate(&trace, &spec, policy, cost.as_ref(), &opts)
+        // Long (scaled) runs get a progress bar on stderr, in simulated seconds.
+        let bar = if args.scale > 1.0 {
+            indicatif::ProgressBar::new(opts.duration_s as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let result = Simulation::new(&trace, &spec, policy, cost.as_ref(), opts.clone())
+            .and_then(|sim| sim.run_with_progress(&mut |t, _| bar.set_position(t as u64)))
             .with_context(|| format!("simulating {}", day.display()))?;
+        bar.finish_and_clear();
         let row = Row {
             day: day_name(day),
             result,

@@ -346,7 +346,16 @@ impl<'a> Simulation<'a> {
     }
 
     /// Runs the whole simulation.
-    pub fn run(mut self) -> Result<SimResult, SimError> {
+    pub fn run(self) -> Result<SimResult, SimError> {
+        self.run_with_progress(&mut |_, _| {})
+    }
+
+    /// Runs the whole simulation, calling `progress(simulated_s, duration_s)` after each
+    /// scheduling tick (for progress bars on long runs).
+    pub fn run_with_progress(
+        mut self,
+        progress: &mut dyn FnMut(f64, f64),
+    ) -> Result<SimResult, SimError> {
         self.initial_placement()?;
         let interval = self.trace.interval_s;
         let mut next_tick = self.opts.start_s + interval;
@@ -367,6 +376,7 @@ impl<'a> Simulation<'a> {
                 }
             } else {
                 self.tick(t);
+                progress(t, self.opts.duration_s);
                 next_tick = t + interval;
             }
         }
