@@ -20,8 +20,10 @@ use crate::host::Host;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-/// Longest request line accepted; longer lines get an error and close the connection.
+/// Longest request line accepted; a longer line gets an error reply.
 const MAX_LINE: u64 = 64 * 1024;
+/// How much of an overlong line is skipped before giving up on the connection.
+const MAX_SKIP: u64 = 16 << 20;
 
 /// A running control-socket server. Dropping it does not stop it: call [`ApiServer::close`].
 pub struct ApiServer {
@@ -106,13 +108,20 @@ fn serve_connection(host: &Arc<Host>, stream: UnixStream) {
         }
         let too_long = !line.ends_with('\n') && n as u64 == MAX_LINE;
         let reply = if too_long {
+            // Skip the rest of the line, so the client can finish writing it and read the
+            // reply; a line that never ends closes the connection.
+            let mut rest = Vec::new();
+            match (&mut reader).take(MAX_SKIP).read_until(b'\n', &mut rest) {
+                Ok(_) if rest.ends_with(b"\n") => {}
+                _ => return,
+            }
             error_reply(None, "GenericError", "request line too long")
         } else if line.trim().is_empty() {
             continue;
         } else {
             handle_request(host, line.trim())
         };
-        if writeln!(writer, "{reply}").is_err() || too_long {
+        if writeln!(writer, "{reply}").is_err() {
             return;
         }
     }

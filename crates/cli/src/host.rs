@@ -264,6 +264,11 @@ impl Host {
         if self.incoming.load(Ordering::SeqCst) {
             return Err(CommandError::generic("this VM is still being received"));
         }
+        if self.migrated_away() {
+            return Err(CommandError::generic(
+                "the VM has already migrated away (it runs on the destination)",
+            ));
+        }
         let opts = MigrationRequest::from_args(args).map_err(CommandError::generic)?;
         let endpoint: Endpoint = opts
             .uri

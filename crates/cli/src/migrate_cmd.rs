@@ -102,7 +102,7 @@ pub struct MigrateArgs {
     pub max_rounds: u32,
     /// When rounds stop converging: `wait` (keep going up to --max-rounds, then fail),
     /// `force` (stop and copy now, whatever the downtime) or `abort` (fail at once).
-    #[arg(long, default_value = "wait", value_parser = ["wait", "force", "abort"])]
+    #[arg(long, default_value = "wait")]
     pub on_no_converge: String,
     /// A destination silent for this long fails the migration.
     #[arg(long, default_value = "10s")]
@@ -278,6 +278,12 @@ fn report_incoming(summary: &ReceiveSummary, as_json: bool) -> Result<()> {
 /// completed migration, or an error saying what failed (the VM then runs on the source).
 pub fn migrate(args: &MigrateArgs) -> Result<Value> {
     parse_endpoint(&args.to)?;
+    if !["wait", "force", "abort"].contains(&args.on_no_converge.as_str()) {
+        return Err(usage!(
+            "--on-no-converge `{}`: expected wait, force or abort",
+            args.on_no_converge
+        ));
+    }
     let mut req = json!({
         "uri": args.to,
         "transport": args.transport,
@@ -495,13 +501,17 @@ fn demo(args: &DemoArgs) -> Result<()> {
     };
     if !args.json {
         print_summary(&summary);
-        println!(
-            "demo: source paused at progress {src_progress} ({}); destination continued from {dst_progress} to {later}",
-            src_last["status"].as_str().unwrap_or("?")
+    }
+    say!(
+        args,
+        "demo: source paused at progress {src_progress} ({}); destination continued from {dst_progress} to {later}",
+        src_last["status"].as_str().unwrap_or("?")
+    );
+    if let Some(pages) = verified {
+        say!(
+            args,
+            "demo: verify-memory on the destination: {pages} pages checked, 0 errors"
         );
-        if let Some(pages) = verified {
-            println!("demo: verify-memory on the destination: {pages} pages checked, 0 errors");
-        }
     }
     if later <= dst_progress && args.workload != "idle" {
         bail!("the VM did not make progress on the destination");

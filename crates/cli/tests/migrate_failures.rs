@@ -222,7 +222,6 @@ fn corrupted_page_data_is_caught_and_the_source_keeps_the_vm() {
 
 /// The source's one line should say what the destination caught, not only where.
 #[test]
-#[ignore = "bug: the source's error for a corrupted page is `peer failed: destination: receiving pages`, without the checksum cause the destination logged"]
 fn corrupted_page_error_on_the_source_names_the_checksum() {
     require_kvm();
     let dir = workdir();
@@ -319,7 +318,6 @@ fn source_reports_a_refusal_from_a_newer_destination() {
 
 /// An eager newer destination that "accepts": the source must still refuse, by version.
 #[test]
-#[ignore = "bug: the source checks only `accepted` in HelloReply, not its version: it streams pages to a destination of another version and only fails at the first ack timeout (`timed out during round ack`)"]
 fn source_refuses_a_destination_of_another_protocol_version() {
     require_kvm();
     let dir = workdir();

@@ -178,7 +178,7 @@ pub fn migrate<V: MigratableVm + ?Sized>(
         let _ = write_message(
             c,
             &Message::Failed {
-                reason: format!("source: {e}"),
+                reason: format!("source: {}", crate::error::chain_text(&e)),
             },
         );
         c.shutdown();
@@ -443,6 +443,17 @@ fn run<V: MigratableVm + ?Sized>(
     write_message(&mut control, &Message::Hello(hello))
         .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
     match read_message(&mut control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+        // The reply's payload is frozen, so a destination of another version can say yes to
+        // frames it would then misread: its version must equal ours, whatever it answered.
+        Message::HelloReply(r) if r.version != PROTOCOL_VERSION => {
+            let why = r.reason.map(|w| format!(" ({w})")).unwrap_or_default();
+            return Err(MigrationError::PeerRefused {
+                reason: format!(
+                    "protocol version mismatch: destination speaks {}, source speaks {PROTOCOL_VERSION}{why}",
+                    r.version
+                ),
+            });
+        }
         Message::HelloReply(r) if r.accepted => {}
         Message::HelloReply(r) => {
             return Err(MigrationError::PeerRefused {

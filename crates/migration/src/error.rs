@@ -140,3 +140,19 @@ pub(crate) fn wire(
         _ => wrap(e),
     }
 }
+
+/// `e` and its causes on one line (`outer: cause: root`), for a `Failed` reason that crosses
+/// the wire: the peer cannot walk our error chain, so it gets the whole of it as text.
+pub(crate) fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        cause = c.source();
+    }
+    text
+}

@@ -440,7 +440,7 @@ fn report_failure<T>(control: &mut Conn, r: &Result<T, MigrationError>, what: &s
             let _ = write_message(
                 control,
                 &Message::Failed {
-                    reason: format!("destination: {e}"),
+                    reason: format!("destination: {}", crate::error::chain_text(&e)),
                 },
             );
         }
