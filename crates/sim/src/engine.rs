@@ -964,31 +964,34 @@ impl<'a> Simulation<'a> {
             let d = |f: f64| t.power.power(f + x) - t.power.power(f);
             // D is piecewise linear in f, so its minimum over a bucket lies at the bucket's
             // ends or at a breakpoint (k/10 or k/10 - x) inside it.
-            let nb = buckets.len();
-            let mut lbs = vec![f64::INFINITY; nb];
-            let mut prev = d(0.0);
-            for (b, lb) in lbs.iter_mut().enumerate() {
-                let (lo, hi) = PabfdIndex::bucket_bounds(b);
-                if lo > limit {
-                    break;
-                }
-                let end = d(hi.min(limit));
-                *lb = prev.min(end);
-                prev = end;
-            }
+            // Breakpoints with their bucket, then one bound per non-empty bucket from its two
+            // ends and the breakpoints inside it.
+            let mut bps: [(usize, f64); 22] = [(usize::MAX, 0.0); 22];
+            let mut nbp = 0;
             for k in 0..=10 {
                 for bp in [k as f64 / 10.0, k as f64 / 10.0 - x] {
                     if (0.0..=limit).contains(&bp) {
-                        let b = PabfdIndex::bucket_of(bp);
-                        lbs[b] = lbs[b].min(d(bp));
+                        bps[nbp] = (PabfdIndex::bucket_of(bp), d(bp));
+                        nbp += 1;
                     }
                 }
             }
             for (b, hosts) in buckets.iter().enumerate() {
-                if !hosts.is_empty() && lbs[b].is_finite() {
-                    // Margin for rounding in the bound.
-                    order.push((lbs[b] - 1e-9, ty, b));
+                if hosts.is_empty() {
+                    continue;
                 }
+                let (lo, hi) = PabfdIndex::bucket_bounds(b);
+                if lo > limit {
+                    break;
+                }
+                let mut lb = d(lo).min(d(hi.min(limit)));
+                for &(bb, v) in &bps[..nbp] {
+                    if bb == b {
+                        lb = lb.min(v);
+                    }
+                }
+                // Margin for rounding in the bound.
+                order.push((lb - 1e-9, ty, b));
             }
         }
         order.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -129,10 +129,12 @@ impl Lr {
         if host.history.len() < LR_HISTORY {
             return None;
         }
-        let y: Vec<f64> = (0..LR_HISTORY)
-            .map(|i| host.history[LR_HISTORY - i - 1])
-            .collect();
-        let x: Vec<f64> = (1..=LR_HISTORY).map(|i| i as f64).collect();
+        let mut y = [0.0; LR_HISTORY];
+        let mut x = [0.0; LR_HISTORY];
+        for i in 0..LR_HISTORY {
+            y[i] = host.history[LR_HISTORY - i - 1];
+            x[i] = (i + 1) as f64;
+        }
         let (a, b) = stats::simple_regression(&x, &y)?;
         let intervals = (host.max_vm_migration_time_s / host.interval_s).ceil();
         Some(a + b * (LR_HISTORY as f64 + intervals))
