@@ -958,7 +958,8 @@ impl<'a> Simulation<'a> {
             let total = t.total_mips();
             let x = vm.requested_mips / total;
             let limit = 1.0 - x;
-            if limit < 0.0 {
+            // No host of this type can take the VM (too little room, or a core too small).
+            if limit < 0.0 || t.pe_mips < vm.requested_mips {
                 continue;
             }
             let d = |f: f64| t.power.power(f + x) - t.power.power(f);
