@@ -17,6 +17,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use tracing::debug;
+
 use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
 use crate::conn::Conn;
 use crate::digest::zero_page_hash;
@@ -91,6 +93,7 @@ impl ShmSource {
             cpu_s: 0.0,
         };
         let mut mrs = Vec::new();
+        let started = std::time::Instant::now();
         for ((r, fd), l) in regions.iter().zip(&fds).zip(&layout.regions) {
             if r.gpa != l.gpa || r.size != l.size {
                 return Err(setup_err("destination regions differ from the layout"));
@@ -106,6 +109,8 @@ impl ShmSource {
             });
         }
         me.remote = GuestMemory::new(&mrs)?;
+        let map_ms = started.elapsed().as_secs_f64() * 1e3;
+        debug!(map_ms, "destination memory mapped and populated");
         Ok(me)
     }
 }
@@ -177,54 +182,24 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationE
     Ok(addr)
 }
 
-/// Bytes populated per `madvise` call (the unit of work of a populating thread).
-const POPULATE_CHUNK: usize = 32 << 20;
-
-/// Builds the page tables of the fresh mapping `addr .. addr + len` now, during setup, with
-/// the copy threads. Otherwise every first copy into a page takes a write fault (about
-/// 1-2 us here, as much as the copy itself). `MADV_POPULATE_READ` read-faults the pages,
-/// which the kernel does 16 at a time (fault-around); shmem needs no write notification, so
-/// the entries are writable at once. Unlike `MAP_POPULATE` it reports failures.
+/// Builds the page tables of the fresh mapping `addr .. addr + len` now, during setup.
+/// Otherwise every first copy into a page takes a write fault (about 1-2 us here, as much as
+/// the copy itself). `MADV_POPULATE_READ` read-faults the pages, which the kernel does 16 at
+/// a time (fault-around); shmem needs no write notification, so the entries are writable at
+/// once. About 100 ms per GiB here; a second thread did not make it faster (measured), so
+/// it is one call. Unlike `MAP_POPULATE` it reports failures.
 fn populate(addr: usize, len: usize) -> Result<(), MigrationError> {
-    let chunks = len.div_ceil(POPULATE_CHUNK);
-    let next = AtomicUsize::new(0);
-    let work = || -> std::io::Result<()> {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= chunks {
-                return Ok(());
-            }
-            let start = addr + i * POPULATE_CHUNK;
-            let n = POPULATE_CHUNK.min(addr + len - start);
-            // SAFETY: `start .. start + n` lies inside the mapping `populate` was given;
-            // populating only faults pages in, it changes no byte.
-            if unsafe { libc::madvise(start as *mut libc::c_void, n, libc::MADV_POPULATE_READ) }
-                != 0
-            {
-                let e = std::io::Error::last_os_error();
-                // Kernels before 5.14: pages fault in during the copies instead.
-                if e.raw_os_error() == Some(libc::EINVAL) {
-                    return Ok(());
-                }
-                return Err(e);
-            }
+    // SAFETY: `addr .. addr + len` is the caller's fresh mapping; populating only faults
+    // pages in, it changes no byte.
+    if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_READ) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // Kernels before 5.14 lack it: pages then fault in during the copies.
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(MigrationError::TransportSetup {
+                reason: "populating the mapping of the destination's memory".into(),
+                source: Some(e),
+            });
         }
-    };
-    let threads = copy_threads().min(chunks).max(1);
-    let results: Vec<std::io::Result<()>> = std::thread::scope(|s| {
-        let hs: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-        let mut r = vec![work()];
-        r.extend(hs.into_iter().map(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("populate thread panicked")))
-        }));
-        r
-    });
-    for r in results {
-        r.map_err(|e| MigrationError::TransportSetup {
-            reason: "populating the mapping of the destination's memory".into(),
-            source: Some(e),
-        })?;
     }
     Ok(())
 }
