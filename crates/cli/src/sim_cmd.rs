@@ -91,6 +91,7 @@ pub fn main(args: SimulateArgs) -> Result<()> {
     let opts = SimOptions {
         seed: args.seed,
         remove_idle_vms: !args.keep_idle_vms,
+        pabfd_budget: args.pabfd_budget,
         ..SimOptions::default()
     };
     if args.sweep || args.migration_sweep {
