@@ -93,58 +93,97 @@ pub fn simple_regression(x: &[f64], y: &[f64]) -> Option<(f64, f64)> {
 }
 
 /// Coefficient of determination R² of the least-squares fit of `y` on the columns `xs` plus an
-/// intercept, solved by Householder QR (as Commons Math `OLSMultipleLinearRegression`).
-/// Returns `None` when there are fewer observations than parameters or when the design matrix
-/// is exactly singular (a zero pivot) — the cases where Commons Math throws.
+/// intercept, computed step by step as Commons Math's `OLSMultipleLinearRegression` does
+/// (Householder QR on the transposed design, back substitution, residuals `y - X b`, total sum
+/// of squares by the `SecondMoment` update), so that near-ties between VMs resolve the same way.
+/// Returns `None` when there are fewer observations than parameters or when a pivot is exactly
+/// zero — the cases where Commons Math throws.
 pub fn r_squared(xs: &[&[f64]], y: &[f64]) -> Option<f64> {
     let m = y.len();
     let p = xs.len() + 1;
-    if m == 0 || xs.len() + 1 > m || xs.iter().any(|c| c.len() < m) {
+    if m == 0 || p > m || xs.iter().any(|c| c.len() < m) {
         return None;
     }
-    // Column-major design matrix with the intercept column first.
-    let mut a: Vec<Vec<f64>> = Vec::with_capacity(p);
-    a.push(vec![1.0; m]);
+    // qrt[col][row]: the transposed design matrix, intercept column first.
+    let mut qrt: Vec<Vec<f64>> = Vec::with_capacity(p);
+    qrt.push(vec![1.0; m]);
     for c in xs {
-        a.push(c[..m].to_vec());
+        qrt.push(c[..m].to_vec());
     }
-    let mut b = y.to_vec();
-    for k in 0..p {
-        let norm_sq: f64 = a[k][k..].iter().map(|v| v * v).sum();
-        let alpha = if a[k][k] > 0.0 {
-            -norm_sq.sqrt()
+    let mut r_diag = vec![0.0; p];
+    for minor in 0..p.min(m) {
+        let (head, tail) = qrt.split_at_mut(minor + 1);
+        let q_minor = &mut head[minor];
+        let mut x_norm_sqr = 0.0;
+        for c in &q_minor[minor..] {
+            x_norm_sqr += c * c;
+        }
+        let a = if q_minor[minor] > 0.0 {
+            -x_norm_sqr.sqrt()
         } else {
-            norm_sq.sqrt()
+            x_norm_sqr.sqrt()
         };
-        if alpha == 0.0 {
-            return None;
-        }
-        // Householder vector v = x - alpha e1, stored in a[k][k..].
-        a[k][k] -= alpha;
-        let vnorm_sq: f64 = a[k][k..].iter().map(|v| v * v).sum();
-        if vnorm_sq == 0.0 {
-            return None;
-        }
-        let (head, tail) = a.split_at_mut(k + 1);
-        let v = &head[k][k..];
-        for col in tail.iter_mut() {
-            let dot: f64 = v.iter().zip(&col[k..]).map(|(a, b)| a * b).sum();
-            let f = 2.0 * dot / vnorm_sq;
-            for (c, vv) in col[k..].iter_mut().zip(v) {
-                *c -= f * vv;
+        r_diag[minor] = a;
+        if a != 0.0 {
+            q_minor[minor] -= a;
+            for q_col in tail.iter_mut() {
+                let mut alpha = 0.0;
+                for row in minor..m {
+                    alpha -= q_col[row] * q_minor[row];
+                }
+                alpha /= a * q_minor[minor];
+                for row in minor..m {
+                    q_col[row] -= alpha * q_minor[row];
+                }
             }
         }
-        let dot: f64 = v.iter().zip(&b[k..]).map(|(a, b)| a * b).sum();
-        let f = 2.0 * dot / vnorm_sq;
-        for (c, vv) in b[k..].iter_mut().zip(v) {
-            *c -= f * vv;
+    }
+    if r_diag.iter().any(|d| d.abs() <= 0.0) {
+        return None;
+    }
+    // Solve R b = Q^T y.
+    let mut yy = y.to_vec();
+    for minor in 0..p.min(m) {
+        let q_minor = &qrt[minor];
+        let mut dot = 0.0;
+        for row in minor..m {
+            dot += yy[row] * q_minor[row];
+        }
+        dot /= r_diag[minor] * q_minor[minor];
+        for row in minor..m {
+            yy[row] += dot * q_minor[row];
         }
     }
-    // After the reflections the residual is the tail of Q^T y.
-    let rss: f64 = b[p..].iter().map(|v| v * v).sum();
-    let mean = y.iter().sum::<f64>() / m as f64;
-    let tss: f64 = y.iter().map(|v| (v - mean) * (v - mean)).sum();
-    Some(1.0 - rss / tss)
+    let mut beta = vec![0.0; p];
+    for row in (0..p).rev() {
+        yy[row] /= r_diag[row];
+        let y_row = yy[row];
+        beta[row] = y_row;
+        for i in 0..row {
+            yy[i] -= y_row * qrt[row][i];
+        }
+    }
+    // Residuals y - X b, row by row.
+    let mut rss = 0.0;
+    for row in 0..m {
+        let mut fit = 0.0;
+        for (j, b) in beta.iter().enumerate() {
+            let x = if j == 0 { 1.0 } else { xs[j - 1][row] };
+            fit += x * b;
+        }
+        let r = y[row] - fit;
+        rss += r * r;
+    }
+    // SecondMoment: m2 += (n - 1) * dev * (dev / n).
+    let (mut m1, mut m2) = (0.0, 0.0);
+    for (i, &v) in y.iter().enumerate() {
+        let n = (i + 1) as f64;
+        let dev = v - m1;
+        let n_dev = dev / n;
+        m1 += n_dev;
+        m2 += (n - 1.0) * dev * n_dev;
+    }
+    Some(1.0 - rss / m2)
 }
 
 #[cfg(test)]
