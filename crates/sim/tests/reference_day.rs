@@ -33,7 +33,7 @@ fn reference_day_matches_cloudsim_within_tolerance() {
         .unwrap_or_else(|e| panic!("PlanetLab day {} is required: {e}", day.display()));
     assert_eq!(trace.len(), 1052);
     let spec = DatacenterSpec::reference(trace.len());
-    // Debug builds are slow; three policies cover the baselines, a threshold and a regression
+    // Debug builds are slow (MC alone takes ~30 s): the baselines, a threshold and a regression
     // detector (the full table is in bench/RESULTS.md, `--sweep`).
     let wanted = ["npa", "dvfs", "thr-mmt", "lr-mmt"];
     let mut checked = 0;
