@@ -250,7 +250,8 @@ fn one_migration(
         "--vcpus".into(),
         args.vcpus.to_string(),
     ];
-    let dst = ChildVm::spawn("destination", &dst_args, &dst_api, args.verbose, boot)?;
+    let mut dst = ChildVm::spawn("destination", &dst_args, &dst_api, args.verbose, boot)?;
+    dst.wait_status("listening", boot, |st| st["listening"] == true)?;
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.0)));
     // The rate the guest really reaches (distinct pages/s from the dirty log), not the target.
     let guest_rate = src.call("query-status", json!({}))?["dirty_rate_pps"].clone();

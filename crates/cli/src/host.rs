@@ -48,6 +48,8 @@ pub struct Host {
     vm: RwLock<Option<Arc<Vm>>>,
     outgoing: Mutex<Outgoing>,
     incoming: AtomicBool,
+    /// An incoming host's migration listener is bound (a source may connect now).
+    listening: AtomicBool,
     /// Set by `quit`.
     pub quit: Arc<AtomicBool>,
 }
@@ -80,6 +82,7 @@ impl Host {
             vm: RwLock::new(Some(vm)),
             outgoing: Mutex::new(Outgoing::None),
             incoming: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
             quit: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -90,6 +93,7 @@ impl Host {
             vm: RwLock::new(None),
             outgoing: Mutex::new(Outgoing::None),
             incoming: AtomicBool::new(true),
+            listening: AtomicBool::new(false),
             quit: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -97,6 +101,11 @@ impl Host {
     /// Sets (or replaces) the VM.
     pub fn set_vm(&self, vm: Arc<Vm>) {
         *self.vm.write().unwrap_or_else(|p| p.into_inner()) = Some(vm);
+    }
+
+    /// Marks the incoming host as ready for a source to connect.
+    pub fn set_listening(&self) {
+        self.listening.store(true, Ordering::SeqCst);
     }
 
     /// Marks the incoming migration as finished (the VM runs).
@@ -222,8 +231,14 @@ impl Host {
     }
 
     fn query_status(&self) -> Value {
+        let listening = self.listening.load(Ordering::SeqCst);
         let Some(vm) = self.vm() else {
-            return json!({"status": "inmigrate", "progress": 0, "dirty_rate_pps": 0.0});
+            return json!({
+                "status": "inmigrate",
+                "listening": listening,
+                "progress": 0,
+                "dirty_rate_pps": 0.0,
+            });
         };
         let s = vm.status();
         let name = if self.incoming.load(Ordering::SeqCst) {
@@ -243,6 +258,9 @@ impl Host {
         });
         if let VmRunState::Failed(why) = &s.state {
             v["error"] = json!(why);
+        }
+        if name == "inmigrate" {
+            v["listening"] = json!(listening);
         }
         v
     }

@@ -208,6 +208,7 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
                 crate::error::one_line(&e.into())
             )
         })?;
+        host.set_listening();
         eprintln!("fastmig: waiting for an incoming migration on {endpoint}");
         let opts = ReceiveOptions {
             accept_timeout,
@@ -455,6 +456,8 @@ fn demo(args: &DemoArgs) -> Result<()> {
         args.verbose,
         boot,
     )?;
+    let mut dst = dst;
+    dst.wait_status("listening", boot, |st| st["listening"] == true)?;
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.0)));
     let before = src.call("query-status", json!({}))?;
     say!(
@@ -477,7 +480,6 @@ fn demo(args: &DemoArgs) -> Result<()> {
         json: args.json,
     })?;
     let src_last = src.call("query-status", json!({}))?;
-    let mut dst = dst;
     let after = dst.wait_status("running on the destination", boot, |st| {
         st["status"] == "running"
     })?;
