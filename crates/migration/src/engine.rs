@@ -555,8 +555,11 @@ fn run<V: MigratableVm + ?Sized>(
             let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
             let rounds = s.rounds.len() as u32;
             debug!(rounds, dirty, ?est, "dirty log synced");
+            // Extra rounds only while they really pay: the last one must have at least halved
+            // the dirty set (a round has fixed costs the estimate does not see).
+            let last_halved = (dirty as f64) <= prev_dirty as f64 / 2.0;
             if est <= opts.downtime_limit
-                && !worth_another_round(dirty, dirty_rate, est, rounds, opts)
+                && !(last_halved && worth_another_round(dirty, dirty_rate, est, rounds, opts))
             {
                 break;
             }
@@ -729,10 +732,22 @@ mod tests {
         // 9,000 pages left at 17k pages/s, 14 ms to send: ~240 pages come back. Worth it.
         assert!(worth_another_round(9000, 17_000.0, ms(14), 2, &opts));
         // Already under a millisecond: stop.
-        assert!(!worth_another_round(100, 17_000.0, Duration::from_micros(500), 2, &opts));
+        assert!(!worth_another_round(
+            100,
+            17_000.0,
+            Duration::from_micros(500),
+            2,
+            &opts
+        ));
         // A dirty rate that refills more than half of the set while it is sent: stop.
         assert!(!worth_another_round(1000, 100_000.0, ms(10), 2, &opts));
         // The round limit wins.
-        assert!(!worth_another_round(9000, 17_000.0, ms(14), opts.max_rounds - 1, &opts));
+        assert!(!worth_another_round(
+            9000,
+            17_000.0,
+            ms(14),
+            opts.max_rounds - 1,
+            &opts
+        ));
     }
 }
