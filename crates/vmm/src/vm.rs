@@ -419,7 +419,11 @@ impl Vm {
                 self.mem.write(page, &[0xa5; PAGE_SIZE as usize])?;
             }
         }
-        let layout = self.shared.workload.read().unwrap_or_else(|p| p.into_inner());
+        let layout = self
+            .shared
+            .workload
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         for (slot, slice) in self.shared.vcpus.iter().zip(&layout.slices) {
             let fd = lock(&slot.fd);
             let mut sregs = fd
@@ -723,7 +727,11 @@ impl Vm {
             }
             .validate()?;
             let slices = guest::slices(&st.workload, st.mem_size, self.cfg().vcpus);
-            *self.shared.workload.write().unwrap_or_else(|p| p.into_inner()) = WorkloadLayout {
+            *self
+                .shared
+                .workload
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = WorkloadLayout {
                 spec: st.workload.clone(),
                 slices,
             };
@@ -786,7 +794,14 @@ impl Vm {
             .shared
             .vcpus
             .iter()
-            .zip(&self.shared.workload.read().unwrap_or_else(|p| p.into_inner()).slices)
+            .zip(
+                &self
+                    .shared
+                    .workload
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .slices,
+            )
             .enumerate()
         {
             let regs = lock(&slot.fd)
