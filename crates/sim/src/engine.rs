@@ -24,12 +24,13 @@ use std::collections::BinaryHeap;
 use crate::cost::{MigrationCostModel, MigrationRequest};
 use crate::error::SimError;
 use crate::ids::{HostId, VmId};
-use crate::index::PabfdIndex;
+use crate::index::{Entry, PabfdIndex};
 use crate::metrics::SimResult;
 use crate::policy::{
     FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement,
     VmSelector, VmView,
 };
+use crate::prune::OverloadPrune;
 use crate::rng::SplitMix64;
 use crate::setup::DatacenterSpec;
 use crate::spec::PolicySpec;
@@ -209,6 +210,8 @@ pub struct Simulation<'a> {
     clamped: u64,
     ticks: u64,
     index: Option<PabfdIndex>,
+    /// Lets the index skip hosts that are over-utilised after allocation for certain.
+    prune: Option<OverloadPrune>,
     /// Inside a scheduling round (or the initial placement): keep host aggregates current.
     in_round: bool,
     scratch: Vec<f64>,
@@ -313,6 +316,15 @@ impl<'a> Simulation<'a> {
                 under_mig: 0.0,
             });
         }
+        let mut vm_rams: Vec<u32> = vms.iter().map(|v| v.ram_mb).collect();
+        vm_rams.sort_unstable();
+        vm_rams.dedup();
+        // The approximate budget counts examined hosts, so skipping would change its answers.
+        let prune = if opts.pabfd_budget == 0 {
+            OverloadPrune::new(&policy, &spec.host_types, &vm_rams, cost, trace.interval_s)
+        } else {
+            None
+        };
         let (detector, selector) = match policy {
             PolicySpec::Dynamic {
                 detector,
@@ -340,6 +352,7 @@ impl<'a> Simulation<'a> {
             clamped: 0,
             ticks: 0,
             index: None,
+            prune,
             in_round: false,
             scratch: Vec::new(),
         })
@@ -515,15 +528,18 @@ impl<'a> Simulation<'a> {
         host.hist_sum = hist;
         host.max_ram = max_ram;
         host.available_mips = available;
-        if let Some(index) = self.index.as_mut() {
+        if self.index.is_some() {
+            let key = self.overload_key(h);
             let host = &self.hosts[h as usize];
-            index.update(
-                h,
-                host.ty,
-                alloc_sum / host.total_mips,
-                host.power_now,
-                alloc_sum < host.util_mips,
-            );
+            if let Some(index) = self.index.as_mut() {
+                let entry = Entry {
+                    key,
+                    host: h,
+                    alloc_mips: alloc_sum,
+                    power_now: host.power_now,
+                };
+                index.update(host.ty, host.total_mips, entry, alloc_sum < host.util_mips);
+            }
         }
     }
 
@@ -535,15 +551,29 @@ impl<'a> Simulation<'a> {
         }
         let mut index = PabfdIndex::new(self.spec.host_types.len(), self.hosts.len());
         for (h, host) in self.hosts.iter().enumerate() {
+            let entry = Entry {
+                key: self.overload_key(h as u32),
+                host: h as u32,
+                alloc_mips: host.alloc_sum,
+                power_now: host.power_now,
+            };
             index.update(
-                h as u32,
                 host.ty,
-                host.alloc_sum / host.total_mips,
-                host.power_now,
+                host.total_mips,
+                entry,
                 host.alloc_sum < host.util_mips,
             );
         }
         self.index = Some(index);
+    }
+
+    /// The host's key in the PABFD index (see [`OverloadPrune`]).
+    fn overload_key(&self, h: u32) -> f64 {
+        let host = &self.hosts[h as usize];
+        match &self.prune {
+            Some(p) => p.host_key(host.ty, host.total_mips, host.req_sum, &host.hist_sum),
+            None => f64::NEG_INFINITY,
+        }
     }
 
     fn is_migrating_in(&self, h: u32, v: u32) -> bool {
@@ -953,9 +983,20 @@ impl<'a> Simulation<'a> {
             }
         }
         let mut order: Vec<(f64, usize, usize)> = Vec::new();
+        let vm_state = &self.vms[vm.id.idx()];
+        let mut thresholds = [f64::INFINITY; 8];
         for (ty, buckets) in index.buckets.iter().enumerate() {
             let t = &self.spec.host_types[ty];
             let total = t.total_mips();
+            let tau = match &self.prune {
+                Some(p) => {
+                    p.vm_threshold(ty, total, vm_state.mips, vm.requested_mips, &vm_state.hist)
+                }
+                None => f64::INFINITY,
+            };
+            if let Some(slot) = thresholds.get_mut(ty) {
+                *slot = tau;
+            }
             let x = vm.requested_mips / total;
             let limit = 1.0 - x;
             // No host of this type can take the VM (too little room, or a core too small).
@@ -978,7 +1019,7 @@ impl<'a> Simulation<'a> {
                 }
             }
             for (b, hosts) in buckets.iter().enumerate() {
-                if hosts.is_empty() {
+                if hosts.is_empty() || index.below(ty, b, tau).is_empty() {
                     continue;
                 }
                 let (lo, hi) = PabfdIndex::bucket_bounds(b);
@@ -1004,7 +1045,20 @@ impl<'a> Simulation<'a> {
                     break;
                 }
             }
-            for &h in &index.buckets[ty][b] {
+            let tau = thresholds.get(ty).copied().unwrap_or(f64::INFINITY);
+            let t = &self.spec.host_types[ty];
+            let total = t.total_mips();
+            for e in index.below(ty, b, tau) {
+                // The power difference from the bucket's copy of the host's state, exactly as
+                // `power_now_and_after` computes it: a host that cannot beat the best so far
+                // is skipped without touching its (large, scattered) state.
+                if budget == 0 {
+                    let after = (e.alloc_mips + vm.requested_mips) / total;
+                    if after > 1.0 || !better(t.power.power(after) - e.power_now, e.host, &best) {
+                        continue;
+                    }
+                }
+                let h = e.host;
                 consider(h, &mut best);
                 examined += 1;
                 if budget > 0 && examined >= budget {

@@ -10,6 +10,13 @@
 //! increase found, so the answer, including the lowest-id tie-break, is the same as a full
 //! scan. Hosts with nothing allocated are grouped by (type, p_now): within a group they are
 //! interchangeable, so only the lowest eligible id matters.
+//!
+//! Within a bucket, hosts are sorted by an *overload key* (see `OverloadPrune` in the engine):
+//! a conservative lower bound of the detector's statistic, such that every host whose key is
+//! at least a VM-dependent threshold is certainly over-utilised after taking that VM. A search
+//! walks only the prefix below the threshold; the hosts it skips are exactly hosts the full
+//! scan would have rejected, so the answer does not change. Without such a bound the key is
+//! `-inf` and every host is walked.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,16 +30,30 @@ enum Slot {
     Empty(usize, u64),
 }
 
+/// A host filed in a bucket, with the two values PABFD's power difference needs, so a search
+/// can compute it from the bucket alone (contiguous memory) before looking at the host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Entry {
+    /// Overload key (sort key, see the module docs).
+    pub(crate) key: f64,
+    pub(crate) host: u32,
+    /// MIPS allocated now (`alloc_sum`).
+    pub(crate) alloc_mips: f64,
+    /// Power at the start of the round.
+    pub(crate) power_now: f64,
+}
+
 /// Where each host currently sits.
 #[derive(Debug, Clone)]
 pub(crate) struct PabfdIndex {
-    pub(crate) buckets: Vec<Vec<Vec<u32>>>,
+    /// Per type and bucket: the hosts, sorted by key then host id.
+    pub(crate) buckets: Vec<Vec<Vec<Entry>>>,
     pub(crate) empty: BTreeMap<(usize, u64), BTreeSet<u32>>,
     /// Hosts whose allocation dropped below their start-of-round utilisation.
     pub(crate) shrunk: BTreeSet<u32>,
     slots: Vec<Slot>,
-    /// Position of each host inside its bucket vector.
-    pos: Vec<usize>,
+    /// Overload key each host is filed under in its bucket.
+    keys: Vec<f64>,
     /// Hosts excluded for the rest of the round; kept out so searches never walk them.
     disabled: Vec<bool>,
 }
@@ -44,7 +65,7 @@ impl PabfdIndex {
             empty: BTreeMap::new(),
             shrunk: BTreeSet::new(),
             slots: vec![Slot::None; hosts],
-            pos: vec![0; hosts],
+            keys: vec![f64::NEG_INFINITY; hosts],
             disabled: vec![false; hosts],
         }
     }
@@ -59,29 +80,34 @@ impl PabfdIndex {
 
     /// Takes host `h` out of the index for the rest of the round.
     pub(crate) fn disable(&mut self, h: u32) {
-        self.move_to(h, Slot::None);
+        self.move_to(
+            h,
+            Slot::None,
+            Entry {
+                key: f64::NEG_INFINITY,
+                host: h,
+                alloc_mips: 0.0,
+                power_now: 0.0,
+            },
+        );
         self.shrunk.remove(&h);
         self.disabled[h as usize] = true;
     }
 
-    /// Moves host `h` to where its state says it belongs.
-    pub(crate) fn update(
-        &mut self,
-        h: u32,
-        ty: usize,
-        alloc_frac: f64,
-        power_now: f64,
-        shrunk: bool,
-    ) {
+    /// Files host `entry.host` where its state says it belongs; `shrunk`: its allocation is
+    /// below its start-of-round utilisation.
+    pub(crate) fn update(&mut self, ty: usize, total_mips: f64, entry: Entry, shrunk: bool) {
+        let h = entry.host;
         if self.disabled[h as usize] {
             return;
         }
+        let alloc_frac = entry.alloc_mips / total_mips;
         let slot = if alloc_frac == 0.0 {
-            Slot::Empty(ty, power_now.to_bits())
+            Slot::Empty(ty, entry.power_now.to_bits())
         } else {
             Slot::Bucket(ty, Self::bucket_of(alloc_frac))
         };
-        self.move_to(h, slot);
+        self.move_to(h, slot, entry);
         if shrunk {
             self.shrunk.insert(h);
         } else if !self.shrunk.is_empty() {
@@ -89,17 +115,39 @@ impl PabfdIndex {
         }
     }
 
-    fn move_to(&mut self, h: u32, slot: Slot) {
+    /// Where `(key, h)` sits (or would be inserted) in a sorted bucket.
+    fn position(bucket: &[Entry], key: f64, h: u32) -> Result<usize, usize> {
+        bucket.binary_search_by(|e| e.key.total_cmp(&key).then(e.host.cmp(&h)))
+    }
+
+    /// The hosts of a bucket whose key is below `threshold`: the only ones that may not be
+    /// over-utilised after taking the VM the threshold was computed for.
+    pub(crate) fn below(&self, ty: usize, b: usize, threshold: f64) -> &[Entry] {
+        let v = &self.buckets[ty][b];
+        let n = v.partition_point(|e| e.key < threshold);
+        &v[..n]
+    }
+
+    fn move_to(&mut self, h: u32, slot: Slot, entry: Entry) {
         let old = self.slots[h as usize];
-        if old != slot {
+        let old_key = self.keys[h as usize];
+        let key = entry.key;
+        let same_key = old_key.total_cmp(&key).is_eq();
+        if old == slot && same_key {
+            if let Slot::Bucket(t, b) = slot {
+                let v = &mut self.buckets[t][b];
+                if let Ok(p) = Self::position(v, key, h) {
+                    v[p] = entry;
+                }
+            }
+        }
+        if old != slot || (!same_key && matches!(slot, Slot::Bucket(..))) {
             match old {
                 Slot::None => {}
                 Slot::Bucket(t, b) => {
                     let v = &mut self.buckets[t][b];
-                    let p = self.pos[h as usize];
-                    v.swap_remove(p);
-                    if let Some(&moved) = v.get(p) {
-                        self.pos[moved as usize] = p;
+                    if let Ok(p) = Self::position(v, old_key, h) {
+                        v.remove(p);
                     }
                 }
                 Slot::Empty(t, bits) => {
@@ -114,14 +162,16 @@ impl PabfdIndex {
             match slot {
                 Slot::None => {}
                 Slot::Bucket(t, b) => {
-                    self.pos[h as usize] = self.buckets[t][b].len();
-                    self.buckets[t][b].push(h);
+                    let v = &mut self.buckets[t][b];
+                    let p = Self::position(v, key, h).unwrap_or_else(|p| p);
+                    v.insert(p, entry);
                 }
                 Slot::Empty(t, bits) => {
                     self.empty.entry((t, bits)).or_default().insert(h);
                 }
             }
             self.slots[h as usize] = slot;
+            self.keys[h as usize] = key;
         }
     }
 }

@@ -28,6 +28,7 @@ mod index;
 pub mod metrics;
 pub mod policy;
 pub mod power;
+mod prune;
 pub mod rng;
 pub mod setup;
 pub mod spec;

@@ -33,13 +33,16 @@ impl SpecPowerModel {
     pub fn power(&self, utilization: f64) -> f64 {
         let u = utilization.clamp(0.0, 1.0);
         let x = u * 10.0;
-        let u1 = x.floor() as usize;
+        // x is in 0..=10, so truncation is `floor`, and for a non-integer x `ceil` is one more
+        // (plain casts: `f64::floor`/`ceil` are library calls on baseline x86-64, and this is
+        // the placement hot loop).
+        let u1 = x as usize;
         // CloudSim tests `u % 0.1 == 0` first; a table point gives the same value either way
         // (to ~1e-13 W), and this avoids a costly fmod in the placement hot loop.
         if u1 as f64 == x {
             return self.watts[u1];
         }
-        let u2 = (x.ceil() as usize).min(10);
+        let u2 = (u1 + 1).min(10);
         let p1 = self.watts[u1];
         let p2 = self.watts[u2];
         let delta = (p2 - p1) / 10.0;
