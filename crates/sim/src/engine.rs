@@ -24,7 +24,7 @@ use std::collections::BinaryHeap;
 use crate::cost::{MigrationCostModel, MigrationRequest};
 use crate::error::SimError;
 use crate::ids::{HostId, VmId};
-use crate::index::{Entry, PabfdIndex};
+use crate::index::{Entry, PabfdIndex, BUCKETS};
 use crate::metrics::SimResult;
 use crate::policy::{
     FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement,
@@ -1008,35 +1008,39 @@ impl<'a> Simulation<'a> {
             // ends or at a breakpoint (k/10 or k/10 - x) inside it.
             // Breakpoints with their bucket, then one bound per non-empty bucket from its two
             // ends and the breakpoints inside it.
-            let mut bps: [(usize, f64); 22] = [(usize::MAX, 0.0); 22];
-            let mut nbp = 0;
+            let mut bp_bound = [f64::INFINITY; BUCKETS];
             for k in 0..=10 {
                 for bp in [k as f64 / 10.0, k as f64 / 10.0 - x] {
                     if (0.0..=limit).contains(&bp) {
-                        bps[nbp] = (PabfdIndex::bucket_of(bp), d(bp));
-                        nbp += 1;
+                        let slot = &mut bp_bound[PabfdIndex::bucket_of(bp)];
+                        *slot = slot.min(d(bp));
                     }
                 }
             }
+            // D at the upper end of the last bucket bounded: the next bucket's lower end.
+            let mut prev_hi: Option<(usize, f64)> = None;
             for (b, hosts) in buckets.iter().enumerate() {
-                if hosts.is_empty() || index.below(ty, b, tau).is_empty() {
+                // Sorted by key: the first entry tells whether any host may take the VM.
+                if !hosts.first().is_some_and(|e| e.key < tau) {
                     continue;
                 }
                 let (lo, hi) = PabfdIndex::bucket_bounds(b);
                 if lo > limit {
                     break;
                 }
-                let mut lb = d(lo).min(d(hi.min(limit)));
-                for &(bb, v) in &bps[..nbp] {
-                    if bb == b {
-                        lb = lb.min(v);
-                    }
-                }
+                let d_lo = match prev_hi {
+                    Some((pb, v)) if pb + 1 == b => v,
+                    _ => d(lo),
+                };
+                let d_hi = d(hi.min(limit));
+                prev_hi = (hi <= limit).then_some((b, d_hi));
+                let lb = d_lo.min(d_hi).min(bp_bound[b]);
                 // Margin for rounding in the bound.
                 order.push((lb - 1e-9, ty, b));
             }
         }
-        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // Buckets with equal bounds may be visited in any order: the result is the minimum.
+        order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
         let budget = self.opts.pabfd_budget;
         let mut examined = 0usize;
         'buckets: for (lb, ty, b) in order {

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Buckets per host type.
-const BUCKETS: usize = 200;
+pub(crate) const BUCKETS: usize = 200;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Slot {

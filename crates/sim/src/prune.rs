@@ -68,8 +68,8 @@ impl OverloadPrune {
                 let mut weights = Vec::with_capacity(host_types.len());
                 let mut wmax = Vec::with_capacity(host_types.len());
                 for t in host_types {
-                    // The look-ahead uses the largest RAM on the host, VM included (0 when
-                    // empty): the bound needs it to be the same for every possible value.
+                    // The look-ahead uses the largest RAM on the host with the VM added, so one
+                    // of the VMs' RAM sizes: the bound needs it to be the same for all of them.
                     let intervals = |ram_mb: u32| {
                         let d = cost
                             .cost(
@@ -82,7 +82,10 @@ impl OverloadPrune {
                             .duration_s;
                         (d / interval_s).ceil()
                     };
-                    let k = intervals(0);
+                    let Some(&first) = vm_rams.first() else {
+                        return None;
+                    };
+                    let k = intervals(first);
                     let same = k.is_finite()
                         && vm_rams.iter().all(|&r| intervals(r).total_cmp(&k).is_eq());
                     if !same {
