@@ -82,9 +82,7 @@ impl OverloadPrune {
                             .duration_s;
                         (d / interval_s).ceil()
                     };
-                    let Some(&first) = vm_rams.first() else {
-                        return None;
-                    };
+                    let &first = vm_rams.first()?;
                     let k = intervals(first);
                     let same = k.is_finite()
                         && vm_rams.iter().all(|&r| intervals(r).total_cmp(&k).is_eq());
