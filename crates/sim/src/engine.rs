@@ -30,6 +30,7 @@ use crate::policy::{
     FirstFit, HostView, OverloadDetector, Pabfd, PlacementContext, PlacementVm, VmPlacement,
     VmSelector, VmView,
 };
+use crate::power::PowerTable;
 use crate::prune::OverloadPrune;
 use crate::rng::SplitMix64;
 use crate::setup::DatacenterSpec;
@@ -212,9 +213,15 @@ pub struct Simulation<'a> {
     index: Option<PabfdIndex>,
     /// Lets the index skip hosts that are over-utilised after allocation for certain.
     prune: Option<OverloadPrune>,
+    /// Per host type, the power model for the PABFD search loop.
+    power_tables: Vec<PowerTable>,
     /// Inside a scheduling round (or the initial placement): keep host aggregates current.
     in_round: bool,
     scratch: Vec<f64>,
+    /// Time of the last full update made by a migration completion (NaN after a tick).
+    fresh_at: f64,
+    /// Hosts changed by the migrations completing at `fresh_at`.
+    touched: Vec<u32>,
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
@@ -353,8 +360,15 @@ impl<'a> Simulation<'a> {
             ticks: 0,
             index: None,
             prune,
+            power_tables: spec
+                .host_types
+                .iter()
+                .map(|t| PowerTable::new(&t.power))
+                .collect(),
             in_round: false,
             scratch: Vec::new(),
+            fresh_at: f64::NAN,
+            touched: Vec::new(),
         })
     }
 
@@ -810,6 +824,12 @@ impl<'a> Simulation<'a> {
 
     fn remove_completed_vms(&mut self) {
         for h in 0..self.hosts.len() {
+            self.remove_completed_vms_on(h);
+        }
+    }
+
+    fn remove_completed_vms_on(&mut self, h: usize) {
+        {
             let done: Vec<u32> = self.hosts[h]
                 .vm_list
                 .iter()
@@ -830,8 +850,32 @@ impl<'a> Simulation<'a> {
 
     // ---- the scheduling tick ---------------------------------------------------------------
 
+    /// The update after the last migration completing at `t`, when every host was already
+    /// updated at `t` by the first completion and only the hosts those migrations touched have
+    /// changed since: updating the others again would recompute the same values (and the
+    /// energy interval is empty), so only the touched hosts are updated. Saves most of the
+    /// per-event work in large data centres.
+    fn update_touched(&mut self, t: f64) {
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        let at = self.trace.instant(t);
+        for &h in &touched {
+            self.host_update_at(h, t, &at);
+        }
+        if self.opts.remove_idle_vms {
+            for &h in &touched {
+                self.remove_completed_vms_on(h as usize);
+            }
+        }
+        touched.clear();
+        self.touched = touched;
+        self.last_process = t;
+    }
+
     fn tick(&mut self, t: f64) {
         self.ticks += 1;
+        self.fresh_at = f64::NAN;
         self.force_update(t);
         if self.is_dynamic() {
             let map = self.optimize_allocation(t);
@@ -1003,7 +1047,8 @@ impl<'a> Simulation<'a> {
             if limit < 0.0 || t.pe_mips < vm.requested_mips {
                 continue;
             }
-            let d = |f: f64| t.power.power(f + x) - t.power.power(f);
+            let table = &self.power_tables[ty];
+            let d = |f: f64| table.power(f + x) - table.power(f);
             // D is piecewise linear in f, so its minimum over a bucket lies at the bucket's
             // ends or at a breakpoint (k/10 or k/10 - x) inside it.
             // Breakpoints with their bucket, then one bound per non-empty bucket from its two
@@ -1050,15 +1095,15 @@ impl<'a> Simulation<'a> {
                 }
             }
             let tau = thresholds.get(ty).copied().unwrap_or(f64::INFINITY);
-            let t = &self.spec.host_types[ty];
-            let total = t.total_mips();
+            let total = self.spec.host_types[ty].total_mips();
+            let table = &self.power_tables[ty];
             for e in index.below(ty, b, tau) {
                 // The power difference from the bucket's copy of the host's state, exactly as
                 // `power_now_and_after` computes it: a host that cannot beat the best so far
                 // is skipped without touching its (large, scattered) state.
                 if budget == 0 {
                     let after = (e.alloc_mips + vm.requested_mips) / total;
-                    if after > 1.0 || !better(t.power.power(after) - e.power_now, e.host, &best) {
+                    if after > 1.0 || !better(table.power(after) - e.power_now, e.host, &best) {
                         continue;
                     }
                 }
@@ -1311,9 +1356,14 @@ impl<'a> Simulation<'a> {
         let t = ev.t;
         if t > self.last_process {
             self.force_update(t);
+            self.fresh_at = t;
+            self.touched.clear();
         }
         let v = ev.vm;
+        self.touched.push(ev.target);
+        self.touched.extend(ev.source);
         if let Some(h) = self.vms[v as usize].table.take() {
+            self.touched.push(h);
             self.vm_destroy(h, v);
         }
         // removeMigratingInVm
@@ -1342,7 +1392,12 @@ impl<'a> Simulation<'a> {
         self.vms[v as usize].table = Some(ev.target);
         let more_now = self.events.peek().is_some_and(|e| e.t == t);
         if !more_now {
-            self.force_update(t);
+            if self.fresh_at == t && self.last_process == t {
+                self.update_touched(t);
+            } else {
+                self.force_update(t);
+                self.touched.clear();
+            }
         }
         Ok(())
     }

@@ -67,6 +67,47 @@ impl SpecPowerModel {
     }
 }
 
+/// [`SpecPowerModel::power`] with the per-segment divisions done once: the same operations on
+/// the same values, so bit-identical results, for the PABFD search loop.
+#[derive(Debug, Clone)]
+pub(crate) struct PowerTable {
+    watts: [f64; 11],
+    /// `(watts[k + 1] - watts[k]) / 10` (CloudSim's `delta`).
+    delta: [f64; 11],
+    /// `k / 10` (the segment's start utilisation).
+    start: [f64; 11],
+}
+
+impl PowerTable {
+    pub(crate) fn new(model: &SpecPowerModel) -> Self {
+        let w = model.watts;
+        let mut delta = [0.0; 11];
+        let mut start = [0.0; 11];
+        for k in 0..11 {
+            let k2 = (k + 1).min(10);
+            delta[k] = (w[k2] - w[k]) / 10.0;
+            start[k] = k as f64 / 10.0;
+        }
+        Self {
+            watts: w,
+            delta,
+            start,
+        }
+    }
+
+    /// Same value as [`SpecPowerModel::power`].
+    #[inline]
+    pub(crate) fn power(&self, utilization: f64) -> f64 {
+        let u = utilization.clamp(0.0, 1.0);
+        let x = u * 10.0;
+        let u1 = (x as usize).min(10);
+        if u1 as f64 == x {
+            return self.watts[u1];
+        }
+        self.watts[u1] + self.delta[u1] * (u - self.start[u1]) * 100.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +125,26 @@ mod tests {
         assert!((g5.power(0.95) - 134.0).abs() < 1e-9);
         // 3 %: 93.7 + 0.3 * (97 - 93.7) = 94.69 W.
         assert!((g5.power(0.03) - 94.69).abs() < 1e-9);
+    }
+
+    #[test]
+    fn power_table_gives_the_same_bits() {
+        for model in [
+            SpecPowerModel::new(HP_ML110_G4),
+            SpecPowerModel::new(HP_ML110_G5),
+        ] {
+            let table = PowerTable::new(&model);
+            for i in 0..=100_000 {
+                let u = f64::from(i) / 100_000.0;
+                for v in [u, u + 1e-13, u - 1e-13, u * 0.999_999_7] {
+                    assert_eq!(
+                        table.power(v).to_bits(),
+                        model.power(v).to_bits(),
+                        "u = {v}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
