@@ -418,12 +418,32 @@ fn handover_pause<V: MigratableVm + ?Sized>(
             fd_offset: r.fd_offset,
         })
         .collect();
-    g.paused = true;
-    vm.pause().map_err(MigrationError::Pause)?;
-    let at = Instant::now();
+    // The memory goes first, while the VM still runs: the destination builds its VM on it
+    // and says so (`RoundAck(0)`) before we pause, so that work is not downtime. Until the
+    // destination restores the state it never runs the shared memory.
     send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
         .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
-    Ok(at)
+    let mut reader = control
+        .try_clone()
+        .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
+    match read_message(&mut reader)
+        .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?
+    {
+        Message::RoundAck { round: 0 } => {}
+        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "handover",
+                got: other.name().into(),
+            })
+        }
+    }
+    if cancel.is_cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    g.paused = true;
+    vm.pause().map_err(MigrationError::Pause)?;
+    Ok(Instant::now())
 }
 
 fn run<V: MigratableVm + ?Sized>(

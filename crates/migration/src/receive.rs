@@ -597,6 +597,10 @@ where
     if let Some(reason) = hello.layout.incompatibility(&vm.layout()) {
         return Err(MigrationError::Incompatible { reason });
     }
+    // The VM is built on the shared memory while the source still runs it; only now does the
+    // source pause, so building it stays out of the downtime.
+    write_message(control, &Message::RoundAck { round: 0 })
+        .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?;
     let mut state = None;
     let complete = loop {
         match read_message(control)
