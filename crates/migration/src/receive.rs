@@ -343,26 +343,7 @@ fn run<V: MigratableVm + ?Sized>(
             }
         }
     }
-    let state = state.ok_or(MigrationError::Unexpected {
-        phase: "complete",
-        got: "complete before state".into(),
-    })?;
-    vm.restore_state(&state)
-        .map_err(MigrationError::RestoreState)?;
-    write_message(control, &Message::Ready)
-        .map_err(|e| wire("ready", e, MigrationError::SendPages))?;
-    let _ = control.set_timeouts(Some(opts.commit_timeout));
-    match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
-        Message::Commit => {}
-        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
-        other => {
-            return Err(MigrationError::Unexpected {
-                phase: "commit",
-                got: other.name().into(),
-            })
-        }
-    }
-    vm.resume().map_err(MigrationError::Resume)?;
+    restore_commit_resume(vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
     let resumed = Resumed {
         dst_cpu_s,
@@ -390,6 +371,36 @@ fn run<V: MigratableVm + ?Sized>(
         "incoming migration completed; VM resumed"
     );
     Ok(summary)
+}
+
+/// The two-phase end shared by every transport: restore the state, say `Ready`, wait for the
+/// source's `Commit` (it has given the VM up), and only then resume.
+fn restore_commit_resume<V: MigratableVm + ?Sized>(
+    vm: &V,
+    control: &mut Conn,
+    opts: &ReceiveOptions,
+    state: Option<Vec<u8>>,
+) -> Result<(), MigrationError> {
+    let state = state.ok_or(MigrationError::Unexpected {
+        phase: "complete",
+        got: "complete before state".into(),
+    })?;
+    vm.restore_state(&state)
+        .map_err(MigrationError::RestoreState)?;
+    write_message(control, &Message::Ready)
+        .map_err(|e| wire("ready", e, MigrationError::SendPages))?;
+    let _ = control.set_timeouts(Some(opts.commit_timeout));
+    match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
+        Message::Commit => {}
+        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "commit",
+                got: other.name().into(),
+            })
+        }
+    }
+    vm.resume().map_err(MigrationError::Resume)
 }
 
 /// One region of handed-over guest memory: where it sits in the guest and in its memfd.
@@ -617,26 +628,7 @@ where
             }
         }
     };
-    let state = state.ok_or(MigrationError::Unexpected {
-        phase: "complete",
-        got: "complete before state".into(),
-    })?;
-    vm.restore_state(&state)
-        .map_err(MigrationError::RestoreState)?;
-    write_message(control, &Message::Ready)
-        .map_err(|e| wire("ready", e, MigrationError::SendPages))?;
-    let _ = control.set_timeouts(Some(opts.commit_timeout));
-    match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
-        Message::Commit => {}
-        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
-        other => {
-            return Err(MigrationError::Unexpected {
-                phase: "commit",
-                got: other.name().into(),
-            })
-        }
-    }
-    vm.resume().map_err(MigrationError::Resume)?;
+    restore_commit_resume(&vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0;
     // Same memory object on both sides: there is nothing to compare.
     let resumed = Resumed {
