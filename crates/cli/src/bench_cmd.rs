@@ -21,6 +21,14 @@ use crate::usage;
 pub enum BenchCommand {
     /// Migrate one VM with several transports (and QEMU), repeatedly, and report medians.
     Migration(MigrationBenchArgs),
+    /// Redraw the chart of a `bench migration` run from its results.json.
+    Chart {
+        /// The `results.json` written by `bench migration`.
+        results: PathBuf,
+        /// Where to write the SVG.
+        #[arg(long, default_value = "chart.svg")]
+        out: PathBuf,
+    },
 }
 
 /// Arguments of `fastmig bench migration`.
@@ -90,6 +98,20 @@ const FIELDS: &[&str] = &[
 pub fn main(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Migration(args) => migration(args),
+        BenchCommand::Chart { results, out } => {
+            let text = std::fs::read_to_string(&results)
+                .map_err(|e| usage!("cannot read {}: {e}", results.display()))?;
+            let r: Value = serde_json::from_str(&text)
+                .map_err(|e| usage!("{} is not a results.json: {e}", results.display()))?;
+            let medians: BTreeMap<String, BTreeMap<String, f64>> =
+                serde_json::from_value(r["medians"].clone())
+                    .map_err(|e| usage!("{}: no medians: {e}", results.display()))?;
+            let mem = fastmig_vmm::format_size(r["mem_bytes"].as_u64().unwrap_or(0));
+            let workload = r["workload"].as_str().unwrap_or("?");
+            crate::charts::migration_chart(&out, &mem, workload, &medians)?;
+            println!("wrote {}", out.display());
+            Ok(())
+        }
     }
 }
 

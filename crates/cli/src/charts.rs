@@ -6,18 +6,20 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-/// Three bar panels (total time, downtime, CPU seconds per GiB), one bar per transport.
+/// Three bar panels, one per row (total time, downtime, CPU seconds per GiB), one bar per
+/// transport.
 pub fn migration_chart(
     path: &Path,
     mem: &str,
     workload: &str,
     medians: &BTreeMap<String, BTreeMap<String, f64>>,
 ) -> Result<()> {
-    let root = SVGBackend::new(path, (1200, 420)).into_drawing_area();
+    // One panel per row, so that every transport's name fits under its bar.
+    let root = SVGBackend::new(path, (1000, 960)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let title = format!("fastmig migration, {mem} VM, {workload} (medians)");
     let root = root.titled(&title, ("sans-serif", 20)).map_err(plot_err)?;
-    let panels = root.split_evenly((1, 3));
+    let panels = root.split_evenly((3, 1));
     let metrics = [
         ("total_ms", "total time (ms)"),
         ("downtime_ms", "downtime (ms)"),
@@ -46,13 +48,14 @@ pub fn bar_panel<DB: DrawingBackend>(
     let mut chart = ChartBuilder::on(area)
         .caption(label, ("sans-serif", 16))
         .margin(10)
-        .x_label_area_size(40)
+        .x_label_area_size(30)
         .y_label_area_size(60)
         .build_cartesian_2d((0..names.len()).into_segmented(), 0.0..max)
         .map_err(|e| anyhow!("chart: {e}"))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .x_label_style(("sans-serif", 14))
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(i) => names.get(*i).map(|s| s.to_string()).unwrap_or_default(),
             _ => String::new(),
