@@ -1032,6 +1032,7 @@ impl<'a> Simulation<'a> {
         }
         let mut order: Vec<(f64, usize, usize)> = Vec::new();
         let vm_state = &self.vms[vm.id.idx()];
+        // Per host type (types beyond the eighth are walked without the bound; still exact).
         let mut thresholds = [f64::INFINITY; 8];
         for (ty, buckets) in index.buckets.iter().enumerate() {
             let t = &self.spec.host_types[ty];
