@@ -200,3 +200,51 @@ impl SourceTransport for NoCopy {
         0.0
     }
 }
+
+/// What a sending worker thread returns: its stats (or error) and its CPU seconds.
+pub(crate) type SendWorkerResult = (Result<PageStats, MigrationError>, f64);
+
+/// Joins a sending worker; a panic becomes an error naming `what`.
+pub(crate) fn join_worker(
+    h: std::thread::ScopedJoinHandle<'_, SendWorkerResult>,
+    what: &str,
+) -> SendWorkerResult {
+    h.join().unwrap_or_else(|_| {
+        (
+            Err(MigrationError::Unexpected {
+                phase: "sending pages",
+                got: what.into(),
+            }),
+            0.0,
+        )
+    })
+}
+
+/// Sums the workers' stats and CPU (into `cpu_s`) and returns the root cause of a failure:
+/// a real error rather than the `Cancelled` it induced in the other workers.
+pub(crate) fn merge_worker_results(
+    results: Vec<SendWorkerResult>,
+    cancel: &CancelToken,
+    cpu_s: &mut f64,
+) -> Result<PageStats, MigrationError> {
+    let mut stats = PageStats::default();
+    let mut first_err = None;
+    for (r, cpu) in results {
+        *cpu_s += cpu;
+        match r {
+            Ok(s) => stats.add(s),
+            Err(MigrationError::Cancelled) if !cancel.is_cancelled() => {
+                first_err.get_or_insert(MigrationError::Cancelled);
+            }
+            Err(e) => {
+                if matches!(first_err, None | Some(MigrationError::Cancelled)) {
+                    first_err = Some(e);
+                }
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
+}

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
+use super::{
+    join_worker, merge_worker_results, DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport,
+};
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
@@ -214,40 +216,10 @@ impl SourceTransport for MultiTcpSource {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        (
-                            Err(MigrationError::Unexpected {
-                                phase: "sending pages",
-                                got: "a sender thread panicked".into(),
-                            }),
-                            0.0,
-                        )
-                    })
-                })
+                .map(|h| join_worker(h, "a sender thread panicked"))
                 .collect()
         });
-        let mut stats = PageStats::default();
-        let mut first_err = None;
-        for (r, cpu) in results {
-            self.cpu_s += cpu;
-            match r {
-                Ok(s) => stats.add(s),
-                // Keep the root cause, not the `Cancelled` it induced in siblings.
-                Err(MigrationError::Cancelled) if !ctx.cancel.is_cancelled() => {
-                    first_err.get_or_insert(MigrationError::Cancelled);
-                }
-                Err(e) => {
-                    if matches!(first_err, None | Some(MigrationError::Cancelled)) {
-                        first_err = Some(e);
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(stats),
-        }
+        merge_worker_results(results, ctx.cancel, &mut self.cpu_s)
     }
 
     fn finish(&mut self) -> Result<(), MigrationError> {

@@ -19,7 +19,9 @@ use std::sync::Mutex;
 
 use tracing::debug;
 
-use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
+use super::{
+    join_worker, merge_worker_results, DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport,
+};
 use crate::conn::Conn;
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
@@ -262,41 +264,11 @@ impl SourceTransport for ShmSource {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            (
-                                Err(MigrationError::Unexpected {
-                                    phase: "sending pages",
-                                    got: "a copy thread panicked".into(),
-                                }),
-                                0.0,
-                            )
-                        })
-                    })
+                    .map(|h| join_worker(h, "a copy thread panicked"))
                     .collect()
             })
         };
-        let mut stats = PageStats::default();
-        let mut first_err = None;
-        for (r, cpu) in results {
-            self.cpu_s += cpu;
-            match r {
-                Ok(s) => stats.add(s),
-                // Keep the root cause, not the `Cancelled` it induced in the sibling.
-                Err(MigrationError::Cancelled) if !ctx.cancel.is_cancelled() => {
-                    first_err.get_or_insert(MigrationError::Cancelled);
-                }
-                Err(e) => {
-                    if matches!(first_err, None | Some(MigrationError::Cancelled)) {
-                        first_err = Some(e);
-                    }
-                }
-            }
-        }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(stats),
-        }
+        merge_worker_results(results, ctx.cancel, &mut self.cpu_s)
     }
 
     fn finish(&mut self) -> Result<(), MigrationError> {
