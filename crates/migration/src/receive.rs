@@ -345,16 +345,7 @@ fn run<V: MigratableVm + ?Sized>(
     }
     restore_commit_resume(vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
-    let resumed = Resumed {
-        dst_cpu_s,
-        dst_setup_ms: setup_ms,
-        digest_match: true,
-    };
-    // The VM runs here now whatever happens to this ack; a lost ack leaves the source in doubt
-    // (paused), never both running.
-    if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
-        warn!(error = %e, "could not acknowledge the resume to the source");
-    }
+    acknowledge_resume(control, dst_cpu_s, setup_ms);
     let summary = ReceiveSummary {
         transport: hello.transport,
         setup_ms,
@@ -401,6 +392,20 @@ fn restore_commit_resume<V: MigratableVm + ?Sized>(
         }
     }
     vm.resume().map_err(MigrationError::Resume)
+}
+
+/// Tells the source the VM runs here (`Resumed`). The VM runs whatever happens to this ack;
+/// a lost one leaves the source in doubt (paused), never both running. For a handover the
+/// digest is not compared (same memory object on both sides), so it is reported as matching.
+fn acknowledge_resume(control: &mut Conn, dst_cpu_s: f64, setup_ms: f64) {
+    let resumed = Resumed {
+        dst_cpu_s,
+        dst_setup_ms: setup_ms,
+        digest_match: true,
+    };
+    if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
+        warn!(error = %e, "could not acknowledge the resume to the source");
+    }
 }
 
 /// One region of handed-over guest memory: where it sits in the guest and in its memfd.
@@ -630,15 +635,7 @@ where
     };
     restore_commit_resume(&vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0;
-    // Same memory object on both sides: there is nothing to compare.
-    let resumed = Resumed {
-        dst_cpu_s,
-        dst_setup_ms: setup_ms,
-        digest_match: true,
-    };
-    if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
-        warn!(error = %e, "could not acknowledge the resume to the source");
-    }
+    acknowledge_resume(control, dst_cpu_s, setup_ms);
     let summary = ReceiveSummary {
         transport: "handover".into(),
         setup_ms,

@@ -204,6 +204,20 @@ impl SourceTransport for NoCopy {
 /// What a sending worker thread returns: its stats (or error) and its CPU seconds.
 pub(crate) type SendWorkerResult = (Result<PageStats, MigrationError>, f64);
 
+/// Runs one sending worker's job, timing its CPU; a failure cancels `stop` so that its
+/// sibling workers give up early.
+pub(crate) fn run_worker(
+    stop: &CancelToken,
+    job: impl FnOnce() -> Result<PageStats, MigrationError>,
+) -> SendWorkerResult {
+    let c0 = crate::util::thread_cpu_time();
+    let r = job();
+    if r.is_err() {
+        stop.cancel();
+    }
+    (r, crate::util::thread_cpu_time() - c0)
+}
+
 /// Joins a sending worker; a panic becomes an error naming `what`.
 pub(crate) fn join_worker(
     h: std::thread::ScopedJoinHandle<'_, SendWorkerResult>,

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{
-    join_worker, merge_worker_results, DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport,
+    join_worker, merge_worker_results, run_worker, DestTransport, PageStats, RecvCtx, SendCtx,
+    SourceTransport,
 };
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
@@ -204,14 +205,7 @@ impl SourceTransport for MultiTcpSource {
                 .filter(|(_, l)| !l.is_empty())
                 .map(|(conn, list)| {
                     let stop = &stop;
-                    s.spawn(move || {
-                        let c0 = thread_cpu_time();
-                        let r = send_stream(conn, mem, list, ctx, stop);
-                        if r.is_err() {
-                            stop.cancel();
-                        }
-                        (r, thread_cpu_time() - c0)
-                    })
+                    s.spawn(move || run_worker(stop, || send_stream(conn, mem, list, ctx, stop)))
                 })
                 .collect();
             handles

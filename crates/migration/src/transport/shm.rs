@@ -20,7 +20,8 @@ use std::sync::Mutex;
 use tracing::debug;
 
 use super::{
-    join_worker, merge_worker_results, DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport,
+    join_worker, merge_worker_results, run_worker, DestTransport, PageStats, RecvCtx, SendCtx,
+    SourceTransport,
 };
 use crate::conn::Conn;
 use crate::digest::zero_page_hash;
@@ -28,7 +29,7 @@ use crate::error::{wire, MigrationError};
 use crate::fdpass::{recv_frame_with_fds, send_frame_with_fds};
 use crate::guestmem::GuestMemory;
 use crate::protocol::{encode, FdRegion, Message, ProtocolError};
-use crate::util::{thread_cpu_time, CancelToken};
+use crate::util::CancelToken;
 use crate::vm::{MemoryRegion, VmLayout, PAGE_SIZE};
 
 /// Pages copied between two `Written` notifications (and token-bucket requests); also the
@@ -252,14 +253,7 @@ impl SourceTransport for ShmSource {
                 let handles: Vec<_> = (0..threads)
                     .map(|_| {
                         let job = &job;
-                        s.spawn(move || {
-                            let c0 = thread_cpu_time();
-                            let r = job.run();
-                            if r.is_err() {
-                                job.stop.cancel();
-                            }
-                            (r, thread_cpu_time() - c0)
-                        })
+                        s.spawn(move || run_worker(job.stop, || job.run()))
                     })
                     .collect();
                 handles
