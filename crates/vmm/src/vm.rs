@@ -534,15 +534,21 @@ impl Vm {
         Ok(())
     }
 
-    /// Parks every vCPU outside KVM_RUN; returns once all of them acknowledged.
-    pub fn pause(&self) -> Result<(), VmmError> {
-        let mut ctl = lock(&self.shared.ctl);
+    /// The control block of a started, healthy VM; `not_started` says why otherwise.
+    fn started_control(&self, not_started: &str) -> Result<MutexGuard<'_, Control>, VmmError> {
+        let ctl = lock(&self.shared.ctl);
         if let Some(f) = &ctl.failure {
             return Err(VmmError::VcpuFailed(f.clone()));
         }
         if ctl.phase != Phase::Started {
-            return Err(VmmError::InvalidState("VM is not running".into()));
+            return Err(VmmError::InvalidState(not_started.into()));
         }
+        Ok(ctl)
+    }
+
+    /// Parks every vCPU outside KVM_RUN; returns once all of them acknowledged.
+    pub fn pause(&self) -> Result<(), VmmError> {
+        let mut ctl = self.started_control("VM is not running")?;
         ctl.desired = Desired::Pause;
         self.shared.cv.notify_all();
         while ctl.running > 0 {
@@ -566,13 +572,7 @@ impl Vm {
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) -> Result<(), VmmError> {
-        let mut ctl = lock(&self.shared.ctl);
-        if let Some(f) = &ctl.failure {
-            return Err(VmmError::VcpuFailed(f.clone()));
-        }
-        if ctl.phase != Phase::Started {
-            return Err(VmmError::InvalidState("VM is not started".into()));
-        }
+        let mut ctl = self.started_control("VM is not started")?;
         ctl.desired = Desired::Run;
         self.shared.cv.notify_all();
         Ok(())
