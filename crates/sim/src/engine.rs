@@ -222,6 +222,13 @@ pub struct Simulation<'a> {
     fresh_at: f64,
     /// Hosts changed by the migrations completing at `fresh_at`.
     touched: Vec<u32>,
+    /// Every trace row's utilisation at `util_cache_t` (NaN: none). Filled once per full update
+    /// so VM updates read one small, contiguous array instead of each trace row's samples.
+    util_cache: Vec<f64>,
+    util_cache_t: f64,
+    /// Hosts whose update is a no-op (see [`Simulation::is_dormant`]); a full update skips
+    /// them. Cleared by anything that gives the host a VM or a migration overhead.
+    dormant: Vec<bool>,
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
@@ -369,6 +376,9 @@ impl<'a> Simulation<'a> {
             scratch: Vec::new(),
             fresh_at: f64::NAN,
             touched: Vec::new(),
+            util_cache: Vec::new(),
+            util_cache_t: f64::NAN,
+            dormant: vec![false; spec.hosts.len()],
         })
     }
 
@@ -477,6 +487,7 @@ impl<'a> Simulation<'a> {
             host.reservations.push((v, ram, bw));
         }
         host.vm_list.push(v);
+        self.dormant[h as usize] = false;
         let vm = &mut self.vms[v as usize];
         vm.sched_req = req;
         vm.host = Some(h);
@@ -661,8 +672,25 @@ impl<'a> Simulation<'a> {
         }
     }
 
+    /// Fills the utilisation cache for time `t` (same arithmetic as `utilization_at`).
+    fn fill_util_cache(&mut self, t: f64, at: &Instant) {
+        if self.util_cache_t == t {
+            return;
+        }
+        let trace = self.trace;
+        self.util_cache.clear();
+        self.util_cache
+            .extend((0..trace.len()).map(|row| trace.utilization_at(row, at)));
+        self.util_cache_t = t;
+    }
+
     fn vm_update(&mut self, v: u32, t: f64, at: &Instant) {
-        let u = self.trace.utilization_at(self.vms[v as usize].trace, at);
+        let row = self.vms[v as usize].trace;
+        let u = if self.util_cache_t == t {
+            self.util_cache[row]
+        } else {
+            self.trace.utilization_at(row, at)
+        };
         let start = self.opts.start_s;
         let interval = self.trace.interval_s;
         let vm = &mut self.vms[v as usize];
@@ -736,7 +764,25 @@ impl<'a> Simulation<'a> {
                 active: util > 0.0,
             },
         );
+        self.dormant[h as usize] = self.is_dormant(h);
         self.refresh(h);
+    }
+
+    /// A switched-off host with nothing on it and nothing pending: updating it again would
+    /// change nothing but the time of its last (inactive) SLA entry, which is never read for
+    /// an inactive entry once the switch-off has been counted (`prev_active` false), and its
+    /// energy interval is 0 (the power model gives 0 energy from utilisation 0).
+    fn is_dormant(&self, h: u32) -> bool {
+        let host = &self.hosts[h as usize];
+        host.vm_list.is_empty()
+            && host.migrating_in.is_empty()
+            && host.overhead_count == 0
+            && host.overhead_mips == 0.0
+            && host.util_mips == 0.0
+            && host.energy_util == 0.0
+            && host.prev_energy_util == 0.0
+            && !host.prev_active
+            && host.last.is_some_and(|l| !l.active)
     }
 
     fn host_entry(&mut self, h: u32, e: HostEntry) {
@@ -797,12 +843,19 @@ impl<'a> Simulation<'a> {
                 .sum::<f64>();
         }
         let at = self.trace.instant(t);
+        self.fill_util_cache(t, &at);
         for h in 0..self.hosts.len() {
-            self.host_update_at(h as u32, t, &at);
+            if !self.dormant[h] {
+                self.host_update_at(h as u32, t, &at);
+            }
         }
         if !npa && dt > 0.0 {
             let mut e = 0.0;
             for h in 0..self.hosts.len() {
+                // 0 energy (from utilisation 0), and adding +0.0 leaves the sum's bits alone.
+                if self.dormant[h] {
+                    continue;
+                }
                 let from = self.utilization_fraction(self.hosts[h].prev_energy_util, h);
                 let to = self.utilization_fraction(self.hosts[h].energy_util, h);
                 if from > 1.0 || to > 1.0 {
@@ -824,6 +877,9 @@ impl<'a> Simulation<'a> {
 
     fn remove_completed_vms(&mut self) {
         for h in 0..self.hosts.len() {
+            if self.dormant[h] {
+                continue;
+            }
             self.remove_completed_vms_on(h);
         }
     }
@@ -1294,6 +1350,9 @@ impl<'a> Simulation<'a> {
             host.bw_used = 0;
             host.storage_used = 0;
             let incoming = host.migrating_in.clone();
+            if !incoming.is_empty() {
+                self.dormant[h] = false;
+            }
             for v in incoming {
                 let size = self.vms[v as usize].size_mb as i64;
                 let host = &mut self.hosts[h];
@@ -1322,6 +1381,10 @@ impl<'a> Simulation<'a> {
             },
             self.hosts[target as usize].pe_mips,
         );
+        self.dormant[target as usize] = false;
+        if let Some(s) = source {
+            self.dormant[s as usize] = false;
+        }
         self.vms[v as usize].in_migration = true;
         let counted = !self.is_migrating_in(target, v);
         if counted {
