@@ -259,17 +259,11 @@ impl VmSelector for Mc {
         if n < 2 || m < n {
             return Mmt.select(vms, rng);
         }
-        let mut metrics = Vec::with_capacity(n);
-        for i in 0..n {
-            let others: Vec<&[f64]> = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| &vms[j].history[..m])
-                .collect();
-            match stats::r_squared(&others, &vms[i].history[..m]) {
-                Some(r2) => metrics.push(r2),
-                None => return Mmt.select(vms, rng),
-            }
-        }
+        let histories: Vec<&[f64]> = vms.iter().map(|v| &v.history[..m]).collect();
+        // Bit-identical to one `stats::r_squared` call per VM on the others (see there).
+        let Some(metrics) = stats::leave_one_out_r_squared(&histories) else {
+            return Mmt.select(vms, rng);
+        };
         // CloudSim starts from Double.MIN_VALUE: non-positive and NaN metrics never win, and the
         // first VM is the answer when nothing beats it.
         let mut max = 4.9e-324_f64;
