@@ -143,8 +143,10 @@ struct Host {
     overhead_count: u32,
     // Cached aggregates over `vm_list`, refreshed on every change.
     req_sum: f64,
-    hist_sum: [f64; VM_HISTORY],
     available_mips: f64,
+    /// Whether the scheduler had to scale requests down at the last refresh (some request
+    /// found less than it asked for free).
+    oversubscribed: bool,
     /// MIPS allocated by the scheduler to the VMs in the list right now, a migrating-in VM
     /// counted at its full potential (CloudSim policy `getUtilizationOfCpuMips(host)`).
     alloc_sum: f64,
@@ -229,6 +231,10 @@ pub struct Simulation<'a> {
     /// Hosts whose update is a no-op (see [`Simulation::is_dormant`]); a full update skips
     /// them. Cleared by anything that gives the host a VM or a migration overhead.
     dormant: Vec<bool>,
+    /// Per host, the sum of its VMs' utilisation histories (fractions of the host's capacity,
+    /// most recent first), cached by `refresh` for the detectors. Kept out of `Host` so that
+    /// the passes over every host stay small.
+    host_hist: Vec<[f64; VM_HISTORY]>,
 }
 
 /// Runs one policy over a trace on a data centre and returns the metrics.
@@ -285,8 +291,8 @@ impl<'a> Simulation<'a> {
                 overhead_mips: 0.0,
                 overhead_count: 0,
                 req_sum: 0.0,
-                hist_sum: [0.0; VM_HISTORY],
                 available_mips: t.total_mips(),
+                oversubscribed: false,
                 alloc_sum: 0.0,
                 power_now: t.power.power(0.0),
                 max_ram: 0,
@@ -379,6 +385,7 @@ impl<'a> Simulation<'a> {
             util_cache: Vec::new(),
             util_cache_t: f64::NAN,
             dormant: vec![false; spec.hosts.len()],
+            host_hist: vec![[0.0; VM_HISTORY]; spec.hosts.len()],
         })
     }
 
@@ -491,7 +498,7 @@ impl<'a> Simulation<'a> {
         let vm = &mut self.vms[v as usize];
         vm.sched_req = req;
         vm.host = Some(h);
-        self.refresh(h);
+        self.refresh_appended(h, v);
         true
     }
 
@@ -539,7 +546,7 @@ impl<'a> Simulation<'a> {
             }
             max_ram = max_ram.max(vm.ram_mb);
         }
-        let available = self.available_mips(h);
+        let (available, oversubscribed) = self.available_mips(h);
         let mut alloc_sum = 0.0;
         self.for_each_allocation(h, |_, inn, a| {
             if inn {
@@ -550,9 +557,62 @@ impl<'a> Simulation<'a> {
         let host = &mut self.hosts[h as usize];
         host.alloc_sum = alloc_sum;
         host.req_sum = req_sum;
-        host.hist_sum = hist;
+        self.host_hist[h as usize] = hist;
         host.max_ram = max_ram;
         host.available_mips = available;
+        host.oversubscribed = oversubscribed;
+        self.reindex(h);
+    }
+
+    /// [`Simulation::refresh`] after `v` was appended to the host's list, when the cached
+    /// aggregates were current before: every sum runs in list order, so continuing each from
+    /// its cached value gives the same bits as summing the whole list again, and only the new
+    /// VM's (scattered) state is read. An over-subscribed host rescales every allocation, so it
+    /// is summed again in full.
+    fn refresh_appended(&mut self, h: u32, v: u32) {
+        if !self.in_round {
+            return;
+        }
+        let host = &self.hosts[h as usize];
+        let vm = &self.vms[v as usize];
+        let capped = vm.sched_req.min(host.pe_mips);
+        let inn = host.migrating_in.contains(&v);
+        let r = if inn { capped * 0.1 } else { capped };
+        if host.oversubscribed || host.available_mips < r {
+            self.refresh(h);
+            return;
+        }
+        // Same terms as `available_mips` and `for_each_allocation` (not over-subscribed).
+        let available = host.available_mips - r;
+        let out = vm.in_migration && !inn;
+        let a = if out {
+            capped * 0.9
+        } else if inn {
+            capped * 0.1
+        } else {
+            capped
+        };
+        let mut alloc_sum = host.alloc_sum;
+        if inn {
+            alloc_sum += a * 0.9 / 0.1;
+        }
+        alloc_sum += a;
+        let req_sum = host.req_sum + vm.requested;
+        let max_ram = host.max_ram.max(vm.ram_mb);
+        let hist = &mut self.host_hist[h as usize];
+        for (i, u) in vm.hist.iter().enumerate() {
+            hist[i] += u * vm.mips / host.total_mips;
+        }
+        let host = &mut self.hosts[h as usize];
+        host.alloc_sum = alloc_sum;
+        host.req_sum = req_sum;
+        host.max_ram = max_ram;
+        host.available_mips = available;
+        self.reindex(h);
+    }
+
+    /// Files the host in the PABFD index under its current aggregates.
+    fn reindex(&mut self, h: u32) {
         if self.index.is_some() {
             let key = self.overload_key(h);
             let host = &self.hosts[h as usize];
@@ -560,10 +620,15 @@ impl<'a> Simulation<'a> {
                 let entry = Entry {
                     key,
                     host: h,
-                    alloc_mips: alloc_sum,
+                    alloc_mips: host.alloc_sum,
                     power_now: host.power_now,
                 };
-                index.update(host.ty, host.total_mips, entry, alloc_sum < host.util_mips);
+                index.update(
+                    host.ty,
+                    host.total_mips,
+                    entry,
+                    host.alloc_sum < host.util_mips,
+                );
             }
         }
     }
@@ -596,7 +661,12 @@ impl<'a> Simulation<'a> {
     fn overload_key(&self, h: u32) -> f64 {
         let host = &self.hosts[h as usize];
         match &self.prune {
-            Some(p) => p.host_key(host.ty, host.total_mips, host.req_sum, &host.hist_sum),
+            Some(p) => p.host_key(
+                host.ty,
+                host.total_mips,
+                host.req_sum,
+                &self.host_hist[h as usize],
+            ),
             None => f64::NEG_INFINITY,
         }
     }
@@ -605,9 +675,11 @@ impl<'a> Simulation<'a> {
         self.hosts[h as usize].migrating_in.contains(&v)
     }
 
-    /// Free MIPS as CloudSim's over-subscribing time-shared scheduler reports it.
-    fn available_mips(&self, h: u32) -> f64 {
+    /// Free MIPS as CloudSim's over-subscribing time-shared scheduler reports it, and whether
+    /// some request found less than it asked for free (the host is over-subscribed).
+    fn available_mips(&self, h: u32) -> (f64, bool) {
         let host = &self.hosts[h as usize];
+        let mut oversubscribed = false;
         let mut avail = host.total_mips;
         for &v in &host.vm_list {
             let mut r = self.vms[v as usize].sched_req.min(host.pe_mips);
@@ -617,10 +689,11 @@ impl<'a> Simulation<'a> {
             if avail >= r {
                 avail -= r;
             } else {
+                oversubscribed = true;
                 avail = 0.0;
             }
         }
-        avail
+        (avail, oversubscribed)
     }
 
     /// Calls `f(vm, migrating_in, allocated_mips)` for each VM of the host's list, in list
@@ -953,7 +1026,7 @@ impl<'a> Simulation<'a> {
         buf: &'h mut [f64; VM_HISTORY],
     ) -> HostView<'h> {
         let host = &self.hosts[h as usize];
-        *buf = host.hist_sum;
+        *buf = self.host_hist[h as usize];
         let mut req = host.req_sum;
         let mut max_ram = host.max_ram;
         if let Some(v) = extra {
@@ -1161,10 +1234,15 @@ impl<'a> Simulation<'a> {
             for e in index.below(ty, b, tau) {
                 // The power difference from the bucket's copy of the host's state, exactly as
                 // `power_now_and_after` computes it: a host that cannot beat the best so far
-                // is skipped without touching its (large, scattered) state.
+                // is skipped without touching its (large, scattered) state. Most hosts here
+                // tie with the best or lose, so the test is written without short-circuits
+                // (fewer mispredicted branches in this, the hottest loop at scale).
                 if budget == 0 {
                     let after = (e.alloc_mips + vm.requested_mips) / total;
-                    if after > 1.0 || !better(table.power(after) - e.power_now, e.host, &best) {
+                    let d = table.power(after) - e.power_now;
+                    let (bd, bh) = best.unwrap_or((f64::INFINITY, u32::MAX));
+                    let improves = (after <= 1.0) & ((d < bd) | ((d == bd) & (e.host < bh)));
+                    if !improves {
                         continue;
                     }
                 }

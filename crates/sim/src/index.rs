@@ -124,6 +124,10 @@ impl PabfdIndex {
     /// over-utilised after taking the VM the threshold was computed for.
     pub(crate) fn below(&self, ty: usize, b: usize, threshold: f64) -> &[Entry] {
         let v = &self.buckets[ty][b];
+        // Often the whole bucket qualifies: one comparison instead of a binary search.
+        if v.last().is_some_and(|e| e.key < threshold) {
+            return v;
+        }
         let n = v.partition_point(|e| e.key < threshold);
         &v[..n]
     }
