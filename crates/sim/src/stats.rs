@@ -193,23 +193,28 @@ pub fn r_squared(xs: &[&[f64]], y: &[f64]) -> Option<f64> {
 /// at least one [`r_squared`] call would return `None`.
 ///
 /// This is what the MC selector needs, computed several times faster than `n` calls of
-/// [`r_squared`] without changing a single rounding:
+/// [`r_squared`] without changing a single rounding: every value goes through exactly the
+/// scalar code's sequence of IEEE operations (no reassociation, no fused multiply-add), only
+/// shared work is done once and independent work is done side by side.
 ///
-/// - **Shared prefix.** Regression `i` has the design columns `[1, s0, .., s(i-1), s(i+1), ..]`,
-///   so its first `i + 1` columns are those of the full design `[1, s0, .., s(n-1)]`.
-///   Householder step `k` only reads and writes columns `>= k`, with the reflector built from
-///   column `k`, so after steps `0..=i` every column of regression `i` holds exactly what the
-///   full design's QR holds at that point. One "trunk" QR of the full design is therefore run
-///   step by step, and regression `i` branches off it (copies its columns) after step `i` to
-///   finish its own steps. That does about a third of the arithmetic of `n` separate QRs.
-/// - **Independent chains side by side.** Within a step every column's reflection is its own
-///   dependency chain. The columns are stored row-major (`buf[row * stride + col]`) so one
-///   pass over the rows updates all of them element-wise: each column still sees exactly the
-///   scalar sequence of operations (no reassociation, no fused multiply-add), but the CPU
-///   overlaps the chains and the compiler vectorises across them.
+/// - **Shared prefix (the trunk).** Regression `i` has the design columns
+///   `[1, s0, .., s(i-1), s(i+1), ..]`, so its first `i + 1` columns are those of the full
+///   design `[1, s0, .., s(n-1)]`. Householder step `k` only reads and writes columns `>= k`,
+///   with the reflector built from column `k`, so after steps `0..=i` every column of
+///   regression `i` holds exactly what the full design's QR holds at that point. One QR of
+///   the full design (the trunk) is run step by step and regression `i` branches off it
+///   (copies its columns) after step `i`. That is about a third of the arithmetic of `n`
+///   separate QRs. Within a trunk step every column's reflection is its own dependency
+///   chain; the trunk is row-major so one pass over the rows advances all of them.
+/// - **Branches as lanes.** After branching, regression `i` takes its own steps `i+1..n`.
+///   At step `k` every regression that has branched (`i < k`) has the same shape (pivot at
+///   position `k`, the same rows and columns), so the branches are stored lane-wise
+///   (`[row][position][lane]`) and each step is applied to all of them at once, every
+///   operation element-wise per lane; the per-lane sign choice of the reflector is a select.
+///   The back substitution and the residuals run lane-wise the same way.
 /// - **`Q^T y` during the QR.** The response of regression `i` (`series[i]`) is carried as an
-///   extra column of the trunk and of branch `i` and reflected with the solve's formula
-///   (`dot += y q`, `dot /= r q`, `y += dot q`) at each step, exactly the operations the
+///   extra column of the trunk and of its branch and reflected with the solve's formula
+///   (`dot += y q`, `dot /= r q`, `y += dot q`) at each step: exactly the operations the
 ///   scalar solve applies after the QR, since a step's reflector is final once it is built.
 pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
     let n = series.len();
@@ -218,8 +223,19 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
         return None;
     }
     let series: Vec<&[f64]> = series.iter().map(|s| &s[..m]).collect();
-    // Trunk columns: 0 = intercept, 1 + c = series c (the design), then 1 + n + i = the
-    // response of regression i, which rides along the trunk while regression i shares it.
+    if n > LANES * MAX_CHUNKS {
+        // Beyond the lane buffers: one scalar regression per series (same results, slower).
+        return (0..n)
+            .map(|i| {
+                let others: Vec<&[f64]> = (0..n).filter(|&j| j != i).map(|j| series[j]).collect();
+                r_squared(&others, series[i])
+            })
+            .collect();
+    }
+
+    // Trunk, row-major: column 0 = intercept, 1 + c = series c (the full design), then
+    // 1 + n + i = the response of regression i, which rides along while regression i shares
+    // the trunk.
     let ts = 2 * n + 1;
     let mut trunk = vec![0.0; m * ts];
     for (row, cells) in trunk.chunks_exact_mut(ts).enumerate() {
@@ -229,19 +245,35 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
             cells[1 + n + c] = s[row];
         }
     }
-    let mut trunk_diag = vec![0.0; n];
-    // Branch i: its design positions i+1..n (series i+1..n) at 0..n-1-i, its response last.
-    let mut branch = vec![0.0; m * n];
-    let mut branch_diag = vec![0.0; n];
     let mut acc = vec![0.0; ts];
-    let mut yy = vec![0.0; m];
-    let mut beta = vec![0.0; n];
-    let mut fit = vec![0.0; m];
-    let mut out = Vec::with_capacity(n);
+    let mut trunk_diag = vec![0.0; n];
+    // Every series' SecondMoment, the series side by side (independent chains).
+    let (mut m1, mut m2) = (vec![0.0; n], vec![0.0; n]);
+    for (row, cells) in trunk.chunks_exact(ts).enumerate() {
+        let k = (row + 1) as f64;
+        for ((m1, m2), &v) in m1.iter_mut().zip(m2.iter_mut()).zip(&cells[1 + n..]) {
+            let dev = v - *m1;
+            let n_dev = dev / k;
+            *m1 += n_dev;
+            *m2 += (k - 1.0) * dev * n_dev;
+        }
+    }
+
+    // Branches, lane-wise: `lanes[(row * chunks + chunk) * width + pos][lane]` is design
+    // position `pos` (position `n`: the response) of regression `chunk * LANES + lane`.
+    // Lanes of regressions that have not branched yet (and the padding lanes past `n`) hold
+    // values that are never read back: they are overwritten when the regression branches.
+    let chunks = n.div_ceil(LANES);
+    let width = n + 1;
+    let block = |row: usize, chunk: usize| (row * chunks + chunk) * width;
+    let mut lanes = vec![[0.0; LANES]; m * chunks * width];
+    let mut diag = vec![[0.0; LANES]; chunks * n];
+    let mut lane_acc = vec![[0.0; LANES]; chunks * width];
+
     for i in 0..n {
-        // Trunk step i: pivot = design position i. Its other columns are only needed by the
-        // branches still to come (positions i+1..=n, none after the last step) and by the
-        // responses of regressions i..n.
+        // Trunk step i: pivot = position i. The other design columns are only needed by the
+        // regressions still to branch (none after the last step); the responses are those of
+        // the regressions i..n.
         let cols = if i + 1 < n { i + 1..n + 1 } else { 0..0 };
         let a = householder_step(&mut trunk, ts, m, i, i, cols, 1 + n + i..ts, &mut acc);
         if a == 0.0 {
@@ -249,80 +281,213 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
         }
         trunk_diag[i] = a;
 
-        // Branch i: copy its columns from the trunk (all rows: the rows above the diagonal
-        // are entries of R that the back substitution reads), then finish its steps.
-        let bs = n - i;
-        let branch = &mut branch[..m * bs];
-        for (dst, src) in branch.chunks_exact_mut(bs).zip(trunk.chunks_exact(ts)) {
-            dst[..bs - 1].copy_from_slice(&src[i + 2..n + 1]);
-            dst[bs - 1] = src[1 + n + i];
+        // Regression i branches: its position `pos > i` is trunk column `pos + 1` (series i
+        // is skipped), all rows (those above the diagonal are entries of R). Its positions
+        // up to i are the trunk's own; the back substitution reads those from the trunk.
+        let (chunk, lane) = (i / LANES, i % LANES);
+        for (row, cells) in trunk.chunks_exact(ts).enumerate() {
+            let dst = &mut lanes[block(row, chunk)..block(row, chunk) + width];
+            for (d, &x) in dst[i + 1..n].iter_mut().zip(&cells[i + 2..n + 1]) {
+                d[lane] = x;
+            }
+            dst[n][lane] = cells[1 + n + i];
         }
-        for (minor, diag) in branch_diag.iter_mut().enumerate().skip(i + 1) {
-            let piv = minor - i - 1;
-            let a = householder_step(
-                branch,
-                bs,
-                m,
-                minor,
-                piv,
-                piv + 1..bs - 1,
-                bs - 1..bs,
-                &mut acc,
-            );
-            if a == 0.0 {
+        for (d, &t) in diag[chunk * n..chunk * n + i + 1]
+            .iter_mut()
+            .zip(&trunk_diag)
+        {
+            d[lane] = t;
+        }
+
+        // Step i + 1 of every branched regression (0..=i) at once.
+        let minor = i + 1;
+        if minor < n {
+            let active = (i + 1).div_ceil(LANES);
+            let mut denom = [[0.0; LANES]; MAX_CHUNKS];
+            for c in 0..active {
+                let mut norm = [0.0; LANES];
+                for row in minor..m {
+                    let q = lanes[block(row, c) + minor];
+                    for l in 0..LANES {
+                        norm[l] += q[l] * q[l];
+                    }
+                }
+                let q = &mut lanes[block(minor, c) + minor];
+                let d = &mut diag[c * n + minor];
+                for l in 0..LANES {
+                    let root = norm[l].sqrt();
+                    let a = if q[l] > 0.0 { -root } else { root };
+                    d[l] = a;
+                    q[l] -= a;
+                    denom[c][l] = a * q[l];
+                }
+            }
+            // Exactly zero pivot in a branched regression: undefined (r_squared's None).
+            if (0..=i).any(|r| diag[(r / LANES) * n + minor][r % LANES] == 0.0) {
                 return None;
             }
-            *diag = a;
-        }
-
-        // Back substitution R b = Q^T y, as in `r_squared`. Position `pos` of regression i
-        // lives in the trunk up to i and in the branch after.
-        let r_entry = |pos: usize, row: usize| {
-            if pos <= i {
-                trunk[row * ts + pos]
-            } else {
-                branch[row * bs + pos - i - 1]
+            for (c, denom) in denom[..active].iter().enumerate() {
+                let acc = &mut lane_acc[..width];
+                reflect_lanes(&mut lanes, acc, m, minor, |row| block(row, c), denom);
             }
-        };
-        for (row, y) in yy.iter_mut().enumerate() {
-            *y = branch[row * bs + bs - 1];
         }
+    }
+
+    // Back substitution R b = Q^T y, lane-wise, in place in the response column; `beta`
+    // keeps the coefficients per position.
+    let mut beta = vec![[0.0; LANES]; chunks * n];
+    for c in 0..chunks {
         for pos in (0..n).rev() {
-            yy[pos] /= if pos <= i {
-                trunk_diag[pos]
-            } else {
-                branch_diag[pos]
-            };
-            let y_pos = yy[pos];
-            beta[pos] = y_pos;
-            for (row, y) in yy[..pos].iter_mut().enumerate() {
-                *y -= y_pos * r_entry(pos, row);
+            let y = &mut lanes[block(pos, c) + n];
+            let d = &diag[c * n + pos];
+            for l in 0..LANES {
+                y[l] /= d[l];
+            }
+            let b = *y;
+            beta[c * n + pos] = b;
+            // R's entry is the trunk's for the regressions that share position `pos`.
+            let shared: [bool; LANES] = std::array::from_fn(|l| pos <= c * LANES + l);
+            for (row, shared_r) in trunk.chunks_exact(ts).take(pos).map(|t| t[pos]).enumerate() {
+                let cells = &mut lanes[block(row, c)..block(row, c) + width];
+                let own = cells[pos];
+                for l in 0..LANES {
+                    let r = if shared[l] { shared_r } else { own[l] };
+                    cells[n][l] -= b[l] * r;
+                }
             }
         }
+    }
 
-        // Residuals y - X b, accumulated over the design columns in order for every row.
-        fit.fill(0.0);
-        for (pos, &b) in beta.iter().enumerate() {
-            if pos == 0 {
-                // The intercept's regressor is 1 and `1 * b` is `b` exactly.
-                for f in fit.iter_mut() {
-                    *f += b;
-                }
-            } else {
-                let col = series[if pos <= i { pos - 1 } else { pos }];
-                for (f, &x) in fit.iter_mut().zip(col) {
-                    *f += x * b;
+    // Residuals y - X b and their sum of squares, lane-wise. Regression `r` (a lane) has
+    // series `s` at position `s + 1` when `s < r`, at `s` when `s > r` and nowhere when
+    // `s == r`, so adding the terms series by series adds them in position order, as the
+    // scalar code does.
+    let mut out = Vec::with_capacity(n);
+    let mut fit = vec![[0.0; LANES]; m];
+    for c in 0..chunks {
+        let beta = &beta[c * n..c * n + n];
+        // The intercept's regressor is 1, and `1 * b` is `b` exactly.
+        fit.fill([0.0; LANES]);
+        for f in fit.iter_mut() {
+            for l in 0..LANES {
+                f[l] += beta[0][l];
+            }
+        }
+        for (s, series_s) in series.iter().enumerate() {
+            let mut coef = [0.0; LANES];
+            let mut skip = [false; LANES];
+            for l in 0..LANES {
+                let r = c * LANES + l;
+                coef[l] = match s.cmp(&r) {
+                    // (`s + 1 == n` only for the padding lanes past `n`.)
+                    std::cmp::Ordering::Less => beta.get(s + 1).map_or(0.0, |b| b[l]),
+                    std::cmp::Ordering::Greater => beta[s][l],
+                    std::cmp::Ordering::Equal => 0.0,
+                };
+                skip[l] = s == r;
+            }
+            for (f, &x) in fit.iter_mut().zip(*series_s) {
+                for l in 0..LANES {
+                    let sum = f[l] + x * coef[l];
+                    f[l] = if skip[l] { f[l] } else { sum };
                 }
             }
         }
-        let mut rss = 0.0;
-        for (&y, &f) in series[i].iter().zip(&fit) {
-            let r = y - f;
-            rss += r * r;
+        for l in 0..LANES {
+            let Some(y) = series.get(c * LANES + l) else {
+                break;
+            };
+            let mut rss = 0.0;
+            for (&y, f) in y.iter().zip(&fit) {
+                let r = y - f[l];
+                rss += r * r;
+            }
+            out.push(1.0 - rss / m2[c * LANES + l]);
         }
-        out.push(1.0 - rss / second_moment(series[i]));
     }
     Some(out)
+}
+
+/// Lanes per chunk of the lane-wise branch storage: one SSE2 register, which is what the
+/// compiler vectorises cleanly (with 4, it shuffled lanes across neighbouring positions).
+const LANES: usize = 2;
+/// Chunks of lanes a stack buffer holds; more series than `LANES * MAX_CHUNKS` take the
+/// scalar path.
+const MAX_CHUNKS: usize = 32;
+/// Positions whose dot products [`reflect_lanes`] accumulates together.
+const DOT_BLOCK: usize = 4;
+
+/// The reflection of one lane-wise branch step for one chunk of lanes whose row `row` starts
+/// at `lanes[block(row)]`: the pivot at position `minor` (already turned into the
+/// Householder vector; `denom = a * q[minor]` per lane) is applied with the QR's formula to
+/// positions `minor+1..width-1` and with the solve's formula to the response (the last
+/// position). `acc` is `width` long.
+fn reflect_lanes(
+    lanes: &mut [[f64; LANES]],
+    acc: &mut [[f64; LANES]],
+    m: usize,
+    minor: usize,
+    block: impl Fn(usize) -> usize,
+    denom: &[f64; LANES],
+) {
+    let width = acc.len();
+    let (alpha, dot) = acc[minor + 1..].split_at_mut(width - minor - 2);
+    let dot = &mut dot[0];
+    // The dot products, a block of positions at a time so that their accumulators stay in
+    // registers over the rows (each is still its own chain over the rows, in row order).
+    let mut blocks = alpha.chunks_exact_mut(DOT_BLOCK);
+    for (b, out) in blocks.by_ref().enumerate() {
+        let first = minor + 1 + b * DOT_BLOCK;
+        let mut sums = [[0.0; LANES]; DOT_BLOCK];
+        for row in minor..m {
+            let cells = &lanes[block(row)..block(row) + width];
+            let q = cells[minor];
+            for (sum, x) in sums.iter_mut().zip(&cells[first..first + DOT_BLOCK]) {
+                for l in 0..LANES {
+                    sum[l] -= x[l] * q[l];
+                }
+            }
+        }
+        out.copy_from_slice(&sums);
+    }
+    let rest = blocks.into_remainder();
+    let first = width - 1 - rest.len();
+    rest.fill([0.0; LANES]);
+    *dot = [0.0; LANES];
+    for row in minor..m {
+        let cells = &lanes[block(row)..block(row) + width];
+        let q = cells[minor];
+        for (alpha, x) in rest.iter_mut().zip(&cells[first..width - 1]) {
+            for l in 0..LANES {
+                alpha[l] -= x[l] * q[l];
+            }
+        }
+        let y = cells[width - 1];
+        for l in 0..LANES {
+            dot[l] += y[l] * q[l];
+        }
+    }
+    for alpha in alpha.iter_mut() {
+        for l in 0..LANES {
+            alpha[l] /= denom[l];
+        }
+    }
+    for l in 0..LANES {
+        dot[l] /= denom[l];
+    }
+    for row in minor..m {
+        let cells = &mut lanes[block(row)..block(row) + width];
+        let q = cells[minor];
+        for (x, alpha) in cells[minor + 1..width - 1].iter_mut().zip(alpha.iter()) {
+            for l in 0..LANES {
+                x[l] -= alpha[l] * q[l];
+            }
+        }
+        let y = &mut cells[width - 1];
+        for l in 0..LANES {
+            y[l] += dot[l] * q[l];
+        }
+    }
 }
 
 /// One Householder step of `r_squared`'s QR on a row-major buffer (`buf[row * stride + col]`,
@@ -385,20 +550,6 @@ fn householder_step(
         }
     }
     a
-}
-
-/// Second central moment (sum of squared deviations) by Commons Math's `SecondMoment`
-/// update, `m2 += (n - 1) dev (dev / n)`.
-fn second_moment(y: &[f64]) -> f64 {
-    let (mut m1, mut m2) = (0.0, 0.0);
-    for (i, &v) in y.iter().enumerate() {
-        let n = (i + 1) as f64;
-        let dev = v - m1;
-        let n_dev = dev / n;
-        m1 += n_dev;
-        m2 += (n - 1.0) * dev * n_dev;
-    }
-    m2
 }
 
 #[cfg(test)]
