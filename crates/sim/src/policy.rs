@@ -243,6 +243,9 @@ impl VmSelector for Rs {
 /// Maximum correlation: the VM whose utilisation history is best explained (highest R²) by a
 /// linear model of the other VMs' histories. Falls back to MMT when the regression is not
 /// defined (fewer history samples than VMs, or a singular design), as CloudSim does.
+///
+/// The R² values are those of one [`stats::r_squared`] call per VM, bit for bit, computed
+/// together by [`stats::leave_one_out_r_squared`] (several times cheaper).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mc;
 
@@ -472,6 +475,78 @@ mod tests {
         // Lowest utilisation: VM 2 at 5 %.
         assert_eq!(Mu.select(&vms, &mut rng), Some(2));
         assert_eq!(Mmt.select(&[], &mut rng), None);
+    }
+
+    /// MC as it was written before the batched kernel: one scalar regression per VM.
+    fn mc_reference(vms: &[VmView<'_>], rng: &mut SplitMix64) -> Option<usize> {
+        let n = vms.len();
+        let m = vms.iter().map(|v| v.history.len()).min().unwrap_or(0);
+        if n < 2 || m < n {
+            return Mmt.select(vms, rng);
+        }
+        let mut metrics = Vec::new();
+        for i in 0..n {
+            let others: Vec<&[f64]> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| &vms[j].history[..m])
+                .collect();
+            match stats::r_squared(&others, &vms[i].history[..m]) {
+                Some(r2) => metrics.push(r2),
+                None => return Mmt.select(vms, rng),
+            }
+        }
+        let (mut max, mut idx) = (4.9e-324_f64, 0);
+        for (i, &r2) in metrics.iter().enumerate() {
+            if r2 > max {
+                max = r2;
+                idx = i;
+            }
+        }
+        Some(idx)
+    }
+
+    #[test]
+    fn mc_selects_exactly_as_one_scalar_regression_per_vm() {
+        // Seeded hosts of 2..=20 VMs with 30-sample whole-percent histories (as PlanetLab's),
+        // some idle (all zero: singular, MMT fall-back), some copies of another VM (ties),
+        // some histories shorter than the others.
+        let mut rng = SplitMix64::new(2011);
+        let mut fallbacks = 0;
+        for _ in 0..400 {
+            let n = 2 + rng.below(19) as usize;
+            let mut hists: Vec<Vec<f64>> = Vec::new();
+            for v in 0..n {
+                let len = if rng.below(10) == 0 {
+                    20 + rng.below(10)
+                } else {
+                    30
+                };
+                let h: Vec<f64> = match rng.below(30) {
+                    0 => vec![0.0; len as usize],
+                    1 if v > 0 => hists[rng.below(v as u64) as usize].clone(),
+                    _ => (0..len).map(|_| rng.below(101) as f64 / 100.0).collect(),
+                };
+                hists.push(h);
+            }
+            let rams: Vec<u32> = (0..n)
+                .map(|_| [613, 870, 1740][rng.below(3) as usize])
+                .collect();
+            let vms: Vec<VmView<'_>> = hists
+                .iter()
+                .zip(&rams)
+                .enumerate()
+                .map(|(i, (h, &ram))| vm(i as u32, ram, 1.0, h))
+                .collect();
+            let mut r1 = SplitMix64::new(1);
+            let mut r2 = SplitMix64::new(1);
+            let expected = mc_reference(&vms, &mut r1);
+            assert_eq!(Mc.select(&vms, &mut r2), expected, "n {n}");
+            if expected == Mmt.select(&vms, &mut r1) {
+                fallbacks += 1;
+            }
+        }
+        // Not every host may fall back, or the regressions would go untested.
+        assert!(fallbacks < 300, "{fallbacks} of 400 picked MMT's VM");
     }
 
     #[test]

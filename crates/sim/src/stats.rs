@@ -304,14 +304,17 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
         if minor < n {
             let active = (i + 1).div_ceil(LANES);
             let mut denom = [[0.0; LANES]; MAX_CHUNKS];
-            for c in 0..active {
-                let mut norm = [0.0; LANES];
-                for row in minor..m {
+            // The pivots' squared norms, the chunks side by side (independent chains).
+            let mut norm = [[0.0; LANES]; MAX_CHUNKS];
+            for row in minor..m {
+                for (c, norm) in norm[..active].iter_mut().enumerate() {
                     let q = lanes[block(row, c) + minor];
                     for l in 0..LANES {
                         norm[l] += q[l] * q[l];
                     }
                 }
+            }
+            for (c, norm) in norm[..active].iter().enumerate() {
                 let q = &mut lanes[block(minor, c) + minor];
                 let d = &mut diag[c * n + minor];
                 for l in 0..LANES {
@@ -386,10 +389,18 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
                 };
                 skip[l] = s == r;
             }
-            for (f, &x) in fit.iter_mut().zip(*series_s) {
-                for l in 0..LANES {
-                    let sum = f[l] + x * coef[l];
-                    f[l] = if skip[l] { f[l] } else { sum };
+            if s / LANES == c {
+                for (f, &x) in fit.iter_mut().zip(*series_s) {
+                    for l in 0..LANES {
+                        let sum = f[l] + x * coef[l];
+                        f[l] = if skip[l] { f[l] } else { sum };
+                    }
+                }
+            } else {
+                for (f, &x) in fit.iter_mut().zip(*series_s) {
+                    for l in 0..LANES {
+                        f[l] += x * coef[l];
+                    }
                 }
             }
         }
@@ -414,8 +425,6 @@ const LANES: usize = 2;
 /// Chunks of lanes a stack buffer holds; more series than `LANES * MAX_CHUNKS` take the
 /// scalar path.
 const MAX_CHUNKS: usize = 32;
-/// Positions whose dot products [`reflect_lanes`] accumulates together.
-const DOT_BLOCK: usize = 4;
 
 /// The reflection of one lane-wise branch step for one chunk of lanes whose row `row` starts
 /// at `lanes[block(row)]`: the pivot at position `minor` (already turned into the
@@ -435,29 +444,12 @@ fn reflect_lanes(
     let dot = &mut dot[0];
     // The dot products, a block of positions at a time so that their accumulators stay in
     // registers over the rows (each is still its own chain over the rows, in row order).
-    let mut blocks = alpha.chunks_exact_mut(DOT_BLOCK);
-    for (b, out) in blocks.by_ref().enumerate() {
-        let first = minor + 1 + b * DOT_BLOCK;
-        let mut sums = [[0.0; LANES]; DOT_BLOCK];
-        for row in minor..m {
-            let cells = &lanes[block(row)..block(row) + width];
-            let q = cells[minor];
-            for (sum, x) in sums.iter_mut().zip(&cells[first..first + DOT_BLOCK]) {
-                for l in 0..LANES {
-                    sum[l] -= x[l] * q[l];
-                }
-            }
-        }
-        out.copy_from_slice(&sums);
-    }
-    let rest = blocks.into_remainder();
-    let first = width - 1 - rest.len();
-    rest.fill([0.0; LANES]);
+    alpha.fill([0.0; LANES]);
     *dot = [0.0; LANES];
     for row in minor..m {
         let cells = &lanes[block(row)..block(row) + width];
         let q = cells[minor];
-        for (alpha, x) in rest.iter_mut().zip(&cells[first..width - 1]) {
+        for (alpha, x) in alpha.iter_mut().zip(&cells[minor + 1..width - 1]) {
             for l in 0..LANES {
                 alpha[l] -= x[l] * q[l];
             }
@@ -674,5 +666,21 @@ mod tests {
             defined > 1000 && undefined > 100,
             "defined {defined}, undefined {undefined}"
         );
+    }
+
+    #[test]
+    fn leave_one_out_beyond_the_lane_buffers_takes_the_scalar_path() {
+        // 66 series (more than LANES * MAX_CHUNKS = 64) of 70 samples.
+        let mut rng = crate::rng::SplitMix64::new(66);
+        let cols: Vec<Vec<f64>> = (0..66)
+            .map(|_| (0..70).map(|_| rng.below(1000) as f64 / 1000.0).collect())
+            .collect();
+        let refs: Vec<&[f64]> = cols.iter().map(|c| c.as_slice()).collect();
+        let batched = leave_one_out_r_squared(&refs).expect("defined");
+        for (i, b) in batched.iter().enumerate() {
+            let others: Vec<&[f64]> = (0..66).filter(|&j| j != i).map(|j| refs[j]).collect();
+            let s = r_squared(&others, refs[i]).expect("defined");
+            assert_eq!(s.to_bits(), b.to_bits(), "regression {i}");
+        }
     }
 }
