@@ -209,8 +209,9 @@ pub fn r_squared(xs: &[&[f64]], y: &[f64]) -> Option<f64> {
 /// - **Branches as lanes.** After branching, regression `i` takes its own steps `i+1..n`.
 ///   At step `k` every regression that has branched (`i < k`) has the same shape (pivot at
 ///   position `k`, the same rows and columns), so the branches are stored lane-wise
-///   (`[row][position][lane]`) and each step is applied to all of them at once, every
-///   operation element-wise per lane; the per-lane sign choice of the reflector is a select.
+///   (`[row][chunk of lanes][position][lane]`) and each step is applied to all of them at
+///   once, every operation element-wise per lane; the per-lane sign choice of the reflector
+///   is a select.
 ///   The back substitution and the residuals run lane-wise the same way.
 /// - **`Q^T y` during the QR.** The response of regression `i` (`series[i]`) is carried as an
 ///   extra column of the trunk and of its branch and reflected with the solve's formula
@@ -263,6 +264,8 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
     // position `pos` (position `n`: the response) of regression `chunk * LANES + lane`.
     // Lanes of regressions that have not branched yet (and the padding lanes past `n`) hold
     // values that are never read back: they are overwritten when the regression branches.
+    // A branched regression's positions up to its branch point are never read either (the
+    // back substitution takes those from the trunk).
     let chunks = n.div_ceil(LANES);
     let width = n + 1;
     let block = |row: usize, chunk: usize| (row * chunks + chunk) * width;
@@ -442,8 +445,9 @@ fn reflect_lanes(
     let width = acc.len();
     let (alpha, dot) = acc[minor + 1..].split_at_mut(width - minor - 2);
     let dot = &mut dot[0];
-    // The dot products, a block of positions at a time so that their accumulators stay in
-    // registers over the rows (each is still its own chain over the rows, in row order).
+    // All positions' dot products in one pass over the rows: each is its own chain, summed
+    // in row order; the CPU overlaps them. (Blocking positions to keep the sums in registers
+    // measured no faster.)
     alpha.fill([0.0; LANES]);
     *dot = [0.0; LANES];
     for row in minor..m {
