@@ -217,6 +217,8 @@ pub struct Simulation<'a> {
     prune: Option<OverloadPrune>,
     /// Per host type, the power model for the PABFD search loop.
     power_tables: Vec<PowerTable>,
+    /// Per host type, power at each bucket edge `b / BUCKETS` (for the bucket bounds).
+    edge_power: Vec<[f64; BUCKETS + 1]>,
     /// Inside a scheduling round (or the initial placement): keep host aggregates current.
     in_round: bool,
     scratch: Vec<f64>,
@@ -377,6 +379,14 @@ impl<'a> Simulation<'a> {
                 .host_types
                 .iter()
                 .map(|t| PowerTable::new(&t.power))
+                .collect(),
+            edge_power: spec
+                .host_types
+                .iter()
+                .map(|t| {
+                    let table = PowerTable::new(&t.power);
+                    std::array::from_fn(|b| table.power(PabfdIndex::bucket_bounds(b).0))
+                })
                 .collect(),
             in_round: false,
             scratch: Vec::new(),
@@ -1183,6 +1193,9 @@ impl<'a> Simulation<'a> {
             }
             let table = &self.power_tables[ty];
             let d = |f: f64| table.power(f + x) - table.power(f);
+            // The same difference at a bucket edge, the edge's power looked up.
+            let edges = &self.edge_power[ty];
+            let d_edge = |b: usize| table.power(PabfdIndex::bucket_bounds(b).0 + x) - edges[b];
             // D is piecewise linear in f, so its minimum over a bucket lies at the bucket's
             // ends or at a breakpoint (k/10 or k/10 - x) inside it.
             // Breakpoints with their bucket, then one bound per non-empty bucket from its two
@@ -1198,9 +1211,9 @@ impl<'a> Simulation<'a> {
             }
             // D at the upper end of the last bucket bounded: the next bucket's lower end.
             let mut prev_hi: Option<(usize, f64)> = None;
-            for (b, hosts) in buckets.iter().enumerate() {
-                // Sorted by key: the first entry tells whether any host may take the VM.
-                if !hosts.first().is_some_and(|e| e.key < tau) {
+            for b in 0..buckets.len() {
+                // Sorted by key: the least tells whether any host may take the VM.
+                if index.first_key(ty, b) >= tau || index.first_key(ty, b).is_nan() {
                     continue;
                 }
                 let (lo, hi) = PabfdIndex::bucket_bounds(b);
@@ -1209,29 +1222,44 @@ impl<'a> Simulation<'a> {
                 }
                 let d_lo = match prev_hi {
                     Some((pb, v)) if pb + 1 == b => v,
-                    _ => d(lo),
+                    _ => d_edge(b),
                 };
-                let d_hi = d(hi.min(limit));
+                let d_hi = if hi <= limit { d_edge(b + 1) } else { d(limit) };
                 prev_hi = (hi <= limit).then_some((b, d_hi));
                 let lb = d_lo.min(d_hi).min(bp_bound[b]);
                 // Margin for rounding in the bound.
                 order.push((lb - 1e-9, ty, b));
             }
         }
-        // Buckets with equal bounds may be visited in any order: the result is the minimum.
-        order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
         let budget = self.opts.pabfd_budget;
         let mut examined = 0usize;
-        'buckets: for (lb, ty, b) in order {
-            if let Some((bd, _)) = best {
-                if lb > bd {
-                    break;
-                }
-            }
+        // Walks one bucket; false when the approximate budget is used up.
+        let mut walk = |ty: usize, b: usize, best: &mut Option<(f64, u32)>| -> bool {
             let tau = thresholds.get(ty).copied().unwrap_or(f64::INFINITY);
             let total = self.spec.host_types[ty].total_mips();
             let table = &self.power_tables[ty];
-            for e in index.below(ty, b, tau) {
+            let entries = index.below(ty, b, tau);
+            // Most candidates sit where the power curve is flattest, all tied up to rounding,
+            // so each must be evaluated exactly; inside one segment that is a few flops.
+            let (lo, hi) = PabfdIndex::bucket_bounds(b);
+            let segment = if budget == 0 {
+                let x = vm.requested_mips / total;
+                table.interior_segment(lo + x, hi + x)
+            } else {
+                None
+            };
+            if let Some((w, delta, start)) = segment {
+                for e in entries {
+                    let after = (e.alloc_mips + vm.requested_mips) / total;
+                    let d = (w + delta * (after - start) * 100.0) - e.power_now;
+                    let (bd, bh) = best.unwrap_or((f64::INFINITY, u32::MAX));
+                    if (d < bd) | ((d == bd) & (e.host < bh)) {
+                        consider(e.host, best);
+                    }
+                }
+                return true;
+            }
+            for e in entries {
                 // The power difference from the bucket's copy of the host's state, exactly as
                 // `power_now_and_after` computes it: a host that cannot beat the best so far
                 // is skipped without touching its (large, scattered) state. Most hosts here
@@ -1246,12 +1274,42 @@ impl<'a> Simulation<'a> {
                         continue;
                     }
                 }
-                let h = e.host;
-                consider(h, &mut best);
+                consider(e.host, best);
                 examined += 1;
                 if budget > 0 && examined >= budget {
-                    break 'buckets;
+                    return false;
                 }
+            }
+            true
+        };
+        if budget == 0 {
+            // Exact: the answer is the least (increase, id) over every bucket whose bound does
+            // not exceed it, whatever the visiting order. Walking the bucket with the least
+            // bound first usually finds an answer close to the final one, and then only the
+            // buckets bounded below it need sorting (most are not).
+            let first = order
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
+                .map(|(i, _)| i);
+            if let Some(i) = first {
+                let (_, ty, b) = order.swap_remove(i);
+                walk(ty, b, &mut best);
+                if let Some((bd, _)) = best {
+                    order.retain(|o| o.0 <= bd);
+                }
+            }
+        }
+        // Buckets with equal bounds may be visited in any order: the result is the minimum.
+        order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        for (lb, ty, b) in order {
+            if let Some((bd, _)) = best {
+                if lb > bd {
+                    break;
+                }
+            }
+            if !walk(ty, b, &mut best) {
+                break;
             }
         }
         best.map(|(_, h)| h)

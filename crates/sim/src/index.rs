@@ -48,6 +48,9 @@ pub(crate) struct Entry {
 pub(crate) struct PabfdIndex {
     /// Per type and bucket: the hosts, sorted by key then host id.
     pub(crate) buckets: Vec<Vec<Vec<Entry>>>,
+    /// Per type and bucket: the least key in the bucket (`+inf` when empty), so a search can
+    /// tell which buckets may hold a candidate without visiting each bucket's storage.
+    first_keys: Vec<[f64; BUCKETS]>,
     pub(crate) empty: BTreeMap<(usize, u64), BTreeSet<u32>>,
     /// Hosts whose allocation dropped below their start-of-round utilisation.
     pub(crate) shrunk: BTreeSet<u32>,
@@ -62,6 +65,7 @@ impl PabfdIndex {
     pub(crate) fn new(types: usize, hosts: usize) -> Self {
         Self {
             buckets: vec![vec![Vec::new(); BUCKETS]; types],
+            first_keys: vec![[f64::INFINITY; BUCKETS]; types],
             empty: BTreeMap::new(),
             shrunk: BTreeSet::new(),
             slots: vec![Slot::None; hosts],
@@ -120,6 +124,15 @@ impl PabfdIndex {
         bucket.binary_search_by(|e| e.key.total_cmp(&key).then(e.host.cmp(&h)))
     }
 
+    /// The least key in a bucket (`+inf` when empty).
+    pub(crate) fn first_key(&self, ty: usize, b: usize) -> f64 {
+        self.first_keys[ty][b]
+    }
+
+    fn note_first_key(&mut self, t: usize, b: usize) {
+        self.first_keys[t][b] = self.buckets[t][b].first().map_or(f64::INFINITY, |e| e.key);
+    }
+
     /// The hosts of a bucket whose key is below `threshold`: the only ones that may not be
     /// over-utilised after taking the VM the threshold was computed for.
     pub(crate) fn below(&self, ty: usize, b: usize, threshold: f64) -> &[Entry] {
@@ -153,6 +166,7 @@ impl PabfdIndex {
                     if let Ok(p) = Self::position(v, old_key, h) {
                         v.remove(p);
                     }
+                    self.note_first_key(t, b);
                 }
                 Slot::Empty(t, bits) => {
                     if let Some(set) = self.empty.get_mut(&(t, bits)) {
@@ -169,6 +183,7 @@ impl PabfdIndex {
                     let v = &mut self.buckets[t][b];
                     let p = Self::position(v, key, h).unwrap_or_else(|p| p);
                     v.insert(p, entry);
+                    self.note_first_key(t, b);
                 }
                 Slot::Empty(t, bits) => {
                     self.empty.entry((t, bits)).or_default().insert(h);

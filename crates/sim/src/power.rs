@@ -95,6 +95,24 @@ impl PowerTable {
         }
     }
 
+    /// When every utilisation in `[lo, hi]` lies strictly inside one segment (never on a table
+    /// point, with a margin far above rounding), that segment's `(watts, delta, start)`, so
+    /// that `watts + delta * (u - start) * 100.0` is [`PowerTable::power`] of such a `u`, bit
+    /// for bit, without the lookup and branches.
+    pub(crate) fn interior_segment(&self, lo: f64, hi: f64) -> Option<(f64, f64, f64)> {
+        const MARGIN: f64 = 1e-9;
+        let k = (lo.max(0.0) * 10.0) as usize;
+        if k >= 10 {
+            return None;
+        }
+        let end = (k + 1) as f64 / 10.0;
+        (lo - MARGIN > self.start[k] && hi + MARGIN < end).then_some((
+            self.watts[k],
+            self.delta[k],
+            self.start[k],
+        ))
+    }
+
     /// Same value as [`SpecPowerModel::power`].
     #[inline]
     pub(crate) fn power(&self, utilization: f64) -> f64 {
@@ -125,6 +143,35 @@ mod tests {
         assert!((g5.power(0.95) - 134.0).abs() < 1e-9);
         // 3 %: 93.7 + 0.3 * (97 - 93.7) = 94.69 W.
         assert!((g5.power(0.03) - 94.69).abs() < 1e-9);
+    }
+
+    #[test]
+    fn interior_segment_formula_gives_the_same_bits() {
+        let model = SpecPowerModel::new(HP_ML110_G5);
+        let table = PowerTable::new(&model);
+        let mut found = 0;
+        for b in 0..200 {
+            for x in [0.0, 0.001, 0.013, 0.05, 0.4] {
+                let (lo, hi) = (f64::from(b) / 200.0 + x, f64::from(b + 1) / 200.0 + x);
+                let Some((w, d, st)) = table.interior_segment(lo, hi) else {
+                    continue;
+                };
+                found += 1;
+                for i in 0..=1000 {
+                    let u = lo + (hi - lo) * f64::from(i) / 1000.0;
+                    assert_eq!(
+                        (w + d * (u - st) * 100.0).to_bits(),
+                        model.power(u).to_bits()
+                    );
+                }
+            }
+        }
+        // Most ranges are inside a segment; the ones across a segment end are not.
+        assert!(found > 700, "{found}");
+        assert!(table.interior_segment(0.095, 0.1).is_none());
+        assert!(table.interior_segment(0.1, 0.105).is_none());
+        assert!(table.interior_segment(0.198, 0.203).is_none());
+        assert!(table.interior_segment(0.99, 1.0).is_none());
     }
 
     #[test]
