@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let index_min_hosts = std::env::var("INDEX_MIN_HOSTS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(2000);
+            .unwrap_or(0);
         let pabfd_budget = std::env::var("BUDGET")
             .ok()
             .and_then(|v| v.parse().ok())
