@@ -650,21 +650,21 @@ impl<'a> Simulation<'a> {
             self.index = None;
             return;
         }
-        let mut index = PabfdIndex::new(self.spec.host_types.len(), self.hosts.len());
-        for (h, host) in self.hosts.iter().enumerate() {
+        let items = self.hosts.iter().enumerate().map(|(h, host)| {
             let entry = Entry {
                 key: self.overload_key(h as u32),
                 host: h as u32,
                 alloc_mips: host.alloc_sum,
                 power_now: host.power_now,
             };
-            index.update(
+            (
                 host.ty,
                 host.total_mips,
                 entry,
                 host.alloc_sum < host.util_mips,
-            );
-        }
+            )
+        });
+        let index = PabfdIndex::from_hosts(self.spec.host_types.len(), self.hosts.len(), items);
         self.index = Some(index);
     }
 
@@ -1170,7 +1170,7 @@ impl<'a> Simulation<'a> {
                 break;
             }
         }
-        let mut order: Vec<(f64, usize, usize)> = Vec::new();
+        let mut order: Vec<(f64, usize, usize)> = Vec::with_capacity(index.buckets.len() * BUCKETS);
         let vm_state = &self.vms[vm.id.idx()];
         // Per host type (types beyond the eighth are walked without the bound; still exact).
         let mut thresholds = [f64::INFINITY; 8];
@@ -1249,16 +1249,50 @@ impl<'a> Simulation<'a> {
             } else {
                 None
             };
-            if let Some((w, delta, start)) = segment {
-                for e in entries {
-                    let after = (e.alloc_mips + vm.requested_mips) / total;
-                    let d = (w + delta * (after - start) * 100.0) - e.power_now;
-                    let (bd, bh) = best.unwrap_or((f64::INFINITY, u32::MAX));
-                    if (d < bd) | ((d == bd) & (e.host < bh)) {
-                        consider(e.host, best);
+            if budget == 0 {
+                // The power difference from the bucket's copy of the host's state, exactly as
+                // `power_now_and_after` computes it. First the bucket's least (increase, id)
+                // without touching any host's (large, scattered) state: when that host is
+                // accepted nothing else in the bucket can beat it, so one exact check does.
+                // Written without short-circuits: most hosts tie or lose (fewer mispredicted
+                // branches in this, the hottest loop at scale).
+                let mut least = (f64::INFINITY, u32::MAX);
+                let mut any = false;
+                let mut note = |d: f64, h: u32, fits: bool| {
+                    let lower = fits & ((d < least.0) | ((d == least.0) & (h < least.1)));
+                    if lower {
+                        least = (d, h);
+                        any = true;
+                    }
+                };
+                match segment {
+                    // Inside one segment of the power curve: a few flops, no table lookups.
+                    Some((w, delta, start)) => {
+                        for e in entries {
+                            let after = (e.alloc_mips + vm.requested_mips) / total;
+                            note(
+                                (w + delta * (after - start) * 100.0) - e.power_now,
+                                e.host,
+                                true,
+                            );
+                        }
+                    }
+                    None => {
+                        for e in entries {
+                            let after = (e.alloc_mips + vm.requested_mips) / total;
+                            note(table.power(after) - e.power_now, e.host, after <= 1.0);
+                        }
                     }
                 }
-                return true;
+                let (bd, bh) = best.unwrap_or((f64::INFINITY, u32::MAX));
+                if !any || !((least.0 < bd) || (least.0 == bd && least.1 < bh)) {
+                    return true;
+                }
+                consider(least.1, best);
+                if best.is_some_and(|(d, h)| h == least.1 && d == least.0) {
+                    return true;
+                }
+                // That host was rejected (over-utilised after, say): check the bucket in full.
             }
             for e in entries {
                 // The power difference from the bucket's copy of the host's state, exactly as

@@ -82,6 +82,57 @@ impl PabfdIndex {
         (b as f64 / BUCKETS as f64, (b + 1) as f64 / BUCKETS as f64)
     }
 
+    /// An index holding every host at once, each as [`PabfdIndex::update`] would file it (one
+    /// sort per bucket instead of one sorted insertion per host). `items`: per host, its type,
+    /// total MIPS, entry and whether its allocation shrank this round.
+    pub(crate) fn from_hosts(
+        types: usize,
+        hosts: usize,
+        items: impl Iterator<Item = (usize, f64, Entry, bool)>,
+    ) -> Self {
+        let mut index = Self::new(types, hosts);
+        let mut empty: BTreeMap<(usize, u64), Vec<u32>> = BTreeMap::new();
+        let mut shrunk = Vec::new();
+        for (ty, total_mips, entry, is_shrunk) in items {
+            let h = entry.host;
+            let slot = Self::slot_for(ty, total_mips, &entry);
+            match slot {
+                Slot::None => {}
+                Slot::Bucket(t, b) => index.buckets[t][b].push(entry),
+                Slot::Empty(t, bits) => empty.entry((t, bits)).or_default().push(h),
+            }
+            if slot != Slot::None {
+                index.slots[h as usize] = slot;
+                index.keys[h as usize] = entry.key;
+            }
+            if is_shrunk {
+                shrunk.push(h);
+            }
+        }
+        for t in 0..types {
+            for b in 0..BUCKETS {
+                index.buckets[t][b]
+                    .sort_unstable_by(|x, y| x.key.total_cmp(&y.key).then(x.host.cmp(&y.host)));
+                index.note_first_key(t, b);
+            }
+        }
+        index.empty = empty
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().collect()))
+            .collect();
+        index.shrunk = shrunk.into_iter().collect();
+        index
+    }
+
+    fn slot_for(ty: usize, total_mips: f64, entry: &Entry) -> Slot {
+        let alloc_frac = entry.alloc_mips / total_mips;
+        if alloc_frac == 0.0 {
+            Slot::Empty(ty, entry.power_now.to_bits())
+        } else {
+            Slot::Bucket(ty, Self::bucket_of(alloc_frac))
+        }
+    }
+
     /// Takes host `h` out of the index for the rest of the round.
     pub(crate) fn disable(&mut self, h: u32) {
         self.move_to(
@@ -105,12 +156,7 @@ impl PabfdIndex {
         if self.disabled[h as usize] {
             return;
         }
-        let alloc_frac = entry.alloc_mips / total_mips;
-        let slot = if alloc_frac == 0.0 {
-            Slot::Empty(ty, entry.power_now.to_bits())
-        } else {
-            Slot::Bucket(ty, Self::bucket_of(alloc_frac))
-        };
+        let slot = Self::slot_for(ty, total_mips, &entry);
         self.move_to(h, slot, entry);
         if shrunk {
             self.shrunk.insert(h);
@@ -192,5 +238,63 @@ impl PabfdIndex {
             self.slots[h as usize] = slot;
             self.keys[h as usize] = key;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    #[test]
+    fn bulk_build_files_hosts_as_one_by_one_updates_do() {
+        let mut rng = SplitMix64::new(7);
+        let n = 3000;
+        let items: Vec<(usize, f64, Entry, bool)> = (0..n)
+            .map(|h| {
+                let ty = h % 2;
+                let total = [3720.0, 5320.0][ty];
+                // A quarter empty (two power levels), keys with ties, some shrunk.
+                let alloc = if h % 4 == 0 {
+                    0.0
+                } else {
+                    rng.below(total as u64) as f64
+                };
+                let entry = Entry {
+                    key: rng.below(8) as f64 / 8.0,
+                    host: h as u32,
+                    alloc_mips: alloc,
+                    power_now: [86.0, 93.7][(h / 4) % 2],
+                };
+                (ty, total, entry, h % 7 == 0)
+            })
+            .collect();
+        let bulk = PabfdIndex::from_hosts(2, n, items.iter().copied());
+        let mut one = PabfdIndex::new(2, n);
+        for &(ty, total, entry, shrunk) in &items {
+            one.update(ty, total, entry, shrunk);
+        }
+        let ids = |v: &Vec<Vec<Vec<Entry>>>| -> Vec<Vec<Vec<(u64, u32)>>> {
+            v.iter()
+                .map(|t| {
+                    t.iter()
+                        .map(|b| b.iter().map(|e| (e.key.to_bits(), e.host)).collect())
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(ids(&bulk.buckets), ids(&one.buckets));
+        assert_eq!(bulk.empty, one.empty);
+        assert_eq!(bulk.shrunk, one.shrunk);
+        assert_eq!(bulk.slots, one.slots);
+        for t in 0..2 {
+            for b in 0..BUCKETS {
+                assert_eq!(
+                    bulk.first_key(t, b).to_bits(),
+                    one.first_key(t, b).to_bits()
+                );
+            }
+        }
+        assert!(!bulk.empty.is_empty() && !bulk.shrunk.is_empty());
     }
 }
