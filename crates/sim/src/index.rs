@@ -51,6 +51,9 @@ pub(crate) struct PabfdIndex {
     /// Per type and bucket: the least key in the bucket (`+inf` when empty), so a search can
     /// tell which buckets may hold a candidate without visiting each bucket's storage.
     first_keys: Vec<[f64; BUCKETS]>,
+    /// Per type and bucket: the greatest key (`-inf` when empty): when it is below a search's
+    /// threshold the whole bucket qualifies, known without touching the bucket's far end.
+    last_keys: Vec<[f64; BUCKETS]>,
     pub(crate) empty: BTreeMap<(usize, u64), BTreeSet<u32>>,
     /// Hosts whose allocation dropped below their start-of-round utilisation.
     pub(crate) shrunk: BTreeSet<u32>,
@@ -66,6 +69,7 @@ impl PabfdIndex {
         Self {
             buckets: vec![vec![Vec::new(); BUCKETS]; types],
             first_keys: vec![[f64::INFINITY; BUCKETS]; types],
+            last_keys: vec![[f64::NEG_INFINITY; BUCKETS]; types],
             empty: BTreeMap::new(),
             shrunk: BTreeSet::new(),
             slots: vec![Slot::None; hosts],
@@ -113,7 +117,7 @@ impl PabfdIndex {
             for b in 0..BUCKETS {
                 index.buckets[t][b]
                     .sort_unstable_by(|x, y| x.key.total_cmp(&y.key).then(x.host.cmp(&y.host)));
-                index.note_first_key(t, b);
+                index.note_key_range(t, b);
             }
         }
         index.empty = empty
@@ -175,8 +179,10 @@ impl PabfdIndex {
         self.first_keys[ty][b]
     }
 
-    fn note_first_key(&mut self, t: usize, b: usize) {
-        self.first_keys[t][b] = self.buckets[t][b].first().map_or(f64::INFINITY, |e| e.key);
+    fn note_key_range(&mut self, t: usize, b: usize) {
+        let v = &self.buckets[t][b];
+        self.first_keys[t][b] = v.first().map_or(f64::INFINITY, |e| e.key);
+        self.last_keys[t][b] = v.last().map_or(f64::NEG_INFINITY, |e| e.key);
     }
 
     /// The hosts of a bucket whose key is below `threshold`: the only ones that may not be
@@ -184,7 +190,7 @@ impl PabfdIndex {
     pub(crate) fn below(&self, ty: usize, b: usize, threshold: f64) -> &[Entry] {
         let v = &self.buckets[ty][b];
         // Often the whole bucket qualifies: one comparison instead of a binary search.
-        if v.last().is_some_and(|e| e.key < threshold) {
+        if self.last_keys[ty][b] < threshold {
             return v;
         }
         let n = v.partition_point(|e| e.key < threshold);
@@ -212,7 +218,7 @@ impl PabfdIndex {
                     if let Ok(p) = Self::position(v, old_key, h) {
                         v.remove(p);
                     }
-                    self.note_first_key(t, b);
+                    self.note_key_range(t, b);
                 }
                 Slot::Empty(t, bits) => {
                     if let Some(set) = self.empty.get_mut(&(t, bits)) {
@@ -229,7 +235,7 @@ impl PabfdIndex {
                     let v = &mut self.buckets[t][b];
                     let p = Self::position(v, key, h).unwrap_or_else(|p| p);
                     v.insert(p, entry);
-                    self.note_first_key(t, b);
+                    self.note_key_range(t, b);
                 }
                 Slot::Empty(t, bits) => {
                     self.empty.entry((t, bits)).or_default().insert(h);
@@ -292,6 +298,10 @@ mod tests {
                 assert_eq!(
                     bulk.first_key(t, b).to_bits(),
                     one.first_key(t, b).to_bits()
+                );
+                assert_eq!(
+                    bulk.last_keys[t][b].to_bits(),
+                    one.last_keys[t][b].to_bits()
                 );
             }
         }
