@@ -127,40 +127,45 @@ struct Vm {
     size_mb: u64,
 }
 
+/// Field order is fixed (`repr(C)`): what a placement check reads comes first (one or two
+/// cache lines per candidate host), then what an update writes.
 #[derive(Debug, Clone)]
+#[repr(C, align(64))]
 struct Host {
-    ty: usize,
+    // -- read by placement checks
     total_mips: f64,
     pe_mips: f64,
-    ram_mb: i64,
-    bw: i64,
-    storage_mb: i64,
-    vm_list: Vec<u32>,
-    migrating_in: Vec<u32>,
-    /// Per-VM RAM/BW reservations that are non-zero (only made at t = 0).
-    reservations: Vec<(u32, i64, i64)>,
-    ram_used: i64,
-    bw_used: i64,
-    storage_used: i64,
-    util_mips: f64,
-    energy_util: f64,
-    prev_energy_util: f64,
-    overhead_mips: f64,
-    /// Migrations whose CPU overhead is in `overhead_mips`; at 0 the sum is reset to exactly 0
-    /// so rounding residue cannot keep an empty host "on".
-    overhead_count: u32,
     // Cached aggregates over `vm_list`, refreshed on every change.
-    req_sum: f64,
     available_mips: f64,
-    /// Whether the scheduler had to scale requests down at the last refresh (some request
-    /// found less than it asked for free).
-    oversubscribed: bool,
     /// MIPS allocated by the scheduler to the VMs in the list right now, a migrating-in VM
     /// counted at its full potential (CloudSim policy `getUtilizationOfCpuMips(host)`).
     alloc_sum: f64,
     /// Power at the utilisation of the last update (CloudSim `host.getPower()`).
     power_now: f64,
+    req_sum: f64,
+    ram_mb: i64,
+    ram_used: i64,
+    bw: i64,
+    bw_used: i64,
+    storage_mb: i64,
+    storage_used: i64,
+    util_mips: f64,
+    ty: usize,
     max_ram: u32,
+    /// Whether the scheduler had to scale requests down at the last refresh (some request
+    /// found less than it asked for free).
+    oversubscribed: bool,
+    // -- updates and bookkeeping
+    /// Migrations whose CPU overhead is in `overhead_mips`; at 0 the sum is reset to exactly 0
+    /// so rounding residue cannot keep an empty host "on".
+    overhead_count: u32,
+    vm_list: Vec<u32>,
+    migrating_in: Vec<u32>,
+    /// Per-VM RAM/BW reservations that are non-zero (only made at t = 0).
+    reservations: Vec<(u32, i64, i64)>,
+    energy_util: f64,
+    prev_energy_util: f64,
+    overhead_mips: f64,
     // SLA accounting
     last: Option<HostEntry>,
     active_time: f64,
