@@ -780,19 +780,19 @@ impl<'a> Simulation<'a> {
         self.util_cache_t = t;
     }
 
-    fn vm_update(&mut self, v: u32, t: f64, at: &Instant) {
+    /// `on_sample`: `t` is a sampling instant (`(t - start) % interval == 0`), the same for
+    /// every VM at `t`, so computed once by the caller.
+    fn vm_update(&mut self, v: u32, t: f64, at: &Instant, on_sample: bool) {
         let row = self.vms[v as usize].trace;
         let u = if self.util_cache_t == t {
             self.util_cache[row]
         } else {
             self.trace.utilization_at(row, at)
         };
-        let start = self.opts.start_s;
-        let interval = self.trace.interval_s;
         let vm = &mut self.vms[v as usize];
         vm.instantiating = false;
         vm.requested = u * vm.mips;
-        if t > vm.hist_prev_time && (t - start) % interval == 0.0 {
+        if t > vm.hist_prev_time && on_sample {
             vm.hist.insert(0, u);
             vm.hist.truncate(VM_HISTORY);
             vm.hist_prev_time = t;
@@ -806,9 +806,10 @@ impl<'a> Simulation<'a> {
     }
 
     fn host_update_at(&mut self, h: u32, t: f64, at: &Instant) {
+        let on_sample = (t - self.opts.start_s) % self.trace.interval_s == 0.0;
         let list = std::mem::take(&mut self.hosts[h as usize].vm_list);
         for &v in &list {
-            self.vm_update(v, t, at);
+            self.vm_update(v, t, at, on_sample);
             let vm = &mut self.vms[v as usize];
             vm.sched_req = vm.requested;
         }
@@ -940,9 +941,17 @@ impl<'a> Simulation<'a> {
         }
         let at = self.trace.instant(t);
         self.fill_util_cache(t, &at);
+        // CloudSim removes finished VMs after updating every host. A VM that is not migrating
+        // is on one list only, its allocation-table host's, and removing it changes nothing the
+        // updates or the energy sum read, so each host's are removed right after its update
+        // (while its VMs are still in cache).
+        let remove = self.opts.remove_idle_vms;
         for h in 0..self.hosts.len() {
             if !self.dormant[h] {
                 self.host_update_at(h as u32, t, &at);
+                if remove {
+                    self.remove_completed_vms_on(h);
+                }
             }
         }
         if !npa && dt > 0.0 {
@@ -965,19 +974,7 @@ impl<'a> Simulation<'a> {
             }
             self.energy_j += e;
         }
-        if self.opts.remove_idle_vms {
-            self.remove_completed_vms();
-        }
         self.last_process = t;
-    }
-
-    fn remove_completed_vms(&mut self) {
-        for h in 0..self.hosts.len() {
-            if self.dormant[h] {
-                continue;
-            }
-            self.remove_completed_vms_on(h);
-        }
     }
 
     fn remove_completed_vms_on(&mut self, h: usize) {
