@@ -93,6 +93,43 @@ struct VmEntry {
     migrating: bool,
 }
 
+/// A VM's last [`VM_HISTORY`] utilisation samples, most recent first, as one slice: a window
+/// sliding down a buffer twice that long, so a new sample costs one store (and, once every
+/// `VM_HISTORY` samples, one copy) instead of shifting the whole history.
+#[derive(Debug, Clone)]
+struct History {
+    buf: Box<[f64; 2 * VM_HISTORY]>,
+    start: usize,
+    len: usize,
+}
+
+impl History {
+    fn new() -> Self {
+        Self {
+            buf: Box::new([0.0; 2 * VM_HISTORY]),
+            start: 2 * VM_HISTORY,
+            len: 0,
+        }
+    }
+
+    fn as_slice(&self) -> &[f64] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn push_front(&mut self, u: f64) {
+        if self.start == 0 {
+            // Move the samples that stay to the top half; the window ends at the buffer's end.
+            let keep = self.len.min(VM_HISTORY - 1);
+            self.buf.copy_within(0..keep, 2 * VM_HISTORY - keep);
+            self.start = 2 * VM_HISTORY - keep;
+            self.len = keep;
+        }
+        self.start -= 1;
+        self.buf[self.start] = u;
+        self.len = (self.len + 1).min(VM_HISTORY);
+    }
+}
+
 /// Field order is fixed (`repr(C)`) and the fields every update touches come first, so a VM
 /// update reads two cache lines instead of three (VMs are visited in host order, so each is a
 /// cache miss at scale).
@@ -121,7 +158,7 @@ struct Vm {
     /// The allocation table's host (`getVmTable()`).
     table: Option<u32>,
     /// Utilisation fractions, most recent first.
-    hist: Vec<f64>,
+    hist: History,
     // -- rarely read
     bw: u64,
     size_mb: u64,
@@ -343,7 +380,7 @@ impl<'a> Simulation<'a> {
                 table: None,
                 in_migration: false,
                 removed: false,
-                hist: Vec::with_capacity(VM_HISTORY),
+                hist: History::new(),
                 hist_prev_time: 0.0,
                 last: None,
                 tot_req: 0.0,
@@ -563,7 +600,7 @@ impl<'a> Simulation<'a> {
             req_sum += vm.requested;
             // Histories only matter to detectors, which run inside scheduling rounds.
             if self.in_round {
-                for (i, u) in vm.hist.iter().enumerate() {
+                for (i, u) in vm.hist.as_slice().iter().enumerate() {
                     hist[i] += u * vm.mips / host.total_mips;
                 }
             }
@@ -623,7 +660,7 @@ impl<'a> Simulation<'a> {
         let req_sum = host.req_sum + vm.requested;
         let max_ram = host.max_ram.max(vm.ram_mb);
         let hist = &mut self.host_hist[h as usize];
-        for (i, u) in vm.hist.iter().enumerate() {
+        for (i, u) in vm.hist.as_slice().iter().enumerate() {
             hist[i] += u * vm.mips / host.total_mips;
         }
         let host = &mut self.hosts[h as usize];
@@ -793,8 +830,7 @@ impl<'a> Simulation<'a> {
         vm.instantiating = false;
         vm.requested = u * vm.mips;
         if t > vm.hist_prev_time && on_sample {
-            vm.hist.insert(0, u);
-            vm.hist.truncate(VM_HISTORY);
+            vm.hist.push_front(u);
             vm.hist_prev_time = t;
         }
     }
@@ -1052,7 +1088,7 @@ impl<'a> Simulation<'a> {
         if let Some(v) = extra {
             let vm = &self.vms[v as usize];
             req += vm.requested;
-            for (i, u) in vm.hist.iter().enumerate() {
+            for (i, u) in vm.hist.as_slice().iter().enumerate() {
                 buf[i] += u * vm.mips / host.total_mips;
             }
             max_ram = max_ram.max(vm.ram_mb);
@@ -1102,7 +1138,7 @@ impl<'a> Simulation<'a> {
                     ram_mb: vm.ram_mb,
                     mips: vm.mips,
                     requested_mips: vm.requested,
-                    history: &vm.hist,
+                    history: vm.hist.as_slice(),
                 }
             })
             .collect();
@@ -1187,9 +1223,13 @@ impl<'a> Simulation<'a> {
             let t = &self.spec.host_types[ty];
             let total = t.total_mips();
             let tau = match &self.prune {
-                Some(p) => {
-                    p.vm_threshold(ty, total, vm_state.mips, vm.requested_mips, &vm_state.hist)
-                }
+                Some(p) => p.vm_threshold(
+                    ty,
+                    total,
+                    vm_state.mips,
+                    vm.requested_mips,
+                    vm_state.hist.as_slice(),
+                ),
                 None => f64::INFINITY,
             };
             if let Some(slot) = thresholds.get_mut(ty) {
@@ -1705,6 +1745,25 @@ fn finalize_host_entry(host: &mut Host, e: HostEntry) {
         host.shutdowns += 1;
     }
     host.prev_active = e.active;
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::{History, VM_HISTORY};
+
+    #[test]
+    fn history_keeps_the_last_samples_most_recent_first() {
+        let mut h = History::new();
+        let mut reference: Vec<f64> = Vec::new();
+        assert!(h.as_slice().is_empty());
+        for i in 0..(5 * VM_HISTORY + 7) {
+            let u = i as f64 * 0.01;
+            h.push_front(u);
+            reference.insert(0, u);
+            reference.truncate(VM_HISTORY);
+            assert_eq!(h.as_slice(), &reference[..], "after {} samples", i + 1);
+        }
+    }
 }
 
 /// The placement policies' read-only view of the simulation.
