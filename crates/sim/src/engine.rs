@@ -1278,7 +1278,7 @@ impl<'a> Simulation<'a> {
             }
             // D at the upper end of the last bucket bounded: the next bucket's lower end.
             let mut prev_hi: Option<(usize, f64)> = None;
-            for b in 0..buckets.len() {
+            for (b, &bp_least) in bp_bound.iter().enumerate().take(buckets.len()) {
                 // Sorted by key: the least tells whether any host may take the VM.
                 if index.first_key(ty, b) >= tau || index.first_key(ty, b).is_nan() {
                     continue;
@@ -1293,7 +1293,7 @@ impl<'a> Simulation<'a> {
                 };
                 let d_hi = if hi <= limit { d_edge(b + 1) } else { d(limit) };
                 prev_hi = (hi <= limit).then_some((b, d_hi));
-                let lb = d_lo.min(d_hi).min(bp_bound[b]);
+                let lb = d_lo.min(d_hi).min(bp_least);
                 // Margin for rounding in the bound.
                 order.push((lb - 1e-9, ty, b));
             }
@@ -1764,25 +1764,6 @@ fn finalize_host_entry(host: &mut Host, e: HostEntry) {
     host.prev_active = e.active;
 }
 
-#[cfg(test)]
-mod history_tests {
-    use super::{History, VM_HISTORY};
-
-    #[test]
-    fn history_keeps_the_last_samples_most_recent_first() {
-        let mut h = History::new();
-        let mut reference: Vec<f64> = Vec::new();
-        assert!(h.as_slice().is_empty());
-        for i in 0..(5 * VM_HISTORY + 7) {
-            let u = i as f64 * 0.01;
-            h.push_front(u);
-            reference.insert(0, u);
-            reference.truncate(VM_HISTORY);
-            assert_eq!(h.as_slice(), &reference[..], "after {} samples", i + 1);
-        }
-    }
-}
-
 /// The placement policies' read-only view of the simulation.
 struct Ctx<'s, 'a> {
     sim: &'s Simulation<'a>,
@@ -1837,5 +1818,24 @@ impl PlacementContext for Ctx<'_, '_> {
                 None
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod history_tests {
+    use super::{History, VM_HISTORY};
+
+    #[test]
+    fn history_keeps_the_last_samples_most_recent_first() {
+        let mut h = History::new();
+        let mut reference: Vec<f64> = Vec::new();
+        assert!(h.as_slice().is_empty());
+        for i in 0..(5 * VM_HISTORY + 7) {
+            let u = i as f64 * 0.01;
+            h.push_front(u);
+            reference.insert(0, u);
+            reference.truncate(VM_HISTORY);
+            assert_eq!(h.as_slice(), &reference[..], "after {} samples", i + 1);
+        }
     }
 }
