@@ -5,9 +5,57 @@
 /// Median with the Commons Math `Percentile` convention (`pos = p (n + 1)`, interpolate).
 /// Returns 0 for an empty slice.
 pub fn median(data: &[f64]) -> f64 {
-    let mut v = data.to_vec();
-    v.sort_by(f64::total_cmp);
-    percentile_sorted(&v, 50.0)
+    with_scratch(data, |v| percentile_selected(v, 50.0))
+}
+
+/// Runs `f` on a scratch copy of `data` (on the stack for the short histories the detectors
+/// use), so the per-check statistics do not allocate.
+fn with_scratch<R>(data: &[f64], f: impl FnOnce(&mut [f64]) -> R) -> R {
+    const STACK: usize = 64;
+    if data.len() <= STACK {
+        let mut buf = [0.0; STACK];
+        let v = &mut buf[..data.len()];
+        v.copy_from_slice(data);
+        f(v)
+    } else {
+        f(&mut data.to_vec())
+    }
+}
+
+/// The `k`-th smallest value of `v` in `f64::total_cmp` order (what `v` sorted would hold at
+/// `k`); reorders `v`.
+fn kth(v: &mut [f64], k: usize) -> f64 {
+    *v.select_nth_unstable_by(k, f64::total_cmp).1
+}
+
+/// [`percentile_sorted`] of `v` without sorting it: the estimator reads at most two order
+/// statistics, found by selection (the same values a sort would put there).
+fn percentile_selected(v: &mut [f64], p: f64) -> f64 {
+    let n = v.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n == 1 {
+        return v[0];
+    }
+    let pos = p * (n as f64 + 1.0) / 100.0;
+    let fpos = pos.floor();
+    let d = pos - fpos;
+    let ipos = fpos as usize;
+    if pos < 1.0 {
+        return kth(v, 0);
+    }
+    if pos >= n as f64 {
+        return kth(v, n - 1);
+    }
+    let lower = kth(v, ipos - 1);
+    // After selecting `ipos - 1`, the next order statistic is the least of what follows.
+    let upper = v[ipos..]
+        .iter()
+        .copied()
+        .min_by(f64::total_cmp)
+        .unwrap_or(lower);
+    lower + d * (upper - lower)
 }
 
 /// Percentile `p` (0-100) of an already sorted slice, Commons Math legacy estimator.
@@ -35,16 +83,23 @@ pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Interquartile range the way CloudSim's `MathUtil.iqr` computes it: sort, then
-/// `q1 = round(0.25 (n + 1)) - 1`, `q3 = round(0.75 (n + 1)) - 1` (Java `Math.round`).
+/// `q1 = round(0.25 (n + 1)) - 1`, `q3 = round(0.75 (n + 1)) - 1` (Java `Math.round`). The two
+/// order statistics are found by selection (the values a sort would put there).
 pub fn iqr(data: &[f64]) -> f64 {
-    let mut v = data.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len() as f64;
-    let q1 = ((0.25 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1);
-    let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize)
-        .saturating_sub(1)
-        .min(v.len() - 1);
-    v[q3] - v[q1]
+    if data.is_empty() {
+        return 0.0;
+    }
+    with_scratch(data, |v| {
+        let n = v.len() as f64;
+        let q1 = ((0.25 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1);
+        let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize)
+            .saturating_sub(1)
+            .min(v.len() - 1);
+        let q3v = kth(v, q3);
+        // Everything before `q3` is now at most v[q3]: q1 <= q3 is selected among them.
+        let q1v = if q1 == q3 { q3v } else { kth(&mut v[..q3], q1) };
+        q3v - q1v
+    })
 }
 
 /// Median absolute deviation (CloudSim `MathUtil.mad`).
@@ -53,8 +108,12 @@ pub fn mad(data: &[f64]) -> f64 {
         return 0.0;
     }
     let m = median(data);
-    let dev: Vec<f64> = data.iter().map(|x| (m - x).abs()).collect();
-    median(&dev)
+    with_scratch(data, |dev| {
+        for x in dev.iter_mut() {
+            *x = (m - *x).abs();
+        }
+        percentile_selected(dev, 50.0)
+    })
 }
 
 /// Ordinary least squares `y = a + b x` with the updating formulas of Commons Math
@@ -551,6 +610,46 @@ fn householder_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::SplitMix64;
+
+    /// The sort-based definitions, as reference for the selection-based ones.
+    fn median_by_sort(data: &[f64]) -> f64 {
+        let mut v = data.to_vec();
+        v.sort_by(f64::total_cmp);
+        percentile_sorted(&v, 50.0)
+    }
+
+    fn iqr_by_sort(data: &[f64]) -> f64 {
+        let mut v = data.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len() as f64;
+        let q1 = ((0.25 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1);
+        let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize)
+            .saturating_sub(1)
+            .min(v.len() - 1);
+        v[q3] - v[q1]
+    }
+
+    #[test]
+    fn selection_gives_the_sorted_order_statistics_bit_for_bit() {
+        let mut rng = SplitMix64::new(11);
+        for case in 0..5000 {
+            let n = 1 + (case % 70);
+            // Whole percents (many ties), signed zeros, and arbitrary values.
+            let data: Vec<f64> = (0..n)
+                .map(|_| match rng.below(4) {
+                    0 => rng.below(101) as f64 / 100.0,
+                    1 => [0.0, -0.0][rng.below(2) as usize],
+                    _ => rng.below(1 << 30) as f64 / (1u64 << 30) as f64,
+                })
+                .collect();
+            assert_eq!(median(&data).to_bits(), median_by_sort(&data).to_bits());
+            assert_eq!(iqr(&data).to_bits(), iqr_by_sort(&data).to_bits());
+            let m = median_by_sort(&data);
+            let dev: Vec<f64> = data.iter().map(|x| (m - x).abs()).collect();
+            assert_eq!(mad(&data).to_bits(), median_by_sort(&dev).to_bits());
+        }
+    }
 
     #[test]
     fn median_and_percentile_follow_commons_math() {
