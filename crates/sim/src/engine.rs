@@ -283,6 +283,9 @@ pub struct Simulation<'a> {
     /// Hosts whose update is a no-op (see [`Simulation::is_dormant`]); a full update skips
     /// them. Cleared by anything that gives the host a VM or a migration overhead.
     dormant: Vec<bool>,
+    /// Hosts whose VM list, or whose VMs' host field, changed since the last restore (the
+    /// hypothetical moves of a round): the only ones the end of the round must rebuild.
+    round_modified: Vec<bool>,
     /// Per host, the sum of its VMs' utilisation histories (fractions of the host's capacity,
     /// most recent first), cached by `refresh` for the detectors. Kept out of `Host` so that
     /// the passes over every host stay small.
@@ -446,6 +449,7 @@ impl<'a> Simulation<'a> {
             util_cache_t: f64::NAN,
             dormant: vec![false; spec.hosts.len()],
             host_hist: vec![[0.0; VM_HISTORY]; spec.hosts.len()],
+            round_modified: vec![false; spec.hosts.len()],
         })
     }
 
@@ -555,9 +559,13 @@ impl<'a> Simulation<'a> {
         }
         host.vm_list.push(v);
         self.dormant[h as usize] = false;
+        self.round_modified[h as usize] = true;
         let vm = &mut self.vms[v as usize];
         vm.sched_req = req;
-        vm.host = Some(h);
+        // The VM's previous host changes too (its VM's host field), for restore_allocation.
+        if let Some(old) = vm.host.replace(h) {
+            self.round_modified[old as usize] = true;
+        }
         self.refresh_appended(h, v);
         true
     }
@@ -574,6 +582,10 @@ impl<'a> Simulation<'a> {
     }
 
     fn vm_destroy(&mut self, h: u32, v: u32) {
+        self.round_modified[h as usize] = true;
+        if let Some(old) = self.vms[v as usize].host {
+            self.round_modified[old as usize] = true;
+        }
         self.release(h, v);
         let host = &mut self.hosts[h as usize];
         if let Some(pos) = host.vm_list.iter().position(|&x| x == v) {
@@ -1576,7 +1588,21 @@ impl<'a> Simulation<'a> {
     }
 
     fn restore_allocation(&mut self, saved: &[(u32, u32)]) {
+        // A host the round did not touch, with no incoming VM and no reservation, would be
+        // rebuilt exactly as it is (same list in the same order, same usage, its VMs' host,
+        // table and scheduled request unchanged), so it is left alone.
+        let rebuild: Vec<bool> = self
+            .hosts
+            .iter()
+            .zip(&self.round_modified)
+            .map(|(host, &modified)| {
+                modified || !host.migrating_in.is_empty() || !host.reservations.is_empty()
+            })
+            .collect();
         for h in 0..self.hosts.len() {
+            if !rebuild[h] {
+                continue;
+            }
             let list = std::mem::take(&mut self.hosts[h].vm_list);
             for v in list {
                 self.vms[v as usize].host = None;
@@ -1598,12 +1624,16 @@ impl<'a> Simulation<'a> {
             }
         }
         for &(h, v) in saved {
+            if !rebuild[h as usize] {
+                continue;
+            }
             if self.vm_create(h, v) {
                 self.vms[v as usize].table = Some(h);
             } else {
                 tracing::warn!(host = h, vm = v, "could not restore VM allocation");
             }
         }
+        self.round_modified.iter_mut().for_each(|m| *m = false);
         for h in 0..self.hosts.len() {
             self.refresh(h as u32);
         }
