@@ -1599,8 +1599,8 @@ impl<'a> Simulation<'a> {
                 modified || !host.migrating_in.is_empty() || !host.reservations.is_empty()
             })
             .collect();
-        for h in 0..self.hosts.len() {
-            if !rebuild[h] {
+        for (h, &rebuild_h) in rebuild.iter().enumerate() {
+            if !rebuild_h {
                 continue;
             }
             let list = std::mem::take(&mut self.hosts[h].vm_list);
