@@ -31,54 +31,58 @@ fn kth(v: &mut [f64], k: usize) -> f64 {
 /// [`percentile_sorted`] of `v` without sorting it: the estimator reads at most two order
 /// statistics, found by selection (the same values a sort would put there).
 fn percentile_selected(v: &mut [f64], p: f64) -> f64 {
-    let n = v.len();
-    if n == 0 {
-        return 0.0;
-    }
-    if n == 1 {
-        return v[0];
-    }
-    let pos = p * (n as f64 + 1.0) / 100.0;
-    let fpos = pos.floor();
-    let d = pos - fpos;
-    let ipos = fpos as usize;
-    if pos < 1.0 {
-        return kth(v, 0);
-    }
-    if pos >= n as f64 {
-        return kth(v, n - 1);
-    }
-    let lower = kth(v, ipos - 1);
-    // After selecting `ipos - 1`, the next order statistic is the least of what follows.
-    let upper = v[ipos..]
-        .iter()
-        .copied()
-        .min_by(f64::total_cmp)
-        .unwrap_or(lower);
-    lower + d * (upper - lower)
+    percentile_with(v.len(), p, |need| match need {
+        OrderStats::One(k) => (kth(v, k), 0.0),
+        OrderStats::Pair(k) => {
+            let lower = kth(v, k);
+            // After selecting `k`, the next order statistic is the least of what follows.
+            let upper = v[k + 1..]
+                .iter()
+                .copied()
+                .min_by(f64::total_cmp)
+                .unwrap_or(lower);
+            (lower, upper)
+        }
+    })
 }
 
 /// Percentile `p` (0-100) of an already sorted slice, Commons Math legacy estimator.
 pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
-    let n = sorted.len();
+    percentile_with(sorted.len(), p, |need| match need {
+        OrderStats::One(k) => (sorted[k], 0.0),
+        OrderStats::Pair(k) => (sorted[k], sorted[k + 1]),
+    })
+}
+
+/// Which order statistics (0-based ranks) the percentile estimator needs.
+enum OrderStats {
+    /// Rank `k` alone.
+    One(usize),
+    /// Ranks `k` and `k + 1`.
+    Pair(usize),
+}
+
+/// The Commons Math legacy percentile estimator (`pos = p (n + 1) / 100`, interpolate between
+/// the neighbouring order statistics) over `n` values; `stats` supplies the order statistics
+/// it asks for (the first of the pair, or the one value, in `.0`).
+fn percentile_with(n: usize, p: f64, stats: impl FnOnce(OrderStats) -> (f64, f64)) -> f64 {
     if n == 0 {
         return 0.0;
     }
     if n == 1 {
-        return sorted[0];
+        return stats(OrderStats::One(0)).0;
     }
     let pos = p * (n as f64 + 1.0) / 100.0;
     let fpos = pos.floor();
     let d = pos - fpos;
     let ipos = fpos as usize;
     if pos < 1.0 {
-        return sorted[0];
+        return stats(OrderStats::One(0)).0;
     }
     if pos >= n as f64 {
-        return sorted[n - 1];
+        return stats(OrderStats::One(n - 1)).0;
     }
-    let lower = sorted[ipos - 1];
-    let upper = sorted[ipos];
+    let (lower, upper) = stats(OrderStats::Pair(ipos - 1));
     lower + d * (upper - lower)
 }
 
