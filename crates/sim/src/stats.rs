@@ -5,104 +5,81 @@
 /// Median with the Commons Math `Percentile` convention (`pos = p (n + 1)`, interpolate).
 /// Returns 0 for an empty slice.
 pub fn median(data: &[f64]) -> f64 {
-    with_scratch(data, |v| percentile_selected(v, 50.0))
+    with_sorted(data, |v| percentile_sorted(v, 50.0))
 }
 
-/// Runs `f` on a scratch copy of `data` (on the stack for the short histories the detectors
-/// use), so the per-check statistics do not allocate.
-fn with_scratch<R>(data: &[f64], f: impl FnOnce(&mut [f64]) -> R) -> R {
+/// `f64::total_cmp`'s order as an unsigned integer: sorting these keys sorts the values
+/// exactly as `sort_by(f64::total_cmp)` does, with plain integer comparisons.
+fn total_order_key(x: f64) -> u64 {
+    let b = x.to_bits() as i64;
+    ((b ^ (((b >> 63) as u64) >> 1) as i64) as u64) ^ (1 << 63)
+}
+
+/// The inverse of [`total_order_key`].
+fn from_total_order_key(k: u64) -> f64 {
+    let b = (k ^ (1 << 63)) as i64;
+    f64::from_bits((b ^ (((b >> 63) as u64) >> 1) as i64) as u64)
+}
+
+/// Runs `f` on a copy of `data` sorted by `f64::total_cmp` (on the stack, as integer keys, for
+/// the short histories the detectors use: these statistics run for every candidate host).
+fn with_sorted<R>(data: &[f64], f: impl FnOnce(&[f64]) -> R) -> R {
     const STACK: usize = 64;
-    if data.len() <= STACK {
-        let mut buf = [0.0; STACK];
-        let v = &mut buf[..data.len()];
-        v.copy_from_slice(data);
-        f(v)
-    } else {
-        f(&mut data.to_vec())
+    let n = data.len();
+    if n > STACK {
+        let mut v = data.to_vec();
+        v.sort_by(f64::total_cmp);
+        return f(&v);
     }
-}
-
-/// The `k`-th smallest value of `v` in `f64::total_cmp` order (what `v` sorted would hold at
-/// `k`); reorders `v`.
-fn kth(v: &mut [f64], k: usize) -> f64 {
-    *v.select_nth_unstable_by(k, f64::total_cmp).1
-}
-
-/// [`percentile_sorted`] of `v` without sorting it: the estimator reads at most two order
-/// statistics, found by selection (the same values a sort would put there).
-fn percentile_selected(v: &mut [f64], p: f64) -> f64 {
-    percentile_with(v.len(), p, |need| match need {
-        OrderStats::One(k) => (kth(v, k), 0.0),
-        OrderStats::Pair(k) => {
-            let lower = kth(v, k);
-            // After selecting `k`, the next order statistic is the least of what follows.
-            let upper = v[k + 1..]
-                .iter()
-                .copied()
-                .min_by(f64::total_cmp)
-                .unwrap_or(lower);
-            (lower, upper)
-        }
-    })
+    let mut keys = [0u64; STACK];
+    for (k, &x) in keys.iter_mut().zip(data) {
+        *k = total_order_key(x);
+    }
+    keys[..n].sort_unstable();
+    let mut sorted = [0.0; STACK];
+    for (v, &k) in sorted.iter_mut().zip(&keys[..n]) {
+        *v = from_total_order_key(k);
+    }
+    f(&sorted[..n])
 }
 
 /// Percentile `p` (0-100) of an already sorted slice, Commons Math legacy estimator.
 pub fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
-    percentile_with(sorted.len(), p, |need| match need {
-        OrderStats::One(k) => (sorted[k], 0.0),
-        OrderStats::Pair(k) => (sorted[k], sorted[k + 1]),
-    })
-}
-
-/// Which order statistics (0-based ranks) the percentile estimator needs.
-enum OrderStats {
-    /// Rank `k` alone.
-    One(usize),
-    /// Ranks `k` and `k + 1`.
-    Pair(usize),
-}
-
-/// The Commons Math legacy percentile estimator (`pos = p (n + 1) / 100`, interpolate between
-/// the neighbouring order statistics) over `n` values; `stats` supplies the order statistics
-/// it asks for (the first of the pair, or the one value, in `.0`).
-fn percentile_with(n: usize, p: f64, stats: impl FnOnce(OrderStats) -> (f64, f64)) -> f64 {
+    let n = sorted.len();
     if n == 0 {
         return 0.0;
     }
     if n == 1 {
-        return stats(OrderStats::One(0)).0;
+        return sorted[0];
     }
     let pos = p * (n as f64 + 1.0) / 100.0;
     let fpos = pos.floor();
     let d = pos - fpos;
     let ipos = fpos as usize;
     if pos < 1.0 {
-        return stats(OrderStats::One(0)).0;
+        return sorted[0];
     }
     if pos >= n as f64 {
-        return stats(OrderStats::One(n - 1)).0;
+        return sorted[n - 1];
     }
-    let (lower, upper) = stats(OrderStats::Pair(ipos - 1));
+    let lower = sorted[ipos - 1];
+    let upper = sorted[ipos];
     lower + d * (upper - lower)
 }
 
 /// Interquartile range the way CloudSim's `MathUtil.iqr` computes it: sort, then
-/// `q1 = round(0.25 (n + 1)) - 1`, `q3 = round(0.75 (n + 1)) - 1` (Java `Math.round`). The two
-/// order statistics are found by selection (the values a sort would put there).
+/// `q1 = round(0.25 (n + 1)) - 1`, `q3 = round(0.75 (n + 1)) - 1` (Java `Math.round`).
 pub fn iqr(data: &[f64]) -> f64 {
     if data.is_empty() {
         return 0.0;
     }
-    with_scratch(data, |v| {
+    with_sorted(data, |v| {
         let n = v.len() as f64;
         let q1 = ((0.25 * (n + 1.0) + 0.5).floor() as usize).saturating_sub(1);
         let q3 = ((0.75 * (n + 1.0) + 0.5).floor() as usize)
             .saturating_sub(1)
             .min(v.len() - 1);
-        let q3v = kth(v, q3);
-        // Everything before `q3` is now at most v[q3]: q1 <= q3 is selected among them.
-        let q1v = if q1 == q3 { q3v } else { kth(&mut v[..q3], q1) };
-        q3v - q1v
+        v[q3] - v[q1]
     })
 }
 
@@ -112,12 +89,15 @@ pub fn mad(data: &[f64]) -> f64 {
         return 0.0;
     }
     let m = median(data);
-    with_scratch(data, |dev| {
-        for x in dev.iter_mut() {
-            *x = (m - *x).abs();
-        }
-        percentile_selected(dev, 50.0)
-    })
+    if data.len() > 64 {
+        let dev: Vec<f64> = data.iter().map(|x| (m - x).abs()).collect();
+        return median(&dev);
+    }
+    let mut dev = [0.0; 64];
+    for (d, x) in dev.iter_mut().zip(data) {
+        *d = (m - x).abs();
+    }
+    median(&dev[..data.len()])
 }
 
 /// Ordinary least squares `y = a + b x` with the updating formulas of Commons Math
