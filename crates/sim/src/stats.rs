@@ -267,6 +267,23 @@ pub fn r_squared(xs: &[&[f64]], y: &[f64]) -> Option<f64> {
 ///   (`dot += y q`, `dot /= r q`, `y += dot q`) at each step: exactly the operations the
 ///   scalar solve applies after the QR, since a step's reflector is final once it is built.
 pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
+    // The branch storage is the one large buffer (about 100 KB for 20 VMs); it is kept per
+    // thread between calls instead of being allocated and zeroed each time. Nothing in it is
+    // read before this call writes it (see the comments at its uses; the bit-for-bit tests run
+    // many shapes one after another on one thread, so they exercise the reuse).
+    thread_local! {
+        static BRANCHES: std::cell::RefCell<Vec<[f64; LANES]>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BRANCHES.with(|cell| {
+        let mut buf = cell.take();
+        let out = leave_one_out_with(series, &mut buf);
+        cell.replace(buf);
+        out
+    })
+}
+
+fn leave_one_out_with(series: &[&[f64]], branches: &mut Vec<[f64; LANES]>) -> Option<Vec<f64>> {
     let n = series.len();
     let m = series.iter().map(|s| s.len()).min()?;
     if m == 0 || n > m {
@@ -318,7 +335,11 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
     let chunks = n.div_ceil(LANES);
     let width = n + 1;
     let block = |row: usize, chunk: usize| (row * chunks + chunk) * width;
-    let mut lanes = vec![[0.0; LANES]; m * chunks * width];
+    let need = m * chunks * width;
+    if branches.len() < need {
+        branches.resize(need, [0.0; LANES]);
+    }
+    let lanes = &mut branches[..need];
     let mut diag = vec![[0.0; LANES]; chunks * n];
     let mut lane_acc = vec![[0.0; LANES]; chunks * width];
 
@@ -383,7 +404,7 @@ pub fn leave_one_out_r_squared(series: &[&[f64]]) -> Option<Vec<f64>> {
             }
             for (c, denom) in denom[..active].iter().enumerate() {
                 let acc = &mut lane_acc[..width];
-                reflect_lanes(&mut lanes, acc, m, minor, |row| block(row, c), denom);
+                reflect_lanes(lanes, acc, m, minor, |row| block(row, c), denom);
             }
         }
     }
