@@ -610,21 +610,12 @@ impl<'a> Simulation<'a> {
         for &v in &host.vm_list {
             let vm = &self.vms[v as usize];
             req_sum += vm.requested;
-            // Histories only matter to detectors, which run inside scheduling rounds.
-            if self.in_round {
-                for (i, u) in vm.hist.as_slice().iter().enumerate() {
-                    hist[i] += u * vm.mips / host.total_mips;
-                }
-            }
+            add_history(&mut hist, vm.hist.as_slice(), vm.mips, host.total_mips);
             max_ram = max_ram.max(vm.ram_mb);
         }
-        let (available, oversubscribed) = self.available_mips(h);
         let mut alloc_sum = 0.0;
-        self.for_each_allocation(h, |_, inn, a| {
-            if inn {
-                alloc_sum += a * 0.9 / 0.1;
-            }
-            alloc_sum += a;
+        let (available, oversubscribed) = self.for_each_allocation(h, |_, inn, a| {
+            alloc_sum = add_to_alloc_sum(alloc_sum, a, inn);
         });
         let host = &mut self.hosts[h as usize];
         host.alloc_sum = alloc_sum;
@@ -654,27 +645,18 @@ impl<'a> Simulation<'a> {
             self.refresh(h);
             return;
         }
-        // Same terms as `available_mips` and `for_each_allocation` (not over-subscribed).
+        // The next step of each of `for_each_allocation`'s sums (not over-subscribed).
         let available = host.available_mips - r;
-        let out = vm.in_migration && !inn;
-        let a = if out {
-            capped * 0.9
-        } else if inn {
-            capped * 0.1
-        } else {
-            capped
-        };
-        let mut alloc_sum = host.alloc_sum;
-        if inn {
-            alloc_sum += a * 0.9 / 0.1;
-        }
-        alloc_sum += a;
+        let a = unscaled_allocation(capped, vm.in_migration && !inn, inn);
+        let alloc_sum = add_to_alloc_sum(host.alloc_sum, a, inn);
         let req_sum = host.req_sum + vm.requested;
         let max_ram = host.max_ram.max(vm.ram_mb);
-        let hist = &mut self.host_hist[h as usize];
-        for (i, u) in vm.hist.as_slice().iter().enumerate() {
-            hist[i] += u * vm.mips / host.total_mips;
-        }
+        add_history(
+            &mut self.host_hist[h as usize],
+            vm.hist.as_slice(),
+            vm.mips,
+            host.total_mips,
+        );
         let host = &mut self.hosts[h as usize];
         host.alloc_sum = alloc_sum;
         host.req_sum = req_sum;
@@ -747,32 +729,13 @@ impl<'a> Simulation<'a> {
         self.hosts[h as usize].migrating_in.contains(&v)
     }
 
-    /// Free MIPS as CloudSim's over-subscribing time-shared scheduler reports it, and whether
-    /// some request found less than it asked for free (the host is over-subscribed).
-    fn available_mips(&self, h: u32) -> (f64, bool) {
-        let host = &self.hosts[h as usize];
-        let mut oversubscribed = false;
-        let mut avail = host.total_mips;
-        for &v in &host.vm_list {
-            let mut r = self.vms[v as usize].sched_req.min(host.pe_mips);
-            if host.migrating_in.contains(&v) {
-                r *= 0.1;
-            }
-            if avail >= r {
-                avail -= r;
-            } else {
-                oversubscribed = true;
-                avail = 0.0;
-            }
-        }
-        (avail, oversubscribed)
-    }
-
     /// Calls `f(vm, migrating_in, allocated_mips)` for each VM of the host's list, in list
     /// order, with CloudSim's over-subscribing time-shared scheduler semantics: requests are
     /// capped at the PE size, a VM migrating out gets 90 %, one migrating in is charged 10 %,
-    /// and an over-subscribed host scales every request down (and floors it).
-    fn for_each_allocation(&self, h: u32, mut f: impl FnMut(u32, bool, f64)) {
+    /// and an over-subscribed host scales every request down (and floors it). Returns the free
+    /// MIPS the scheduler reports afterwards and whether the host is over-subscribed (some
+    /// request found less than it asked for free).
+    fn for_each_allocation(&self, h: u32, mut f: impl FnMut(u32, bool, f64)) -> (f64, bool) {
         let host = &self.hosts[h as usize];
         let mut avail = host.total_mips;
         let mut oversubscribed = false;
@@ -799,13 +762,7 @@ impl<'a> Simulation<'a> {
             let inn = host.migrating_in.contains(&v);
             let out = vm.in_migration && !inn;
             let a = if !oversubscribed {
-                if out {
-                    c * 0.9
-                } else if inn {
-                    c * 0.1
-                } else {
-                    c
-                }
+                unscaled_allocation(c, out, inn)
             } else if out {
                 (c * scale * 0.9).floor()
             } else if inn {
@@ -815,6 +772,7 @@ impl<'a> Simulation<'a> {
             };
             f(v, inn, a);
         }
+        (avail, oversubscribed)
     }
 
     /// Fills the utilisation cache for time `t` (same arithmetic as `utilization_at`).
@@ -1117,9 +1075,7 @@ impl<'a> Simulation<'a> {
         if let Some(v) = extra {
             let vm = &self.vms[v as usize];
             req += vm.requested;
-            for (i, u) in vm.hist.as_slice().iter().enumerate() {
-                buf[i] += u * vm.mips / host.total_mips;
-            }
+            add_history(buf, vm.hist.as_slice(), vm.mips, host.total_mips);
             max_ram = max_ram.max(vm.ram_mb);
         }
         let len = buf.iter().rposition(|&x| x != 0.0).map_or(0, |i| i + 1);
@@ -1775,6 +1731,35 @@ impl<'a> Simulation<'a> {
             vms_removed_idle: self.vms.iter().filter(|v| v.removed).count(),
             migration_model: self.cost.describe(),
         }
+    }
+}
+
+/// What the scheduler allocates a VM on a host that is not over-subscribed: its request
+/// capped at the PE size, 90 % of it while migrating out, 10 % while migrating in.
+fn unscaled_allocation(capped: f64, out: bool, inn: bool) -> f64 {
+    if out {
+        capped * 0.9
+    } else if inn {
+        capped * 0.1
+    } else {
+        capped
+    }
+}
+
+/// `sum` plus a VM's allocation `a` as CloudSim's policy counts a host's load
+/// (`getUtilizationOfCpuMips`): a VM migrating in at its full potential.
+fn add_to_alloc_sum(mut sum: f64, a: f64, inn: bool) -> f64 {
+    if inn {
+        sum += a * 0.9 / 0.1;
+    }
+    sum + a
+}
+
+/// Adds a VM's utilisation history (fractions of its MIPS), as fractions of the host's
+/// capacity, to a host history, sample by sample.
+fn add_history(host_hist: &mut [f64; VM_HISTORY], vm_hist: &[f64], vm_mips: f64, host_mips: f64) {
+    for (h, u) in host_hist.iter_mut().zip(vm_hist) {
+        *h += u * vm_mips / host_mips;
     }
 }
 
