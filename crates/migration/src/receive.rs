@@ -82,19 +82,23 @@ pub fn receive_on<V: MigratableVm + ?Sized>(
 ) -> Result<ReceiveSummary, MigrationError> {
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
+    run_reporting_failure(vm, &mut control, listener, opts, t0, cpu0, None)
+}
+
+/// [`run`], and on failure [`fail_incoming`]: the source hears why.
+fn run_reporting_failure<V: MigratableVm + ?Sized>(
+    vm: &V,
+    control: &mut Conn,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    t0: Instant,
+    cpu0: f64,
+    hello: Option<Hello>,
+) -> Result<ReceiveSummary, MigrationError> {
     let mut transport: Option<Box<dyn DestTransport>> = None;
-    match run(
-        vm,
-        &mut control,
-        listener,
-        opts,
-        &mut transport,
-        t0,
-        cpu0,
-        None,
-    ) {
+    match run(vm, control, listener, opts, &mut transport, t0, cpu0, hello) {
         Ok(s) => Ok(s),
-        Err(e) => Err(fail_incoming(&mut control, transport.as_mut(), e)),
+        Err(e) => Err(fail_incoming(control, transport.as_mut(), e)),
     }
 }
 
@@ -523,20 +527,8 @@ where
             }
         },
     };
-    let mut transport: Option<Box<dyn DestTransport>> = None;
-    match run(
-        &vm,
-        &mut control,
-        listener,
-        opts,
-        &mut transport,
-        t0,
-        cpu0,
-        Some(hello),
-    ) {
-        Ok(summary) => Ok((vm, summary)),
-        Err(e) => Err(fail_incoming(&mut control, transport.as_mut(), e)),
-    }
+    let summary = run_reporting_failure(&vm, &mut control, listener, opts, t0, cpu0, Some(hello))?;
+    Ok((vm, summary))
 }
 
 fn handover_run<V, F>(
