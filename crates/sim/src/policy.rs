@@ -246,7 +246,7 @@ impl VmSelector for Rs {
 ///
 /// The choice is the one of one [`stats::r_squared`] call per VM: a cheap ranking
 /// ([`stats::leave_one_out_winner_if_certain`]) answers when it can prove the winner, and
-/// otherwise (about 1 % of selections on PlanetLab) the R² values are computed bit for bit,
+/// otherwise (1-3 % of selections on PlanetLab) the R² values are computed bit for bit,
 /// together, by [`stats::leave_one_out_r_squared`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Mc;

@@ -521,7 +521,7 @@ fn leave_one_out_with(series: &[&[f64]], branches: &mut Vec<[f64; LANES]>) -> Op
 ///   larger by more than `5 b` relative plus `4 ε`, so with both computations within `b` of
 ///   the truth the exact ranking has the same strict winner.
 ///
-/// On day 20110303 this decides 98-99 % of the MC selections; the others (flat or collinear
+/// On day 20110303 this decides 97-99 % of the MC selections; the others (flat or collinear
 /// histories, copies of one VM on one host, near ties) take the exact path.
 pub fn leave_one_out_winner_if_certain(series: &[&[f64]]) -> Option<usize> {
     let n = series.len();

@@ -36,7 +36,7 @@ fn reference_day_matches_cloudsim_within_tolerance() {
     // Every deterministic policy of the reference (all but the unseeded RS rows). These must
     // match CloudSim exactly in migrations and shutdowns, and in energy to the CSV's two
     // decimals, as bench/RESULTS.md and the crate README claim; the tolerances are
-    // checked on top. (Release builds take about 3 s for all of them.)
+    // checked on top. (About 3 s in release builds, as CI runs it; about 35 s in debug builds.)
     let mut checked = 0;
     for line in csv.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
