@@ -842,6 +842,17 @@ mod tests {
             .collect()
     }
 
+    /// `n` series of `m` samples from [`random_series`], each drawn with the earlier ones as
+    /// possible bases.
+    fn random_series_set(rng: &mut SplitMix64, n: usize, m: usize) -> Vec<Vec<f64>> {
+        let mut cols = Vec::new();
+        for _ in 0..n {
+            let s = random_series(rng, &cols, m);
+            cols.push(s);
+        }
+        cols
+    }
+
     #[test]
     fn leave_one_out_matches_scalar_r_squared_bit_for_bit() {
         let mut rng = crate::rng::SplitMix64::new(0x5eed);
@@ -849,11 +860,7 @@ mod tests {
         for case in 0..3000 {
             let n = 1 + rng.below(if case % 10 == 0 { 30 } else { 12 }) as usize;
             let m = n + rng.below((31 - n) as u64) as usize;
-            let mut cols: Vec<Vec<f64>> = Vec::new();
-            for _ in 0..n {
-                let s = random_series(&mut rng, &cols, m);
-                cols.push(s);
-            }
+            let mut cols = random_series_set(&mut rng, n, m);
             // Some series longer than the shortest: every series is cut to the shortest.
             if n > 1 && rng.below(4) == 0 {
                 let extra = rng.below(5) as usize;
@@ -937,11 +944,7 @@ mod tests {
         for case in 0..8000 {
             let n = 2 + rng.below(if case % 10 == 0 { 28 } else { 18 }) as usize;
             let m = n + rng.below((31 - n) as u64) as usize;
-            let mut cols: Vec<Vec<f64>> = Vec::new();
-            for _ in 0..n {
-                let s = random_series(&mut rng, &cols, m);
-                cols.push(s);
-            }
+            let cols = random_series_set(&mut rng, n, m);
             let refs: Vec<&[f64]> = cols.iter().map(|c| c.as_slice()).collect();
             match leave_one_out_winner_if_certain(&refs) {
                 Some(best) => {
