@@ -489,25 +489,8 @@ mod tests {
         if n < 2 || m < n {
             return Mmt.select(vms, rng);
         }
-        let mut metrics = Vec::new();
-        for i in 0..n {
-            let others: Vec<&[f64]> = (0..n)
-                .filter(|&j| j != i)
-                .map(|j| &vms[j].history[..m])
-                .collect();
-            match stats::r_squared(&others, &vms[i].history[..m]) {
-                Some(r2) => metrics.push(r2),
-                None => return Mmt.select(vms, rng),
-            }
-        }
-        let (mut max, mut idx) = (4.9e-324_f64, 0);
-        for (i, &r2) in metrics.iter().enumerate() {
-            if r2 > max {
-                max = r2;
-                idx = i;
-            }
-        }
-        Some(idx)
+        let histories: Vec<&[f64]> = vms.iter().map(|v| v.history).collect();
+        stats::tests::scalar_mc_choice(&histories).or_else(|| Mmt.select(vms, rng))
     }
 
     #[test]

@@ -736,7 +736,7 @@ fn householder_step(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::rng::SplitMix64;
 
@@ -918,10 +918,11 @@ mod tests {
         }
     }
 
-    /// CloudSim's MC choice from the scalar regressions: `None` when one is undefined (the
-    /// MMT fall-back), else the first index with the greatest R² above `Double.MIN_VALUE`
-    /// (index 0 when none is).
-    fn scalar_mc_choice(refs: &[&[f64]]) -> Option<usize> {
+    /// CloudSim's MC choice from one scalar regression per series (each cut to the
+    /// shortest): `None` when one is undefined (the MMT fall-back), else the first index with
+    /// the greatest R² above `Double.MIN_VALUE` (index 0 when none is). Also the reference of
+    /// the MC selector's tests.
+    pub(crate) fn scalar_mc_choice(refs: &[&[f64]]) -> Option<usize> {
         let m = refs.iter().map(|s| s.len()).min()?;
         let (mut max, mut idx) = (4.9e-324_f64, 0);
         for i in 0..refs.len() {
@@ -974,7 +975,8 @@ mod tests {
         let mut rng = SplitMix64::new(12);
         let mut percent =
             |len: usize| -> Vec<f64> { (0..len).map(|_| rng.below(101) as f64 / 100.0).collect() };
-        // A clear winner: `c` is nearly `a + b`, `d` is noise; `c` is best explained.
+        // A clear winner: `c` is nearly `a + b` (plus a little of `d`, which is not among
+        // the series); `e` is unrelated. `c` is best explained.
         let (a, b, d) = (percent(30), percent(30), percent(30));
         let c: Vec<f64> = a
             .iter()
