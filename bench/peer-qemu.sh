@@ -56,6 +56,22 @@ done
 
 # --- dependencies (idempotent, quiet) --------------------------------------
 apt_updated=0
+# Prints the first Debian archive URI (not the security archive) of the machine's apt sources,
+# in deb822 (`URIs:`) or one-line (`deb URI suite ...`) form.
+apt_archive_uri() {
+    local f uri
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [[ -r $f ]] || continue
+        uri="$(awk '/^URIs:/ && $2 !~ /security/ { print $2; exit }' "$f")"
+        [[ -n $uri ]] && { echo "$uri"; return 0; }
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [[ -r $f ]] || continue
+        uri="$(awk '$1 == "deb" && $0 !~ /security/ { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { print $i; exit } }' "$f")"
+        [[ -n $uri ]] && { echo "$uri"; return 0; }
+    done
+    return 1
+}
 apt_install() {
     if [[ $apt_updated == 0 ]]; then
         apt-get update -qq >&2 || die "apt-get update failed"
@@ -80,7 +96,10 @@ if [[ "$(qemu_major)" -lt 9 ]]; then
     log "QEMU $(qemu_major).x corrupts TCG guests under migration; installing bookworm-backports QEMU"
     bpo="$cache/apt"
     mkdir -p "$bpo/lists/partial"
-    echo "deb http://deb.debian.org/debian bookworm-backports main" >"$bpo/backports.list"
+    # The archive is the one this machine's own apt configuration names (never a host
+    # written here): the first non-security URI of its sources.
+    archive="$(apt_archive_uri)" || die "no Debian archive found in this machine's apt sources"
+    echo "deb $archive bookworm-backports main" >"$bpo/backports.list"
     aopt=(-o "Dir::Etc::sourcelist=$bpo/backports.list" -o "Dir::Etc::sourceparts=/etc/apt/sources.list.d"
         -o "Dir::State::lists=$bpo/lists")
     if apt-get -qq "${aopt[@]}" update >"$cache/apt.log" 2>&1 &&

@@ -27,7 +27,11 @@ pub(crate) mod multi_tcp;
 pub(crate) mod shm;
 
 /// Which transport to use (chosen by the source, announced in `Hello`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// In JSON (control API, summaries) it is tagged by `kind`: `{"kind": "classic"}`,
+/// `{"kind": "multi-tcp", "streams": 4}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum TransportKind {
     /// One TCP stream, one header per page. The baseline.
     Classic,
