@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use fastmig_sim::cost::{CloudSimCost, MigrationCostModel, MigrationProfile};
 use fastmig_sim::{simulate, DatacenterSpec, PolicySpec, SimOptions, SimResult, Simulation, Trace};
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::usage;
 
@@ -359,6 +359,19 @@ type MetricFn = dyn Fn(&SimResult) -> f64;
 /// Reference rows keyed by (day, policy).
 type Reference = Vec<(String, String, SimResultRef)>;
 
+/// The columns of a CloudSim reference CSV that the comparison reads (matched by header name;
+/// other columns such as `param`, `hosts` or `slav` are ignored).
+#[derive(Debug, Clone, Deserialize)]
+struct ReferenceRow {
+    day: String,
+    /// CloudSim's spelling (`thr_mmt`); ours is `thr-mmt`.
+    policy: String,
+    energy_kwh: f64,
+    slatah: f64,
+    pdm: f64,
+    migrations: f64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct SimResultRef {
     energy_kwh: f64,
@@ -368,40 +381,93 @@ struct SimResultRef {
 }
 
 fn read_reference(path: &Path) -> Result<Reference> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| usage!("--reference {}: {e}", path.display()))?;
+    let mut reader =
+        csv::Reader::from_path(path).map_err(|e| usage!("--reference {}: {e}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        if f.len() < 11 {
-            return Err(usage!(
-                "--reference {}:{}: expected 11 columns",
-                path.display(),
-                i + 1
-            ));
-        }
-        let num = |k: usize| {
-            f[k].parse::<f64>().map_err(|_| {
-                usage!(
-                    "--reference {}:{}: not a number {:?}",
-                    path.display(),
-                    i + 1,
-                    f[k]
-                )
-            })
+    for row in reader.deserialize::<ReferenceRow>() {
+        let r = row.map_err(|e| usage!("--reference {}: {e}", path.display()))?;
+        let metrics = SimResultRef {
+            energy_kwh: r.energy_kwh,
+            slatah: r.slatah,
+            pdm: r.pdm,
+            migrations: r.migrations,
         };
-        out.push((
-            f[0].to_string(),
-            f[1].replace('_', "-"),
-            SimResultRef {
-                energy_kwh: num(5)?,
-                slatah: num(6)?,
-                pdm: num(7)?,
-                migrations: num(9)?,
-            },
-        ));
+        out.push((r.day, r.policy.replace('_', "-"), metrics));
+    }
+    if out.is_empty() {
+        return Err(usage!("--reference {}: no rows", path.display()));
     }
     Ok(out)
+}
+
+/// A number written with a fixed count of decimals (`{:.N}`), as the CSV outputs carry it.
+struct Fixed<const N: usize>(f64);
+
+impl<const N: usize> Serialize for Fixed<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:.*}", N, self.0))
+    }
+}
+
+/// An optional number written as Rust displays it (`1`, `0.25`), empty when absent.
+struct Shown(Option<f64>);
+
+impl Serialize for Shown {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(v) => s.collect_str(&v),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// One line of `policies.csv`.
+#[derive(Serialize)]
+struct PolicyCsvRow<'a> {
+    day: &'a str,
+    policy: &'a str,
+    /// Empty for NPA and DVFS.
+    param: Shown,
+    hosts: usize,
+    vms: usize,
+    energy_kwh: Fixed<4>,
+    slatah: Fixed<7>,
+    pdm: Fixed<7>,
+    slav: Fixed<9>,
+    esv: Fixed<9>,
+    migrations: u64,
+    host_shutdowns: u64,
+    wall_s: Fixed<3>,
+}
+
+/// One line of `migration-speed.csv`.
+#[derive(Serialize)]
+struct SpeedCsvRow<'a> {
+    day: &'a str,
+    policy: &'a str,
+    migration: &'a str,
+    /// Empty for CloudSim's model.
+    gbit: Shown,
+    energy_kwh: Fixed<4>,
+    slatah: Fixed<7>,
+    pdm: Fixed<7>,
+    slav: Fixed<9>,
+    esv: Fixed<9>,
+    migrations: u64,
+    host_shutdowns: u64,
+}
+
+/// Writes `rows` as a CSV file with a header line (the field names).
+fn write_csv<T: Serialize>(path: &Path, rows: impl IntoIterator<Item = T>) -> Result<()> {
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    for row in rows {
+        w.serialize(row)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 fn rel(a: f64, b: f64) -> String {
@@ -421,7 +487,6 @@ fn write_policy_sweep(
     rows: &[Row],
     reference: Option<&[(String, String, SimResultRef)]>,
 ) -> Result<()> {
-    let mut csv = String::from("day,policy,param,hosts,vms,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns,wall_s\n");
     let mut md = String::from("| day | policy | param | energy kWh | SLATAH | PDM | SLAV | ESV | migrations | shutdowns |");
     if reference.is_some() {
         md.push_str(" ref energy | diff | ref SLATAH | diff | ref PDM | diff | ref migr. | diff |");
@@ -432,22 +497,6 @@ fn write_policy_sweep(
     for row in rows {
         let r = &row.result;
         let param = r.param.map(|p| p.to_string()).unwrap_or_default();
-        csv.push_str(&format!(
-            "{},{},{},{},{},{:.4},{:.7},{:.7},{:.9},{:.9},{},{},{:.3}\n",
-            row.day,
-            r.policy,
-            param,
-            r.hosts,
-            r.vms,
-            r.energy_kwh,
-            r.slatah,
-            r.pdm,
-            r.slav,
-            r.esv,
-            r.migrations,
-            r.host_shutdowns,
-            row.wall_s
-        ));
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.4} | {:.5} | {:.7} | {:.6} | {} | {} |",
             row.day,
@@ -482,7 +531,27 @@ fn write_policy_sweep(
         }
         md.push('\n');
     }
-    std::fs::write(out.join("policies.csv"), csv).context("writing policies.csv")?;
+    write_csv(
+        &out.join("policies.csv"),
+        rows.iter().map(|row| {
+            let r = &row.result;
+            PolicyCsvRow {
+                day: &row.day,
+                policy: &r.policy,
+                param: Shown(r.param),
+                hosts: r.hosts,
+                vms: r.vms,
+                energy_kwh: Fixed(r.energy_kwh),
+                slatah: Fixed(r.slatah),
+                pdm: Fixed(r.pdm),
+                slav: Fixed(r.slav),
+                esv: Fixed(r.esv),
+                migrations: r.migrations,
+                host_shutdowns: r.host_shutdowns,
+                wall_s: Fixed(row.wall_s),
+            }
+        }),
+    )?;
     std::fs::write(out.join("policies.md"), &md).context("writing policies.md")?;
     print!("{md}");
     // One chart per day: energy, SLAV, ESV and migrations per policy (NPA left out of the
@@ -525,30 +594,10 @@ fn write_policy_sweep(
 }
 
 fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
-    let mut csv = String::from(
-        "day,policy,migration,gbit,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns\n",
-    );
     let mut md = String::from("| day | policy | migration | energy kWh | SLATAH | PDM | SLAV | ESV | migrations | shutdowns |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (row, job) in rows.iter().zip(jobs) {
         let r = &row.result;
-        let label = job
-            .gbit
-            .map(|g| format!("{g} Gbit/s"))
-            .unwrap_or_else(|| "cloudsim".into());
-        csv.push_str(&format!(
-            "{},{},{},{},{:.4},{:.7},{:.7},{:.9},{:.9},{},{}\n",
-            row.day,
-            r.policy,
-            label,
-            job.gbit.map(|g| g.to_string()).unwrap_or_default(),
-            r.energy_kwh,
-            r.slatah,
-            r.pdm,
-            r.slav,
-            r.esv,
-            r.migrations,
-            r.host_shutdowns
-        ));
+        let label = speed_label(job);
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.4} | {:.6} | {:.8} | {:.6} | {} | {} |\n",
             row.day,
@@ -563,7 +612,29 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
             r.host_shutdowns
         ));
     }
-    std::fs::write(out.join("migration-speed.csv"), csv).context("writing migration-speed.csv")?;
+    let labels: Vec<String> = jobs.iter().map(speed_label).collect();
+    write_csv(
+        &out.join("migration-speed.csv"),
+        rows.iter()
+            .zip(jobs)
+            .zip(&labels)
+            .map(|((row, job), label)| {
+                let r = &row.result;
+                SpeedCsvRow {
+                    day: &row.day,
+                    policy: &r.policy,
+                    migration: label,
+                    gbit: Shown(job.gbit),
+                    energy_kwh: Fixed(r.energy_kwh),
+                    slatah: Fixed(r.slatah),
+                    pdm: Fixed(r.pdm),
+                    slav: Fixed(r.slav),
+                    esv: Fixed(r.esv),
+                    migrations: r.migrations,
+                    host_shutdowns: r.host_shutdowns,
+                }
+            }),
+    )?;
     std::fs::write(out.join("migration-speed.md"), &md).context("writing migration-speed.md")?;
     print!("{md}");
     // Chart: mean over days of each metric against bandwidth (log x axis).
@@ -621,6 +692,13 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
     }
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+/// The migration model of a speed-sweep job, as the table and the CSV name it.
+fn speed_label(job: &Job) -> String {
+    job.gbit
+        .map(|g| format!("{g} Gbit/s"))
+        .unwrap_or_else(|| "cloudsim".into())
 }
 
 fn bar_chart_grid(
@@ -687,6 +765,70 @@ mod tests {
                 .err()
                 .map(|e| crate::error::exit_code(&e));
             assert_eq!(e, Some(2), "{bad}");
+        }
+    }
+
+    #[test]
+    fn csv_rows_keep_the_fixed_decimals_and_display_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.csv");
+        let row = |gbit: Option<f64>| SpeedCsvRow {
+            day: "d,1",
+            policy: "lr-mmt",
+            migration: "x",
+            gbit: Shown(gbit),
+            energy_kwh: Fixed(163.47721709836688),
+            slatah: Fixed(0.05857947786187033),
+            pdm: Fixed(0.0),
+            slav: Fixed(1.0 / 3.0),
+            esv: Fixed(2.5e-10),
+            migrations: 27859,
+            host_shutdowns: 5,
+        };
+        write_csv(&path, [row(None), row(Some(1.0)), row(Some(0.25))]).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "day,policy,migration,gbit,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns",
+                // {:.4} rounds 163.4772|17 down, {:.7} 0.0585794|77 up; a comma in a name is
+                // quoted; no model speed is an empty field, 1 Gbit/s is "1" (not "1.0").
+                "\"d,1\",lr-mmt,x,,163.4772,0.0585795,0.0000000,0.333333333,0.000000000,27859,5",
+                "\"d,1\",lr-mmt,x,1,163.4772,0.0585795,0.0000000,0.333333333,0.000000000,27859,5",
+                "\"d,1\",lr-mmt,x,0.25,163.4772,0.0585795,0.0000000,0.333333333,0.000000000,27859,5",
+            ]
+        );
+    }
+
+    #[test]
+    fn reference_is_read_by_column_name_and_bad_ones_are_usage_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = dir.path().join("ref.csv");
+        std::fs::write(
+            &good,
+            "day,policy,param,hosts,vms,energy_kwh,slatah,pdm,slav,migrations,host_shutdowns\n\
+             20110303,thr_mmt,0.8,800,1052,192.62,0.0491,0.0006,0.0000318,26711,5885\n",
+        )
+        .expect("write");
+        let r = read_reference(&good).expect("parses");
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].0.as_str(), r[0].1.as_str()), ("20110303", "thr-mmt"));
+        assert_eq!(r[0].2.energy_kwh, 192.62);
+        assert_eq!(r[0].2.migrations, 26711.0);
+        let bad = dir.path().join("bad.csv");
+        std::fs::write(
+            &bad,
+            "day,policy,energy_kwh,slatah,pdm,migrations\nd,p,x,1,1,1\n",
+        )
+        .expect("write");
+        let empty = dir.path().join("empty.csv");
+        std::fs::write(&empty, "day,policy,energy_kwh,slatah,pdm,migrations\n").expect("write");
+        for p in [bad, empty, dir.path().join("missing.csv")] {
+            let e = read_reference(&p)
+                .err()
+                .map(|e| crate::error::exit_code(&e));
+            assert_eq!(e, Some(2), "{}", p.display());
         }
     }
 }
