@@ -87,6 +87,14 @@ pub fn main(args: SimulateArgs) -> Result<()> {
     if args.threads == 0 {
         return Err(usage!("--threads must be at least 1"));
     }
+    if args.reference.is_some() && !args.sweep {
+        return Err(usage!("--reference applies to --sweep only"));
+    }
+    // Checked before anything runs: a bad reference must not cost a whole sweep.
+    let reference = match &args.reference {
+        Some(p) => Some(read_reference(p)?),
+        None => None,
+    };
     let days = resolve_days(&args.trace)?;
     let opts = SimOptions {
         seed: args.seed,
@@ -112,10 +120,6 @@ pub fn main(args: SimulateArgs) -> Result<()> {
             })
             .collect();
         let rows = run_jobs(&jobs, &args, &opts, Some(cost.as_ref()))?;
-        let reference = match &args.reference {
-            Some(p) => Some(read_reference(p)?),
-            None => None,
-        };
         write_policy_sweep(&args.out, &rows, reference.as_deref())?;
         eprintln!("wrote {}", args.out.display());
     }
@@ -148,7 +152,7 @@ pub fn main(args: SimulateArgs) -> Result<()> {
     let cost = parse_migration(&args.migration)?;
     for day in &days {
         let trace = load_trace(day)?;
-        let spec = scaled_spec(&trace, args.scale);
+        let spec = scaled_spec(&trace, args.scale)?;
         let t0 = std::time::Instant::now();
         // Long (scaled) runs get a progress bar on stderr, in simulated seconds.
         let bar = if args.scale > 1.0 {
@@ -240,15 +244,44 @@ fn load_trace(day: &Path) -> Result<Trace> {
     Trace::load(day).map_err(|e| usage!("{e}"))
 }
 
-fn scaled_spec(trace: &Trace, scale: f64) -> DatacenterSpec {
+/// The data centre for `--scale`, refused (a usage error) when its hosts and VMs alone would
+/// not fit in the memory this machine has available: an absurd scale must not abort on a
+/// failed allocation.
+fn scaled_spec(trace: &Trace, scale: f64) -> Result<DatacenterSpec> {
     if scale == 1.0 {
-        return DatacenterSpec::reference(trace.len());
+        return Ok(DatacenterSpec::reference(trace.len()));
     }
     let hosts = ((fastmig_sim::setup::REFERENCE_HOSTS as f64) * scale)
         .round()
-        .max(1.0) as usize;
-    let vms = ((trace.len() as f64) * scale).round().max(1.0) as usize;
-    DatacenterSpec::scaled(hosts, vms, trace.len())
+        .max(1.0);
+    let vms = ((trace.len() as f64) * scale).round().max(1.0);
+    let need = fastmig_sim::memory_lower_bound(hosts, vms);
+    if let Some(avail) = available_memory_bytes() {
+        if need > avail as f64 {
+            return Err(usage!(
+                "--scale {scale}: {hosts:.0} hosts and {vms:.0} VMs need at least {:.1} GiB, \
+                 this machine has {:.1} GiB available",
+                need / GIB,
+                avail as f64 / GIB
+            ));
+        }
+    }
+    Ok(DatacenterSpec::scaled(
+        hosts as usize,
+        vms as usize,
+        trace.len(),
+    ))
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read: then sizes are
+/// not checked in advance).
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 fn day_name(p: &Path) -> String {
@@ -293,10 +326,13 @@ fn run_jobs(
     opts: &SimOptions,
     base_cost: Option<&dyn MigrationCostModel>,
 ) -> Result<Vec<Row>> {
-    let mut traces: Vec<(PathBuf, Trace)> = Vec::new();
+    // Each day's trace and data centre, built (and size-checked) before any job starts.
+    let mut traces: Vec<(PathBuf, Trace, DatacenterSpec)> = Vec::new();
     for j in jobs {
-        if !traces.iter().any(|(p, _)| *p == j.day) {
-            traces.push((j.day.clone(), load_trace(&j.day)?));
+        if !traces.iter().any(|(p, _, _)| *p == j.day) {
+            let trace = load_trace(&j.day)?;
+            let spec = scaled_spec(&trace, args.scale)?;
+            traces.push((j.day.clone(), trace, spec));
         }
     }
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
@@ -314,10 +350,9 @@ fn run_jobs(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
-                let Some((_, trace)) = traces.iter().find(|(p, _)| *p == job.day) else {
+                let Some((_, trace, spec)) = traces.iter().find(|(p, _, _)| *p == job.day) else {
                     break;
                 };
-                let spec = scaled_spec(trace, args.scale);
                 let profile;
                 let cost: &dyn MigrationCostModel = match (job.gbit, base_cost) {
                     (Some(g), _) => {
@@ -328,7 +363,7 @@ fn run_jobs(
                     (None, None) => &CloudSimCost,
                 };
                 let t0 = std::time::Instant::now();
-                let r = simulate(trace, &spec, job.policy, cost, opts)
+                let r = simulate(trace, spec, job.policy, cost, opts)
                     .map(|result| Row {
                         day: day_name(&job.day),
                         result,
