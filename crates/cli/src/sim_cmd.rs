@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use crate::usage;
 
+mod tables;
+use tables::{read_reference, write_csv, Fixed, PolicyCsvRow, Shown, SimResultRef, SpeedCsvRow};
+
 /// Migration speeds of `--migration-sweep`, Gbit/s.
 const SWEEP_SPEEDS_GBIT: [f64; 4] = [0.25, 1.0, 10.0, 40.0];
 
@@ -87,6 +90,14 @@ pub fn main(args: SimulateArgs) -> Result<()> {
     if args.threads == 0 {
         return Err(usage!("--threads must be at least 1"));
     }
+    if args.reference.is_some() && !args.sweep {
+        return Err(usage!("--reference applies to --sweep only"));
+    }
+    // Checked before anything runs: a bad reference must not cost a whole sweep.
+    let reference = match &args.reference {
+        Some(p) => Some(read_reference(p)?),
+        None => None,
+    };
     let days = resolve_days(&args.trace)?;
     let opts = SimOptions {
         seed: args.seed,
@@ -112,10 +123,6 @@ pub fn main(args: SimulateArgs) -> Result<()> {
             })
             .collect();
         let rows = run_jobs(&jobs, &args, &opts, Some(cost.as_ref()))?;
-        let reference = match &args.reference {
-            Some(p) => Some(read_reference(p)?),
-            None => None,
-        };
         write_policy_sweep(&args.out, &rows, reference.as_deref())?;
         eprintln!("wrote {}", args.out.display());
     }
@@ -148,7 +155,7 @@ pub fn main(args: SimulateArgs) -> Result<()> {
     let cost = parse_migration(&args.migration)?;
     for day in &days {
         let trace = load_trace(day)?;
-        let spec = scaled_spec(&trace, args.scale);
+        let spec = scaled_spec(&trace, args.scale)?;
         let t0 = std::time::Instant::now();
         // Long (scaled) runs get a progress bar on stderr, in simulated seconds.
         let bar = if args.scale > 1.0 {
@@ -240,15 +247,44 @@ fn load_trace(day: &Path) -> Result<Trace> {
     Trace::load(day).map_err(|e| usage!("{e}"))
 }
 
-fn scaled_spec(trace: &Trace, scale: f64) -> DatacenterSpec {
+/// The data centre for `--scale`, refused (a usage error) when its hosts and VMs alone would
+/// not fit in the memory this machine has available: an absurd scale must not abort on a
+/// failed allocation.
+fn scaled_spec(trace: &Trace, scale: f64) -> Result<DatacenterSpec> {
     if scale == 1.0 {
-        return DatacenterSpec::reference(trace.len());
+        return Ok(DatacenterSpec::reference(trace.len()));
     }
     let hosts = ((fastmig_sim::setup::REFERENCE_HOSTS as f64) * scale)
         .round()
-        .max(1.0) as usize;
-    let vms = ((trace.len() as f64) * scale).round().max(1.0) as usize;
-    DatacenterSpec::scaled(hosts, vms, trace.len())
+        .max(1.0);
+    let vms = ((trace.len() as f64) * scale).round().max(1.0);
+    let need = fastmig_sim::memory_lower_bound(hosts, vms);
+    if let Some(avail) = available_memory_bytes() {
+        if need > avail as f64 {
+            return Err(usage!(
+                "--scale {scale}: {hosts:.0} hosts and {vms:.0} VMs need at least {:.1} GiB, \
+                 this machine has {:.1} GiB available",
+                need / GIB,
+                avail as f64 / GIB
+            ));
+        }
+    }
+    Ok(DatacenterSpec::scaled(
+        hosts as usize,
+        vms as usize,
+        trace.len(),
+    ))
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (`None` where it cannot be read: then sizes are
+/// not checked in advance).
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 fn day_name(p: &Path) -> String {
@@ -293,10 +329,13 @@ fn run_jobs(
     opts: &SimOptions,
     base_cost: Option<&dyn MigrationCostModel>,
 ) -> Result<Vec<Row>> {
-    let mut traces: Vec<(PathBuf, Trace)> = Vec::new();
+    // Each day's trace and data centre, built (and size-checked) before any job starts.
+    let mut traces: Vec<(PathBuf, Trace, DatacenterSpec)> = Vec::new();
     for j in jobs {
-        if !traces.iter().any(|(p, _)| *p == j.day) {
-            traces.push((j.day.clone(), load_trace(&j.day)?));
+        if !traces.iter().any(|(p, _, _)| *p == j.day) {
+            let trace = load_trace(&j.day)?;
+            let spec = scaled_spec(&trace, args.scale)?;
+            traces.push((j.day.clone(), trace, spec));
         }
     }
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
@@ -314,10 +353,9 @@ fn run_jobs(
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
-                let Some((_, trace)) = traces.iter().find(|(p, _)| *p == job.day) else {
+                let Some((_, trace, spec)) = traces.iter().find(|(p, _, _)| *p == job.day) else {
                     break;
                 };
-                let spec = scaled_spec(trace, args.scale);
                 let profile;
                 let cost: &dyn MigrationCostModel = match (job.gbit, base_cost) {
                     (Some(g), _) => {
@@ -328,7 +366,7 @@ fn run_jobs(
                     (None, None) => &CloudSimCost,
                 };
                 let t0 = std::time::Instant::now();
-                let r = simulate(trace, &spec, job.policy, cost, opts)
+                let r = simulate(trace, spec, job.policy, cost, opts)
                     .map(|result| Row {
                         day: day_name(&job.day),
                         result,
@@ -356,54 +394,6 @@ fn run_jobs(
 /// Extracts one metric from a result (for charts).
 type MetricFn = dyn Fn(&SimResult) -> f64;
 
-/// Reference rows keyed by (day, policy).
-type Reference = Vec<(String, String, SimResultRef)>;
-
-#[derive(Debug, Clone, Copy)]
-struct SimResultRef {
-    energy_kwh: f64,
-    slatah: f64,
-    pdm: f64,
-    migrations: f64,
-}
-
-fn read_reference(path: &Path) -> Result<Reference> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| usage!("--reference {}: {e}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        if f.len() < 11 {
-            return Err(usage!(
-                "--reference {}:{}: expected 11 columns",
-                path.display(),
-                i + 1
-            ));
-        }
-        let num = |k: usize| {
-            f[k].parse::<f64>().map_err(|_| {
-                usage!(
-                    "--reference {}:{}: not a number {:?}",
-                    path.display(),
-                    i + 1,
-                    f[k]
-                )
-            })
-        };
-        out.push((
-            f[0].to_string(),
-            f[1].replace('_', "-"),
-            SimResultRef {
-                energy_kwh: num(5)?,
-                slatah: num(6)?,
-                pdm: num(7)?,
-                migrations: num(9)?,
-            },
-        ));
-    }
-    Ok(out)
-}
-
 fn rel(a: f64, b: f64) -> String {
     if b == 0.0 {
         if a == 0.0 {
@@ -421,7 +411,6 @@ fn write_policy_sweep(
     rows: &[Row],
     reference: Option<&[(String, String, SimResultRef)]>,
 ) -> Result<()> {
-    let mut csv = String::from("day,policy,param,hosts,vms,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns,wall_s\n");
     let mut md = String::from("| day | policy | param | energy kWh | SLATAH | PDM | SLAV | ESV | migrations | shutdowns |");
     if reference.is_some() {
         md.push_str(" ref energy | diff | ref SLATAH | diff | ref PDM | diff | ref migr. | diff |");
@@ -432,22 +421,6 @@ fn write_policy_sweep(
     for row in rows {
         let r = &row.result;
         let param = r.param.map(|p| p.to_string()).unwrap_or_default();
-        csv.push_str(&format!(
-            "{},{},{},{},{},{:.4},{:.7},{:.7},{:.9},{:.9},{},{},{:.3}\n",
-            row.day,
-            r.policy,
-            param,
-            r.hosts,
-            r.vms,
-            r.energy_kwh,
-            r.slatah,
-            r.pdm,
-            r.slav,
-            r.esv,
-            r.migrations,
-            r.host_shutdowns,
-            row.wall_s
-        ));
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.4} | {:.5} | {:.7} | {:.6} | {} | {} |",
             row.day,
@@ -482,7 +455,27 @@ fn write_policy_sweep(
         }
         md.push('\n');
     }
-    std::fs::write(out.join("policies.csv"), csv).context("writing policies.csv")?;
+    write_csv(
+        &out.join("policies.csv"),
+        rows.iter().map(|row| {
+            let r = &row.result;
+            PolicyCsvRow {
+                day: &row.day,
+                policy: &r.policy,
+                param: Shown(r.param),
+                hosts: r.hosts,
+                vms: r.vms,
+                energy_kwh: Fixed(r.energy_kwh),
+                slatah: Fixed(r.slatah),
+                pdm: Fixed(r.pdm),
+                slav: Fixed(r.slav),
+                esv: Fixed(r.esv),
+                migrations: r.migrations,
+                host_shutdowns: r.host_shutdowns,
+                wall_s: Fixed(row.wall_s),
+            }
+        }),
+    )?;
     std::fs::write(out.join("policies.md"), &md).context("writing policies.md")?;
     print!("{md}");
     // One chart per day: energy, SLAV, ESV and migrations per policy (NPA left out of the
@@ -525,30 +518,10 @@ fn write_policy_sweep(
 }
 
 fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
-    let mut csv = String::from(
-        "day,policy,migration,gbit,energy_kwh,slatah,pdm,slav,esv,migrations,host_shutdowns\n",
-    );
     let mut md = String::from("| day | policy | migration | energy kWh | SLATAH | PDM | SLAV | ESV | migrations | shutdowns |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (row, job) in rows.iter().zip(jobs) {
         let r = &row.result;
-        let label = job
-            .gbit
-            .map(|g| format!("{g} Gbit/s"))
-            .unwrap_or_else(|| "cloudsim".into());
-        csv.push_str(&format!(
-            "{},{},{},{},{:.4},{:.7},{:.7},{:.9},{:.9},{},{}\n",
-            row.day,
-            r.policy,
-            label,
-            job.gbit.map(|g| g.to_string()).unwrap_or_default(),
-            r.energy_kwh,
-            r.slatah,
-            r.pdm,
-            r.slav,
-            r.esv,
-            r.migrations,
-            r.host_shutdowns
-        ));
+        let label = speed_label(job);
         md.push_str(&format!(
             "| {} | {} | {} | {:.2} | {:.4} | {:.6} | {:.8} | {:.6} | {} | {} |\n",
             row.day,
@@ -563,7 +536,29 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
             r.host_shutdowns
         ));
     }
-    std::fs::write(out.join("migration-speed.csv"), csv).context("writing migration-speed.csv")?;
+    let labels: Vec<String> = jobs.iter().map(speed_label).collect();
+    write_csv(
+        &out.join("migration-speed.csv"),
+        rows.iter()
+            .zip(jobs)
+            .zip(&labels)
+            .map(|((row, job), label)| {
+                let r = &row.result;
+                SpeedCsvRow {
+                    day: &row.day,
+                    policy: &r.policy,
+                    migration: label,
+                    gbit: Shown(job.gbit),
+                    energy_kwh: Fixed(r.energy_kwh),
+                    slatah: Fixed(r.slatah),
+                    pdm: Fixed(r.pdm),
+                    slav: Fixed(r.slav),
+                    esv: Fixed(r.esv),
+                    migrations: r.migrations,
+                    host_shutdowns: r.host_shutdowns,
+                }
+            }),
+    )?;
     std::fs::write(out.join("migration-speed.md"), &md).context("writing migration-speed.md")?;
     print!("{md}");
     // Chart: mean over days of each metric against bandwidth (log x axis).
@@ -621,6 +616,13 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
     }
     root.present().map_err(plot_err)?;
     Ok(())
+}
+
+/// The migration model of a speed-sweep job, as the table and the CSV name it.
+fn speed_label(job: &Job) -> String {
+    job.gbit
+        .map(|g| format!("{g} Gbit/s"))
+        .unwrap_or_else(|| "cloudsim".into())
 }
 
 fn bar_chart_grid(

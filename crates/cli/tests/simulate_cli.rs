@@ -138,3 +138,64 @@ fn migration_sweep_writes_table_csv_and_chart() {
     let svg = std::fs::read_to_string(out_dir.join("migration-speed.svg")).expect("svg");
     assert!(svg.contains("<svg"));
 }
+
+#[test]
+fn absurd_scale_is_refused_before_allocating() {
+    // 800e9 hosts and 12e9 VMs: more than any machine has (once this aborted on a failed
+    // allocation of 6.4 TB with exit code 134).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = tiny_csv(dir.path());
+    for extra in [&[][..], &["--sweep", "--out"][..]] {
+        let mut cmd = fastmig();
+        cmd.args(["simulate", "--scale", "1e9", "--trace"])
+            .arg(&csv);
+        cmd.args(extra);
+        if !extra.is_empty() {
+            cmd.arg(dir.path().join("out"));
+        }
+        let out = cmd.output().expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{extra:?}: {err}");
+        assert!(err.contains("--scale") && err.contains("GiB"), "{err}");
+    }
+}
+
+#[test]
+fn bad_reference_is_refused_before_the_sweep_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = tiny_csv(dir.path());
+    let bad = dir.path().join("ref.csv");
+    std::fs::write(
+        &bad,
+        "day,policy,energy_kwh,slatah,pdm,migrations\nd,thr_mmt,x,0,0,0\n",
+    )
+    .expect("write");
+    for reference in [bad, dir.path().join("missing.csv")] {
+        let out_dir = dir.path().join("out");
+        let out = fastmig()
+            .args(["simulate", "--sweep", "--trace"])
+            .arg(&csv)
+            .arg("--reference")
+            .arg(&reference)
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains("--reference"), "{err}");
+        // Refused before anything ran: the output directory was not even created.
+        assert!(!out_dir.exists(), "{err}");
+    }
+    // Without --sweep it would be ignored: refused instead.
+    let out = fastmig()
+        .args(["simulate", "--trace"])
+        .arg(&csv)
+        .arg("--reference")
+        .arg(dir.path().join("missing.csv"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -20,6 +20,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::ids::HostId;
+use crate::policy::{PlacementContext, PlacementVm};
+use crate::power::PowerTable;
+use crate::setup::HostType;
+
 /// Buckets per host type.
 pub(crate) const BUCKETS: usize = 200;
 
@@ -36,27 +41,71 @@ enum Slot {
 pub(crate) struct Entry {
     /// Overload key (sort key, see the module docs).
     pub(crate) key: f64,
-    pub(crate) host: u32,
+    pub(crate) host: HostId,
     /// MIPS allocated now (`alloc_sum`).
     pub(crate) alloc_mips: f64,
     /// Power at the start of the round.
     pub(crate) power_now: f64,
 }
 
+/// What a search needs of each host type, computed once per simulation: the power model as a
+/// lookup table, its value at every bucket edge, and the type's capacity.
+#[derive(Debug, Clone)]
+pub(crate) struct HostTypeTables {
+    power: Vec<PowerTable>,
+    /// Per type, power at each bucket edge `b / BUCKETS` (for the bucket bounds).
+    edge_power: Vec<[f64; BUCKETS + 1]>,
+    types: Vec<TypeCapacity>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct TypeCapacity {
+    pe_mips: f64,
+    total_mips: f64,
+    /// The power model's value at 0 % (power of a host that is on and idle).
+    idle_power: f64,
+}
+
+impl HostTypeTables {
+    pub(crate) fn new(host_types: &[HostType]) -> Self {
+        Self {
+            power: host_types
+                .iter()
+                .map(|t| PowerTable::new(&t.power))
+                .collect(),
+            edge_power: host_types
+                .iter()
+                .map(|t| {
+                    let table = PowerTable::new(&t.power);
+                    std::array::from_fn(|b| table.power(PabfdIndex::bucket_bounds(b).0))
+                })
+                .collect(),
+            types: host_types
+                .iter()
+                .map(|t| TypeCapacity {
+                    pe_mips: t.pe_mips,
+                    total_mips: t.total_mips(),
+                    idle_power: t.power.power(0.0),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Where each host currently sits.
 #[derive(Debug, Clone)]
 pub(crate) struct PabfdIndex {
     /// Per type and bucket: the hosts, sorted by key then host id.
-    pub(crate) buckets: Vec<Vec<Vec<Entry>>>,
+    buckets: Vec<Vec<Vec<Entry>>>,
     /// Per type and bucket: the least key in the bucket (`+inf` when empty), so a search can
     /// tell which buckets may hold a candidate without visiting each bucket's storage.
     first_keys: Vec<[f64; BUCKETS]>,
     /// Per type and bucket: the greatest key (`-inf` when empty): when it is below a search's
     /// threshold the whole bucket qualifies, known without touching the bucket's far end.
     last_keys: Vec<[f64; BUCKETS]>,
-    pub(crate) empty: BTreeMap<(usize, u64), BTreeSet<u32>>,
+    empty: BTreeMap<(usize, u64), BTreeSet<HostId>>,
     /// Hosts whose allocation dropped below their start-of-round utilisation.
-    pub(crate) shrunk: BTreeSet<u32>,
+    shrunk: BTreeSet<HostId>,
     slots: Vec<Slot>,
     /// Overload key each host is filed under in its bucket.
     keys: Vec<f64>,
@@ -78,11 +127,11 @@ impl PabfdIndex {
         }
     }
 
-    pub(crate) fn bucket_of(frac: f64) -> usize {
+    fn bucket_of(frac: f64) -> usize {
         ((frac.max(0.0) * BUCKETS as f64) as usize).min(BUCKETS - 1)
     }
 
-    pub(crate) fn bucket_bounds(b: usize) -> (f64, f64) {
+    fn bucket_bounds(b: usize) -> (f64, f64) {
         (b as f64 / BUCKETS as f64, (b + 1) as f64 / BUCKETS as f64)
     }
 
@@ -95,7 +144,7 @@ impl PabfdIndex {
         items: impl Iterator<Item = (usize, f64, Entry, bool)>,
     ) -> Self {
         let mut index = Self::new(types, hosts);
-        let mut empty: BTreeMap<(usize, u64), Vec<u32>> = BTreeMap::new();
+        let mut empty: BTreeMap<(usize, u64), Vec<HostId>> = BTreeMap::new();
         let mut shrunk = Vec::new();
         for (ty, total_mips, entry, is_shrunk) in items {
             let h = entry.host;
@@ -106,8 +155,8 @@ impl PabfdIndex {
                 Slot::Empty(t, bits) => empty.entry((t, bits)).or_default().push(h),
             }
             if slot != Slot::None {
-                index.slots[h as usize] = slot;
-                index.keys[h as usize] = entry.key;
+                index.slots[h.idx()] = slot;
+                index.keys[h.idx()] = entry.key;
             }
             if is_shrunk {
                 shrunk.push(h);
@@ -138,7 +187,7 @@ impl PabfdIndex {
     }
 
     /// Takes host `h` out of the index for the rest of the round.
-    pub(crate) fn disable(&mut self, h: u32) {
+    pub(crate) fn disable(&mut self, h: HostId) {
         self.move_to(
             h,
             Slot::None,
@@ -150,14 +199,14 @@ impl PabfdIndex {
             },
         );
         self.shrunk.remove(&h);
-        self.disabled[h as usize] = true;
+        self.disabled[h.idx()] = true;
     }
 
     /// Files host `entry.host` where its state says it belongs; `shrunk`: its allocation is
     /// below its start-of-round utilisation.
     pub(crate) fn update(&mut self, ty: usize, total_mips: f64, entry: Entry, shrunk: bool) {
         let h = entry.host;
-        if self.disabled[h as usize] {
+        if self.disabled[h.idx()] {
             return;
         }
         let slot = Self::slot_for(ty, total_mips, &entry);
@@ -170,7 +219,7 @@ impl PabfdIndex {
     }
 
     /// Where `(key, h)` sits (or would be inserted) in a sorted bucket.
-    fn position(bucket: &[Entry], key: f64, h: u32) -> Result<usize, usize> {
+    fn position(bucket: &[Entry], key: f64, h: HostId) -> Result<usize, usize> {
         bucket.binary_search_by(|e| e.key.total_cmp(&key).then(e.host.cmp(&h)))
     }
 
@@ -197,9 +246,238 @@ impl PabfdIndex {
         &v[..n]
     }
 
-    fn move_to(&mut self, h: u32, slot: Slot, entry: Entry) {
-        let old = self.slots[h as usize];
-        let old_key = self.keys[h as usize];
+    /// PABFD over the indexed hosts: the host with the least power increase for `vm`, lowest
+    /// id on ties, exactly as [`crate::policy::Pabfd`]'s full scan over `ctx` would choose
+    /// (see the module docs), or with `budget > 0` the best valid host among the first
+    /// `budget` candidates examined. `tau(ty)`: the VM's overload-key threshold on host type
+    /// `ty` (`+inf` without a bound). `off_excluded`: every host idle at the start of the round
+    /// is excluded (lets the search skip those groups without walking them).
+    pub(crate) fn search<C: PlacementContext>(
+        &self,
+        types: &HostTypeTables,
+        vm: &PlacementVm,
+        ctx: &C,
+        tau: impl Fn(usize) -> f64,
+        off_excluded: bool,
+        budget: usize,
+    ) -> Option<HostId> {
+        let mut best: Option<(f64, HostId)> = None;
+        let better = |d: f64, h: HostId, best: &Option<(f64, HostId)>| match best {
+            None => true,
+            Some((bd, bh)) => d < *bd || (d == *bd && h < *bh),
+        };
+        // Exact check of one host, PABFD order: suitability, power, then over-utilisation.
+        let consider = |id: HostId, best: &mut Option<(f64, HostId)>| {
+            if ctx.is_excluded(id) || !ctx.is_suitable(id, vm) {
+                return;
+            }
+            let (now, after) = ctx.power_now_and_after(id, vm);
+            let Some(after) = after else { return };
+            let diff = after - now;
+            if !better(diff, id, best) {
+                return;
+            }
+            if ctx.utilization_mips(id) != 0.0 && ctx.overloaded_after(id, vm) {
+                return;
+            }
+            *best = Some((diff, id));
+        };
+        for &h in &self.shrunk {
+            consider(h, &mut best);
+        }
+        for (&(ty, bits), set) in &self.empty {
+            let t = &types.types[ty];
+            if off_excluded && f64::from_bits(bits) == t.idle_power {
+                continue;
+            }
+            // No host of this type can take the VM: do not walk the group.
+            if t.pe_mips < vm.requested_mips || t.total_mips < vm.requested_mips {
+                continue;
+            }
+            for &h in set {
+                if ctx.is_excluded(h) || !ctx.is_suitable(h, vm) {
+                    continue;
+                }
+                consider(h, &mut best);
+                break;
+            }
+        }
+        let mut order: Vec<(f64, usize, usize)> = Vec::with_capacity(self.buckets.len() * BUCKETS);
+        // Per host type (types beyond the eighth are walked without the bound; still exact).
+        let mut thresholds = [f64::INFINITY; 8];
+        for (ty, buckets) in self.buckets.iter().enumerate() {
+            let t = &types.types[ty];
+            let total = t.total_mips;
+            let tau = tau(ty);
+            if let Some(slot) = thresholds.get_mut(ty) {
+                *slot = tau;
+            }
+            let x = vm.requested_mips / total;
+            let limit = 1.0 - x;
+            // No host of this type can take the VM (too little room, or a core too small).
+            if limit < 0.0 || t.pe_mips < vm.requested_mips {
+                continue;
+            }
+            let table = &types.power[ty];
+            let d = |f: f64| table.power(f + x) - table.power(f);
+            // The same difference at a bucket edge, the edge's power looked up.
+            let edges = &types.edge_power[ty];
+            let d_edge = |b: usize| table.power(Self::bucket_bounds(b).0 + x) - edges[b];
+            // D is piecewise linear in f, so its minimum over a bucket lies at the bucket's
+            // ends or at a breakpoint (k/10 or k/10 - x) inside it.
+            // Breakpoints with their bucket, then one bound per non-empty bucket from its two
+            // ends and the breakpoints inside it.
+            let mut bp_bound = [f64::INFINITY; BUCKETS];
+            for k in 0..=10 {
+                for bp in [k as f64 / 10.0, k as f64 / 10.0 - x] {
+                    if (0.0..=limit).contains(&bp) {
+                        let slot = &mut bp_bound[Self::bucket_of(bp)];
+                        *slot = slot.min(d(bp));
+                    }
+                }
+            }
+            // D at the upper end of the last bucket bounded: the next bucket's lower end.
+            let mut prev_hi: Option<(usize, f64)> = None;
+            for (b, &bp_least) in bp_bound.iter().enumerate().take(buckets.len()) {
+                // Sorted by key: the least tells whether any host may take the VM.
+                if self.first_key(ty, b) >= tau || self.first_key(ty, b).is_nan() {
+                    continue;
+                }
+                let (lo, hi) = Self::bucket_bounds(b);
+                if lo > limit {
+                    break;
+                }
+                let d_lo = match prev_hi {
+                    Some((pb, v)) if pb + 1 == b => v,
+                    _ => d_edge(b),
+                };
+                let d_hi = if hi <= limit { d_edge(b + 1) } else { d(limit) };
+                prev_hi = (hi <= limit).then_some((b, d_hi));
+                let lb = d_lo.min(d_hi).min(bp_least);
+                // Margin for rounding in the bound.
+                order.push((lb - 1e-9, ty, b));
+            }
+        }
+        let mut examined = 0usize;
+        // Walks one bucket; false when the approximate budget is used up.
+        let mut walk = |ty: usize, b: usize, best: &mut Option<(f64, HostId)>| -> bool {
+            let tau = thresholds.get(ty).copied().unwrap_or(f64::INFINITY);
+            let total = types.types[ty].total_mips;
+            let table = &types.power[ty];
+            let entries = self.below(ty, b, tau);
+            // Most candidates sit where the power curve is flattest, all tied up to rounding,
+            // so each must be evaluated exactly; inside one segment that is a few flops.
+            let (lo, hi) = Self::bucket_bounds(b);
+            let segment = if budget == 0 {
+                let x = vm.requested_mips / total;
+                table.interior_segment(lo + x, hi + x)
+            } else {
+                None
+            };
+            if budget == 0 {
+                // The power difference from the bucket's copy of the host's state, exactly as
+                // `power_now_and_after` computes it. First the bucket's least (increase, id)
+                // without touching any host's (large, scattered) state: when that host is
+                // accepted nothing else in the bucket can beat it, so one exact check does.
+                // Written without short-circuits: most hosts tie or lose (fewer mispredicted
+                // branches in this, the hottest loop at scale).
+                let mut least = (f64::INFINITY, HostId(u32::MAX));
+                let mut any = false;
+                let mut note = |d: f64, h: HostId, fits: bool| {
+                    let lower = fits & ((d < least.0) | ((d == least.0) & (h < least.1)));
+                    if lower {
+                        least = (d, h);
+                        any = true;
+                    }
+                };
+                match segment {
+                    // Inside one segment of the power curve: a few flops, no table lookups.
+                    Some((w, delta, start)) => {
+                        for e in entries {
+                            let after = (e.alloc_mips + vm.requested_mips) / total;
+                            note(
+                                (w + delta * (after - start) * 100.0) - e.power_now,
+                                e.host,
+                                true,
+                            );
+                        }
+                    }
+                    None => {
+                        for e in entries {
+                            let after = (e.alloc_mips + vm.requested_mips) / total;
+                            note(table.power(after) - e.power_now, e.host, after <= 1.0);
+                        }
+                    }
+                }
+                let (bd, bh) = best.unwrap_or((f64::INFINITY, HostId(u32::MAX)));
+                if !any || !((least.0 < bd) || (least.0 == bd && least.1 < bh)) {
+                    return true;
+                }
+                consider(least.1, best);
+                if best.is_some_and(|(d, h)| h == least.1 && d == least.0) {
+                    return true;
+                }
+                // That host was rejected (over-utilised after, say): check the bucket in full.
+            }
+            for e in entries {
+                // The power difference from the bucket's copy of the host's state, exactly as
+                // `power_now_and_after` computes it: a host that cannot beat the best so far
+                // is skipped without touching its (large, scattered) state. Most hosts here
+                // tie with the best or lose, so the test is written without short-circuits
+                // (fewer mispredicted branches in this, the hottest loop at scale).
+                if budget == 0 {
+                    let after = (e.alloc_mips + vm.requested_mips) / total;
+                    let d = table.power(after) - e.power_now;
+                    let (bd, bh) = best.unwrap_or((f64::INFINITY, HostId(u32::MAX)));
+                    let improves = (after <= 1.0) & ((d < bd) | ((d == bd) & (e.host < bh)));
+                    if !improves {
+                        continue;
+                    }
+                }
+                consider(e.host, best);
+                examined += 1;
+                if budget > 0 && examined >= budget {
+                    return false;
+                }
+            }
+            true
+        };
+        if budget == 0 {
+            // Exact: the answer is the least (increase, id) over every bucket whose bound does
+            // not exceed it, whatever the visiting order. Walking the bucket with the least
+            // bound first usually finds an answer close to the final one, and then only the
+            // buckets bounded below it need sorting (most are not).
+            let first = order
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1 .0.total_cmp(&b.1 .0))
+                .map(|(i, _)| i);
+            if let Some(i) = first {
+                let (_, ty, b) = order.swap_remove(i);
+                walk(ty, b, &mut best);
+                if let Some((bd, _)) = best {
+                    order.retain(|o| o.0 <= bd);
+                }
+            }
+        }
+        // Buckets with equal bounds may be visited in any order: the result is the minimum.
+        order.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        for (lb, ty, b) in order {
+            if let Some((bd, _)) = best {
+                if lb > bd {
+                    break;
+                }
+            }
+            if !walk(ty, b, &mut best) {
+                break;
+            }
+        }
+        best.map(|(_, h)| h)
+    }
+
+    fn move_to(&mut self, h: HostId, slot: Slot, entry: Entry) {
+        let old = self.slots[h.idx()];
+        let old_key = self.keys[h.idx()];
         let key = entry.key;
         let same_key = old_key.total_cmp(&key).is_eq();
         if old == slot && same_key {
@@ -241,8 +519,8 @@ impl PabfdIndex {
                     self.empty.entry((t, bits)).or_default().insert(h);
                 }
             }
-            self.slots[h as usize] = slot;
-            self.keys[h as usize] = key;
+            self.slots[h.idx()] = slot;
+            self.keys[h.idx()] = key;
         }
     }
 }
@@ -268,7 +546,7 @@ mod tests {
                 };
                 let entry = Entry {
                     key: rng.below(8) as f64 / 8.0,
-                    host: h as u32,
+                    host: HostId(h as u32),
                     alloc_mips: alloc,
                     power_now: [86.0, 93.7][(h / 4) % 2],
                 };
@@ -280,7 +558,7 @@ mod tests {
         for &(ty, total, entry, shrunk) in &items {
             one.update(ty, total, entry, shrunk);
         }
-        let ids = |v: &Vec<Vec<Vec<Entry>>>| -> Vec<Vec<Vec<(u64, u32)>>> {
+        let ids = |v: &Vec<Vec<Vec<Entry>>>| -> Vec<Vec<Vec<(u64, HostId)>>> {
             v.iter()
                 .map(|t| {
                     t.iter()

@@ -36,7 +36,7 @@ pub mod stats;
 pub mod trace;
 
 pub use cost::{CloudSimCost, MigrationCostModel, MigrationProfile};
-pub use engine::{simulate, SimOptions, Simulation};
+pub use engine::{memory_lower_bound, simulate, SimOptions, Simulation};
 pub use error::SimError;
 pub use ids::{HostId, VmId};
 pub use metrics::SimResult;

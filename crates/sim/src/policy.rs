@@ -457,6 +457,114 @@ mod tests {
         .is_overloaded(&view(0.0, &h)));
     }
 
+    /// A host of 1,024 MIPS: `requested / 1024` is exact for whole MIPS, so a test can put the
+    /// utilisation exactly on a threshold built from powers of two.
+    fn view_1024(requested: f64, history: &[f64]) -> HostView<'_> {
+        HostView {
+            total_mips: 1024.0,
+            ..view(requested, history)
+        }
+    }
+
+    // Boundary tests: every value below is exactly representable and every operation on the
+    // path is exact, so the host sits *on* the threshold and `>` and `>=` answer differently.
+
+    #[test]
+    fn thr_boundary_is_not_overloaded() {
+        // 768 / 1024 = 0.75 exactly = threshold: 0.75 > 0.75 is false (>= would say true).
+        let t = Thr { threshold: 0.75 };
+        assert!(!t.is_overloaded(&view_1024(768.0, &[])));
+        // 769 / 1024 = 0.7509765625 > 0.75.
+        assert!(t.is_overloaded(&view_1024(769.0, &[])));
+        // The fall-back THR 0.7: 700 / 1000 rounds to the same double as the literal 0.7.
+        assert!(!FALLBACK.is_overloaded(&view(700.0, &[])));
+        assert!(FALLBACK.is_overloaded(&view(701.0, &[])));
+    }
+
+    #[test]
+    fn iqr_boundary_is_not_overloaded() {
+        // History 1/16, 2/16, ..., 12/16 (12 samples): quartile ranks round(0.25 * 13) - 1 = 2
+        // and round(0.75 * 13) - 1 = 9, so IQR = 10/16 - 3/16 = 7/16; with s = 1 the threshold
+        // is 1 - 7/16 = 9/16 = 0.5625 = 576 / 1024.
+        let h: Vec<f64> = (1..=12).map(|k| k as f64 / 16.0).collect();
+        assert_eq!(stats::iqr(&h), 7.0 / 16.0);
+        let d = Iqr { safety: 1.0 };
+        assert!(!d.is_overloaded(&view_1024(576.0, &h)), "0.5625 > 0.5625");
+        assert!(
+            d.is_overloaded(&view_1024(577.0, &h)),
+            "0.5634765625 > 0.5625"
+        );
+    }
+
+    #[test]
+    fn mad_boundary_is_not_overloaded() {
+        // 12 samples alternating 0.25 / 0.75: median (Commons Math, pos = 0.5 * 13 = 6.5)
+        // = 0.25 + 0.5 * (0.75 - 0.25) = 0.5; every deviation is 0.25, so MAD = 0.25; with
+        // CloudSim's s = 2.5 the threshold is 1 - 0.625 = 0.375 = 384 / 1024.
+        let h: Vec<f64> = (0..12)
+            .map(|i| if i % 2 == 0 { 0.25 } else { 0.75 })
+            .collect();
+        assert_eq!(stats::mad(&h), 0.25);
+        let d = Mad { safety: 2.5 };
+        assert!(!d.is_overloaded(&view_1024(384.0, &h)), "0.375 > 0.375");
+        assert!(
+            d.is_overloaded(&view_1024(385.0, &h)),
+            "0.3759765625 > 0.375"
+        );
+    }
+
+    #[test]
+    fn lr_and_lrr_boundary_is_overloaded() {
+        // A flat history of 0.5 (10 samples): every dy in the updating formulas is 0, so the
+        // slope is exactly 0 and the intercept (5.0 - 0) / 10 = 0.5; the prediction one
+        // migration ahead is 0.5, and with s = 2 it is exactly 1.0: 1.0 >= 1.0 is overloaded
+        // (> would say not). The same for 0.25 and s = 4.
+        for (u, s) in [(0.5, 2.0), (0.25, 4.0)] {
+            let h = [u; LR_HISTORY];
+            for robust in [false, true] {
+                let lr = Lr { safety: s, robust };
+                assert_eq!(lr.predict(&view(0.0, &h)), Some(u), "{}", lr.name());
+                assert!(lr.is_overloaded(&view(0.0, &h)), "{} {u} x {s}", lr.name());
+                // Just below: the next double under s gives a product below 1.0.
+                let below = Lr {
+                    safety: f64::from_bits(s.to_bits() - 1),
+                    robust,
+                };
+                assert!(!below.is_overloaded(&view(0.0, &h)), "{} {u}", lr.name());
+            }
+        }
+    }
+
+    #[test]
+    fn detectors_use_thr_07_below_their_history_length() {
+        // One sample short of each detector's history (11 for IQR/MAD, 9 for LR/LRR): the
+        // fall-back decides, at its own boundary 700 / 1000 = 0.7 (not over) and just above.
+        let short_iqr = [0.5; MIN_HISTORY_IQR_MAD - 1];
+        let short_lr = [0.5; LR_HISTORY - 1];
+        let cases: [(&dyn OverloadDetector, &[f64]); 4] = [
+            (&Iqr { safety: 1.5 }, &short_iqr),
+            (&Mad { safety: 2.5 }, &short_iqr),
+            (
+                &Lr {
+                    safety: 1.2,
+                    robust: false,
+                },
+                &short_lr,
+            ),
+            (
+                &Lr {
+                    safety: 1.2,
+                    robust: true,
+                },
+                &short_lr,
+            ),
+        ];
+        for (d, h) in cases {
+            assert!(!d.is_overloaded(&view(700.0, h)), "{}", d.name());
+            assert!(d.is_overloaded(&view(701.0, h)), "{}", d.name());
+        }
+    }
+
     fn vm(id: u32, ram: u32, req: f64, hist: &[f64]) -> VmView<'_> {
         VmView {
             id: VmId(id),
