@@ -85,11 +85,17 @@ fn parse() -> Cli {
             ) {
                 e.exit();
             }
-            // One line, like every other error: clap's first line, without its prefix.
+            // One line, like every other error: clap's message and hints (possible values,
+            // tips) joined, without the usage block.
             let text = e.to_string();
-            let first = text.lines().next().unwrap_or("bad command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("fastmig: {first} (see --help)");
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                .collect();
+            eprintln!("fastmig: {} (see --help)", parts.join("; "));
             std::process::exit(2);
         }
     }

@@ -65,10 +65,10 @@ pub struct IncomingArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Give up if no source connects within this time (default: wait forever).
-    #[arg(long, value_parser = units::parse_timeout)]
+    #[arg(long, value_parser = units::parse_timeout, allow_hyphen_values = true)]
     pub accept_timeout: Option<Duration>,
     /// A source silent for this long fails the migration.
-    #[arg(long, default_value = "10s", value_parser = units::parse_timeout)]
+    #[arg(long, default_value = "10s", value_parser = units::parse_timeout, allow_hyphen_values = true)]
     pub timeout: Duration,
     /// Print the destination's summary as JSON on stdout once the VM runs.
     #[arg(long)]
@@ -99,7 +99,7 @@ pub struct MigrateArgs {
     pub max_bandwidth: Option<u64>,
     /// Largest acceptable downtime (pause on the source to resume on the destination).
     /// Default: the engine's.
-    #[arg(long, value_parser = units::parse_duration)]
+    #[arg(long, value_parser = units::parse_duration, allow_hyphen_values = true)]
     pub downtime_limit: Option<Duration>,
     /// Most pre-copy rounds, including the first full pass. Default: the engine's (30).
     #[arg(long)]
@@ -109,7 +109,7 @@ pub struct MigrateArgs {
     #[arg(long, value_parser = units::parse_on_no_converge)]
     pub on_no_converge: Option<OnNoConverge>,
     /// A destination silent for this long fails the migration. Default: the engine's (10s).
-    #[arg(long, value_parser = units::parse_timeout)]
+    #[arg(long, value_parser = units::parse_timeout, allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
     /// Once the destination runs the VM, tell the source process to quit (it would
     /// otherwise stay, paused in `postmigrate`, until `quit`).

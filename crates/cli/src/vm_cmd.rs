@@ -46,7 +46,7 @@ pub struct ApiTarget {
     pub api: PathBuf,
     /// How long to wait for the control socket to appear and answer (a VM process started
     /// a moment ago binds it shortly). `0` tries once.
-    #[arg(long, default_value = "5s", value_parser = units::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = units::parse_duration, allow_hyphen_values = true)]
     pub wait: Duration,
 }
 

@@ -25,7 +25,12 @@ const MAX_REPLY: u64 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Nothing answered at the socket (within the wait, when there was one).
-    #[error("cannot connect to the control socket {path} (waited {waited:?}; is a VM process running with --api {path}?)")]
+    #[error(
+        "cannot connect to the control socket {} ({}is a VM process running with --api {}?)",
+        path.display(),
+        waited_note(*waited),
+        path.display()
+    )]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -59,6 +64,14 @@ pub enum ClientError {
     /// The VM process answered with an error.
     #[error(transparent)]
     Refused(#[from] CommandError),
+}
+
+fn waited_note(waited: Duration) -> String {
+    if waited.is_zero() {
+        String::new()
+    } else {
+        format!("nothing answered within {:.1}s; ", waited.as_secs_f64())
+    }
 }
 
 /// A client of one VM process's control socket.
