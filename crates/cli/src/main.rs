@@ -27,6 +27,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 /// plus idle heartbeats); "dirty pages/s" counts distinct pages per second from KVM's dirty
 /// log, at most the workload's requested write `rate`; "pages sent" counts over all
 /// pre-copy rounds, so it can exceed the pages of memory.
+///
+/// Exit codes: 0 success; 2 the command line or the request must be changed; 1 a failure
+/// while running (no VM answers at the socket, a failed migration).
 #[derive(Parser, Debug)]
 #[command(name = "fastmig", version, about, long_about)]
 struct Cli {

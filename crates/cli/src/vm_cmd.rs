@@ -32,8 +32,9 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Send one control command and print its JSON reply, e.g.
-    /// `fastmig ctl --api vm.sock verify-memory` or
+    /// Send any control command and print its JSON reply.
+    ///
+    /// Examples: `fastmig ctl --api vm.sock verify-memory`,
     /// `fastmig ctl --api vm.sock migrate --arg uri=127.0.0.1:4444 --arg 'transport={"kind":"shm"}'`.
     Ctl(CtlArgs),
 }
