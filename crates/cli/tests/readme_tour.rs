@@ -80,4 +80,13 @@ fn the_readme_quick_tour_runs_as_one_block() {
         (!dir.path().join("src.sock").exists() && !dir.path().join("dst.sock").exists())
             .then_some(())
     });
+    // Their lock files go with them: the directory keeps nothing of theirs.
+    wait_until("the lock files to go", PATIENCE, || {
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".lock"))
+            .collect();
+        left.is_empty().then_some(())
+    });
 }

@@ -4,9 +4,9 @@
 //! Taking the socket path is safe against other users of the path:
 //! - a path that exists and is not a socket is refused, never replaced;
 //! - the path is taken under an exclusive `flock` on `PATH.lock` beside it, held for the
-//!   server's life, so two processes cannot both decide the path is free; a socket that
-//!   exists but on which nothing answers (left by a killed process) is replaced, a socket
-//!   that answers is refused;
+//!   server's life (the file is removed on close), so two processes cannot both decide the
+//!   path is free; a socket that exists but on which nothing answers (left by a killed
+//!   process) is replaced, a socket that answers is refused;
 //! - on close, the socket file is removed only if it is still the one this server bound.
 //!
 //! Limits, so that no client can make the process grow without bound:
@@ -61,31 +61,67 @@ pub fn lock_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Takes `path` for a new listener (see the module doc for the rules).
-fn bind(path: &Path) -> Result<(UnixListener, File), HostError> {
+/// Opens and locks `PATH.lock`. The owner removes the file when it closes (while still
+/// holding the lock), so a lock taken on a file that has since been unlinked or replaced is
+/// worthless: it is retried until the locked file is the one at the path.
+fn take_lock(path: &Path) -> Result<File, HostError> {
     let sock_err = |what: &'static str| {
         let path = path.to_path_buf();
         move |source: std::io::Error| HostError::Socket { path, what, source }
     };
+    let lock_at = lock_path(path);
+    loop {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_at)
+            .map_err(sock_err("opening its lock file"))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(HostError::SocketInUse(path.to_path_buf()))
+            }
+            Err(e) => return Err(sock_err("locking its lock file")(e.into())),
+        }
+        let held = lock
+            .metadata()
+            .map_err(sock_err("inspecting its lock file"))?;
+        match std::fs::metadata(&lock_at) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => return Ok(lock),
+            // Unlinked (or replaced) by its previous owner between our open and our lock.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(sock_err("inspecting its lock file")(e)),
+        }
+    }
+}
+
+/// Takes `path` for a new listener (see the module doc for the rules).
+fn bind(path: &Path) -> Result<(UnixListener, File), HostError> {
     // Checked before touching anything beside it: a regular file stays as it was.
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             return Err(HostError::NotASocket(path.to_path_buf()));
         }
     }
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(lock_path(path))
-        .map_err(sock_err("opening its lock file"))?;
-    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => {}
-        Err(rustix::io::Errno::WOULDBLOCK) => {
-            return Err(HostError::SocketInUse(path.to_path_buf()))
+    let lock = take_lock(path)?;
+    match bind_locked(path) {
+        Ok(listener) => Ok((listener, lock)),
+        Err(e) => {
+            // We hold the lock: removing its file is as safe here as on close.
+            let _ = std::fs::remove_file(lock_path(path));
+            Err(e)
         }
-        Err(e) => return Err(sock_err("locking its lock file")(e.into())),
     }
+}
+
+/// The part of [`bind`] done under the lock.
+fn bind_locked(path: &Path) -> Result<UnixListener, HostError> {
+    let sock_err = |what: &'static str| {
+        let path = path.to_path_buf();
+        move |source: std::io::Error| HostError::Socket { path, what, source }
+    };
     // Under the lock: nobody else can be deciding the same thing now.
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_socket() => {
@@ -101,8 +137,7 @@ fn bind(path: &Path) -> Result<(UnixListener, File), HostError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err("inspecting the path")(e)),
     }
-    let listener = UnixListener::bind(path).map_err(sock_err("binding"))?;
-    Ok((listener, lock))
+    UnixListener::bind(path).map_err(sock_err("binding"))
 }
 
 impl ApiServer {
@@ -143,6 +178,9 @@ impl ApiServer {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
+        // Still holding the lock: a process that opened this file meanwhile sees it is no
+        // longer at the path once it gets the lock, and retries (see `take_lock`).
+        let _ = std::fs::remove_file(lock_path(&self.path));
     }
 }
 

@@ -142,6 +142,10 @@ fn a_live_socket_is_never_taken_over() {
         ApiServer::start(&other, Arc::new(Scripted::default())),
         Err(HostError::SocketInUse(_))
     ));
+    assert!(
+        !lock_path(&other).exists(),
+        "a refused attempt leaves no lock file"
+    );
     let client = ControlClient::connect(&path, Duration::ZERO).expect("first still serves");
     client.query_status().expect("status");
 }
@@ -174,8 +178,12 @@ fn a_stale_socket_is_replaced_and_removed_on_close() {
         .expect("connect")
         .query_status()
         .expect("served");
+    assert!(lock_path(&path).exists(), "held while serving");
     server.close();
     assert!(!path.exists(), "removed on close");
+    assert!(!lock_path(&path).exists(), "its lock file too");
+    // And the path can be taken again at once.
+    let _again = serve(&path);
 }
 
 #[test]
