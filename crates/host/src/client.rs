@@ -4,6 +4,27 @@
 //!
 //! Each call opens its own connection (so a client holds no server slot between calls) and
 //! waits at most [`ControlClient::reply_timeout`] for the reply.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use fastmig_host::{ControlClient, MigrateState, MigrationRequest};
+//!
+//! // Waits up to 5 s for a process that is still starting to bind its socket.
+//! let src = ControlClient::connect("/tmp/src.sock", Duration::from_secs(5))?;
+//! let st = src.query_status()?;
+//! println!("{} at progress {}", st.status, st.progress);
+//! src.migrate(&MigrationRequest::to("127.0.0.1:4444"))?;
+//! loop {
+//!     match src.query_migrate()? {
+//!         MigrateState::Completed { summary } => break println!("{} ms", summary.downtime_ms),
+//!         MigrateState::Failed { error } | MigrateState::Cancelled { error } => {
+//!             break eprintln!("{error}")
+//!         }
+//!         _ => std::thread::sleep(Duration::from_millis(100)),
+//!     }
+//! }
+//! # Ok::<(), fastmig_host::ClientError>(())
+//! ```
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
