@@ -7,8 +7,11 @@
 //! machine is noisy.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use fastmig_migration::TransportKind;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -35,8 +38,8 @@ pub enum BenchCommand {
 #[derive(clap::Args, Debug)]
 pub struct MigrationBenchArgs {
     /// Guest memory size (K/M/G suffixes).
-    #[arg(long, default_value = "1G")]
-    pub mem: String,
+    #[arg(long, default_value = "1G", value_parser = crate::units::parse_mem, allow_hyphen_values = true)]
+    pub mem: u64,
     /// Workload spec of the migrated VM, e.g. `dirty:rate=20000,wss=256M,pattern=random`.
     #[arg(long, default_value = "idle")]
     pub workload: String,
@@ -45,8 +48,8 @@ pub struct MigrationBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Comma-separated transports: classic, multi-tcp, shm, handover.
-    #[arg(long, default_value = "classic,multi-tcp,shm")]
-    pub transports: String,
+    #[arg(long, default_value = "classic,multi-tcp,shm", value_delimiter = ',', value_parser = crate::units::parse_transport)]
+    pub transports: Vec<TransportKind>,
     /// Repetitions of each transport (the table shows medians).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
@@ -54,11 +57,11 @@ pub struct MigrationBenchArgs {
     #[arg(long)]
     pub streams: Option<usize>,
     /// Downtime limit passed to `migrate`.
-    #[arg(long, default_value = "30ms")]
-    pub downtime_limit: String,
+    #[arg(long, default_value = "30ms", value_parser = crate::units::parse_duration)]
+    pub downtime_limit: Duration,
     /// Bandwidth cap passed to `migrate` (bytes/s with K/M/G suffixes); none by default.
-    #[arg(long)]
-    pub max_bandwidth: Option<String>,
+    #[arg(long, value_parser = crate::units::parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
     /// Also migrate a QEMU VM of the same size and dirty rate (`bench/peer-qemu.sh`, modes tcp and multifd).
     #[arg(long, value_parser = ["qemu"])]
     pub peer: Option<String>,
@@ -116,20 +119,8 @@ pub fn main(cmd: BenchCommand) -> Result<()> {
 }
 
 fn migration(args: MigrationBenchArgs) -> Result<()> {
-    let mem_bytes = crate::units::parse_size(&args.mem)?;
-    let transports: Vec<String> = args
-        .transports
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    for t in &transports {
-        if !["classic", "multi-tcp", "shm", "handover"].contains(&t.as_str()) {
-            return Err(usage!(
-                "unknown transport `{t}` (classic, multi-tcp, shm, handover)"
-            ));
-        }
-    }
+    let mem_bytes = args.mem;
+    let transports = args.transports.clone();
     if args.repeat == 0 {
         return Err(usage!("--repeat must be at least 1"));
     }
@@ -154,18 +145,23 @@ fn migration(args: MigrationBenchArgs) -> Result<()> {
     let work = tempfile::Builder::new().prefix("fastmig-bench").tempdir()?;
 
     let total_runs = transports.len() * args.repeat;
-    let bar = indicatif::ProgressBar::new(total_runs as u64);
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(total_runs as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg:30} [{bar:30}] {pos}/{len} {elapsed}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut runs: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for transport in &transports {
+        let name = transport.name();
         for rep in 0..args.repeat {
-            bar.set_message(format!("{transport} #{}", rep + 1));
-            let summary = one_migration(&args, transport, mem_bytes, work.path(), rep)
-                .with_context(|| format!("{transport} repetition {}", rep + 1))?;
-            runs.entry(transport.clone()).or_default().push(summary);
+            bar.set_message(format!("{name} #{}", rep + 1));
+            let summary = one_migration(&args, *transport, work.path(), rep)
+                .with_context(|| format!("{name} repetition {}", rep + 1))?;
+            runs.entry(name.to_string()).or_default().push(summary);
             bar.inc(1);
         }
     }
@@ -193,7 +189,7 @@ fn migration(args: MigrationBenchArgs) -> Result<()> {
         "workload": args.workload,
         "vcpus": args.vcpus,
         "repeat": args.repeat,
-        "downtime_limit": args.downtime_limit,
+        "downtime_limit": format!("{}ms", args.downtime_limit.as_millis()),
         "prefill": !args.no_prefill,
         "medians": medians,
         "runs": runs,
@@ -203,13 +199,14 @@ fn migration(args: MigrationBenchArgs) -> Result<()> {
     let table = markdown_table(&medians);
     std::fs::write(args.out.join("results.md"), &table)?;
     let chart = args.out.join("chart.svg");
-    crate::charts::migration_chart(&chart, &args.mem, &args.workload, &medians)?;
+    let mem = fastmig_vmm::format_size(args.mem);
+    crate::charts::migration_chart(&chart, &mem, &args.workload, &medians)?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         println!(
-            "mem {} workload {} ({} repetitions, medians)\n",
-            args.mem, args.workload, args.repeat
+            "mem {mem} workload {} ({} repetitions, medians; guest_dirty_pps: distinct pages/s the guest dirtied, at most the workload's requested rate; pages_sent: over all rounds)\n",
+            args.workload, args.repeat
         );
         println!("{table}");
         println!(
@@ -233,21 +230,24 @@ fn workload_rate(spec: &fastmig_vmm::WorkloadSpec) -> u64 {
 
 fn one_migration(
     args: &MigrationBenchArgs,
-    transport: &str,
-    mem_bytes: u64,
+    transport: TransportKind,
     work: &Path,
     rep: usize,
 ) -> Result<Value> {
-    let src_api = work.join(format!("src-{transport}-{rep}.sock"));
-    let dst_api = work.join(format!("dst-{transport}-{rep}.sock"));
+    let name = transport.name();
+    let mem_bytes = args.mem;
+    let src_api = work.join(format!("src-{name}-{rep}.sock"));
+    let dst_api = work.join(format!("dst-{name}-{rep}.sock"));
     let addr = match transport {
-        "shm" | "handover" => format!("unix:{}", work.join(format!("mig-{rep}.sock")).display()),
+        TransportKind::Shm | TransportKind::Handover => {
+            format!("unix:{}", work.join(format!("mig-{rep}.sock")).display())
+        }
         _ => format!("127.0.0.1:{}", free_loopback_port()?),
     };
     let mut run_args = vec![
         "run".to_string(),
         "--mem".into(),
-        args.mem.clone(),
+        mem_bytes.to_string(),
         "--workload".into(),
         args.workload.clone(),
         "--api".into(),
@@ -259,8 +259,10 @@ fn one_migration(
         run_args.push("--prefill".into());
     }
     let boot = Duration::from_secs(120);
-    let mut src = ChildVm::spawn("source", &run_args, &src_api, args.verbose, boot)?;
-    src.wait_status("running", boot, |st| st["status"] == "running")?;
+    let mut src = ChildVm::spawn("source", &run_args, work, args.verbose, boot)?;
+    src.wait_status("running", boot, |st| {
+        st.status == fastmig_host::RunStatus::Running
+    })?;
     let dst_args = vec![
         "incoming".to_string(),
         "--listen".into(),
@@ -272,11 +274,11 @@ fn one_migration(
         "--vcpus".into(),
         args.vcpus.to_string(),
     ];
-    let mut dst = ChildVm::spawn("destination", &dst_args, &dst_api, args.verbose, boot)?;
-    dst.wait_status("listening", boot, |st| st["listening"] == true)?;
+    let mut dst = ChildVm::spawn("destination", &dst_args, work, args.verbose, boot)?;
+    dst.wait_status("listening", boot, |st| st.listening == Some(true))?;
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.0)));
     // The rate the guest really reaches (distinct pages/s from the dirty log), not the target.
-    let guest_rate = src.call("query-status", json!({}))?["dirty_rate_pps"].clone();
+    let guest_rate = src.client.query_status()?.dirty_rate_pps;
 
     let mut mig_args = vec![
         "migrate".to_string(),
@@ -285,19 +287,20 @@ fn one_migration(
         "--to".into(),
         addr,
         "--transport".into(),
-        transport.to_string(),
+        name.to_string(),
         "--downtime-limit".into(),
-        args.downtime_limit.clone(),
+        format!("{}us", args.downtime_limit.as_micros()),
         "--json".into(),
     ];
-    if let Some(n) = args.streams {
+    if let TransportKind::MultiTcp { streams } = transport {
+        let n = args.streams.map_or(streams as usize, |n| n);
         mig_args.extend(["--streams".to_string(), n.to_string()]);
     }
-    if let Some(bw) = &args.max_bandwidth {
-        mig_args.extend(["--max-bandwidth".to_string(), bw.clone()]);
+    if let Some(bw) = args.max_bandwidth {
+        mig_args.extend(["--max-bandwidth".to_string(), bw.to_string()]);
     }
     let mut summary = run_json(&mig_args)?;
-    summary["guest_dirty_pps"] = guest_rate;
+    summary["guest_dirty_pps"] = json!(guest_rate);
     if summary["status"] != "completed" {
         bail!("migration did not complete: {summary}");
     }
@@ -313,17 +316,11 @@ fn qemu_peer(args: &MigrationBenchArgs, mode: &str, rate: u64) -> Result<Vec<Val
             "--peer qemu needs bench/peer-qemu.sh: run from the repository root"
         ));
     }
-    let limit_ms = crate::units::parse_duration(&args.downtime_limit)?.as_millis();
+    let limit_ms = args.downtime_limit.as_millis();
+    let mem = args.mem.to_string();
     let mut cmd = std::process::Command::new("bash");
     cmd.arg(script)
-        .args([
-            "--mem",
-            &args.mem,
-            "--rate",
-            &rate.to_string(),
-            "--mode",
-            mode,
-        ])
+        .args(["--mem", &mem, "--rate", &rate.to_string(), "--mode", mode])
         .args(["--repeat", &args.repeat.to_string()])
         .args(["--downtime-limit", &limit_ms.to_string()]);
     if mode == "multifd" {

@@ -1,6 +1,14 @@
-//! Error conventions at the binary edge: one clear line, and exit code 2 for bad input.
+//! Error conventions at the binary edge: one clear line on stderr, and one exit-code rule.
+//!
+//! - 2: the command line or the request is wrong and must be changed: a bad flag or value,
+//!   a socket path that is not free, a request the VM process refuses (unknown command, bad
+//!   argument, a VM not in a state to do it), a missing `/dev/kvm`;
+//! - 1: something failed while running: no VM process answers at the control socket, a
+//!   migration failed, a guest failed, a file could not be written.
 
 use std::fmt;
+
+use fastmig_host::{ClientError, HostError};
 
 /// Marks an error as the user's input being wrong (exit code 2) rather than a runtime failure.
 #[derive(Debug)]
@@ -22,9 +30,18 @@ macro_rules! usage {
     };
 }
 
-/// Exit code for an error: 2 when any error in the chain is a [`UsageError`], else 1.
+/// Exit code for an error (see the module doc).
 pub fn exit_code(err: &anyhow::Error) -> i32 {
-    if err.chain().any(|e| e.is::<UsageError>()) {
+    let usage = err.chain().any(|e| {
+        e.is::<UsageError>()
+            || e.downcast_ref::<HostError>()
+                .is_some_and(HostError::is_usage)
+            || matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::Refused(_))
+            )
+    });
+    if usage {
         2
     } else {
         1
@@ -56,5 +73,11 @@ mod tests {
         assert_eq!(one_line(&err), "parsing --workload: bad spec");
         let runtime = anyhow::anyhow!("connection reset");
         assert_eq!(exit_code(&runtime), 1);
+        let refused = anyhow::Error::new(ClientError::Refused(
+            fastmig_host::CommandError::generic("no migration in progress"),
+        ));
+        assert_eq!(exit_code(&refused.context("migrate-cancel")), 2);
+        let missing = anyhow::Error::new(HostError::NotASocket("/tmp/x".into()));
+        assert_eq!(exit_code(&missing), 2);
     }
 }

@@ -1,26 +1,37 @@
 //! `fastmig`: the one binary. Each subcommand lives in its own module; this file only parses
 //! the command line, sets up logging and maps errors to exit codes.
 //!
-//! Exit codes: 0 success, 1 a runtime failure (for example a failed migration), 2 bad input
-//! (a malformed spec, a missing `/dev/kvm`, a size that does not fit).
+//! Exit codes (see `error.rs`): 0 success; 2 the command line or the request must be changed
+//! (a bad flag or value, a request the VM process refuses, a missing `/dev/kvm`); 1 a failure
+//! while running (no VM answers at the socket, a failed migration, a failed guest). Every
+//! error is one line on stderr, clap's own included.
 
-mod api;
 mod bench_cmd;
 mod charts;
+mod daemon;
 mod error;
-mod host;
-mod kvm_adapter;
 mod migrate_cmd;
 mod procs;
+mod shell_cmd;
 mod sim_cmd;
 mod units;
 mod vm_cmd;
 
-use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Fast live migration of KVM virtual machines, and consolidation built on it.
+///
+/// Figures in the output: `progress` is the guest's own counter (pages its workload wrote
+/// plus idle heartbeats); "dirty pages/s" counts distinct pages per second from KVM's dirty
+/// log, at most the workload's requested write `rate`; "pages sent" counts over all
+/// pre-copy rounds, so it can exceed the pages of memory.
+///
+/// Exit codes: 0 success; 2 the command line or the request must be changed; 1 a failure
+/// while running (no VM answers at the socket, a failed migration).
 #[derive(Parser, Debug)]
-#[command(name = "fastmig", version, about, long_about = None)]
+#[command(name = "fastmig", version, about, long_about)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `fastmig_migration=debug`.
     /// `RUST_LOG` is used when this is not given.
@@ -30,6 +41,7 @@ struct Cli {
     command: Command,
 }
 
+/// The subcommands: one variant and one dispatch arm each.
 #[derive(Subcommand, Debug)]
 enum Command {
     #[command(flatten)]
@@ -41,16 +53,66 @@ enum Command {
     Bench(bench_cmd::BenchCommand),
     /// Run the trace-driven data-centre simulator.
     Simulate(sim_cmd::SimulateArgs),
+    #[command(flatten)]
+    Shell(shell_cmd::ShellCommand),
+}
+
+/// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
+pub fn no_color() -> bool {
+    std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
+}
+
+/// The clap command, with colour off under `NO_COLOR`.
+pub fn cli_command() -> clap::Command {
+    let cmd = Cli::command();
+    if no_color() {
+        cmd.color(clap::ColorChoice::Never)
+    } else {
+        cmd
+    }
+}
+
+fn parse() -> Cli {
+    let parsed = cli_command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            // One line, like every other error: clap's message and hints (possible values,
+            // tips) joined, without the usage block.
+            let text = e.to_string();
+            let parts: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                .collect();
+            eprintln!("fastmig: {} (see --help)", parts.join("; "));
+            std::process::exit(2);
+        }
+    }
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     init_logging(cli.log.as_deref());
     let result = match cli.command {
         Command::Vm(cmd) => vm_cmd::main(cmd),
         Command::Migrate(cmd) => migrate_cmd::main(cmd),
         Command::Bench(cmd) => bench_cmd::main(cmd),
         Command::Simulate(args) => sim_cmd::main(args),
+        Command::Shell(cmd) => shell_cmd::main(cmd),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));
@@ -66,6 +128,7 @@ fn init_logging(filter: Option<&str>) {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(!no_color() && std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

@@ -2,25 +2,23 @@
 //! the source through its control socket), and `demo` (both ends on loopback).
 //!
 //! ```text
-//!  fastmig migrate ──control socket──► source process ──migrate()──► destination process
+//!  fastmig migrate ──ControlClient──► source process ──migrate()──► destination process
 //!     polls query-migrate, shows progress                          (fastmig incoming)
 //! ```
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fastmig_migration::{
-    Endpoint, HandoverRegion, IncomingVm, Listener, ReceiveOptions, ReceiveSummary, VmError,
-    VmLayout,
-};
-use fastmig_vmm::{Vm, VmConfig};
-use serde_json::{json, Value};
+use fastmig_host::run::IncomingConfig;
+use fastmig_host::{ControlClient, MigrateState, MigrationRequest};
+use fastmig_migration::{Endpoint, MigrationStatus, MigrationSummary, OnNoConverge, TransportKind};
+use serde_json::json;
 
-use crate::host::Host;
-use crate::kvm_adapter::KvmMigratable;
-use crate::{api, units, usage};
+use crate::daemon::{self, Readiness};
+use crate::units;
+use crate::vm_cmd::ApiTarget;
 
 /// Migration subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -28,18 +26,20 @@ pub enum MigrateCommand {
     /// Wait for one incoming migration, check it, and only then run the VM.
     ///
     /// The VM is resumed only after every batch checksum and the whole-memory digest match;
-    /// on any failure it is never started and the process exits 1.
+    /// on any failure it is never started and the process exits 1. Once the VM runs, the
+    /// process serves it (status `running`) until `quit` or Ctrl-C.
     Incoming(IncomingArgs),
     /// Live-migrate the VM of a running `fastmig run` to a destination.
     ///
-    /// Shows progress (round, pages remaining, rate) and ends with a summary. A failed
-    /// migration exits 1 with one line saying what failed; the VM keeps running on the source.
+    /// Shows progress on a terminal (round, pages left, dirty pages/s, bandwidth) and ends
+    /// with a summary. A failed migration exits 1 with one line saying what failed; the VM
+    /// keeps running on the source. After success the source stays paused (`postmigrate`)
+    /// until `quit`, unless `--quit-source` is given.
     Migrate(MigrateArgs),
     /// Cancel the migration in flight; the VM keeps running on the source.
     MigrateCancel {
-        /// Control socket of the source VM.
-        #[arg(long)]
-        api: PathBuf,
+        #[command(flatten)]
+        target: ApiTarget,
     },
     /// Start a source and a destination on loopback, live-migrate a `verify` VM that dirties
     /// memory, check every page on the destination, and print the summary.
@@ -49,81 +49,116 @@ pub enum MigrateCommand {
 /// Arguments of `fastmig incoming`.
 #[derive(clap::Args, Debug)]
 pub struct IncomingArgs {
-    /// Where to listen: `HOST:PORT` (TCP; classic, multi-tcp) or `unix:PATH` (shm, handover).
-    #[arg(long)]
-    pub listen: String,
+    /// Where to listen: `HOST:PORT` (TCP) or `unix:PATH` (same host; needed by shm and
+    /// handover).
+    #[arg(long, value_parser = units::parse_endpoint)]
+    pub listen: Endpoint,
     /// Control socket path (status shows `inmigrate` until the VM runs).
     #[arg(long)]
     pub api: Option<PathBuf>,
     /// Guest memory size. With it, the VM and its memory are prepared (pre-faulted) before
     /// the migration begins, and a source of another size is refused. Without it, the VM is
     /// built to the source's size during setup (counted in the setup time).
-    #[arg(long)]
-    pub mem: Option<String>,
+    #[arg(long, value_parser = units::parse_mem, allow_hyphen_values = true)]
+    pub mem: Option<u64>,
     /// Number of vCPUs the source must have.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
     /// Give up if no source connects within this time (default: wait forever).
-    #[arg(long)]
-    pub accept_timeout: Option<String>,
+    #[arg(long, value_parser = units::parse_timeout, allow_hyphen_values = true)]
+    pub accept_timeout: Option<Duration>,
     /// A source silent for this long fails the migration.
-    #[arg(long, default_value = "10s")]
-    pub timeout: String,
+    #[arg(long, default_value = "10s", value_parser = units::parse_timeout, allow_hyphen_values = true)]
+    pub timeout: Duration,
     /// Print the destination's summary as JSON on stdout once the VM runs.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub ready: Readiness,
 }
 
 /// Arguments of `fastmig migrate`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MigrateArgs {
-    /// Control socket of the source VM (`fastmig run --api`).
-    #[arg(long)]
-    pub api: PathBuf,
+    #[command(flatten)]
+    pub target: ApiTarget,
     /// Destination: `HOST:PORT` or `unix:PATH` (same host; needed by shm and handover).
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, value_parser = units::parse_endpoint)]
+    pub to: Endpoint,
     /// Transport: classic (one TCP stream, a header per page: the baseline), multi-tcp
-    /// (parallel streams, batched runs, zero-copy), shm (one-sided writes into the
-    /// destination's memory, same host), handover (pass the memory itself, same host).
-    #[arg(long, default_value = "classic")]
-    pub transport: String,
-    /// Streams for multi-tcp (default: number of cores).
-    #[arg(long)]
+    /// (parallel streams, batched runs, zero-copy; `multi-tcp:N` for N streams), shm
+    /// (one-sided writes into the destination's memory, same host), handover (pass the
+    /// memory itself, same host).
+    #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
+    pub transport: TransportKind,
+    /// Streams for multi-tcp, 1..=64 (default: number of cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(fastmig_host::command::MAX_STREAMS)))]
     pub streams: Option<u32>,
     /// Bandwidth cap for page data, bytes/s (`1G`) or bits/s (`10gbit`). Default: none.
-    #[arg(long)]
-    pub max_bandwidth: Option<String>,
+    #[arg(long, value_parser = units::parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
     /// Largest acceptable downtime (pause on the source to resume on the destination).
-    #[arg(long, default_value = "30ms")]
-    pub downtime_limit: String,
-    /// Most pre-copy rounds, including the first full pass.
-    #[arg(long, default_value_t = 30)]
-    pub max_rounds: u32,
+    /// Default: the engine's.
+    #[arg(long, value_parser = units::parse_duration, allow_hyphen_values = true)]
+    pub downtime_limit: Option<Duration>,
+    /// Most pre-copy rounds, including the first full pass. Default: the engine's (30).
+    #[arg(long)]
+    pub max_rounds: Option<u32>,
     /// When rounds stop converging: `wait` (keep going up to --max-rounds, then fail),
     /// `force` (stop and copy now, whatever the downtime) or `abort` (fail at once).
-    #[arg(long, default_value = "wait")]
-    pub on_no_converge: String,
-    /// A destination silent for this long fails the migration.
-    #[arg(long, default_value = "10s")]
-    pub timeout: String,
+    #[arg(long, value_parser = units::parse_on_no_converge)]
+    pub on_no_converge: Option<OnNoConverge>,
+    /// A destination silent for this long fails the migration. Default: the engine's (10s).
+    #[arg(long, value_parser = units::parse_timeout, allow_hyphen_values = true)]
+    pub timeout: Option<Duration>,
+    /// Once the destination runs the VM, tell the source process to quit (it would
+    /// otherwise stay, paused in `postmigrate`, until `quit`).
+    #[arg(long)]
+    pub quit_source: bool,
     /// Print one JSON object (the summary, or `{"status":"failed",...}`) on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl MigrateArgs {
+    /// The `migrate` request these flags ask for; what is not given keeps the one default.
+    pub fn request(&self) -> Result<MigrationRequest> {
+        let d = MigrationRequest::default();
+        let mut transport = self.transport;
+        if let Some(n) = self.streams {
+            match &mut transport {
+                TransportKind::MultiTcp { streams } => *streams = n,
+                _ => {
+                    return Err(crate::usage!(
+                        "--streams applies only to --transport multi-tcp"
+                    ))
+                }
+            }
+        }
+        Ok(MigrationRequest {
+            uri: self.to.to_string(),
+            transport,
+            downtime_limit: self.downtime_limit.unwrap_or(d.downtime_limit),
+            max_bandwidth: self.max_bandwidth.or(d.max_bandwidth),
+            max_rounds: self.max_rounds.unwrap_or(d.max_rounds),
+            on_no_converge: self.on_no_converge.unwrap_or(d.on_no_converge),
+            timeout: self.timeout.unwrap_or(d.timeout),
+        })
+    }
 }
 
 /// Arguments of `fastmig demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Guest memory size.
-    #[arg(long, default_value = "64M")]
-    pub mem: String,
+    #[arg(long, default_value = "64M", value_parser = units::parse_mem, allow_hyphen_values = true)]
+    pub mem: u64,
     /// Workload of the migrated VM (a `verify` workload is checked page by page).
-    #[arg(long, default_value = "verify:rate=5000,wss=32M,pattern=random")]
-    pub workload: String,
+    #[arg(long, default_value = "verify:rate=5000,wss=32M,pattern=random", value_parser = units::parse_workload)]
+    pub workload: fastmig_vmm::WorkloadSpec,
     /// Transport.
-    #[arg(long, default_value = "classic")]
-    pub transport: String,
+    #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
+    pub transport: TransportKind,
     /// Seconds the VM runs on the source before it migrates.
     #[arg(long, default_value_t = 2.0)]
     pub warmup_s: f64,
@@ -138,16 +173,21 @@ pub struct DemoArgs {
 /// Runs a migration subcommand.
 pub fn main(cmd: MigrateCommand) -> Result<()> {
     match cmd {
-        MigrateCommand::Incoming(args) => incoming(&args),
+        MigrateCommand::Incoming(args) => incoming(args),
         MigrateCommand::Migrate(args) => {
-            let summary = migrate(&args)?;
+            let client = args.target.connect()?;
+            let mem_pages = client
+                .query_vm()
+                .ok()
+                .map(|v| v.mem_size / fastmig_vmm::PAGE_SIZE);
+            let summary = migrate(&client, &args)?;
             if !args.json {
-                print_summary(&summary);
+                print_summary(&summary, mem_pages);
             }
             Ok(())
         }
-        MigrateCommand::MigrateCancel { api } => {
-            api::call(&api, "migrate-cancel", None)?;
+        MigrateCommand::MigrateCancel { target } => {
+            target.connect()?.migrate_cancel()?;
             eprintln!("fastmig: cancel requested; the VM keeps running on the source");
             Ok(())
         }
@@ -155,156 +195,43 @@ pub fn main(cmd: MigrateCommand) -> Result<()> {
     }
 }
 
-fn parse_endpoint(s: &str) -> Result<Endpoint> {
-    s.parse()
-        .map_err(|e: fastmig_migration::BadEndpoint| usage!("{e}"))
-}
-
-fn incoming(args: &IncomingArgs) -> Result<()> {
-    let endpoint = parse_endpoint(&args.listen)?;
-    let accept_timeout = args
-        .accept_timeout
-        .as_deref()
-        .map(units::parse_duration)
-        .transpose()?;
-    let io_timeout = units::parse_duration(&args.timeout)?;
-    let mem_size = args.mem.as_deref().map(units::parse_size).transpose()?;
-    let vcpus = args.vcpus;
-    let host = Host::incoming();
-    let server = match &args.api {
-        Some(path) => Some(api::ApiServer::start(Arc::clone(&host), path)?),
-        None => None,
+fn incoming(args: IncomingArgs) -> Result<()> {
+    daemon::maybe_daemonize(&args.ready)?;
+    let cfg = IncomingConfig {
+        listen: args.listen,
+        api: args.api,
+        mem_size: args.mem,
+        vcpus: args.vcpus,
+        accept_timeout: args.accept_timeout,
+        io_timeout: args.timeout,
+        ready_file: args.ready.ready_file,
     };
-    let result = (|| -> Result<()> {
-        let idle: fastmig_vmm::WorkloadSpec = "idle".parse().map_err(crate::vm_cmd::vmm_error)?;
-        let config = |mem_size: u64, vcpus: u8| VmConfig {
-            mem_size,
-            vcpus,
-            // Replaced by the source's workload when its state is restored.
-            workload: idle.clone(),
-        };
-        // With --mem the VM is built and pre-faulted before anyone connects, as a hypervisor
-        // creates the destination VM first: first-touch faults cost 2.5-14 us a page here and
-        // must not land in the migration. Without it, the same happens during setup.
-        let prepared = match mem_size {
-            Some(mem_size) => {
-                let t = Instant::now();
-                let vm = Arc::new(
-                    Vm::new_incoming(config(mem_size, vcpus)).map_err(crate::vm_cmd::vmm_error)?,
-                );
-                tracing::info!(
-                    ms = t.elapsed().as_secs_f64() * 1e3,
-                    "destination memory prepared"
-                );
-                host.set_vm(Arc::clone(&vm));
-                IncomingVm::Prepared(KvmMigratable::new(vm))
+    let as_json = args.json;
+    fastmig_host::run::incoming(&cfg, &mut |ev| {
+        if let (true, fastmig_host::run::Event::Received(s)) = (as_json, &ev) {
+            match serde_json::to_string(s) {
+                Ok(line) => println!("{line}"),
+                Err(e) => tracing::warn!("cannot print the summary: {e}"),
             }
-            None => IncomingVm::OnDemand,
-        };
-        let listener = Listener::bind(&endpoint).map_err(|e| {
-            usage!(
-                "cannot listen on {}: {}",
-                args.listen,
-                crate::error::one_line(&e.into())
-            )
-        })?;
-        host.set_listening();
-        eprintln!("fastmig: waiting for an incoming migration on {endpoint}");
-        let opts = ReceiveOptions {
-            accept_timeout,
-            io_timeout,
-            ..ReceiveOptions::default()
-        };
-        let make_vm = |layout: &VmLayout, regions: Option<Vec<HandoverRegion>>| {
-            build_destination_vm(layout, regions, &config)
-        };
-        let (vm, summary) = fastmig_migration::receive_any(&listener, &opts, prepared, make_vm)
-            .map_err(|e| {
-                anyhow::Error::new(e).context("incoming migration failed; the VM was not started")
-            })?;
-        host.set_vm(Arc::clone(vm.vm()));
-        host.incoming_done();
-        report_incoming(&summary, args.json)?;
-        crate::vm_cmd::install_termination_handlers();
-        crate::vm_cmd::wait_for_exit(&host)
-    })();
-    if let Some(server) = &server {
-        server.close();
-    }
-    if let Some(vm) = host.vm() {
-        vm.shutdown();
-    }
-    result
-}
-
-/// Builds the destination VM during setup: on fresh, pre-faulted memory of the source's size,
-/// or (handover) on the source's own memfd, so that nothing is copied.
-fn build_destination_vm(
-    layout: &VmLayout,
-    regions: Option<Vec<HandoverRegion>>,
-    config: &dyn Fn(u64, u8) -> VmConfig,
-) -> Result<KvmMigratable, VmError> {
-    let vcpus = u8::try_from(layout.vcpus)
-        .map_err(|_| VmError::msg(format!("{} vCPUs is more than this VMM runs", layout.vcpus)))?;
-    let cfg = config(layout.memory_bytes(), vcpus);
-    let vm = match regions {
-        None => Vm::new_incoming(cfg),
-        Some(mut regions) => {
-            // This VMM maps all guest memory as one memfd region at GPA 0.
-            let single = regions.len() == 1 && regions[0].gpa == 0 && regions[0].fd_offset == 0;
-            let Some(region) = regions.pop().filter(|_| single) else {
-                return Err(VmError::msg(
-                    "handover: this VMM takes one memory region at GPA 0, offset 0",
-                ));
-            };
-            Vm::from_memory_fd(cfg, region.fd)
         }
-    }
-    .map_err(|e| VmError::with_source("building the destination VM", e))?;
-    Ok(KvmMigratable::new(Arc::new(vm)))
-}
-
-fn report_incoming(summary: &ReceiveSummary, as_json: bool) -> Result<()> {
-    if as_json {
-        println!("{}", serde_json::to_string(summary)?);
-    }
-    eprintln!(
-        "fastmig: migration received ({}, {} pages, {:.1} ms, digest {:#018x}); VM running",
-        summary.transport, summary.pages_received, summary.total_ms, summary.digest
-    );
+        crate::vm_cmd::print_event(&ev, cfg.api.as_deref());
+    })?;
     Ok(())
 }
 
 /// Starts a migration on the source and follows it to the end; returns the summary of a
 /// completed migration, or an error saying what failed (the VM then runs on the source).
-pub fn migrate(args: &MigrateArgs) -> Result<Value> {
-    parse_endpoint(&args.to)?;
-    if !["wait", "force", "abort"].contains(&args.on_no_converge.as_str()) {
-        return Err(usage!(
-            "--on-no-converge `{}`: expected wait, force or abort",
-            args.on_no_converge
-        ));
-    }
-    let mut req = json!({
-        "uri": args.to,
-        "transport": args.transport,
-        "downtime_limit_ms": units::parse_duration(&args.downtime_limit)?.as_millis() as u64,
-        "max_rounds": args.max_rounds,
-        "on_no_converge": args.on_no_converge,
-        "timeout_ms": units::parse_duration(&args.timeout)?.as_millis() as u64,
-    });
-    if let Some(n) = args.streams {
-        req["streams"] = json!(n);
-    }
-    if let Some(bw) = &args.max_bandwidth {
-        req["max_bandwidth"] = json!(units::parse_bandwidth(bw)?);
-    }
-    api::call(&args.api, "migrate", Some(req)).map_err(|e| {
+pub fn migrate(client: &ControlClient, args: &MigrateArgs) -> Result<MigrationSummary> {
+    let request = args.request()?;
+    client.migrate(&request).map_err(|e| {
         // Refusals at this point (bad transport, VM not running) are the user's to fix.
-        usage!("migration not started: {}", crate::error::one_line(&e))
+        crate::usage!(
+            "migration not started: {}",
+            crate::error::one_line(&e.into())
+        )
     })?;
-    crate::vm_cmd::install_termination_handlers();
-    let bar = if args.json {
+    let signalled = fastmig_host::run::termination_flag();
+    let bar = if args.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {
         let b = indicatif::ProgressBar::new_spinner();
@@ -317,34 +244,27 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
     };
     let mut cancel_sent = false;
     let result = loop {
-        if crate::vm_cmd::signalled() && !cancel_sent {
+        if signalled.load(std::sync::atomic::Ordering::SeqCst) && !cancel_sent {
             cancel_sent = true;
             bar.set_message("cancelling...");
-            let _ = api::call(&args.api, "migrate-cancel", None);
+            let _ = client.migrate_cancel();
         }
-        let st = api::call(&args.api, "query-migrate", None)
+        let state = client
+            .query_migrate()
             .context("asking the source how the migration goes")?;
-        match st["status"].as_str().unwrap_or("") {
-            "active" => {
-                let p = &st["progress"];
-                if p.is_object() {
-                    bar.set_message(format!(
-                        "round {} | {} pages left | dirty {:.0} pages/s | {:.0} MiB/s | {:.1} MiB sent",
-                        p["round"],
-                        p["remaining_pages"],
-                        p["dirty_rate_pages_s"].as_f64().unwrap_or(0.0),
-                        p["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
-                        p["bytes_sent"].as_f64().unwrap_or(0.0) / (1u64 << 20) as f64
-                    ));
-                } else {
-                    bar.set_message("setting up");
-                }
-            }
-            "completed" => break Ok(st["summary"].clone()),
-            "failed" | "cancelled" => {
-                break Err(st["error"].as_str().unwrap_or("unknown error").to_string())
-            }
-            other => break Err(format!("unexpected migration status `{other}`")),
+        match state {
+            MigrateState::Active { progress: Some(p) } => bar.set_message(format!(
+                "round {} | {} dirty pages left | {:.0} dirty pages/s | {:.0} MiB/s | {:.1} MiB sent",
+                p.round,
+                p.remaining_pages,
+                p.dirty_rate_pages_s,
+                p.bandwidth_mib_s,
+                p.bytes_sent as f64 / (1u64 << 20) as f64
+            )),
+            MigrateState::Active { progress: None } => bar.set_message("setting up"),
+            MigrateState::Completed { summary } => break Ok(summary),
+            MigrateState::Failed { error } | MigrateState::Cancelled { error } => break Err(error),
+            MigrateState::None => break Err("the source reports no migration".to_string()),
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -352,7 +272,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
     match result {
         Ok(summary) => {
             if args.json {
-                println!("{summary}");
+                println!("{}", summary_json(&summary));
+            }
+            if args.quit_source {
+                client.quit().context("telling the source to quit")?;
             }
             Ok(summary)
         }
@@ -360,7 +283,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
             if args.json {
                 println!(
                     "{}",
-                    json!({"status": "failed", "error": error, "transport": args.transport})
+                    json!({"status": "failed", "error": error, "transport": request.transport.name()})
                 );
             }
             bail!("migration failed: {error}; the VM still runs on the source")
@@ -368,32 +291,53 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
     }
 }
 
-fn print_summary(s: &Value) {
-    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+/// The summary as `migrate --json` prints it: `status` is `completed` and `forced` says
+/// whether stop-and-copy was forced.
+fn summary_json(s: &MigrationSummary) -> serde_json::Value {
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    v["forced"] = json!(s.status == MigrationStatus::CompletedForced);
+    v["status"] = json!("completed");
+    v
+}
+
+fn print_summary(s: &MigrationSummary, mem_pages: Option<u64>) {
+    let forced = if s.status == MigrationStatus::CompletedForced {
+        ", stop-and-copy forced"
+    } else {
+        ""
+    };
+    println!("migration completed ({}{forced})", s.transport);
+    println!("  total        {:>10.1} ms", s.total_ms);
     println!(
-        "migration {} ({})",
-        s["status"].as_str().unwrap_or("?"),
-        s["transport"].as_str().unwrap_or("?")
+        "  downtime     {:>10.1} ms   (paused on the source until running on the destination)",
+        s.downtime_ms
     );
-    println!("  total        {:>10.1} ms", f("total_ms"));
-    println!("  downtime     {:>10.1} ms", f("downtime_ms"));
-    println!("  setup        {:>10.1} ms", f("setup_ms"));
-    println!("  rounds       {:>10}", s["rounds"]);
+    println!("  setup        {:>10.1} ms", s.setup_ms);
     println!(
-        "  pages sent   {:>10}   (zero pages skipped: {})",
-        s["pages_sent"], s["zero_pages_skipped"]
+        "  rounds       {:>10}      (passes over memory; the last with the VM paused)",
+        s.rounds
+    );
+    let of_memory = mem_pages
+        .map(|n| format!("; the VM has {n} pages"))
+        .unwrap_or_default();
+    println!(
+        "  pages sent   {:>10}      (over all rounds, re-sent pages counted{of_memory})",
+        s.pages_sent
+    );
+    println!(
+        "  zero pages   {:>10}      (all-zero pages sent as a flag only, over all rounds)",
+        s.zero_pages_skipped
     );
     println!(
         "  bytes sent   {:>10.1} MiB",
-        f("bytes_sent") / (1u64 << 20) as f64
+        s.bytes_sent as f64 / (1u64 << 20) as f64
     );
-    println!("  throughput   {:>10.1} MiB/s", f("throughput_mib_s"));
+    println!("  throughput   {:>10.1} MiB/s", s.throughput_mib_s);
     println!(
         "  CPU          {:>10.3} s source, {:.3} s destination",
-        f("src_cpu_s"),
-        f("dst_cpu_s")
+        s.src_cpu_s, s.dst_cpu_s
     );
-    println!("  digest match {:>10}", s["digest_match"]);
+    println!("  digest match {:>10}", s.digest_match);
 }
 
 /// Demo narration: stdout normally, stderr under `--json` (stdout then holds only JSON).
@@ -409,20 +353,25 @@ macro_rules! say {
 
 fn demo(args: &DemoArgs) -> Result<()> {
     use crate::procs::{free_loopback_port, ChildVm};
-    let work = tempfile::Builder::new().prefix("fastmig-demo").tempdir()?;
+    let work = tempfile::Builder::new()
+        .prefix("fastmig-demo")
+        .tempdir()
+        .context("creating a scratch directory")?;
     let src_api = work.path().join("src.sock");
     let dst_api = work.path().join("dst.sock");
-    let mem_size = units::parse_size(&args.mem)?;
-    let to = match args.transport.as_str() {
-        "shm" | "handover" => format!("unix:{}", work.path().join("mig.sock").display()),
+    let to = match args.transport {
+        TransportKind::Shm | TransportKind::Handover => {
+            format!("unix:{}", work.path().join("mig.sock").display())
+        }
         _ => format!("127.0.0.1:{}", free_loopback_port()?),
     };
     let boot = Duration::from_secs(60);
     let s = |x: &str| x.to_string();
+    let mem = args.mem.to_string();
     say!(
         args,
         "demo: source VM {} running `{}`",
-        args.mem,
+        fastmig_vmm::format_size(args.mem),
         args.workload
     );
     let mut src = ChildVm::spawn(
@@ -430,84 +379,98 @@ fn demo(args: &DemoArgs) -> Result<()> {
         &[
             s("run"),
             s("--mem"),
-            args.mem.clone(),
+            mem.clone(),
             s("--workload"),
-            args.workload.clone(),
+            args.workload.to_string(),
             s("--api"),
             src_api.display().to_string(),
         ],
-        &src_api,
+        work.path(),
         args.verbose,
         boot,
     )?;
-    src.wait_status("running", boot, |st| st["status"] == "running")?;
-    let dst = ChildVm::spawn(
+    src.wait_status("running", boot, |st| {
+        st.status == fastmig_host::RunStatus::Running
+    })?;
+    let mut dst = ChildVm::spawn(
         "destination",
         &[
             s("incoming"),
             s("--listen"),
             to.clone(),
             s("--mem"),
-            mem_size.to_string(),
+            mem,
             s("--api"),
             dst_api.display().to_string(),
         ],
-        &dst_api,
+        work.path(),
         args.verbose,
         boot,
     )?;
-    let mut dst = dst;
-    dst.wait_status("listening", boot, |st| st["listening"] == true)?;
+    dst.wait_status("listening", boot, |st| st.listening == Some(true))?;
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.0)));
-    let before = src.call("query-status", json!({}))?;
+    let before = src.client.query_status()?;
     say!(
         args,
-        "demo: source progress {} at {:.0} dirty pages/s; migrating to {to} with {}",
-        before["progress"],
-        before["dirty_rate_pps"].as_f64().unwrap_or(0.0),
-        args.transport
+        "demo: source progress {} (guest counter), {:.0} distinct dirty pages/s (the workload's requested write rate is an upper bound); migrating to {to} with {}",
+        before.progress,
+        before.dirty_rate_pps,
+        args.transport.name()
     );
-    let summary = migrate(&MigrateArgs {
-        api: src_api.clone(),
-        to,
-        transport: args.transport.clone(),
-        streams: None,
-        max_bandwidth: None,
-        downtime_limit: "30ms".into(),
-        max_rounds: 30,
-        on_no_converge: "force".into(),
-        timeout: "10s".into(),
-        json: args.json,
-    })?;
-    let src_last = src.call("query-status", json!({}))?;
+    let summary = migrate(
+        &src.client,
+        &MigrateArgs {
+            target: ApiTarget {
+                api: src_api.clone(),
+                wait: Duration::ZERO,
+            },
+            to: units::parse_endpoint(&to).map_err(|e| anyhow::anyhow!(e))?,
+            transport: args.transport,
+            streams: None,
+            max_bandwidth: None,
+            downtime_limit: None,
+            max_rounds: None,
+            on_no_converge: Some(OnNoConverge::Force),
+            timeout: None,
+            quit_source: false,
+            json: args.json,
+        },
+    )?;
+    let src_last = src.client.query_status()?;
     let after = dst.wait_status("running on the destination", boot, |st| {
-        st["status"] == "running"
+        st.status == fastmig_host::RunStatus::Running
     })?;
-    let src_progress = src_last["progress"].as_u64().unwrap_or(0);
-    let dst_progress = after["progress"].as_u64().unwrap_or(0);
-    if dst_progress < src_progress {
-        bail!("destination progress {dst_progress} is behind the source's last {src_progress}");
+    if after.progress < src_last.progress {
+        bail!(
+            "destination progress {} is behind the source's last {}",
+            after.progress,
+            src_last.progress
+        );
     }
     std::thread::sleep(Duration::from_millis(500));
-    let later = dst.call("query-status", json!({}))?["progress"]
-        .as_u64()
-        .unwrap_or(0);
-    let verified = if args.workload.starts_with("verify") {
-        let report = dst.call("verify-memory", json!({}))?;
-        if report["errors"].as_u64() != Some(0) {
-            bail!("verify-memory on the destination found errors: {report}");
+    let later = dst.client.query_status()?.progress;
+    let verified = if args.workload.kind == fastmig_vmm::WorkloadKind::Verify {
+        let report = dst.client.verify_memory()?;
+        if report.errors != 0 {
+            bail!(
+                "verify-memory on the destination found {} errors: {:?}",
+                report.errors,
+                report.first_errors
+            );
         }
-        Some(report["pages_checked"].as_u64().unwrap_or(0))
+        Some(report.pages_checked)
     } else {
         None
     };
     if !args.json {
-        print_summary(&summary);
+        print_summary(&summary, Some(args.mem / fastmig_vmm::PAGE_SIZE));
     }
     say!(
         args,
-        "demo: source paused at progress {src_progress} ({}); destination continued from {dst_progress} to {later}",
-        src_last["status"].as_str().unwrap_or("?")
+        "demo: source paused at progress {} ({}); destination continued from {} to {later}",
+        src_last.progress,
+        src_last.status,
+        after.progress
     );
     if let Some(pages) = verified {
         say!(
@@ -515,7 +478,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
             "demo: verify-memory on the destination: {pages} pages checked, 0 errors"
         );
     }
-    if later <= dst_progress && args.workload != "idle" {
+    if later <= after.progress && args.workload.kind != fastmig_vmm::WorkloadKind::Idle {
         bail!("the VM did not make progress on the destination");
     }
     dst.quit().ok();

@@ -1,71 +1,125 @@
 //! Child `fastmig` processes, for `demo` and `bench`: a source (`run`) and a destination
-//! (`incoming`) started from this same binary, driven over their control sockets, and killed on
+//! (`incoming`) started from this same binary, driven through [`ControlClient`], and killed on
 //! drop so that an error half-way never leaves a VM behind.
+//!
+//! A child's stderr goes to a log file in the caller's scratch directory (or to our stderr
+//! with `verbose`); when a child fails, its own last error line is part of our error, and a
+//! child that exits 2 (bad input) makes ours a usage error too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
-
-use crate::api;
+use fastmig_host::{ControlClient, StatusInfo};
+use serde_json::Value;
 
 /// A `fastmig` child process with a control socket.
 pub struct ChildVm {
     /// What it is, for messages ("source", "destination").
     pub role: &'static str,
-    /// Its control socket.
-    pub api: PathBuf,
+    /// Its control socket's client.
+    pub client: ControlClient,
     child: Child,
+    log: Option<PathBuf>,
+}
+
+/// The last `fastmig: ...` line of a child's log (its own error), if any.
+fn last_error_line(log: Option<&Path>) -> Option<String> {
+    let text = std::fs::read_to_string(log?).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("fastmig: "))
+        .map(|l| l.trim_start_matches("fastmig: ").to_string())
+}
+
+/// An error for a child that exited: its own error line when it wrote one, a usage error
+/// when it exited 2.
+fn child_exited(
+    role: &str,
+    status: std::process::ExitStatus,
+    log: Option<&Path>,
+    when: &str,
+) -> anyhow::Error {
+    let why = last_error_line(log)
+        .map(|l| format!(": {l}"))
+        .unwrap_or_default();
+    let msg = format!("the {role} process exited {when} ({status}){why}");
+    if status.code() == Some(2) {
+        crate::usage!("{msg}")
+    } else {
+        anyhow::anyhow!(msg)
+    }
 }
 
 impl ChildVm {
-    /// Starts `fastmig <args...>` whose control socket is `api`, with stderr passed through
-    /// when `verbose`, and waits (up to `timeout`) until the socket answers `query-status`.
+    /// Starts `fastmig <args...>` (its log in `dir`, or on our stderr when `verbose`) and
+    /// waits (up to `timeout`) until its control socket — the path after `--api` in
+    /// `args` — answers.
     pub fn spawn(
         role: &'static str,
         args: &[String],
-        api: &Path,
+        dir: &Path,
         verbose: bool,
         timeout: Duration,
     ) -> Result<ChildVm> {
+        let api = args
+            .iter()
+            .position(|a| a == "--api")
+            .and_then(|i| args.get(i + 1))
+            .map(PathBuf::from)
+            .context("a child VM process needs --api")?;
         let exe = std::env::current_exe().context("locating the fastmig binary")?;
+        let (stderr, log) = if verbose {
+            (Stdio::inherit(), None)
+        } else {
+            let path = dir.join(format!("{role}.log"));
+            let file = std::fs::File::create(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            (Stdio::from(file), Some(path))
+        };
         let child = Command::new(exe)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if verbose {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("starting the {role} process"))?;
-        let mut vm = ChildVm {
-            role,
-            api: api.to_path_buf(),
-            child,
-        };
+        let mut child = child;
         let deadline = Instant::now() + timeout;
+        let give_up = |child: &mut Child, err: anyhow::Error| {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(err)
+        };
         loop {
-            if let Some(status) = vm.child.try_wait()? {
-                bail!("the {role} process exited early ({status})");
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(child_exited(role, status, log.as_deref(), "early"))
+                }
+                Ok(None) => {}
+                Err(e) => return give_up(&mut child, e.into()),
             }
-            if api.exists() && api::call(api, "query-status", None).is_ok() {
-                return Ok(vm);
+            if let Ok(client) = ControlClient::connect(&api, Duration::ZERO) {
+                if client.query_status().is_ok() {
+                    return Ok(ChildVm {
+                        role,
+                        client,
+                        child,
+                        log,
+                    });
+                }
             }
             if Instant::now() > deadline {
-                bail!("the {role} process did not open its control socket in {timeout:?}");
+                return give_up(
+                    &mut child,
+                    anyhow::anyhow!(
+                        "the {role} process did not open its control socket in {timeout:?}"
+                    ),
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Sends one control command.
-    pub fn call(&self, execute: &str, args: Value) -> Result<Value> {
-        api::call(&self.api, execute, Some(args))
-            .with_context(|| format!("{} {execute}", self.role))
     }
 
     /// Waits until `query-status` satisfies `pred`, or fails after `timeout`.
@@ -73,17 +127,19 @@ impl ChildVm {
         &mut self,
         what: &str,
         timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Value> {
+        pred: impl Fn(&StatusInfo) -> bool,
+    ) -> Result<StatusInfo> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "the {} process exited ({status}) while waiting for {what}",
-                    self.role
-                );
+                return Err(child_exited(
+                    self.role,
+                    status,
+                    self.log.as_deref(),
+                    &format!("while waiting for {what}"),
+                ));
             }
-            if let Ok(st) = self.call("query-status", json!({})) {
+            if let Ok(st) = self.client.query_status() {
                 if pred(&st) {
                     return Ok(st);
                 }
@@ -97,7 +153,7 @@ impl ChildVm {
 
     /// Asks the process to quit and waits for it (killing it after a grace period).
     pub fn quit(mut self) -> Result<()> {
-        let _ = self.call("quit", json!({}));
+        let _ = self.client.quit();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {

@@ -1,49 +1,69 @@
-//! VM subcommands: `run` (a VM with a control socket), `status`, `ctl` (send one control
-//! command) and `demo`.
+//! VM subcommands: `run` (a VM with a control socket), `status`, and `ctl` (send any control
+//! command).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
-use fastmig_vmm::{Vm, VmConfig, VmRunState, VmmError, WorkloadSpec};
-use serde_json::Value;
+use anyhow::{Context, Result};
+use fastmig_host::run::{Event, RunConfig};
+use fastmig_host::{Command, ControlClient, StatusInfo};
+use fastmig_vmm::{VmConfig, WorkloadSpec};
+use serde_json::{Map, Value};
 
-use crate::api;
-use crate::host::Host;
+use crate::daemon::{self, Readiness};
+use crate::units;
 
 /// VM subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum VmCommand {
     /// Run a VM with a built-in workload until `quit` or Ctrl-C.
+    ///
+    /// After it migrates away the process stays, paused in `postmigrate`, until `quit` (or
+    /// `fastmig migrate --quit-source`).
     Run(RunArgs),
     /// Print the status of a running VM.
+    ///
+    /// `progress` is the guest's own counter (pages its workload wrote plus idle heartbeats,
+    /// since boot, carried over by a migration): it moves only while the guest runs.
     Status {
-        /// Control socket of the VM.
-        #[arg(long)]
-        api: PathBuf,
+        #[command(flatten)]
+        target: ApiTarget,
         /// Print the raw JSON reply.
         #[arg(long)]
         json: bool,
     },
-    /// Send one control command (`stop`, `cont`, `quit`, `verify-memory`, `query-vm`, ...)
-    /// and print the JSON reply.
-    Ctl {
-        /// Control socket of the VM.
-        #[arg(long)]
-        api: PathBuf,
-        /// The command name.
-        command: String,
-    },
+    /// Send any control command and print its JSON reply.
+    ///
+    /// Examples: `fastmig ctl --api vm.sock verify-memory`,
+    /// `fastmig ctl --api vm.sock migrate --arg uri=127.0.0.1:4444 --arg 'transport={"kind":"shm"}'`.
+    Ctl(CtlArgs),
+}
+
+/// Which VM process to talk to, and how long to wait for it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiTarget {
+    /// Control socket of the VM (`fastmig run --api` / `fastmig incoming --api`).
+    #[arg(long)]
+    pub api: PathBuf,
+    /// How long to wait for the control socket to appear and answer (a VM process started
+    /// a moment ago binds it shortly). `0` tries once.
+    #[arg(long, default_value = "5s", value_parser = units::parse_duration, allow_hyphen_values = true)]
+    pub wait: Duration,
+}
+
+impl ApiTarget {
+    /// Connects, waiting up to `--wait`.
+    pub fn connect(&self) -> Result<ControlClient> {
+        Ok(ControlClient::connect(&self.api, self.wait)?)
+    }
 }
 
 /// Arguments of `fastmig run`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Guest memory size (K/M/G suffixes).
-    #[arg(long, default_value = "64M")]
-    mem: String,
+    #[arg(long, default_value = "64M", value_parser = units::parse_mem, allow_hyphen_values = true)]
+    mem: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
@@ -51,179 +71,141 @@ pub struct RunArgs {
     ///
     /// Workloads: `idle` (halts; a heartbeat every ~10 ms), `dirty` and `verify` (write the
     /// working set at a paced rate; `verify` stamps pages so `verify-memory` can check them),
-    /// `fill` (writes every page once, then idles). Keys for dirty/verify: `rate` pages/s
-    /// (1000; 0 = unpaced), `wss` (16M), `pattern` seq|random|hotcold (random), `hot` hot
-    /// fraction of the working set (0.1), `hotw` fraction of writes that go hot (0.9), `seed`
-    /// (1). Key for fill: `rate` (0).
-    #[arg(long, default_value = "idle")]
-    workload: String,
-    /// Control socket path (newline-delimited JSON, QMP-like).
+    /// `fill` (writes every page once, then idles). Keys for dirty/verify: `rate` requested
+    /// page writes/s (1000; 0 = unpaced; re-writes of a page count, so the distinct dirty
+    /// pages/s that `status` shows can be lower), `wss` (16M), `pattern` seq|random|hotcold
+    /// (random), `hot` hot fraction of the working set (0.1), `hotw` fraction of writes that
+    /// go hot (0.9), `seed` (1). Key for fill: `rate` (0).
+    #[arg(long, default_value = "idle", value_parser = units::parse_workload)]
+    workload: WorkloadSpec,
+    /// Control socket path (newline-delimited JSON, QMP-like). A path that exists and is not
+    /// a socket is refused; a socket another live process serves is refused.
     #[arg(long)]
     api: Option<PathBuf>,
     /// Before the workload starts, write non-zero data into every guest page the workload
     /// does not own, from the VMM (fast), so that all memory is touched: for benchmarks.
     #[arg(long)]
     prefill: bool,
+    #[command(flatten)]
+    ready: Readiness,
+}
+
+/// Arguments of `fastmig ctl`.
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    #[command(flatten)]
+    target: ApiTarget,
+    /// The control command.
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(Command::names().iter().copied()))]
+    command: String,
+    /// An argument of the command, `KEY=VALUE` (repeatable). VALUE is read as JSON when it
+    /// parses (`50`, `true`, `{"kind":"shm"}`), else as a string.
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    args: Vec<(String, Value)>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("`{s}`: empty key"));
+    }
+    let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.to_string()));
+    Ok((k.to_string(), value))
 }
 
 /// Runs a VM subcommand.
-pub fn main(cmd: VmCommand) -> anyhow::Result<()> {
+pub fn main(cmd: VmCommand) -> Result<()> {
     match cmd {
-        VmCommand::Run(args) => run(&args),
-        VmCommand::Status { api, json } => status(&api, json),
-        VmCommand::Ctl { api, command } => {
-            let reply = api::call(&api, &command, None)?;
-            println!("{}", serde_json::to_string_pretty(&reply)?);
+        VmCommand::Run(args) => run(args),
+        VmCommand::Status { target, json } => {
+            let st = target.connect()?.query_status()?;
+            if json {
+                println!("{}", serde_json::to_string(&st)?);
+            } else {
+                print_status(&st);
+            }
             Ok(())
         }
+        VmCommand::Ctl(args) => ctl(&args),
     }
 }
 
-/// Maps VMM errors that are the user's fault (spec, size, missing KVM) to usage errors.
-pub fn vmm_error(e: VmmError) -> anyhow::Error {
-    if e.is_usage() {
-        crate::usage!("{e}")
-    } else {
-        anyhow::Error::new(e)
-    }
-}
-
-fn parse_config(args: &RunArgs) -> anyhow::Result<VmConfig> {
-    let mem_size = fastmig_vmm::parse_size(&args.mem).map_err(vmm_error)?;
-    let workload: WorkloadSpec = args.workload.parse().map_err(vmm_error)?;
-    let cfg = VmConfig {
-        mem_size,
-        vcpus: args.vcpus,
-        workload,
+fn run(args: RunArgs) -> Result<()> {
+    daemon::maybe_daemonize(&args.ready)?;
+    let cfg = RunConfig {
+        vm: VmConfig {
+            mem_size: args.mem,
+            vcpus: args.vcpus,
+            workload: args.workload,
+        },
+        api: args.api,
+        prefill: args.prefill,
+        ready_file: args.ready.ready_file,
     };
-    cfg.validate().map_err(vmm_error)?;
-    Ok(cfg)
-}
-
-static SIGNALLED: AtomicBool = AtomicBool::new(false);
-
-/// True once SIGINT or SIGTERM arrived (after [`install_termination_handlers`]).
-pub fn signalled() -> bool {
-    SIGNALLED.load(Ordering::SeqCst)
-}
-
-extern "C" fn on_terminate(_: libc::c_int) {
-    SIGNALLED.store(true, Ordering::SeqCst);
-}
-
-pub fn install_termination_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe); an all-zero
-        // sigaction with the handler set is a valid argument.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_terminate as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
-fn run(args: &RunArgs) -> anyhow::Result<()> {
-    let cfg = parse_config(args)?;
-    let vm = Arc::new(Vm::new(cfg.clone()).map_err(vmm_error)?);
-    if args.prefill {
-        prefill(&vm)?;
-    }
-    let host = Host::running(Arc::clone(&vm));
-    install_termination_handlers();
-    let server = match &args.api {
-        Some(path) => Some(api::ApiServer::start(Arc::clone(&host), path)?),
-        None => None,
-    };
-    let result = vm.start().map_err(vmm_error).and_then(|()| {
-        eprintln!(
-            "fastmig: VM running: {} memory, {} vCPU(s), workload {}{}",
-            fastmig_vmm::format_size(cfg.mem_size),
-            cfg.vcpus,
-            cfg.workload,
-            args.api
-                .as_ref()
-                .map(|p| format!(", control socket {}", p.display()))
-                .unwrap_or_default()
-        );
-        wait_for_exit(&host)
-    });
-    if let Some(server) = &server {
-        server.close();
-    }
-    vm.shutdown();
-    result
-}
-
-/// Serves until `quit`, a signal, or a VM failure. A VM that migrated away stays paused here
-/// (like QEMU's `postmigrate`) until `quit`.
-pub fn wait_for_exit(host: &Host) -> anyhow::Result<()> {
-    loop {
-        if host.quit.load(Ordering::SeqCst) {
-            tracing::info!("quit requested over the control socket");
-            return Ok(());
-        }
-        if SIGNALLED.load(Ordering::SeqCst) {
-            tracing::info!("signal received, shutting down");
-            return Ok(());
-        }
-        if let Some(vm) = host.vm() {
-            if let VmRunState::Failed(why) = vm.status().state {
-                anyhow::bail!("VM failed: {why}");
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Writes a non-zero, page-unique pattern into every guest page from the end of the
-/// workload's own pages to the end of memory. `verify` pages are left alone (its check knows
-/// what each must hold); for the other workloads the whole data area is filled.
-fn prefill(vm: &Vm) -> anyhow::Result<()> {
-    let cfg = vm.config();
-    let mut start = fastmig_vmm::guest::DATA_BASE;
-    if cfg.workload.kind == fastmig_vmm::WorkloadKind::Verify {
-        start += cfg.workload.wss;
-    }
-    const CHUNK: u64 = 1 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut gpa = start;
-    while gpa < cfg.mem_size {
-        let len = CHUNK.min(cfg.mem_size - gpa) as usize;
-        for (i, page) in buf[..len]
-            .chunks_mut(fastmig_vmm::PAGE_SIZE as usize)
-            .enumerate()
-        {
-            let tag = (gpa / fastmig_vmm::PAGE_SIZE + i as u64) | 0x5a00_0000_0000_0000;
-            for word in page.chunks_exact_mut(8) {
-                word.copy_from_slice(&tag.to_le_bytes());
-            }
-        }
-        vm.write_memory(gpa, &buf[..len])
-            .context("prefilling guest memory")?;
-        gpa += len as u64;
-    }
+    fastmig_host::run::run(&cfg, &mut |ev| print_event(&ev, cfg.api.as_deref()))?;
     Ok(())
 }
 
-fn status(path: &Path, as_json: bool) -> anyhow::Result<()> {
-    let reply = api::call(path, "query-status", None)?;
-    if as_json {
-        println!("{reply}");
-        return Ok(());
+/// One stderr line per process event.
+pub fn print_event(ev: &Event<'_>, api: Option<&std::path::Path>) {
+    let socket = api
+        .map(|p| format!(", control socket {}", p.display()))
+        .unwrap_or_default();
+    match ev {
+        Event::Running { config } => eprintln!(
+            "fastmig: VM running: {} memory, {} vCPU(s), workload {}{socket}",
+            fastmig_vmm::format_size(config.mem_size),
+            config.vcpus,
+            config.workload,
+        ),
+        Event::Listening { endpoint } => {
+            eprintln!("fastmig: waiting for an incoming migration on {endpoint}{socket}")
+        }
+        Event::Received(s) => eprintln!(
+            "fastmig: migration received ({}, {} pages, {:.1} ms, digest {:#018x}); VM running",
+            s.transport, s.pages_received, s.total_ms, s.digest
+        ),
     }
-    let field = |k: &str| reply.get(k).cloned().unwrap_or(Value::Null);
-    println!("status: {}", field("status").as_str().unwrap_or("?"));
-    println!("progress: {}", field("progress"));
+}
+
+fn print_status(st: &StatusInfo) {
+    println!("status: {}", st.status);
     println!(
-        "dirty_rate_pps: {:.0}",
-        field("dirty_rate_pps").as_f64().unwrap_or(0.0)
+        "progress: {}   (guest counter: pages written + idle heartbeats since boot)",
+        st.progress
     );
-    println!("pages_written: {}", field("pages_written"));
-    println!("heartbeats: {}", field("heartbeats"));
-    if let Some(err) = reply.get("error").and_then(Value::as_str) {
+    println!(
+        "dirty pages/s: {:.0}   (distinct pages per second, last second, from the dirty log)",
+        st.dirty_rate_pps
+    );
+    if let Some(n) = st.pages_written {
+        println!("pages written: {n}   (page writes by the workload, re-writes counted)");
+    }
+    if let Some(n) = st.heartbeats {
+        println!("heartbeats: {n}");
+    }
+    if st.migrating {
+        println!("migrating: yes   (fastmig ctl --api ... query-migrate)");
+    }
+    if let Some(l) = st.listening {
+        println!("listening: {}", if l { "yes" } else { "not yet" });
+    }
+    if let Some(err) = &st.error {
         println!("error: {err}");
     }
+}
+
+fn ctl(args: &CtlArgs) -> Result<()> {
+    let arguments: Map<String, Value> = args.args.iter().cloned().collect();
+    let command = Command::from_parts(&args.command, Some(Value::Object(arguments)))
+        .map_err(|e| crate::usage!("{e}"))?;
+    let reply = args
+        .target
+        .connect()?
+        .execute(&command)
+        .with_context(|| args.command.clone())?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
     Ok(())
 }

@@ -38,8 +38,9 @@ use crate::transport::{NoCopy, PageStats, SendCtx, SourceTransport, TransportKin
 use crate::util::{thread_cpu_time, CancelToken, TokenBucket};
 use crate::vm::{DirtyBitmap, MigratableVm, PAGE_SIZE};
 
-/// What to do when pre-copy rounds stop converging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do when pre-copy rounds stop converging. In JSON: `"wait"`, `"force"`, `"abort"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OnNoConverge {
     /// Keep going until it converges or `max_rounds` is reached, then fail with
     /// [`MigrationError::NotConverged`] (VM keeps running on the source).

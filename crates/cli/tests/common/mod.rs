@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
+
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -41,30 +42,19 @@ pub fn fastmig(args: &[&str]) -> Output {
         .expect("spawn fastmig")
 }
 
-/// One control-socket command, answered with the `return` value or the `error` object.
+/// One control-socket command through the typed client ([`fastmig_host::ControlClient`]),
+/// answered with the `return` value, or the error (the VM's `{"class", "desc"}`, or a
+/// `{"connect"|"io": ...}` object) as JSON.
 pub fn api(path: &Path, execute: &str, args: Value) -> Result<Value, Value> {
-    use std::os::unix::net::UnixStream;
-    let mut s = UnixStream::connect(path).map_err(|e| json!({"connect": e.to_string()}))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let msg = json!({"execute": execute, "arguments": args}).to_string() + "\n";
-    s.write_all(msg.as_bytes())
-        .map_err(|e| json!({"write": e.to_string()}))?;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        match s.read(&mut byte) {
-            Ok(0) => break,
-            Ok(_) if byte[0] == b'\n' => break,
-            Ok(_) => buf.push(byte[0]),
-            Err(e) => return Err(json!({"read": e.to_string()})),
-        }
-    }
-    let v: Value = serde_json::from_slice(&buf).map_err(|e| json!({"parse": e.to_string()}))?;
-    if let Some(r) = v.get("return") {
-        Ok(r.clone())
-    } else {
-        Err(v.get("error").cloned().unwrap_or(v))
-    }
+    use fastmig_host::{ClientError, Command, ControlClient};
+    let command = Command::from_parts(execute, Some(args))
+        .map_err(|e| json!({"class": format!("{:?}", e.class), "desc": e.desc}))?;
+    let client = ControlClient::connect(path, Duration::ZERO)
+        .map_err(|e| json!({"connect": e.to_string()}))?;
+    client.execute(&command).map_err(|e| match e {
+        ClientError::Refused(e) => json!({"class": format!("{:?}", e.class), "desc": e.desc}),
+        other => json!({"io": other.to_string()}),
+    })
 }
 
 /// Generous deadline for anything a loaded 2-core machine should finish "soon".

@@ -1,6 +1,6 @@
 //! The glue between the KVM VM (`fastmig-vmm`) and the migration engine (`fastmig-migration`):
-//! [`KvmMigratable`] implements [`MigratableVm`] over a [`Vm`]. It lives in the binary so that
-//! neither library depends on the other.
+//! [`KvmMigratable`] implements [`MigratableVm`] over a [`Vm`]. It lives here so that neither
+//! of those two libraries depends on the other.
 
 use std::sync::{Arc, Mutex};
 
