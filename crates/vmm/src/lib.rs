@@ -9,25 +9,39 @@
 //! (guests start directly in 64-bit mode; there is no in-kernel irqchip, so `hlt` exits to us).
 //!
 //! ```text
-//!  control thread ──pause/resume/save──┐
-//!                                      ▼
-//!  vCPU threads: KVM_RUN ─exit─> mailbox `in` (batch pacing) | hlt (heartbeat) | else -> Failed
+//!  caller ──Vm::pause/resume/shutdown──> VcpuEvent per vCPU channel ──> vCPU thread
+//!        <──── waits for every VcpuResponse (Paused/Resumed/Finished, or Failed) ────┘
+//!  vCPU thread (vcpu.rs): KVM_RUN ─exit─> mailbox `in` (pacing.rs) | hlt (heartbeat)
+//!                                         | anything else -> Failed
 //!  monitor thread: every 1 s, DirtyLogHandle::fetch -> dirty_rate_pps
 //! ```
+//!
+//! Modules: `config` (VmConfig, status types), `vm` (the `Vm` and its lifecycle), `vcpu`
+//! (the thread state machine), `boot` (CPUID, long mode), `msrs`, `state` (saved state and
+//! its encoding, `VcpuState::capture`/`apply`), `pacing`, `verify` (the stamp replay),
+//! `guest` (layout and program), `memory`, `dirty`, `workload`.
 
+mod boot;
+mod config;
 mod dirty;
 pub mod guest;
 mod memory;
+mod msrs;
+mod pacing;
 mod state;
+mod vcpu;
+mod verify;
 mod vm;
 mod workload;
 
+pub use config::{VmConfig, VmRunState, VmStatus, MAX_MEM_SIZE, MAX_VCPUS};
 pub use dirty::{DirtyBitmap, DirtyLogHandle};
 pub use memory::GuestRegion;
 pub use state::{
     VcpuState, VmState, WorkloadVcpuState, STATE_MAGIC, STATE_MAX_BYTES, STATE_VERSION,
 };
-pub use vm::{VerifyReport, Vm, VmConfig, VmRunState, VmStatus, MAX_MEM_SIZE, MAX_VCPUS};
+pub use verify::VerifyReport;
+pub use vm::Vm;
 pub use workload::{format_size, parse_size, Pattern, WorkloadKind, WorkloadSpec};
 
 /// Guest page size used by the dirty log and the workloads.
@@ -95,6 +109,9 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// Installing the vCPU kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] std::io::Error),
     /// An internal invariant broke (a helper thread panicked).
     #[error("internal error: {0}")]
     Internal(String),

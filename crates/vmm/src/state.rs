@@ -8,7 +8,10 @@ use bincode::Options as _;
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
+use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
+
+use crate::msrs::{read_msrs, write_msrs};
 
 use crate::workload::WorkloadSpec;
 use crate::VmmError;
@@ -68,6 +71,56 @@ pub struct WorkloadVcpuState {
     pub heartbeats: u64,
     /// The guest was told to stop writing (fill finished).
     pub stopped_writing: bool,
+}
+
+impl VcpuState {
+    /// Reads the complete state of a vCPU that is not running (its thread is paused or was
+    /// never started), plus `msrs` (see [`crate::msrs::readable_msrs`]). No side effects.
+    pub(crate) fn capture(
+        fd: &VcpuFd,
+        msrs: &[u32],
+        workload: WorkloadVcpuState,
+    ) -> Result<VcpuState, VmmError> {
+        let k = |op| move |e| VmmError::kvm(op, e);
+        Ok(VcpuState {
+            regs: pod_to_bytes(&fd.get_regs().map_err(k("KVM_GET_REGS"))?),
+            sregs: pod_to_bytes(&fd.get_sregs().map_err(k("KVM_GET_SREGS"))?),
+            fpu: pod_to_bytes(&fd.get_fpu().map_err(k("KVM_GET_FPU"))?),
+            xsave: pod_to_bytes(&fd.get_xsave().map_err(k("KVM_GET_XSAVE"))?),
+            xcrs: pod_to_bytes(&fd.get_xcrs().map_err(k("KVM_GET_XCRS"))?),
+            debug_regs: pod_to_bytes(&fd.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?),
+            events: pod_to_bytes(&fd.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?),
+            mp_state: pod_to_bytes(&fd.get_mp_state().map_err(k("KVM_GET_MP_STATE"))?),
+            msrs: read_msrs(fd, msrs)?,
+            workload,
+        })
+    }
+
+    /// Loads the architectural part into a vCPU that is not running; the caller keeps
+    /// [`VcpuState::workload`].
+    pub(crate) fn apply(&self, fd: &VcpuFd) -> Result<(), VmmError> {
+        let k = |op| move |e| VmmError::kvm(op, e);
+        // Order as Firecracker/Cloud Hypervisor: mode state first, then registers, then the
+        // MSRs and pending events that depend on them.
+        fd.set_mp_state(pod_from_bytes(&self.mp_state, "mp_state")?)
+            .map_err(k("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&pod_from_bytes(&self.regs, "regs")?)
+            .map_err(k("KVM_SET_REGS"))?;
+        fd.set_sregs(&pod_from_bytes(&self.sregs, "sregs")?)
+            .map_err(k("KVM_SET_SREGS"))?;
+        fd.set_fpu(&pod_from_bytes(&self.fpu, "fpu")?)
+            .map_err(k("KVM_SET_FPU"))?;
+        fd.set_xsave(&pod_from_bytes(&self.xsave, "xsave")?)
+            .map_err(k("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&pod_from_bytes(&self.xcrs, "xcrs")?)
+            .map_err(k("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&pod_from_bytes(&self.debug_regs, "debug_regs")?)
+            .map_err(k("KVM_SET_DEBUGREGS"))?;
+        write_msrs(fd, &self.msrs)?;
+        fd.set_vcpu_events(&pod_from_bytes(&self.events, "vcpu_events")?)
+            .map_err(k("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
 }
 
 impl VmState {
