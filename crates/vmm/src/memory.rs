@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::ConfigError;
 use crate::{VmmError, PAGE_SIZE};
 
 /// One contiguous range of guest physical memory and where it lives on the host.
@@ -64,10 +65,10 @@ impl GuestMemory {
             return Err(VmmError::memory("fstat memory fd"));
         }
         if (st.st_size as u64) < size {
-            return Err(VmmError::InvalidConfig(format!(
-                "memory fd holds {} bytes, the VM needs {size}",
-                st.st_size
-            )));
+            return Err(VmmError::InvalidConfig(ConfigError::MemoryFdTooSmall {
+                fd_size: st.st_size as u64,
+                mem_size: size,
+            }));
         }
         Self::map(fd, size)
     }
@@ -183,9 +184,8 @@ impl GuestMemory {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(VmmError::Internal("prefault thread panicked".into()))
-                    })
+                    h.join()
+                        .unwrap_or(Err(VmmError::ThreadPanicked { what: "prefault" }))
                 })
                 .collect()
         });

@@ -40,8 +40,10 @@ fn read_msr_chunk(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, VmmEr
             ..Default::default()
         })
         .collect();
-    let mut msrs =
-        Msrs::from_entries(&entries).map_err(|e| VmmError::Internal(format!("MSR list: {e:?}")))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(|source| VmmError::MsrList {
+        op: "KVM_GET_MSRS",
+        source,
+    })?;
     let n = fd
         .get_msrs(&mut msrs)
         .map_err(|e| VmmError::kvm("KVM_GET_MSRS", e))?;
@@ -73,8 +75,10 @@ pub(crate) fn write_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), VmmErro
                 ..Default::default()
             })
             .collect();
-        let list = Msrs::from_entries(&entries)
-            .map_err(|e| VmmError::Internal(format!("MSR list: {e:?}")))?;
+        let list = Msrs::from_entries(&entries).map_err(|source| VmmError::MsrList {
+            op: "KVM_SET_MSRS",
+            source,
+        })?;
         let n = fd
             .set_msrs(&list)
             .map_err(|e| VmmError::kvm("KVM_SET_MSRS", e))?;

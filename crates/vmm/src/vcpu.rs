@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use crate::error::{VcpuFailCause, VcpuFailure};
 use crate::guest::{self, Slice};
 use crate::pacing::{next_grant, Grant, Pacer};
 use crate::state::WorkloadVcpuState;
@@ -52,7 +53,7 @@ pub(crate) enum VcpuResponse {
     /// The thread ends.
     Finished,
     /// An unexpected exit or KVM error; the thread ends. The VM is failed.
-    Failed(String),
+    Failed(VcpuFailure),
 }
 
 /// The states of a vCPU thread.
@@ -101,7 +102,7 @@ pub(crate) struct VcpuShared {
     /// Written only by `restore_state` before any vCPU thread exists; read per batch.
     pub(crate) workload: RwLock<WorkloadLayout>,
     failed: AtomicBool,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<VcpuFailure>>,
 }
 
 impl VcpuShared {
@@ -115,12 +116,12 @@ impl VcpuShared {
     }
 
     /// Why the VM failed, if a vCPU did.
-    pub(crate) fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<VcpuFailure> {
         lock(&self.failure).clone()
     }
 
-    fn fail(&self, msg: String) {
-        lock(&self.failure).get_or_insert(msg);
+    fn fail(&self, failure: VcpuFailure) {
+        lock(&self.failure).get_or_insert(failure);
         self.failed.store(true, Ordering::SeqCst);
     }
 }
@@ -172,11 +173,11 @@ impl VcpuThread {
                     state = next;
                     response
                 }
-                Err(msg) => {
-                    tracing::error!(vcpu = self.idx, "{msg}");
-                    self.shared.fail(msg.clone());
+                Err(failure) => {
+                    tracing::error!(vcpu = self.idx, "{failure}");
+                    self.shared.fail(failure.clone());
                     state = RunState::Finished;
-                    VcpuResponse::Failed(msg)
+                    VcpuResponse::Failed(failure)
                 }
             };
             // Nobody listening means the VM is being dropped; the thread ends anyway.
@@ -208,7 +209,7 @@ impl VcpuThread {
     }
 
     /// Runs the vCPU until an event arrives. Unexpected exits are errors, never panics.
-    fn running(&mut self) -> Result<VcpuEvent, String> {
+    fn running(&mut self) -> Result<VcpuEvent, VcpuFailure> {
         let shared = Arc::clone(&self.shared);
         let mut fd = lock(&shared.vcpus[self.idx].fd);
         let mut pending_io = false;
@@ -216,12 +217,13 @@ impl VcpuThread {
         loop {
             if let Some(event) = pending_event.take().or_else(|| self.poll_event()) {
                 if pending_io {
-                    self.complete_io(&mut fd)?;
+                    complete_io(&mut fd)
+                        .map_err(|e| self.failure(&fd, VcpuFailCause::CompleteIo(e)))?;
                 }
                 return Ok(event);
             }
             pending_io = false;
-            let unexpected = match fd.run() {
+            let cause = match fd.run() {
                 Ok(VcpuExit::IoIn(port, data))
                     if port == guest::MAILBOX_PORT && data.len() == 4 =>
                 {
@@ -239,26 +241,18 @@ impl VcpuThread {
                     continue;
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => format!("KVM_RUN failed: {e}"),
-                Ok(exit) => format!("unexpected exit {exit:?}"),
+                Err(e) => VcpuFailCause::Run(e),
+                Ok(exit) => VcpuFailCause::UnexpectedExit(format!("{exit:?}")),
             };
-            let rip = fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX);
-            return Err(format!("vCPU {}: {unexpected} at rip {rip:#x}", self.idx));
+            return Err(self.failure(&fd, cause));
         }
     }
 
-    /// Completes the `in` KVM is holding (it writes eax and advances RIP on the next
-    /// KVM_RUN), so saved registers never miss a half-done instruction.
-    fn complete_io(&self, fd: &mut VcpuFd) -> Result<(), String> {
-        fd.set_kvm_immediate_exit(1);
-        let r = fd.run().map(|_| ());
-        fd.set_kvm_immediate_exit(0);
-        match r {
-            Err(e) if e.errno() != libc::EINTR => Err(format!(
-                "vCPU {}: completing port I/O failed: {e}",
-                self.idx
-            )),
-            _ => Ok(()),
+    fn failure(&self, fd: &VcpuFd, cause: VcpuFailCause) -> VcpuFailure {
+        VcpuFailure {
+            vcpu: self.idx,
+            rip: fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX),
+            cause,
         }
     }
 
@@ -294,6 +288,18 @@ impl VcpuThread {
             lock(&slot.workload).in_flight = batch;
         }
         (grant.mailbox_value(), None)
+    }
+}
+
+/// Completes the `in` KVM is holding (it writes eax and advances RIP on the next KVM_RUN),
+/// so saved registers never miss a half-done instruction.
+fn complete_io(fd: &mut VcpuFd) -> Result<(), kvm_ioctls::Error> {
+    fd.set_kvm_immediate_exit(1);
+    let r = fd.run().map(|_| ());
+    fd.set_kvm_immediate_exit(0);
+    match r {
+        Err(e) if e.errno() != libc::EINTR => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -368,9 +374,18 @@ mod tests {
     fn a_failure_is_recorded_once_and_kept() {
         let s = shared();
         assert_eq!(s.failure(), None);
-        s.fail("first".into());
-        s.fail("second".into());
-        assert_eq!(s.failure().as_deref(), Some("first"));
+        let failure = |vcpu| VcpuFailure {
+            vcpu,
+            rip: 0x8000,
+            cause: VcpuFailCause::UnexpectedExit("Shutdown".into()),
+        };
+        s.fail(failure(1));
+        s.fail(failure(2));
+        assert_eq!(s.failure(), Some(failure(1)));
+        assert_eq!(
+            failure(1).to_string(),
+            "vCPU 1: unexpected exit Shutdown at rip 0x8000"
+        );
         assert!(s.failed.load(Ordering::SeqCst));
     }
 }

@@ -17,6 +17,7 @@ use vmm_sys_util::signal::Killable;
 use crate::boot;
 use crate::config::{VmConfig, VmRunState, VmStatus};
 use crate::dirty::{DirtyLog, DirtyLogHandle};
+use crate::error::StateError;
 use crate::guest;
 use crate::memory::{GuestMemory, GuestRegion};
 use crate::msrs::readable_msrs;
@@ -225,13 +226,9 @@ impl Vm {
         match ctl.phase {
             Phase::Created => {}
             Phase::Incoming if ctl.restored => {}
-            Phase::Incoming => {
-                return Err(VmmError::InvalidState(
-                    "an incoming VM needs restore_state before start".into(),
-                ))
-            }
-            Phase::Started => return Err(VmmError::InvalidState("VM already started".into())),
-            Phase::Stopped => return Err(VmmError::InvalidState("VM was shut down".into())),
+            Phase::Incoming => return Err(VmmError::InvalidState(StateError::NotRestored)),
+            Phase::Started => return Err(VmmError::InvalidState(StateError::AlreadyStarted)),
+            Phase::Stopped => return Err(VmmError::InvalidState(StateError::ShutDown)),
         }
         let (responses_tx, responses) = mpsc::channel();
         ctl.responses = Some(responses);
@@ -319,25 +316,26 @@ impl Vm {
     fn failed_error(&self) -> VmmError {
         match self.shared.failure() {
             Some(f) => VmmError::VcpuFailed(f),
-            None => VmmError::Internal("a vCPU thread ended unexpectedly".into()),
+            None => VmmError::VcpuThreadLost,
         }
     }
 
     /// The control block of a started, healthy VM; `not_started` says why otherwise.
-    fn started_control(&self, not_started: &str) -> Result<MutexGuard<'_, Control>, VmmError> {
+    fn started_control(&self, op: &'static str) -> Result<MutexGuard<'_, Control>, VmmError> {
         let ctl = lock(&self.ctl);
         if let Some(f) = self.shared.failure() {
             return Err(VmmError::VcpuFailed(f));
         }
         if ctl.phase != Phase::Started {
-            return Err(VmmError::InvalidState(not_started.into()));
+            let state = phase_state(ctl.phase, ctl.paused);
+            return Err(VmmError::InvalidState(StateError::not_started(op, &state)));
         }
         Ok(ctl)
     }
 
     /// Parks every vCPU outside KVM_RUN; returns once all of them acknowledged.
     pub fn pause(&self) -> Result<(), VmmError> {
-        let mut ctl = self.started_control("VM is not running")?;
+        let mut ctl = self.started_control("pause")?;
         if !ctl.paused {
             self.command(&mut ctl, VcpuEvent::Pause)?;
             ctl.paused = true;
@@ -347,7 +345,7 @@ impl Vm {
 
     /// Lets parked vCPUs run again; returns once all of them acknowledged.
     pub fn resume(&self) -> Result<(), VmmError> {
-        let mut ctl = self.started_control("VM is not started")?;
+        let mut ctl = self.started_control("resume")?;
         if ctl.paused {
             self.command(&mut ctl, VcpuEvent::Resume)?;
             ctl.paused = false;
@@ -359,13 +357,9 @@ impl Vm {
     pub fn status(&self) -> VmStatus {
         let state = {
             let ctl = lock(&self.ctl);
-            match (self.shared.failure(), ctl.phase, ctl.paused) {
-                (Some(f), _, _) => VmRunState::Failed(f),
-                (None, Phase::Created, _) => VmRunState::Created,
-                (None, Phase::Incoming, _) => VmRunState::Incoming,
-                (None, Phase::Stopped, _) => VmRunState::Stopped,
-                (None, Phase::Started, false) => VmRunState::Running,
-                (None, Phase::Started, true) => VmRunState::Paused,
+            match self.shared.failure() {
+                Some(f) => VmRunState::Failed(f.to_string()),
+                None => phase_state(ctl.phase, ctl.paused),
             }
         };
         let (mut pages, mut beats) = (0, 0);
@@ -427,7 +421,7 @@ impl Vm {
     /// Returns the control lock if every vCPU is parked (or none ever ran). Holding it keeps
     /// them parked: only a holder of this lock can resume them, so the caller may use the
     /// vCPU fds without racing a concurrent `resume`.
-    fn lock_parked(&self, what: &str) -> Result<MutexGuard<'_, Control>, VmmError> {
+    fn lock_parked(&self, op: &'static str) -> Result<MutexGuard<'_, Control>, VmmError> {
         let ctl = lock(&self.ctl);
         let parked = match ctl.phase {
             Phase::Created | Phase::Incoming | Phase::Stopped => true,
@@ -436,7 +430,7 @@ impl Vm {
         if parked {
             Ok(ctl)
         } else {
-            Err(VmmError::InvalidState(format!("{what} needs a paused VM")))
+            Err(VmmError::InvalidState(StateError::NotPaused { op }))
         }
     }
 
@@ -465,9 +459,7 @@ impl Vm {
         // Held throughout, so a concurrent `start` cannot run a half-restored vCPU.
         let mut ctl = lock(&self.ctl);
         if !matches!(ctl.phase, Phase::Created | Phase::Incoming) {
-            return Err(VmmError::InvalidState(
-                "restore_state needs a VM that has not started".into(),
-            ));
+            return Err(VmmError::InvalidState(StateError::RestoreAfterStart));
         }
         // An incoming VM is built before anyone knows what the source runs: it adopts the
         // state's workload (the guest program itself arrives with guest memory).
@@ -476,15 +468,14 @@ impl Vm {
             || st.vcpus.len() != self.shared.vcpus.len()
             || (!adopt && st.workload != self.cfg().workload)
         {
-            return Err(VmmError::InvalidState(format!(
-                "state is for {} bytes, {} vCPUs, workload `{}`; this VM has {} bytes, {} vCPUs, `{}`",
-                st.mem_size,
-                st.vcpus.len(),
-                st.workload,
-                self.cfg().mem_size,
-                self.shared.vcpus.len(),
-                self.cfg().workload
-            )));
+            return Err(VmmError::InvalidState(StateError::Mismatch {
+                state_mem: st.mem_size,
+                state_vcpus: st.vcpus.len(),
+                state_workload: st.workload.to_string(),
+                vm_mem: self.cfg().mem_size,
+                vm_vcpus: self.shared.vcpus.len(),
+                vm_workload: self.cfg().workload.to_string(),
+            }));
         }
         if adopt {
             VmConfig {
@@ -515,7 +506,7 @@ impl Vm {
     /// written, recomputed from each vCPU's exact sequence number. Pauses briefly if running.
     pub fn verify_memory(&self) -> Result<VerifyReport, VmmError> {
         if self.cfg().workload.kind != WorkloadKind::Verify {
-            return Err(VmmError::NotVerifiable(self.cfg().workload.to_string()));
+            return Err(VmmError::NotVerifiable(self.cfg().workload.clone()));
         }
         let was_running = self.status().state == VmRunState::Running;
         if was_running {
@@ -574,6 +565,17 @@ impl Vm {
         }
         ctl.responses = None;
         ctl.phase = Phase::Stopped;
+    }
+}
+
+/// The run state of a healthy VM in `phase`.
+fn phase_state(phase: Phase, paused: bool) -> VmRunState {
+    match (phase, paused) {
+        (Phase::Created, _) => VmRunState::Created,
+        (Phase::Incoming, _) => VmRunState::Incoming,
+        (Phase::Stopped, _) => VmRunState::Stopped,
+        (Phase::Started, false) => VmRunState::Running,
+        (Phase::Started, true) => VmRunState::Paused,
     }
 }
 
