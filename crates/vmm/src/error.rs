@@ -96,10 +96,11 @@ impl VmmError {
         VmmError::Kvm { op, source }
     }
 
-    pub(crate) fn memory(op: &'static str) -> Self {
-        VmmError::Memory {
+    /// A `map_err` adapter for a failed memory syscall.
+    pub(crate) fn memory(op: &'static str) -> impl FnOnce(rustix::io::Errno) -> Self {
+        move |e| VmmError::Memory {
             op,
-            source: std::io::Error::last_os_error(),
+            source: e.into(),
         }
     }
 
