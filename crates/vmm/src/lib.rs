@@ -36,7 +36,7 @@ mod vm;
 mod workload;
 
 pub use config::{VmConfig, VmRunState, VmStatus, MAX_MEM_SIZE, MAX_VCPUS};
-pub use dirty::{DirtyBitmap, DirtyLogHandle};
+pub use dirty::{DirtyLogHandle, KvmDirtyLog};
 pub use error::{
     ConfigError, DecodeError, EncodeError, SpecError, StateError, VcpuFailCause, VcpuFailure,
     VmmError,

@@ -16,7 +16,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot;
 use crate::config::{VmConfig, VmRunState, VmStatus};
-use crate::dirty::{DirtyLog, DirtyLogHandle};
+use crate::dirty::{DirtyLogHandle, DirtyLogSource};
 use crate::error::StateError;
 use crate::guest;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -80,7 +80,7 @@ pub struct Vm {
     ctl: Mutex<Control>,
     shared: Arc<VcpuShared>,
     dirty_rate_bits: Arc<AtomicU64>,
-    dirty: Arc<DirtyLog>,
+    dirty: Arc<DirtyLogSource>,
     vm_fd: Arc<VmFd>,
     saveable_msrs: Vec<u32>,
     mem: Arc<GuestMemory>,
@@ -162,7 +162,7 @@ impl Vm {
             .map_err(|e| VmmError::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
         let saveable_msrs = readable_msrs(&lock(&slots[0].fd), msr_list.as_slice())?;
         let vm_fd = Arc::new(vm_fd);
-        let dirty = Arc::new(DirtyLog::new(Arc::clone(&vm_fd), 0, mem.size()));
+        let dirty = Arc::new(DirtyLogSource::new(Arc::clone(&vm_fd), 0, mem.size()));
         let slices = guest::slices(&cfg.workload, cfg.mem_size, cfg.vcpus);
         let shared = Arc::new(VcpuShared::new(
             slots,

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use fastmig_vmm::{
-    DirtyBitmap, Vm, VmConfig, VmRunState, VmState, VmmError, WorkloadSpec, PAGE_SIZE,
+    KvmDirtyLog, Vm, VmConfig, VmRunState, VmState, VmmError, WorkloadSpec, PAGE_SIZE,
 };
 
 fn require_kvm() {
@@ -125,7 +125,7 @@ fn two_dirty_log_subscribers_each_see_every_page() {
     let b_all = b.fetch().expect("b fetch");
     assert!(a1.count() > 0 && a2.count() > 0);
     // b's single fetch covers both of a's intervals.
-    let mut union = DirtyBitmap {
+    let mut union = KvmDirtyLog {
         words: a1.words.clone(),
     };
     for (u, w) in union.words.iter_mut().zip(&a2.words) {
