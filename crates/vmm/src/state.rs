@@ -297,6 +297,50 @@ mod tests {
         assert!(VmState::from_bytes(&frame).is_err());
     }
 
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&STATE_MAGIC);
+        frame.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn a_lying_vcpu_count_and_trailing_bytes_are_rejected() {
+        let empty = VmState {
+            vcpus: Vec::new(),
+            ..sample()
+        };
+        let mut payload = postcard::to_allocvec(&empty).expect("encode");
+        // The vCPU count is the last field: a varint 0. Claim 2^32 - 1 vCPUs instead; the
+        // decoder must fail at the end of the payload, not reserve room for them first.
+        assert_eq!(payload.pop(), Some(0));
+        payload.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(matches!(
+            VmState::from_bytes(&frame(&payload)),
+            Err(VmmError::StateDecode(DecodeError::Payload(_)))
+        ));
+        let mut payload = postcard::to_allocvec(&sample()).expect("encode");
+        payload.push(0);
+        assert!(matches!(
+            VmState::from_bytes(&frame(&payload)),
+            Err(VmmError::StateDecode(DecodeError::Trailing(1)))
+        ));
+        assert!(VmState::from_bytes(&frame(&payload[..payload.len() - 1])).is_ok());
+    }
+
+    #[test]
+    fn an_over_cap_state_is_not_encoded() {
+        let mut st = sample();
+        st.vcpus[0].msrs = vec![(u32::MAX, u64::MAX); (STATE_MAX_BYTES / 8) as usize];
+        assert!(matches!(
+            st.to_bytes(),
+            Err(VmmError::StateEncode(EncodeError::TooLarge { .. }))
+        ));
+    }
+
     #[test]
     fn bad_magic_version_checksum_and_length_are_rejected() {
         let good = sample().to_bytes().expect("encode");
