@@ -189,6 +189,18 @@ fn save_state_needs_a_paused_vm_and_restore_a_fresh_one() {
         other.start().is_err(),
         "an incoming VM must not start without state"
     );
+    // A state whose XSAVE area has the wrong size is refused, not truncated or padded.
+    let same =
+        Vm::new_incoming(config(16, 1, "verify:rate=1000,wss=4M,pattern=seq")).expect("incoming");
+    let mut short = st.clone();
+    short.vcpus[0].xsave.pop();
+    assert!(matches!(
+        same.restore_state(&short),
+        Err(VmmError::StateDecode(
+            fastmig_vmm::DecodeError::Field { .. }
+        ))
+    ));
+    same.restore_state(&st).expect("the intact state restores");
 }
 
 /// The canonical text of a workload spec.
