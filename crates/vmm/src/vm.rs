@@ -270,11 +270,6 @@ impl Vm {
     /// Sends `event` to every vCPU and waits until each acknowledged it, re-kicking running
     /// ones. A failed vCPU ends the wait with its error.
     fn command(&self, ctl: &mut Control, event: VcpuEvent) -> Result<(), VmmError> {
-        let expect = match event {
-            VcpuEvent::Pause => VcpuResponse::Paused,
-            VcpuEvent::Resume => VcpuResponse::Resumed,
-            VcpuEvent::Finish => VcpuResponse::Finished,
-        };
         for h in &ctl.vcpus {
             // A thread that already ended is accounted for by its Failed/Finished response.
             let _ = h.events.send(event);
@@ -283,7 +278,7 @@ impl Vm {
             return Ok(());
         };
         let mut acked = vec![false; ctl.vcpus.len()];
-        while acked.iter().any(|a| !a) {
+        while acked.contains(&false) {
             if event != VcpuEvent::Resume {
                 for (h, _) in ctl.vcpus.iter().zip(&acked).filter(|(_, a)| !**a) {
                     // Fails only for a thread that already ended, which answers anyway.
@@ -291,16 +286,26 @@ impl Vm {
                 }
             }
             match responses.recv_timeout(REKICK) {
-                Ok((idx, r)) if r == expect => acked[idx] = true,
-                Ok((idx, VcpuResponse::Finished | VcpuResponse::Failed(_)))
-                    if event == VcpuEvent::Finish =>
-                {
-                    acked[idx] = true
+                Ok(answer) => self.take_answer(event, answer, &mut acked)?,
+                Err(RecvTimeoutError::Timeout) => {
+                    // A thread that ended without answering (it panicked) must not be waited
+                    // for forever. Answers sent just before it ended are taken first.
+                    let ended_silently =
+                        |(a, h): (&bool, &VcpuHandle)| !*a && h.thread.is_finished();
+                    if acked.iter().zip(&ctl.vcpus).any(ended_silently) {
+                        while let Ok(answer) = responses.try_recv() {
+                            self.take_answer(event, answer, &mut acked)?;
+                        }
+                        for (a, h) in acked.iter_mut().zip(&ctl.vcpus) {
+                            if !*a && h.thread.is_finished() {
+                                if event != VcpuEvent::Finish {
+                                    return Err(self.failed_error());
+                                }
+                                *a = true;
+                            }
+                        }
+                    }
                 }
-                Ok((_, VcpuResponse::Finished | VcpuResponse::Failed(_))) => {
-                    return Err(self.failed_error())
-                }
-                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     return if event == VcpuEvent::Finish {
                         Ok(())
@@ -309,6 +314,30 @@ impl Vm {
                     };
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Records vCPU `idx`'s answer to `event`. A vCPU that ended is an error unless it was
+    /// asked to end; other answers (left from an earlier command) are ignored.
+    fn take_answer(
+        &self,
+        event: VcpuEvent,
+        (idx, answer): (usize, VcpuResponse),
+        acked: &mut [bool],
+    ) -> Result<(), VmmError> {
+        let expect = match event {
+            VcpuEvent::Pause => VcpuResponse::Paused,
+            VcpuEvent::Resume => VcpuResponse::Resumed,
+            VcpuEvent::Finish => VcpuResponse::Finished,
+        };
+        match answer {
+            r if r == expect => acked[idx] = true,
+            VcpuResponse::Finished | VcpuResponse::Failed(_) if event == VcpuEvent::Finish => {
+                acked[idx] = true
+            }
+            VcpuResponse::Finished | VcpuResponse::Failed(_) => return Err(self.failed_error()),
+            VcpuResponse::Paused | VcpuResponse::Resumed => {}
         }
         Ok(())
     }
