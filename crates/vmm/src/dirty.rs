@@ -16,17 +16,18 @@ use kvm_ioctls::VmFd;
 
 use crate::{VmmError, PAGE_SIZE};
 
-/// Pages dirtied in an interval: bit `i` of the words is 4 KiB page `i` (GPA `i * 4096`).
+/// The pages KVM's dirty log reported as written in an interval: bit `i` of the words is 4 KiB
+/// page `i` (GPA `i * 4096`). The migration engine converts it into its own `DirtyBitmap`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DirtyBitmap {
+pub struct KvmDirtyLog {
     /// The bitmap words, page `i` is bit `i % 64` of word `i / 64`.
     pub words: Vec<u64>,
 }
 
-impl DirtyBitmap {
+impl KvmDirtyLog {
     /// An empty bitmap covering `pages` pages.
     pub fn new(pages: u64) -> Self {
-        DirtyBitmap {
+        KvmDirtyLog {
             words: vec![0; pages.div_ceil(64) as usize],
         }
     }
@@ -65,19 +66,19 @@ impl DirtyBitmap {
     }
 }
 
-type Accumulator = Arc<Mutex<DirtyBitmap>>;
+type Accumulator = Arc<Mutex<KvmDirtyLog>>;
 
 /// The VM's single caller of `KVM_GET_DIRTY_LOG` and its subscribers.
-pub(crate) struct DirtyLog {
+pub(crate) struct DirtyLogSource {
     vm: Arc<VmFd>,
     slot: u32,
     mem_size: u64,
-    subscribers: Mutex<Vec<Weak<Mutex<DirtyBitmap>>>>,
+    subscribers: Mutex<Vec<Weak<Mutex<KvmDirtyLog>>>>,
 }
 
-impl DirtyLog {
+impl DirtyLogSource {
     pub(crate) fn new(vm: Arc<VmFd>, slot: u32, mem_size: u64) -> Self {
-        DirtyLog {
+        DirtyLogSource {
             vm,
             slot,
             mem_size,
@@ -90,7 +91,7 @@ impl DirtyLog {
     }
 
     /// Syncs KVM's bitmap into every live subscriber. Callers hold the subscriber lock.
-    fn sync_locked(&self, subs: &mut Vec<Weak<Mutex<DirtyBitmap>>>) -> Result<(), VmmError> {
+    fn sync_locked(&self, subs: &mut Vec<Weak<Mutex<KvmDirtyLog>>>) -> Result<(), VmmError> {
         let bitmap = self
             .vm
             .get_dirty_log(self.slot, self.mem_size as usize)
@@ -109,7 +110,7 @@ impl DirtyLog {
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         // Hand what KVM has so far to the existing subscribers, so the new one starts clean.
         self.sync_locked(&mut subs)?;
-        let acc: Accumulator = Arc::new(Mutex::new(DirtyBitmap::new(self.pages())));
+        let acc: Accumulator = Arc::new(Mutex::new(KvmDirtyLog::new(self.pages())));
         subs.push(Arc::downgrade(&acc));
         Ok(DirtyLogHandle {
             log: Arc::clone(self),
@@ -120,13 +121,13 @@ impl DirtyLog {
 
 /// One consumer's view of the dirty log. Dropping it unsubscribes.
 pub struct DirtyLogHandle {
-    log: Arc<DirtyLog>,
+    log: Arc<DirtyLogSource>,
     acc: Accumulator,
 }
 
 impl DirtyLogHandle {
     /// Pages dirtied by the guest since this handle's previous fetch (or its creation).
-    pub fn fetch(&self) -> Result<DirtyBitmap, VmmError> {
+    pub fn fetch(&self) -> Result<KvmDirtyLog, VmmError> {
         let mut subs = self
             .log
             .subscribers
@@ -134,7 +135,7 @@ impl DirtyLogHandle {
             .unwrap_or_else(|p| p.into_inner());
         self.log.sync_locked(&mut subs)?;
         let mut acc = self.acc.lock().unwrap_or_else(|p| p.into_inner());
-        let empty = DirtyBitmap::new(self.log.pages());
+        let empty = KvmDirtyLog::new(self.log.pages());
         Ok(std::mem::replace(&mut *acc, empty))
     }
 }
@@ -145,7 +146,7 @@ mod tests {
 
     #[test]
     fn bitmap_helpers_count_and_iterate() {
-        let mut b = DirtyBitmap::new(130);
+        let mut b = KvmDirtyLog::new(130);
         assert_eq!(b.words.len(), 3);
         b.or_assign(&[0b101, 0, 1 << 1]);
         assert_eq!(b.count(), 3);

@@ -1,11 +1,13 @@
 //! Guest memory: one memfd mapped `MAP_SHARED` at GPA 0, so another process (a transport, or
 //! the next VMM during a live upgrade) can map the same pages.
 
-use std::ffi::CStr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+use rustix::fs::MemfdFlags;
+use rustix::mm::{Advice, MapFlags, ProtFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::error::ConfigError;
 use crate::{VmmError, PAGE_SIZE};
 
 /// One contiguous range of guest physical memory and where it lives on the host.
@@ -40,54 +42,39 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Creates a zero-filled memfd of `size` bytes and maps it.
     pub(crate) fn new(size: u64) -> Result<Self, VmmError> {
-        let name: &CStr = c"fastmig-guest";
-        // SAFETY: `name` is a valid NUL-terminated string; the return value is checked.
-        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(VmmError::memory("memfd_create"));
-        }
-        // SAFETY: `raw` is a freshly created fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: `fd` is a valid memfd; the return value is checked.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
-            return Err(VmmError::memory("ftruncate memfd"));
-        }
+        let fd = rustix::fs::memfd_create(c"fastmig-guest", MemfdFlags::CLOEXEC)
+            .map_err(VmmError::memory("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, size).map_err(VmmError::memory("ftruncate memfd"))?;
         Self::map(fd, size)
     }
 
     /// Adopts an existing memory fd (at least `size` bytes); its contents are left untouched.
     pub(crate) fn from_fd(fd: OwnedFd, size: u64) -> Result<Self, VmmError> {
-        // SAFETY: an all-zero `stat` is a valid value for the out-parameter.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is a valid open fd and `st` is a writable stat buffer.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(VmmError::memory("fstat memory fd"));
-        }
-        if (st.st_size as u64) < size {
-            return Err(VmmError::InvalidConfig(format!(
-                "memory fd holds {} bytes, the VM needs {size}",
-                st.st_size
-            )));
+        let st = rustix::fs::fstat(&fd).map_err(VmmError::memory("fstat memory fd"))?;
+        let fd_size = u64::try_from(st.st_size).unwrap_or(0);
+        if fd_size < size {
+            return Err(VmmError::InvalidConfig(ConfigError::MemoryFdTooSmall {
+                fd_size,
+                mem_size: size,
+            }));
         }
         Self::map(fd, size)
     }
 
     fn map(fd: OwnedFd, size: u64) -> Result<Self, VmmError> {
-        // SAFETY: mapping a fresh range (addr = NULL) of a valid fd that is at least `size`
-        // bytes long; the result is checked against MAP_FAILED.
+        // SAFETY: mapping a fresh range (addr = NULL, so nothing existing is replaced) of a
+        // valid fd that is at least `size` bytes long; unmapped only in `Drop`.
         let ptr = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                &fd,
                 0,
             )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(VmmError::memory("mmap guest memory"));
         }
+        .map_err(VmmError::memory("mmap guest memory"))?;
         Ok(GuestMemory {
             fd,
             ptr: ptr.cast(),
@@ -158,14 +145,14 @@ impl GuestMemory {
                         // SAFETY: [start, start+len) lies inside the mapping owned by `self`,
                         // which outlives this scoped thread; MADV_POPULATE_WRITE only
                         // allocates pages and leaves their contents as they are.
-                        let rc = unsafe {
-                            libc::madvise(
-                                start as *mut libc::c_void,
+                        let populated = unsafe {
+                            rustix::mm::madvise(
+                                start as *mut std::ffi::c_void,
                                 len,
-                                libc::MADV_POPULATE_WRITE,
+                                Advice::LinuxPopulateWrite,
                             )
                         };
-                        if rc == 0 {
+                        if populated.is_ok() {
                             return Ok(());
                         }
                         // Kernels before 5.14 lack MADV_POPULATE_WRITE: touch each page.
@@ -183,9 +170,8 @@ impl GuestMemory {
             handles
                 .into_iter()
                 .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(VmmError::Internal("prefault thread panicked".into()))
-                    })
+                    h.join()
+                        .unwrap_or(Err(VmmError::ThreadPanicked { what: "prefault" }))
                 })
                 .collect()
         });
@@ -195,8 +181,11 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`size` describe the mapping created in `map`, unmapped exactly once.
-        unsafe { libc::munmap(self.ptr.cast(), self.size as usize) };
+        // SAFETY: `ptr`/`size` describe the mapping created in `map`, unmapped exactly once;
+        // nothing uses it after this (the VM fd that referenced it is dropped before).
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.cast(), self.size as usize) } {
+            tracing::warn!("munmap guest memory: {e}");
+        }
     }
 }
 
@@ -246,20 +235,11 @@ mod tests {
     fn an_adopted_fd_shows_the_same_pages() {
         let a = GuestMemory::new(64 << 10).expect("memfd");
         a.write(8192, &[7; 16]).expect("write");
-        // SAFETY: dup of a valid fd, checked below.
-        let dup = unsafe { libc::dup(a.fd()) };
-        assert!(dup >= 0);
-        // SAFETY: `dup` is a fresh fd owned by nobody else.
-        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        let owned = a.fd.try_clone().expect("dup");
         let b = GuestMemory::from_fd(owned, 64 << 10).expect("adopt");
         let mut buf = [0u8; 16];
         b.read(8192, &mut buf).expect("read");
         assert_eq!(buf, [7; 16]);
-        assert!(GuestMemory::from_fd(
-            // SAFETY: as above.
-            unsafe { OwnedFd::from_raw_fd(libc::dup(a.fd())) },
-            1 << 20
-        )
-        .is_err());
+        assert!(GuestMemory::from_fd(a.fd.try_clone().expect("dup"), 1 << 20).is_err());
     }
 }

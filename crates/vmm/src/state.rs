@@ -1,25 +1,32 @@
-//! Saved VM state: a plain serde struct plus a framed byte encoding that can cross a network.
+//! Saved VM state: a plain serde struct (the KVM structures through kvm-bindings' `serde`
+//! feature) plus a framed byte encoding that can cross a network. [`VcpuState::capture`]
+//! and [`VcpuState::apply`] move it in and out of a vCPU that is not running.
 //!
 //! Frame: `MAGIC (8) | version u32 LE | payload length u64 LE | CRC-32 of payload u32 LE |
-//! payload (bincode)`. Compatibility rule: a reader accepts exactly [`STATE_VERSION`]; any
+//! payload (postcard)`. Compatibility rule: a reader accepts exactly [`STATE_VERSION`]; any
 //! change to the payload layout bumps it (no silent cross-version restores).
 
-use bincode::Options as _;
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    kvm_debugregs, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
+use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{DecodeError, EncodeError};
+use crate::msrs::{read_msrs, write_msrs};
 use crate::workload::WorkloadSpec;
 use crate::VmmError;
 
 /// First 8 bytes of an encoded [`VmState`].
 pub const STATE_MAGIC: [u8; 8] = *b"FMIGVMST";
-/// Version of the payload layout. Readers accept only this value.
-pub const STATE_VERSION: u32 = 1;
+/// Version of the payload layout. Readers accept only this value. Version 2: postcard
+/// payload, typed KVM structures, no separate FPU (the XSAVE area holds it).
+pub const STATE_VERSION: u32 = 2;
 /// Largest payload [`VmState::from_bytes`] accepts (vCPU state is a few KiB per vCPU).
 pub const STATE_MAX_BYTES: u64 = 16 << 20;
 const HEADER_LEN: usize = 8 + 4 + 8 + 4;
+/// 32-bit words in the legacy XSAVE area KVM_GET_XSAVE returns.
+const XSAVE_WORDS: usize = 1024;
 
 /// Everything needed to resume a VM elsewhere, except guest memory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,22 +42,20 @@ pub struct VmState {
 /// Architectural state of one vCPU plus the VMM-side state of its workload.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VcpuState {
-    /// Raw `kvm_regs`.
-    pub regs: Vec<u8>,
-    /// Raw `kvm_sregs`.
-    pub sregs: Vec<u8>,
-    /// Raw `kvm_fpu`.
-    pub fpu: Vec<u8>,
-    /// Raw `kvm_xsave` (4 KiB legacy area).
-    pub xsave: Vec<u8>,
-    /// Raw `kvm_xcrs`.
-    pub xcrs: Vec<u8>,
-    /// Raw `kvm_debugregs`.
-    pub debug_regs: Vec<u8>,
-    /// Raw `kvm_vcpu_events`.
-    pub events: Vec<u8>,
-    /// Raw `kvm_mp_state`.
-    pub mp_state: Vec<u8>,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers, EFER.
+    pub sregs: kvm_sregs,
+    /// The XSAVE area (x87, SSE, AVX, ...; a superset of KVM_GET_FPU), 1024 words.
+    pub xsave: Vec<u32>,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Pending exceptions, interrupts, NMIs and SMM state.
+    pub events: kvm_vcpu_events,
+    /// Multiprocessing state (runnable, halted, ...).
+    pub mp_state: kvm_mp_state,
     /// `(index, value)` of every MSR KVM lists as saveable and that could be read.
     pub msrs: Vec<(u32, u64)>,
     /// The VMM side of the workload on this vCPU.
@@ -70,17 +75,68 @@ pub struct WorkloadVcpuState {
     pub stopped_writing: bool,
 }
 
+impl VcpuState {
+    /// Reads the complete state of a vCPU that is not running (its thread is paused or was
+    /// never started), plus `msrs` (see [`crate::msrs::readable_msrs`]). No side effects.
+    pub(crate) fn capture(
+        fd: &VcpuFd,
+        msrs: &[u32],
+        workload: WorkloadVcpuState,
+    ) -> Result<VcpuState, VmmError> {
+        let k = |op| move |e| VmmError::kvm(op, e);
+        Ok(VcpuState {
+            regs: fd.get_regs().map_err(k("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(k("KVM_GET_SREGS"))?,
+            xsave: fd.get_xsave().map_err(k("KVM_GET_XSAVE"))?.region.to_vec(),
+            xcrs: fd.get_xcrs().map_err(k("KVM_GET_XCRS"))?,
+            debug_regs: fd.get_debug_regs().map_err(k("KVM_GET_DEBUGREGS"))?,
+            events: fd.get_vcpu_events().map_err(k("KVM_GET_VCPU_EVENTS"))?,
+            mp_state: fd.get_mp_state().map_err(k("KVM_GET_MP_STATE"))?,
+            msrs: read_msrs(fd, msrs)?,
+            workload,
+        })
+    }
+
+    /// Loads the architectural part into a vCPU that is not running; the caller keeps
+    /// [`VcpuState::workload`].
+    pub(crate) fn apply(&self, fd: &VcpuFd) -> Result<(), VmmError> {
+        let k = |op| move |e| VmmError::kvm(op, e);
+        let mut xsave = kvm_xsave::default();
+        if self.xsave.len() != XSAVE_WORDS {
+            return Err(VmmError::StateDecode(DecodeError::Field {
+                what: "xsave",
+                len: self.xsave.len(),
+                expected: XSAVE_WORDS,
+            }));
+        }
+        xsave.region.copy_from_slice(&self.xsave);
+        // Order as Firecracker/Cloud Hypervisor: mode state first, then registers, then the
+        // MSRs and pending events that depend on them.
+        fd.set_mp_state(self.mp_state)
+            .map_err(k("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs).map_err(k("KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs).map_err(k("KVM_SET_SREGS"))?;
+        fd.set_xsave(&xsave).map_err(k("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&self.xcrs).map_err(k("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(k("KVM_SET_DEBUGREGS"))?;
+        write_msrs(fd, &self.msrs)?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(k("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
 impl VmState {
     /// Encodes the state in a framed, checksummed form.
     pub fn to_bytes(&self) -> Result<Vec<u8>, VmmError> {
-        let payload = codec()
-            .serialize(self)
-            .map_err(|e| VmmError::StateEncode(e.to_string()))?;
+        let payload = postcard::to_allocvec(self)
+            .map_err(|e| VmmError::StateEncode(EncodeError::Payload(e)))?;
         if payload.len() as u64 > STATE_MAX_BYTES {
-            return Err(VmmError::StateEncode(format!(
-                "state is {} bytes, over the {STATE_MAX_BYTES}-byte cap",
-                payload.len()
-            )));
+            return Err(VmmError::StateEncode(EncodeError::TooLarge {
+                len: payload.len() as u64,
+                max: STATE_MAX_BYTES,
+            }));
         }
         let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
         out.extend_from_slice(&STATE_MAGIC);
@@ -92,99 +148,55 @@ impl VmState {
     }
 
     /// Decodes a frame written by [`VmState::to_bytes`], checking magic, version, size cap,
-    /// length and checksum before deserialising.
+    /// length and checksum before deserialising. A corrupt length prefix inside the payload
+    /// cannot make the decoder allocate much: serde caps what it reserves for a sequence up
+    /// front (`size_hint::cautious`) and postcard fails at the end of the payload.
     pub fn from_bytes(bytes: &[u8]) -> Result<VmState, VmmError> {
-        let bad = |m: String| VmmError::StateDecode(m);
-        if bytes.len() < HEADER_LEN {
-            return Err(bad(format!(
-                "{} bytes is shorter than the header",
-                bytes.len()
-            )));
-        }
-        if bytes[..8] != STATE_MAGIC {
-            return Err(bad("bad magic: not a fastmig VM state".into()));
-        }
-        let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-        if version != STATE_VERSION {
-            return Err(bad(format!(
-                "unsupported state version {version} (this build reads {STATE_VERSION})"
-            )));
-        }
-        let mut len_bytes = [0u8; 8];
-        len_bytes.copy_from_slice(&bytes[12..20]);
-        let len = u64::from_le_bytes(len_bytes);
-        if len > STATE_MAX_BYTES {
-            return Err(bad(format!(
-                "payload of {len} bytes is over the {STATE_MAX_BYTES}-byte cap"
-            )));
-        }
-        let payload = &bytes[HEADER_LEN..];
-        if payload.len() as u64 != len {
-            return Err(bad(format!(
-                "payload is {} bytes, header says {len}",
-                payload.len()
-            )));
-        }
-        let crc = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
-        if crc32fast::hash(payload) != crc {
-            return Err(bad("checksum mismatch".into()));
-        }
-        codec().deserialize(payload).map_err(|e| bad(e.to_string()))
+        decode(bytes).map_err(VmmError::StateDecode)
     }
 }
 
-/// bincode with a size limit, so a corrupt length prefix cannot make the decoder allocate
-/// more than the cap.
-fn codec() -> impl bincode::Options {
-    use bincode::Options;
-    bincode::DefaultOptions::new().with_limit(STATE_MAX_BYTES)
-}
-
-/// Plain-old-data KVM structures that can be copied to and from raw bytes.
-///
-/// # Safety
-/// Implementors must be `repr(C)` structs with no pointers, no padding-dependent invariants
-/// and for which every bit pattern is a valid value (true of these kvm-bindings types: they
-/// mirror the kernel's UAPI structs, which the kernel fills from arbitrary bytes).
-pub(crate) unsafe trait Pod: Default {}
-// SAFETY: kvm UAPI structs of integers and integer arrays (see trait docs).
-unsafe impl Pod for kvm_regs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: as above (the trailing flexible array has size 0 in `size_of`).
-unsafe impl Pod for kvm_xsave {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_debugregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_vcpu_events {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_mp_state {}
-
-pub(crate) fn pod_to_bytes<T: Pod>(v: &T) -> Vec<u8> {
-    let len = std::mem::size_of::<T>();
-    // SAFETY: `T: Pod` is plain data of `len` bytes, so viewing it as bytes is valid.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), len) }.to_vec()
-}
-
-pub(crate) fn pod_from_bytes<T: Pod>(bytes: &[u8], what: &str) -> Result<T, VmmError> {
-    if bytes.len() != std::mem::size_of::<T>() {
-        return Err(VmmError::StateDecode(format!(
-            "{what}: {} bytes, expected {}",
-            bytes.len(),
-            std::mem::size_of::<T>()
-        )));
-    }
-    let mut v = T::default();
-    // SAFETY: `bytes` has exactly size_of::<T>() bytes and every bit pattern is a valid `T`
-    // (`Pod` contract); the destination is a distinct local.
-    unsafe {
-        std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut T).cast::<u8>(), bytes.len())
+fn decode(bytes: &[u8]) -> Result<VmState, DecodeError> {
+    let Some((header, payload)) = bytes.split_first_chunk::<HEADER_LEN>() else {
+        return Err(DecodeError::Short(bytes.len()));
     };
-    Ok(v)
+    let word = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    if header[..8] != STATE_MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    let version = word(8);
+    if version != STATE_VERSION {
+        return Err(DecodeError::BadVersion {
+            found: version,
+            supported: STATE_VERSION,
+        });
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[12..20]);
+    let len = u64::from_le_bytes(len);
+    if len > STATE_MAX_BYTES {
+        return Err(DecodeError::TooLarge {
+            len,
+            max: STATE_MAX_BYTES,
+        });
+    }
+    if payload.len() as u64 != len {
+        return Err(DecodeError::Length {
+            actual: payload.len() as u64,
+            header: len,
+        });
+    }
+    let crc = word(20);
+    if crc32fast::hash(payload) != crc {
+        return Err(DecodeError::Checksum);
+    }
+    let (state, rest) = postcard::take_from_bytes(payload).map_err(DecodeError::Payload)?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -198,18 +210,33 @@ mod tests {
             rbx: 42,
             ..Default::default()
         };
+        let sregs = kvm_sregs {
+            cr0: 0x8001_0033,
+            cs: kvm_bindings::kvm_segment {
+                selector: 8,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut events = kvm_vcpu_events::default();
+        events.exception.nr = 14;
         VmState {
             mem_size: 16 << 20,
             workload: WorkloadSpec::new(WorkloadKind::Verify),
             vcpus: vec![VcpuState {
-                regs: pod_to_bytes(&regs),
-                sregs: pod_to_bytes(&kvm_sregs::default()),
-                fpu: vec![1, 2, 3],
-                xsave: vec![0; 4096],
-                xcrs: vec![],
-                debug_regs: vec![],
-                events: vec![],
-                mp_state: vec![],
+                regs,
+                sregs,
+                xsave: (0..XSAVE_WORDS as u32).collect(),
+                xcrs: kvm_xcrs {
+                    nr_xcrs: 1,
+                    ..Default::default()
+                },
+                debug_regs: kvm_debugregs {
+                    dr7: 0x400,
+                    ..Default::default()
+                },
+                events,
+                mp_state: kvm_mp_state { mp_state: 3 },
                 msrs: vec![(0x10, 99)],
                 workload: WorkloadVcpuState {
                     pages_done: 7,
@@ -226,9 +253,13 @@ mod tests {
         let st = sample();
         let bytes = st.to_bytes().expect("encode");
         assert_eq!(VmState::from_bytes(&bytes).expect("decode"), st);
-        let regs: kvm_regs = pod_from_bytes(&st.vcpus[0].regs, "regs").expect("regs");
-        assert_eq!((regs.rip, regs.rbx), (0x8000, 42));
-        assert!(pod_from_bytes::<kvm_regs>(&[0; 3], "regs").is_err());
+        let back = VmState::from_bytes(&bytes).expect("decode");
+        let v = &back.vcpus[0];
+        assert_eq!((v.regs.rip, v.regs.rbx), (0x8000, 42));
+        assert_eq!((v.sregs.cr0, v.sregs.cs.selector), (0x8001_0033, 8));
+        assert_eq!((v.events.exception.nr, v.mp_state.mp_state), (14, 3));
+        assert_eq!((v.debug_regs.dr7, v.xcrs.nr_xcrs), (0x400, 1));
+        assert_eq!(v.xsave[1023], 1023);
     }
 
     #[test]
@@ -266,11 +297,58 @@ mod tests {
         assert!(VmState::from_bytes(&frame).is_err());
     }
 
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&STATE_MAGIC);
+        frame.extend_from_slice(&STATE_VERSION.to_le_bytes());
+        frame.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        frame.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    #[test]
+    fn a_lying_vcpu_count_and_trailing_bytes_are_rejected() {
+        let empty = VmState {
+            vcpus: Vec::new(),
+            ..sample()
+        };
+        let mut payload = postcard::to_allocvec(&empty).expect("encode");
+        // The vCPU count is the last field: a varint 0. Claim 2^32 - 1 vCPUs instead; the
+        // decoder must fail at the end of the payload, not reserve room for them first.
+        assert_eq!(payload.pop(), Some(0));
+        payload.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(matches!(
+            VmState::from_bytes(&frame(&payload)),
+            Err(VmmError::StateDecode(DecodeError::Payload(_)))
+        ));
+        let mut payload = postcard::to_allocvec(&sample()).expect("encode");
+        payload.push(0);
+        assert!(matches!(
+            VmState::from_bytes(&frame(&payload)),
+            Err(VmmError::StateDecode(DecodeError::Trailing(1)))
+        ));
+        assert!(VmState::from_bytes(&frame(&payload[..payload.len() - 1])).is_ok());
+    }
+
+    #[test]
+    fn an_over_cap_state_is_not_encoded() {
+        let mut st = sample();
+        st.vcpus[0].msrs = vec![(u32::MAX, u64::MAX); (STATE_MAX_BYTES / 8) as usize];
+        assert!(matches!(
+            st.to_bytes(),
+            Err(VmmError::StateEncode(EncodeError::TooLarge { .. }))
+        ));
+    }
+
     #[test]
     fn bad_magic_version_checksum_and_length_are_rejected() {
         let good = sample().to_bytes().expect("encode");
         let expect_err = |b: &[u8], needle: &str| match VmState::from_bytes(b) {
-            Err(VmmError::StateDecode(m)) => assert!(m.contains(needle), "{m} lacks {needle}"),
+            Err(VmmError::StateDecode(e)) => {
+                let m = e.to_string();
+                assert!(m.contains(needle), "{m} lacks {needle}")
+            }
             other => panic!("expected a decode error containing {needle}, got {other:?}"),
         };
         let mut b = good.clone();

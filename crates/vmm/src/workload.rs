@@ -13,6 +13,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::SpecError;
 use crate::{VmmError, PAGE_SIZE};
 
 /// Which built-in guest program runs.
@@ -152,7 +153,8 @@ impl FromStr for WorkloadSpec {
     type Err = VmmError;
 
     fn from_str(s: &str) -> Result<Self, VmmError> {
-        let bad = |msg: String| VmmError::InvalidSpec(format!("workload `{s}`: {msg}"));
+        let spec_text = || s.to_string();
+        let bad = VmmError::InvalidSpec;
         let (name, rest) = match s.split_once(':') {
             Some((n, r)) => (n, Some(r)),
             None => (s, None),
@@ -163,9 +165,10 @@ impl FromStr for WorkloadSpec {
             "verify" => WorkloadKind::Verify,
             "fill" => WorkloadKind::Fill,
             other => {
-                return Err(bad(format!(
-                    "unknown workload `{other}` (expected idle, dirty, verify or fill)"
-                )))
+                return Err(bad(SpecError::UnknownWorkload {
+                    spec: spec_text(),
+                    name: other.to_string(),
+                }))
             }
         };
         let mut spec = WorkloadSpec::new(kind);
@@ -174,59 +177,85 @@ impl FromStr for WorkloadSpec {
             if pair.is_empty() {
                 continue;
             }
-            let (key, value) = pair
-                .split_once('=')
-                .ok_or_else(|| bad(format!("`{pair}` is not key=value")))?;
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                bad(SpecError::NotKeyValue {
+                    spec: spec_text(),
+                    pair: pair.to_string(),
+                })
+            })?;
             let allowed = match kind {
                 WorkloadKind::Idle => &[][..],
                 WorkloadKind::Fill => &["rate"][..],
                 _ => &["rate", "wss", "pattern", "hot", "hotw", "seed"][..],
             };
             if !allowed.contains(&key) {
-                return Err(bad(format!("unknown key `{key}` for {name}")));
+                return Err(bad(SpecError::UnknownKey {
+                    spec: spec_text(),
+                    key: key.to_string(),
+                    workload: name.to_string(),
+                }));
             }
             match key {
-                "rate" => {
-                    spec.rate = value
-                        .parse()
-                        .map_err(|_| bad(format!("rate `{value}` is not a whole number")))?
-                }
-                "wss" => spec.wss = parse_size(value).map_err(|e| bad(e.to_string()))?,
+                "rate" => spec.rate = parse_int(s, "rate", value)?,
+                "wss" => spec.wss = parse_size(value)?,
                 "pattern" => {
                     spec.pattern = match value {
                         "seq" => Pattern::Seq,
                         "random" => Pattern::Random,
                         "hotcold" => Pattern::HotCold,
-                        _ => return Err(bad(format!("unknown pattern `{value}`"))),
+                        _ => {
+                            return Err(bad(SpecError::UnknownPattern {
+                                spec: spec_text(),
+                                value: value.to_string(),
+                            }))
+                        }
                     }
                 }
-                "hot" => spec.hot = parse_fraction(value).map_err(bad)?,
-                "hotw" => spec.hot_writes = parse_fraction(value).map_err(bad)?,
-                "seed" => {
-                    spec.seed = value
-                        .parse()
-                        .map_err(|_| bad(format!("seed `{value}` is not a whole number")))?
+                "hot" => spec.hot = parse_fraction(s, "hot", value)?,
+                "hotw" => spec.hot_writes = parse_fraction(s, "hotw", value)?,
+                "seed" => spec.seed = parse_int(s, "seed", value)?,
+                // `allowed` holds only the keys above.
+                _ => {
+                    return Err(bad(SpecError::UnknownKey {
+                        spec: spec_text(),
+                        key: key.to_string(),
+                        workload: name.to_string(),
+                    }))
                 }
-                _ => return Err(bad(format!("unknown key `{key}`"))),
             }
         }
         if spec.has_working_set() {
             if spec.wss == 0 || !spec.wss.is_multiple_of(PAGE_SIZE) {
-                return Err(bad("wss must be a non-zero multiple of 4K".into()));
+                return Err(bad(SpecError::WssNotPages { spec: spec_text() }));
             }
             if spec.hot <= 0.0 || spec.hot >= 1.0 {
-                return Err(bad("hot must be strictly between 0 and 1".into()));
+                return Err(bad(SpecError::HotOutOfRange { spec: spec_text() }));
             }
         }
         Ok(spec)
     }
 }
 
-fn parse_fraction(value: &str) -> Result<f64, String> {
+fn parse_fraction(spec: &str, key: &'static str, value: &str) -> Result<f64, VmmError> {
     match value.parse::<f64>() {
         Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
-        _ => Err(format!("`{value}` is not a fraction between 0 and 1")),
+        _ => Err(VmmError::InvalidSpec(SpecError::NotAFraction {
+            spec: spec.to_string(),
+            key,
+            value: value.to_string(),
+        })),
     }
+}
+
+fn parse_int(spec: &str, key: &'static str, value: &str) -> Result<u64, VmmError> {
+    value.parse().map_err(|source| {
+        VmmError::InvalidSpec(SpecError::NotANumber {
+            spec: spec.to_string(),
+            key,
+            value: value.to_string(),
+            source,
+        })
+    })
 }
 
 /// Parses a byte size: a whole number with an optional `K`, `M` or `G` suffix (powers of 1024;
@@ -235,7 +264,7 @@ pub fn parse_size(s: &str) -> Result<u64, VmmError> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
-    let bad = || VmmError::InvalidSpec(format!("size `{s}`: expected e.g. 4096, 512K, 64M or 1G"));
+    let bad = || VmmError::InvalidSpec(SpecError::Size(s.to_string()));
     let n: u64 = num.parse().map_err(|_| bad())?;
     let shift = match suffix.to_ascii_uppercase().as_str() {
         "" | "B" => 0,

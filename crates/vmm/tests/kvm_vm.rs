@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use fastmig_vmm::{
-    DirtyBitmap, Vm, VmConfig, VmRunState, VmState, VmmError, WorkloadSpec, PAGE_SIZE,
+    KvmDirtyLog, Vm, VmConfig, VmRunState, VmState, VmmError, WorkloadSpec, PAGE_SIZE,
 };
 
 fn require_kvm() {
@@ -125,7 +125,7 @@ fn two_dirty_log_subscribers_each_see_every_page() {
     let b_all = b.fetch().expect("b fetch");
     assert!(a1.count() > 0 && a2.count() > 0);
     // b's single fetch covers both of a's intervals.
-    let mut union = DirtyBitmap {
+    let mut union = KvmDirtyLog {
         words: a1.words.clone(),
     };
     for (u, w) in union.words.iter_mut().zip(&a2.words) {
@@ -189,6 +189,18 @@ fn save_state_needs_a_paused_vm_and_restore_a_fresh_one() {
         other.start().is_err(),
         "an incoming VM must not start without state"
     );
+    // A state whose XSAVE area has the wrong size is refused, not truncated or padded.
+    let same =
+        Vm::new_incoming(config(16, 1, "verify:rate=1000,wss=4M,pattern=seq")).expect("incoming");
+    let mut short = st.clone();
+    short.vcpus[0].xsave.pop();
+    assert!(matches!(
+        same.restore_state(&short),
+        Err(VmmError::StateDecode(
+            fastmig_vmm::DecodeError::Field { .. }
+        ))
+    ));
+    same.restore_state(&st).expect("the intact state restores");
 }
 
 /// The canonical text of a workload spec.
@@ -377,6 +389,71 @@ fn an_unexpected_exit_fails_the_vm_with_a_clear_error() {
         assert!(matches!(vm.resume(), Err(VmmError::VcpuFailed(_))));
         vm.shutdown();
     }
+}
+
+/// One page of a paused `verify` VM, tampered with in one of three ways, is the one error
+/// the checker reports, by address.
+#[test]
+fn verify_names_the_one_tampered_page() {
+    let spec = "verify:rate=4000,wss=1M,pattern=random,seed=5";
+    let base = fastmig_vmm::guest::DATA_BASE;
+    let read_stamp = |vm: &Vm, gpa: u64| {
+        let mut stamp = [0u8; 16];
+        vm.read_memory(gpa, &mut stamp).expect("read");
+        stamp
+    };
+    let expect_only = |vm: &Vm, gpa: u64, how: &str| {
+        let report = vm.verify_memory().expect("verify");
+        assert_eq!(report.errors, 1, "{how}: {:?}", report.first_errors);
+        let needle = format!("page {gpa:#x}:");
+        assert!(
+            report.first_errors[0].contains(&needle),
+            "{how}: {:?} does not name {gpa:#x}",
+            report.first_errors
+        );
+    };
+    // A second guest with another seed writes the same slice in another order.
+    let other = started(config(
+        16,
+        1,
+        "verify:rate=4000,wss=1M,pattern=random,seed=6",
+    ));
+    let vm = started(config(16, 1, spec));
+    wait_for("every page written at least twice", || {
+        vm.status().pages_written > 1500 && other.status().pages_written > 1500
+    });
+    vm.pause().expect("pause");
+    other.pause().expect("pause");
+    assert_eq!(vm.verify_memory().expect("verify").errors, 0);
+
+    // A stale stamp: the page holds an older sequence number (same frame number).
+    let gpa = base + 17 * PAGE_SIZE;
+    let good = read_stamp(&vm, gpa);
+    let seq = u64::from_le_bytes(good[..8].try_into().expect("8 bytes"));
+    assert!(seq > 0, "page 17 was written");
+    vm.write_memory(gpa, &(seq - 1).to_le_bytes())
+        .expect("write");
+    expect_only(&vm, gpa, "stale stamp");
+    vm.write_memory(gpa, &good).expect("restore");
+
+    // A lost write: the page is zero again, as if the destination never received it.
+    let gpa = base + 100 * PAGE_SIZE;
+    let good = read_stamp(&vm, gpa);
+    vm.write_memory(gpa, &[0u8; 16]).expect("write");
+    expect_only(&vm, gpa, "lost write");
+    vm.write_memory(gpa, &good).expect("restore");
+
+    // A page from the wrong guest: same frame number, the other seed's sequence number.
+    let gpa = (0..256)
+        .map(|p| base + p * PAGE_SIZE)
+        .find(|&gpa| read_stamp(&vm, gpa) != read_stamp(&other, gpa))
+        .expect("two seeds leave some page different");
+    let good = read_stamp(&vm, gpa);
+    vm.write_memory(gpa, &read_stamp(&other, gpa))
+        .expect("write");
+    expect_only(&vm, gpa, "page from another seed");
+    vm.write_memory(gpa, &good).expect("restore");
+    assert_eq!(vm.verify_memory().expect("verify").errors, 0);
 }
 
 #[test]
