@@ -11,8 +11,10 @@ mod error;
 mod host;
 mod kvm_adapter;
 mod migrate_cmd;
+mod model_cmd;
 mod procs;
 mod sim_cmd;
+mod sweep_row;
 mod units;
 mod vm_cmd;
 
@@ -41,6 +43,11 @@ enum Command {
     Bench(bench_cmd::BenchCommand),
     /// Run the trace-driven data-centre simulator.
     Simulate(sim_cmd::SimulateArgs),
+    /// Fit or check the analytic migration model.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
+    /// Predict a migration's time, downtime, bytes and CPU, and whether it converges.
+    Predict(model_cmd::PredictArgs),
 }
 
 fn main() {
@@ -51,6 +58,8 @@ fn main() {
         Command::Migrate(cmd) => migrate_cmd::main(cmd),
         Command::Bench(cmd) => bench_cmd::main(cmd),
         Command::Simulate(args) => sim_cmd::main(args),
+        Command::Model(cmd) => model_cmd::main(cmd),
+        Command::Predict(args) => model_cmd::predict_main(args),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));
