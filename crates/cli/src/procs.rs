@@ -30,8 +30,29 @@ impl ChildVm {
         verbose: bool,
         timeout: Duration,
     ) -> Result<ChildVm> {
+        Self::spawn_wrapped(role, &[], args, api, verbose, timeout)
+    }
+
+    /// As [`ChildVm::spawn`], run through a wrapper command `wrapper...` (for example
+    /// `ip netns exec NAME`) that execs the `fastmig` binary.
+    pub fn spawn_wrapped(
+        role: &'static str,
+        wrapper: &[String],
+        args: &[String],
+        api: &Path,
+        verbose: bool,
+        timeout: Duration,
+    ) -> Result<ChildVm> {
         let exe = std::env::current_exe().context("locating the fastmig binary")?;
-        let child = Command::new(exe)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use fastmig_model::{
     Measured, MigrationScenario, Observation, OnNoConverge, Outcome, Pattern, Transport,
 };
@@ -169,4 +169,21 @@ pub fn read(path: &Path) -> Result<Vec<SweepRow>> {
         rows.push(row);
     }
     Ok(rows)
+}
+/// Appends rows to `path`, writing the header only when the file is new or empty.
+pub fn append(path: &Path, rows: &[SweepRow]) -> Result<()> {
+    let fresh = std::fs::metadata(path)
+        .map(|m| m.len() == 0)
+        .unwrap_or(true);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut w = csv::WriterBuilder::new().has_headers(fresh).from_writer(f);
+    for row in rows {
+        w.serialize(row).context("writing a sweep row")?;
+    }
+    w.flush().context("writing a sweep row")?;
+    Ok(())
 }
