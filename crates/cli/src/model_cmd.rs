@@ -44,6 +44,9 @@ pub enum ModelCommand {
         /// Only the runs of this split.
         #[arg(long, value_enum)]
         split: Option<SplitArg>,
+        /// Also print every run's predicted and measured values.
+        #[arg(long)]
+        rows: bool,
         /// Print the errors as JSON.
         #[arg(long)]
         json: bool,
@@ -265,6 +268,7 @@ pub fn main(cmd: ModelCommand) -> Result<()> {
             sweep,
             model,
             split,
+            rows: per_row,
             json,
         } => {
             let model = load_model(&model)?;
@@ -274,6 +278,33 @@ pub fn main(cmd: ModelCommand) -> Result<()> {
                 SplitArg::Test => Split::Test,
             });
             let obs = observations(&rows, split)?;
+            if per_row {
+                println!("transport,mem_mib,pattern,write_pps,link_mib_s,limit_ms,measured_total_ms,predicted_total_ms,measured_downtime_ms,predicted_downtime_ms,measured_mib,predicted_mib,measured_rounds,predicted_rounds,measured_outcome,predicted_outcome");
+                for o in &obs {
+                    let p = predict(&model, &o.scenario).map_err(|e| usage!("{e}"))?;
+                    let (s, m) = (&o.scenario, &o.measured);
+                    let mib = (1u64 << 20) as f64;
+                    println!(
+                        "{},{},{:?},{:.0},{},{},{:.1},{:.1},{:.1},{:.1},{:.1},{:.1},{},{},{:?},{:?}",
+                        s.transport,
+                        s.mem_bytes >> 20,
+                        s.pattern,
+                        s.dirty_rate_pps,
+                        s.link_bytes_s.map(|l| format!("{:.0}", l / mib)).unwrap_or_default(),
+                        s.downtime_limit_s * 1e3,
+                        m.total_ms,
+                        p.total_ms,
+                        m.downtime_ms,
+                        p.downtime_ms,
+                        m.bytes as f64 / mib,
+                        p.bytes as f64 / mib,
+                        m.rounds,
+                        p.rounds,
+                        m.outcome,
+                        p.outcome
+                    );
+                }
+            }
             let acc = evaluate(&model, &obs).map_err(|e| usage!("{e}"))?;
             if json {
                 println!("{}", serde_json::to_string(&acc)?);

@@ -1,15 +1,18 @@
 //! Fitting a [`Model`] to measured runs, and measuring its accuracy.
 //!
-//! Each parameter is fitted by least squares on the part of the measurements it explains,
+//! Each parameter is fitted (least squares, or a median where noted) on the part of the measurements it explains,
 //! so that the fit stays linear and every step can be checked on its own:
 //!
 //! | parameter | from |
 //! |---|---|
 //! | `header_bytes_per_page`, `zero_page_bytes` | bytes − 4096 × pages = h × pages + z × zero pages |
-//! | `cpu_rate_bytes_s`, `round_s` | pre-copy rounds of runs with neither link nor cap: ms = bytes / rate + c |
-//! | `link_efficiency` | pre-copy rounds of link-bound runs: ms − c = bytes / (eff × link) |
+//! | `round_s` | pre-copy rounds of runs with neither link nor cap: ms = bytes / rate + c |
+//! | `cpu_rate_bytes_s` | median over those runs of the full pass's bytes / (ms − c) |
+//! | `link_efficiency` | median over link-bound runs of the full pass's bytes / link / (ms − c) |
 //! | `setup_s`, per-round sync (added to `round_s`) | total − downtime − Σ round ms = setup + sync × pre-copy rounds |
-//! | `downtime_fixed_s` | downtime − stop-and-copy round ms |
+//! | `downtime_fixed_s` | median of downtime − stop-and-copy round ms |
+//!
+//! Medians where one noisy run (a neighbour on a shared machine) would pull a mean.
 //! | CPU | src (dst) CPU s = fixed + per-byte × bytes |
 
 use std::collections::BTreeMap;
@@ -147,6 +150,20 @@ fn line_nonneg(pts: &[(f64, f64)]) -> (f64, f64) {
     }
 }
 
+/// Median (mean of the middle two for an even count); `None` for no values.
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
 fn mean(v: impl Iterator<Item = f64>) -> f64 {
     let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
     if n == 0 {
@@ -180,11 +197,14 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         s2y += x2 * y;
     }
     let det = s11 * s22 - s12 * s12;
-    if det > 1e-9 * s11 * s22 && s22 > 0.0 {
+    // Zero pages must be a real share of the pages sent for their cost to be measurable.
+    if det > 1e-9 * s11 * s22 && s22 > 1e-4 * s11 {
         p.header_bytes_per_page = ((s1y * s22 - s2y * s12) / det).max(0.0);
         p.zero_page_bytes = ((s2y * s11 - s1y * s12) / det).max(0.0);
     } else if s11 > 0.0 {
         p.header_bytes_per_page = (s1y / s11).max(0.0);
+        // Unmeasured: a zero page costs about a page header.
+        p.zero_page_bytes = p.header_bytes_per_page;
     }
 
     if t == Transport::Handover {
@@ -212,8 +232,22 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
             .filter(|(b, _)| *b > 0.0)
             .collect();
         let (c, inv_rate) = line_nonneg(&free);
+        // The full passes carry most bytes; on a shared machine their rates scatter, and the
+        // median of their rates (with the fitted per-round cost taken off) resists a run
+        // slowed by a neighbour better than the least-squares slope does.
+        let passes: Vec<f64> = rows
+            .iter()
+            .filter(|o| {
+                o.scenario.bandwidth_cap_bytes_s.is_none()
+                    && (o.scenario.link_bytes_s.is_none() || !t.uses_link())
+            })
+            .filter_map(|o| {
+                let (b, s) = o.precopy_rounds().next()?;
+                (b > 0.0 && s > c).then(|| b / o.scenario.cpu_share / (s - c))
+            })
+            .collect();
         if inv_rate > 0.0 {
-            p.cpu_rate_bytes_s = 1.0 / inv_rate;
+            p.cpu_rate_bytes_s = median(passes).unwrap_or(1.0 / inv_rate);
             p.round_s = c;
         } else {
             // No unlimited runs: the fastest round seen is a lower bound of the CPU rate.
@@ -230,20 +264,20 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         }
         // Link efficiency from rounds of runs whose link is slower than the CPU rate.
         if t.uses_link() {
-            let linked: Vec<(f64, f64)> = rows
+            let linked: Vec<f64> = rows
                 .iter()
                 .filter_map(|o| {
                     let l = o.scenario.link_bytes_s?;
                     let cap = o.scenario.bandwidth_cap_bytes_s.unwrap_or(f64::INFINITY);
                     (l < p.cpu_rate_bytes_s * o.scenario.cpu_share && l < cap).then_some((o, l))
                 })
-                .flat_map(|(o, l)| o.precopy_rounds().map(move |(b, s)| (b / l, s - c)))
-                .filter(|(x, _)| *x > 0.0)
+                .filter_map(|(o, l)| {
+                    // The full pass: the round the link dominates (later ones can be small).
+                    let (b, s) = o.precopy_rounds().next()?;
+                    (b > 0.0 && s > c).then(|| b / l / (s - c))
+                })
                 .collect();
-            p.link_efficiency = slope(&linked)
-                .filter(|k| *k > 0.0)
-                .map(|k| (1.0 / k).clamp(0.05, 1.0))
-                .unwrap_or(1.0);
+            p.link_efficiency = median(linked).map(|e| e.clamp(0.05, 1.0)).unwrap_or(1.0);
         }
         // Setup and the per-round sync: what total time the rounds and the downtime leave.
         let rest: Vec<(f64, f64)> = done
@@ -258,11 +292,16 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         let (setup, sync) = line_nonneg(&rest);
         p.setup_s = setup;
         p.round_s += sync;
-        p.downtime_fixed_s = mean(done.iter().map(|o| {
-            let m = &o.measured;
-            let last = m.round_ms.last().copied().unwrap_or(0.0);
-            (m.downtime_ms - last) / 1e3
-        }))
+        p.downtime_fixed_s = median(
+            done.iter()
+                .map(|o| {
+                    let m = &o.measured;
+                    let last = m.round_ms.last().copied().unwrap_or(0.0);
+                    (m.downtime_ms - last) / 1e3
+                })
+                .collect(),
+        )
+        .unwrap_or(0.0)
         .max(0.0);
     }
     let src: Vec<(f64, f64)> = done
