@@ -457,12 +457,17 @@ fn one_run(
     if let Some(cap) = p.cap {
         mig.extend(["--max-bandwidth".into(), (cap as u64).to_string()]);
     }
+    let load1 = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
     let summary = run_json(&mig)?;
     dst.quit().ok();
     src.quit().ok();
     let mut row = failed_row(p, &anyhow::anyhow!(""));
     row.guest_write_pps = write_pps;
     row.guest_dirty_pps = dirty_pps;
+    row.load1 = load1;
     fill_summary(&mut row, &summary)?;
     Ok(row)
 }
@@ -500,6 +505,7 @@ fn failed_row(p: &Point, e: &anyhow::Error) -> SweepRow {
         transport: p.transport,
         streams: p.streams,
         cpu_share: 1.0,
+        load1: 0.0,
         downtime_limit_ms: p.limit.as_secs_f64() * 1e3,
         max_rounds: p.max_rounds,
         on_no_converge: p.policy,

@@ -64,6 +64,10 @@ pub struct SweepRow {
     pub streams: u32,
     /// Cores the migration may use (cpu share of the model; 1 = unrestricted).
     pub cpu_share: f64,
+    /// The machine's 1-minute load average when the migration started (a shared machine's
+    /// neighbours; 0 when not recorded).
+    #[serde(default)]
+    pub load1: f64,
     /// Downtime limit, ms.
     pub downtime_limit_ms: f64,
     /// Round limit.
@@ -170,11 +174,33 @@ pub fn read(path: &Path) -> Result<Vec<SweepRow>> {
     }
     Ok(rows)
 }
-/// Appends rows to `path`, writing the header only when the file is new or empty.
+/// Appends rows to `path`, writing the header only when the file is new or empty; refuses
+/// a file whose columns differ from this build's.
 pub fn append(path: &Path, rows: &[SweepRow]) -> Result<()> {
     let fresh = std::fs::metadata(path)
         .map(|m| m.len() == 0)
         .unwrap_or(true);
+    if !fresh && !rows.is_empty() {
+        // An existing file must have this build's columns: appending others corrupts it.
+        let mut r = csv::Reader::from_path(path)
+            .map_err(|e| usage!("cannot read sweep {}: {e}", path.display()))?;
+        let have = r
+            .headers()
+            .map_err(|e| usage!("{}: {e}", path.display()))?
+            .iter()
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.serialize(&rows[0]).context("writing a sweep row")?;
+        let text = String::from_utf8(w.into_inner().context("writing a sweep row")?)
+            .context("writing a sweep row")?;
+        if text.lines().next() != Some(have.as_str()) {
+            return Err(usage!(
+                "{} has other columns than this build writes; resume it with the build that started it, or start a new sweep",
+                path.display()
+            ));
+        }
+    }
     let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -186,4 +212,78 @@ pub fn append(path: &Path, rows: &[SweepRow]) -> Result<()> {
     }
     w.flush().context("writing a sweep row")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(key: &str) -> SweepRow {
+        SweepRow {
+            key: key.into(),
+            split: Split::Train,
+            rep: 0,
+            mem_bytes: 64 << 20,
+            pattern: Pattern::HotCold,
+            target_write_pps: 1000.0,
+            guest_write_pps: 990.0,
+            guest_dirty_pps: 800.0,
+            wss_bytes: 16 << 20,
+            link_bytes_s: Some(1.25e8),
+            cap_bytes_s: None,
+            transport: Transport::MultiTcp,
+            streams: 2,
+            cpu_share: 1.0,
+            load1: 3.5,
+            downtime_limit_ms: 30.0,
+            max_rounds: 30,
+            on_no_converge: OnNoConverge::Force,
+            status: RunStatus::Completed,
+            error: String::new(),
+            total_ms: 700.0,
+            downtime_ms: 3.0,
+            setup_ms: 2.0,
+            dst_setup_ms: 1.0,
+            rounds: 3,
+            bytes_sent: 70_000_000,
+            pages_sent: 17_000,
+            zero_pages_skipped: 0,
+            throughput_mib_s: 100.0,
+            src_cpu_s: 0.1,
+            dst_cpu_s: 0.2,
+            digest_match: true,
+            round_ms: "600.5;90;3".into(),
+            round_bytes: "67108864;2000000;40000".into(),
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_and_resume_appends_without_a_second_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("sweep.csv");
+        append(&p, &[row("a")]).expect("first");
+        append(&p, &[row("b")]).expect("second");
+        let rows = read(&p).expect("read");
+        assert_eq!(rows, vec![row("a"), row("b")]);
+        let o = rows[0].observation().expect("obs").expect("completed");
+        assert_eq!(o.measured.round_ms, vec![600.5, 90.0, 3.0]);
+        assert_eq!(o.scenario.link_bytes_s, Some(1.25e8));
+        assert_eq!(
+            o.scenario.dirty_rate_pps, 990.0,
+            "the measured rate is the input"
+        );
+    }
+
+    #[test]
+    fn appending_to_a_csv_of_other_columns_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("sweep.csv");
+        std::fs::write(&p, "key,split\nx,train\n").expect("write");
+        let e = append(&p, &[row("a")]).expect_err("other columns");
+        assert!(e.to_string().contains("other columns"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "key,split\nx,train\n"
+        );
+    }
 }
