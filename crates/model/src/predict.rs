@@ -488,6 +488,22 @@ mod tests {
     }
 
     #[test]
+    fn reduced_to_ram_over_bandwidth_it_is_cloudsims_formula() {
+        // CloudSim: duration = RAM / (bw / 2). A model with no fixed costs, a link efficiency
+        // of 1/2 and an idle VM gives exactly that, even for a RAM that is not a page
+        // multiple: 613 MB over half of 1 Gbit/s = 613e6 / 62.5e6 = 9.808 s.
+        let mut p = TransportParams::ideal(f64::MAX);
+        p.link_efficiency = 0.5;
+        let mut m = Model::default();
+        m.transports.insert(Transport::Classic, p);
+        let mut s = MigrationScenario::new(613_000_000, Transport::Classic);
+        s.link_bytes_s = Some(125e6);
+        let got = predict(&m, &s).unwrap();
+        assert_eq!(got.total_ms, 9808.0);
+        assert_eq!(got.downtime_ms, 0.0);
+    }
+
+    #[test]
     fn handover_costs_its_fixed_part_only() {
         let mut s = scenario();
         s.transport = Transport::Handover;

@@ -177,9 +177,10 @@ impl MigrationScenario {
         Ok(())
     }
 
-    /// Guest pages.
+    /// Guest pages (fractional for a size that is not a page multiple, so that a model
+    /// reduced to `RAM / bandwidth` reproduces that formula exactly).
     pub fn pages(&self) -> f64 {
-        (self.mem_bytes / PAGE_SIZE) as f64
+        self.mem_bytes as f64 / PAGE_SIZE as f64
     }
 
     /// Non-zero guest pages.
@@ -188,11 +189,11 @@ impl MigrationScenario {
             .nonzero_bytes
             .unwrap_or(self.mem_bytes)
             .min(self.mem_bytes);
-        (nz / PAGE_SIZE) as f64
+        nz as f64 / PAGE_SIZE as f64
     }
 
     /// Working-set pages (at least one, at most the memory).
     pub fn wss_pages(&self) -> f64 {
-        ((self.wss_bytes.min(self.mem_bytes) / PAGE_SIZE) as f64).max(1.0)
+        (self.wss_bytes.min(self.mem_bytes) as f64 / PAGE_SIZE as f64).max(1.0)
     }
 }
