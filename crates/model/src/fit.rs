@@ -6,9 +6,9 @@
 //! | parameter | from |
 //! |---|---|
 //! | `header_bytes_per_page`, `zero_page_bytes` | bytes − 4096 × pages = h × pages + z × zero pages |
-//! | `round_s` | pre-copy rounds of runs with neither link nor cap: ms = bytes / rate + c |
-//! | `cpu_rate_bytes_s` | median over those runs of the full pass's bytes / (ms − c) |
-//! | `link_efficiency` | median over link-bound runs of the full pass's bytes / link / (ms − c) |
+//! | `cpu_rate_bytes_s` | median over runs with neither link nor cap of the full pass's bytes / (s − c) |
+//! | `link_efficiency` | median over link-bound runs of the full pass's bytes / link / (s − c) |
+//! | `round_s` (c) | median over later rounds of s − bytes / rate (the three iterated) |
 //! | `setup_s`, per-round sync (added to `round_s`) | total − downtime − Σ round ms = setup + sync × pre-copy rounds |
 //! | `downtime_fixed_s` | median of downtime − stop-and-copy round ms |
 //!
@@ -150,6 +150,18 @@ fn line_nonneg(pts: &[(f64, f64)]) -> (f64, f64) {
     }
 }
 
+/// The page rate `p` gives scenario `s`: the smallest of CPU, link and cap.
+fn rate_of(s: &MigrationScenario, p: &TransportParams) -> f64 {
+    let mut r = p.cpu_rate_bytes_s * s.cpu_share;
+    if let (Some(l), true) = (s.link_bytes_s, s.transport.uses_link()) {
+        r = r.min(l * p.link_efficiency);
+    }
+    if let Some(cap) = s.bandwidth_cap_bytes_s {
+        r = r.min(cap);
+    }
+    r
+}
+
 /// Median (mean of the middle two for an even count); `None` for no values.
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
@@ -217,68 +229,69 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         )
         .max(0.0);
     } else {
-        // CPU-bound rate and per-round cost, from rounds nothing else limits.
-        let free: Vec<(f64, f64)> = rows
-            .iter()
-            .filter(|o| {
-                o.scenario.bandwidth_cap_bytes_s.is_none()
-                    && (o.scenario.link_bytes_s.is_none() || !t.uses_link())
-            })
-            .flat_map(|o| {
-                let share = o.scenario.cpu_share;
-                // At a CPU share s the rate is s × rate: scale bytes so one line fits all.
-                o.precopy_rounds().map(move |(b, s)| (b / share, s))
-            })
-            .filter(|(b, _)| *b > 0.0)
-            .collect();
-        let (c, inv_rate) = line_nonneg(&free);
-        // The full passes carry most bytes; on a shared machine their rates scatter, and the
-        // median of their rates (with the fitted per-round cost taken off) resists a run
-        // slowed by a neighbour better than the least-squares slope does.
-        let passes: Vec<f64> = rows
-            .iter()
-            .filter(|o| {
-                o.scenario.bandwidth_cap_bytes_s.is_none()
-                    && (o.scenario.link_bytes_s.is_none() || !t.uses_link())
-            })
-            .filter_map(|o| {
-                let (b, s) = o.precopy_rounds().next()?;
-                (b > 0.0 && s > c).then(|| b / o.scenario.cpu_share / (s - c))
-            })
-            .collect();
-        if inv_rate > 0.0 {
-            p.cpu_rate_bytes_s = median(passes).unwrap_or(1.0 / inv_rate);
-            p.round_s = c;
-        } else {
-            // No unlimited runs: the fastest round seen is a lower bound of the CPU rate.
-            let best = rows
+        // CPU-bound rate, link efficiency and per-round cost, in turn, three times over:
+        // - the rate: median over runs nothing else limits of the full pass's
+        //   bytes / (time − c) (the full passes carry most bytes; on a shared machine their
+        //   rates scatter, and a median resists a run slowed by a neighbour);
+        // - the link efficiency: the same over link-bound runs, against the link;
+        // - c: median over the later (small) rounds of time − bytes / rate, which a
+        //   least-squares intercept under the full passes' scatter does not give.
+        let free = |o: &&&Observation| {
+            o.scenario.bandwidth_cap_bytes_s.is_none()
+                && (o.scenario.link_bytes_s.is_none() || !t.uses_link())
+        };
+        let mut c = 0.0;
+        for _ in 0..3 {
+            let passes: Vec<f64> = rows
                 .iter()
-                .flat_map(|o| o.precopy_rounds())
-                .filter(|(b, s)| *b > 0.0 && *s > 0.0)
-                .map(|(b, s)| b / s)
-                .fold(0.0, f64::max);
-            if best <= 0.0 {
-                return Err(err("no pre-copy round with bytes and time"));
-            }
-            p.cpu_rate_bytes_s = best;
-        }
-        // Link efficiency from rounds of runs whose link is slower than the CPU rate.
-        if t.uses_link() {
-            let linked: Vec<f64> = rows
-                .iter()
+                .filter(free)
                 .filter_map(|o| {
-                    let l = o.scenario.link_bytes_s?;
-                    let cap = o.scenario.bandwidth_cap_bytes_s.unwrap_or(f64::INFINITY);
-                    (l < p.cpu_rate_bytes_s * o.scenario.cpu_share && l < cap).then_some((o, l))
-                })
-                .filter_map(|(o, l)| {
-                    // The full pass: the round the link dominates (later ones can be small).
                     let (b, s) = o.precopy_rounds().next()?;
-                    (b > 0.0 && s > c).then(|| b / l / (s - c))
+                    (b > 0.0 && s > c).then(|| b / o.scenario.cpu_share / (s - c))
                 })
                 .collect();
-            p.link_efficiency = median(linked).map(|e| e.clamp(0.05, 1.0)).unwrap_or(1.0);
+            p.cpu_rate_bytes_s = match median(passes) {
+                Some(r) => r,
+                None => {
+                    // No unlimited runs: the fastest round seen bounds the CPU rate below.
+                    let best = rows
+                        .iter()
+                        .flat_map(|o| o.precopy_rounds())
+                        .filter(|(b, s)| *b > 0.0 && *s > 0.0)
+                        .map(|(b, s)| b / s)
+                        .fold(0.0, f64::max);
+                    if best <= 0.0 {
+                        return Err(err("no pre-copy round with bytes and time"));
+                    }
+                    best
+                }
+            };
+            if t.uses_link() {
+                let linked: Vec<f64> = rows
+                    .iter()
+                    .filter_map(|o| {
+                        let l = o.scenario.link_bytes_s?;
+                        let cap = o.scenario.bandwidth_cap_bytes_s.unwrap_or(f64::INFINITY);
+                        let bound = l < p.cpu_rate_bytes_s * o.scenario.cpu_share && l < cap;
+                        let (b, s) = o.precopy_rounds().next()?;
+                        (bound && b > 0.0 && s > c).then(|| b / l / (s - c))
+                    })
+                    .collect();
+                p.link_efficiency = median(linked).map(|e| e.clamp(0.05, 1.0)).unwrap_or(1.0);
+            }
+            let later: Vec<f64> = rows
+                .iter()
+                .flat_map(|o| {
+                    let r = rate_of(&o.scenario, &p);
+                    o.precopy_rounds()
+                        .skip(1)
+                        .filter(|(b, _)| *b > 0.0)
+                        .map(move |(b, s)| s - b / r)
+                })
+                .collect();
+            c = median(later).unwrap_or(0.0).max(0.0);
         }
+        p.round_s = c;
         // Setup and the per-round sync: what total time the rounds and the downtime leave.
         let rest: Vec<(f64, f64)> = done
             .iter()
