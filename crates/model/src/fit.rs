@@ -14,11 +14,13 @@
 //!
 //! Medians where one noisy run (a neighbour on a shared machine) would pull a mean.
 //! | CPU | src (dst) CPU s = fixed + per-byte × bytes |
+//! | `guest_rate_factor` | median of D′ / D, D′ solving distinct_pages(D′, full pass) = first dirty set |
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::dirty::distinct_pages;
 use crate::error::ModelError;
 use crate::file::{Model, TransportParams};
 use crate::predict::{predict, Outcome};
@@ -219,6 +221,8 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         p.zero_page_bytes = p.header_bytes_per_page;
     }
 
+    // Time between the end of a round and the next sync (outside the measured round time).
+    let mut sync = 0.0;
     if t == Transport::Handover {
         // No pages move: everything is fixed cost.
         p.cpu_rate_bytes_s = 1.0;
@@ -302,9 +306,10 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
                 (n, (m.total_ms - m.downtime_ms) / 1e3 - pre)
             })
             .collect();
-        let (setup, sync) = line_nonneg(&rest);
+        let (setup, s) = line_nonneg(&rest);
         p.setup_s = setup;
-        p.round_s += sync;
+        p.round_s += s;
+        sync = s;
         p.downtime_fixed_s = median(
             done.iter()
                 .map(|o| {
@@ -317,6 +322,44 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         .unwrap_or(0.0)
         .max(0.0);
     }
+    // The guest's write rate during the migration: the first dirty set (round 2, or the
+    // stop-and-copy of a two-round run) is distinct_pages(D', full pass time); solve for D'
+    // by bisection (distinct pages grow with D) and keep the median of D' / D. A set that
+    // saturates the working set says nothing about D' and is left out.
+    let page_wire = PAGE_SIZE as f64 + p.header_bytes_per_page;
+    let ratios: Vec<f64> = done
+        .iter()
+        .filter(|o| o.scenario.dirty_rate_pps > 0.0)
+        .filter_map(|o| {
+            let m = &o.measured;
+            let t1 = m.round_ms.first()? / 1e3 + sync;
+            let seen = *m.round_bytes.get(1)? as f64 / page_wire;
+            let w = o.scenario.wss_pages();
+            if seen <= 0.0 || seen >= 0.95 * w || t1 <= 0.0 {
+                return None;
+            }
+            let d = o.scenario.dirty_rate_pps;
+            let at = |rate: f64| {
+                let mut s = o.scenario.clone();
+                s.dirty_rate_pps = rate;
+                distinct_pages(&s, t1)
+            };
+            let (mut lo, mut hi) = (0.0, 4.0 * d);
+            if at(hi) < seen {
+                return None;
+            }
+            for _ in 0..60 {
+                let mid = (lo + hi) / 2.0;
+                if at(mid) < seen {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            Some(hi / d)
+        })
+        .collect();
+    p.guest_rate_factor = median(ratios).map(|r| r.clamp(0.05, 2.0)).unwrap_or(1.0);
     let src: Vec<(f64, f64)> = done
         .iter()
         .map(|o| (o.measured.bytes as f64, o.measured.src_cpu_s))
@@ -499,6 +542,8 @@ mod tests {
         tp.src_cpu_s_per_byte = 2e-9;
         tp.dst_cpu_fixed_s = 0.02;
         tp.dst_cpu_s_per_byte = 1e-9;
+        // The guest keeps 60 % of its write rate while migrating.
+        tp.guest_rate_factor = 0.6;
         let mut truth = Model::default();
         truth.transports.insert(Transport::Classic, tp.clone());
         let rows = synthetic(&truth);
@@ -513,6 +558,7 @@ mod tests {
         assert!(near(got.downtime_fixed_s, 0.004), "{got:?}");
         assert!(near(got.src_cpu_s_per_byte, 2e-9), "{got:?}");
         assert!(near(got.dst_cpu_fixed_s, 0.02), "{got:?}");
+        assert!(near(got.guest_rate_factor, 0.6), "{got:?}");
         let acc = &r.errors[&Transport::Classic];
         assert_eq!(acc.convergence_right, rows.len());
         assert!(acc.total_p90 < 0.01 && acc.bytes_p90 < 0.01, "{acc:?}");

@@ -151,6 +151,10 @@ fn run(s: &MigrationScenario, p: &TransportParams) -> Prediction {
         };
     }
     let (rate, bound) = rate(s, p);
+    // The guest writes at its own rate scaled by what it keeps of the CPU while migrating.
+    let mut slowed = s.clone();
+    slowed.dirty_rate_pps *= p.guest_rate_factor;
+    let s = &slowed;
     let page_wire = PAGE_SIZE as f64 + p.header_bytes_per_page;
     let nonzero = s.nonzero_pages();
     let zero = s.pages() - nonzero;
