@@ -532,7 +532,10 @@ fn failed_row(p: &Point, e: &anyhow::Error) -> SweepRow {
 fn fill_summary(row: &mut SweepRow, s: &Value) -> Result<()> {
     let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
     let u = |k: &str| s[k].as_u64().unwrap_or(0);
+    // The control API reports a forced stop-and-copy as `completed` with `forced: true`.
+    let forced = s["forced"].as_bool().unwrap_or(false);
     row.status = match s["status"].as_str() {
+        Some("completed") if forced => RunStatus::CompletedForced,
         Some("completed") => RunStatus::Completed,
         Some("completed-forced") => RunStatus::CompletedForced,
         _ => {
@@ -574,4 +577,54 @@ fn charts(out: &Path, csv: &Path) -> Result<()> {
         .filter(|r| r.status != RunStatus::Failed)
         .collect();
     crate::sweep_charts::draw(out, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forced_completion_is_recorded_as_forced() {
+        let grid: Grid = serde_json::from_str(QUICK).expect("quick grid");
+        let pts = points(&grid).expect("points");
+        let summary = |forced: bool| {
+            json!({"status": "completed", "forced": forced, "total_ms": 10.0,
+                   "round_details": [{"ms": 8.5, "bytes": 4096}, {"ms": 0.5, "bytes": 0}]})
+        };
+        let mut row = failed_row(&pts[0], &anyhow::anyhow!(""));
+        fill_summary(&mut row, &summary(true)).expect("fill");
+        assert_eq!(row.status, RunStatus::CompletedForced);
+        fill_summary(&mut row, &summary(false)).expect("fill");
+        assert_eq!(row.status, RunStatus::Completed);
+        assert_eq!(
+            (row.round_ms.as_str(), row.round_bytes.as_str()),
+            ("8.5;0.5", "4096;0")
+        );
+        let mut failed = failed_row(&pts[0], &anyhow::anyhow!(""));
+        fill_summary(&mut failed, &json!({"status": "failed", "error": "boom"})).expect("fill");
+        assert_eq!(
+            (failed.status, failed.error.as_str()),
+            (RunStatus::Failed, "boom")
+        );
+    }
+
+    #[test]
+    fn grids_expand_without_links_for_same_host_transports() {
+        let grid: Grid = serde_json::from_str(FULL).expect("full grid");
+        let pts = points(&grid).expect("points");
+        // train: 2 sizes × 4 workloads × (3 links × 2 TCP transports + 1 shm) = 56, plus
+        // 1 × 2 × (2 × 2 + 1) = 10; test: 2 × 3 × 7 = 42, plus 1 × 1 × 5 = 5.
+        assert_eq!(pts.len(), 113);
+        assert!(pts
+            .iter()
+            .filter(|p| p.transport == Transport::Shm)
+            .all(|p| p.link.is_none()));
+        let keys: BTreeSet<&String> = pts.iter().map(|p| &p.key).collect();
+        assert_eq!(keys.len(), pts.len(), "keys are unique");
+        let quick: Grid = serde_json::from_str(QUICK).expect("quick");
+        assert!(points(&quick)
+            .expect("quick points")
+            .iter()
+            .all(|p| p.mem <= 256 << 20));
+    }
 }
