@@ -37,6 +37,10 @@ pub struct TransportParams {
     pub zero_page_bytes: f64,
     /// Connection, handshake and transport setup, s.
     pub setup_s: f64,
+    /// Setup per byte of guest memory (shm maps and pre-faults the shared region), s/byte.
+    /// Default 0 (added without a version bump: a model without it reads as 0).
+    #[serde(default)]
+    pub setup_s_per_byte: f64,
     /// Fixed part of downtime: saving and sending the device state, the destination's
     /// digest check and restore, commit and resume, s.
     pub downtime_fixed_s: f64,
@@ -70,6 +74,7 @@ impl TransportParams {
             header_bytes_per_page: 0.0,
             zero_page_bytes: 0.0,
             setup_s: 0.0,
+            setup_s_per_byte: 0.0,
             downtime_fixed_s: 0.0,
             src_cpu_fixed_s: 0.0,
             src_cpu_s_per_byte: 0.0,

@@ -9,7 +9,7 @@
 //! | `cpu_rate_bytes_s` | median over runs with neither link nor cap of the full pass's bytes / (s − c) |
 //! | `link_efficiency` | median over link-bound runs of the full pass's bytes / link / (s − c) |
 //! | `round_s` (c) | median over later rounds of s − bytes / rate (the three iterated) |
-//! | `setup_s`, per-round sync (added to `round_s`) | total − downtime − Σ round ms = setup + sync × pre-copy rounds |
+//! | `setup_s`, `setup_s_per_byte`, per-round sync (added to `round_s`) | total − downtime − Σ round s = setup + per-byte × memory + sync × pre-copy rounds |
 //! | `downtime_fixed_s` | median of downtime − stop-and-copy round ms |
 //!
 //! Medians where one noisy run (a neighbour on a shared machine) would pull a mean.
@@ -134,6 +134,40 @@ fn line(pts: &[(f64, f64)]) -> Option<(f64, f64)> {
     }
     let b = sxy / sxx;
     Some((my - b * mx, b))
+}
+
+/// Least squares `y = c0 x0 + c1 x1 + c2 x2` (rows `[x0, x1, x2, y]`), by the normal
+/// equations and Cramer's rule; `None` when they are singular.
+fn lstsq3(rows: &[[f64; 4]]) -> Option<[f64; 3]> {
+    let mut a = [[0.0f64; 3]; 3];
+    let mut b = [0.0f64; 3];
+    for r in rows {
+        for i in 0..3 {
+            for j in 0..3 {
+                a[i][j] += r[i] * r[j];
+            }
+            b[i] += r[i] * r[3];
+        }
+    }
+    let det = |m: &[[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
+    let d = det(&a);
+    let scale = a[0][0] * a[1][1] * a[2][2];
+    if d.is_nan() || d.abs() <= 1e-9 * scale.abs() {
+        return None;
+    }
+    let mut out = [0.0; 3];
+    for (k, o) in out.iter_mut().enumerate() {
+        let mut m = a;
+        for i in 0..3 {
+            m[i][k] = b[i];
+        }
+        *o = det(&m) / d;
+    }
+    Some(out)
 }
 
 /// Least squares `y = b x` through the origin.
@@ -308,8 +342,33 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
             .collect();
         let (setup, s) = line_nonneg(&rest);
         p.setup_s = setup;
-        p.round_s += s;
         sync = s;
+        // Setup may grow with memory (shm maps and pre-faults the shared region): fit
+        // rest = a + b × GiB + sync × rounds, or a + b × GiB, whichever leaves the smaller
+        // squared error with non-negative terms.
+        const GIB: f64 = (1u64 << 30) as f64;
+        let rows3: Vec<[f64; 4]> = done
+            .iter()
+            .zip(&rest)
+            .map(|(o, (n, r))| [1.0, o.scenario.mem_bytes as f64 / GIB, *n, *r])
+            .collect();
+        let sse = |f: &dyn Fn(&[f64; 4]) -> f64| -> f64 {
+            rows3.iter().map(|r| (r[3] - f(r)).powi(2)).sum()
+        };
+        let mut best = sse(&|r| setup + s * r[2]);
+        if let Some([a, b, c3]) = lstsq3(&rows3) {
+            let e = sse(&|r| a + b * r[1] + c3 * r[2]);
+            if a >= 0.0 && b >= 0.0 && c3 >= 0.0 && e < best {
+                (p.setup_s, p.setup_s_per_byte, sync, best) = (a, b / GIB, c3, e);
+            }
+        }
+        // Or memory alone (no per-round sync term) when that explains more.
+        let by_mem: Vec<(f64, f64)> = rows3.iter().map(|r| (r[1], r[3])).collect();
+        let (a, b) = line_nonneg(&by_mem);
+        if sse(&|r| a + b * r[1]) < best {
+            (p.setup_s, p.setup_s_per_byte, sync) = (a, b / GIB, 0.0);
+        }
+        p.round_s += sync;
         p.downtime_fixed_s = median(
             done.iter()
                 .map(|o| {
@@ -562,6 +621,20 @@ mod tests {
         let acc = &r.errors[&Transport::Classic];
         assert_eq!(acc.convergence_right, rows.len());
         assert!(acc.total_p90 < 0.01 && acc.bytes_p90 < 0.01, "{acc:?}");
+    }
+
+    #[test]
+    fn three_term_least_squares_recovers_a_plane() {
+        // y = 2 + 3 a + 0.5 b on a small grid: exact.
+        let rows: Vec<[f64; 4]> = [(0.0, 1.0), (1.0, 2.0), (2.0, 2.0), (3.0, 5.0), (1.0, 7.0)]
+            .iter()
+            .map(|&(a, b)| [1.0, a, b, 2.0 + 3.0 * a + 0.5 * b])
+            .collect();
+        let [c0, c1, c2] = lstsq3(&rows).expect("solvable");
+        assert!((c0 - 2.0).abs() < 1e-9 && (c1 - 3.0).abs() < 1e-9 && (c2 - 0.5).abs() < 1e-9);
+        // A column that never varies apart from the constant: singular.
+        let flat: Vec<[f64; 4]> = (0..4).map(|i| [1.0, 1.0, i as f64, 1.0]).collect();
+        assert_eq!(lstsq3(&flat), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! It mirrors `fastmig_migration::engine::run` rule for rule:
 //!
-//! 1. Setup (`setup_s`), then round 1 sends every page: non-zero pages at
+//! 1. Setup (`setup_s` + `setup_s_per_byte` × memory), then round 1 sends every page: non-zero pages at
 //!    `4096 + header_bytes_per_page` wire bytes, zero pages at `zero_page_bytes`.
 //! 2. Each round takes `bytes / rate + round_s`, where the rate is the smallest of the link
 //!    (× `link_efficiency`; only transports that use it), the transport's cap and its
@@ -124,6 +124,7 @@ pub fn predict(model: &Model, s: &MigrationScenario) -> Result<Prediction, Model
 }
 
 fn run(s: &MigrationScenario, p: &TransportParams) -> Prediction {
+    let setup = p.setup_s + p.setup_s_per_byte * s.mem_bytes as f64;
     let cpu = |bytes: f64| {
         (
             p.src_cpu_fixed_s + p.src_cpu_s_per_byte * bytes,
@@ -135,9 +136,9 @@ fn run(s: &MigrationScenario, p: &TransportParams) -> Prediction {
         let (src, dst) = cpu(0.0);
         return Prediction {
             transport: s.transport,
-            total_ms: (p.setup_s + p.downtime_fixed_s) * 1e3,
+            total_ms: (setup + p.downtime_fixed_s) * 1e3,
             downtime_ms: p.downtime_fixed_s * 1e3,
-            setup_ms: p.setup_s * 1e3,
+            setup_ms: setup * 1e3,
             bytes: 0,
             pages: 0,
             rounds: 0,
@@ -159,7 +160,7 @@ fn run(s: &MigrationScenario, p: &TransportParams) -> Prediction {
     let nonzero = s.nonzero_pages();
     let zero = s.pages() - nonzero;
 
-    let mut t = p.setup_s;
+    let mut t = setup;
     let mut bytes = nonzero * page_wire + zero * p.zero_page_bytes;
     let mut pages = nonzero;
     let mut round_pages = vec![nonzero];
@@ -206,7 +207,7 @@ fn run(s: &MigrationScenario, p: &TransportParams) -> Prediction {
                         transport: s.transport,
                         total_ms: t * 1e3,
                         downtime_ms: 0.0,
-                        setup_ms: p.setup_s * 1e3,
+                        setup_ms: setup * 1e3,
                         bytes: bytes.round() as u64,
                         pages: pages.round() as u64,
                         rounds,
@@ -244,7 +245,7 @@ fn run(s: &MigrationScenario, p: &TransportParams) -> Prediction {
         transport: s.transport,
         total_ms: (t + downtime) * 1e3,
         downtime_ms: downtime * 1e3,
-        setup_ms: p.setup_s * 1e3,
+        setup_ms: setup * 1e3,
         bytes: bytes.round() as u64,
         pages: pages.round() as u64,
         rounds,
