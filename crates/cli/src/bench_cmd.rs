@@ -24,6 +24,8 @@ use crate::usage;
 pub enum BenchCommand {
     /// Migrate one VM with several transports (and QEMU), repeatedly, and report medians.
     Migration(MigrationBenchArgs),
+    /// Run a grid of real migrations over an emulated link; write sweep.csv and charts.
+    Sweep(crate::sweep_cmd::SweepArgs),
     /// Redraw the chart of a `bench migration` run from its results.json.
     Chart {
         /// The `results.json` written by `bench migration`.
@@ -101,6 +103,7 @@ const FIELDS: &[&str] = &[
 pub fn main(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Migration(args) => migration(args),
+        BenchCommand::Sweep(args) => crate::sweep_cmd::main(args),
         BenchCommand::Chart { results, out } => {
             let text = std::fs::read_to_string(&results)
                 .map_err(|e| usage!("cannot read {}: {e}", results.display()))?;

@@ -11,9 +11,14 @@ mod charts;
 mod daemon;
 mod error;
 mod migrate_cmd;
+mod model_cmd;
+mod netns;
 mod procs;
 mod shell_cmd;
 mod sim_cmd;
+mod sweep_charts;
+mod sweep_cmd;
+mod sweep_row;
 mod units;
 mod vm_cmd;
 
@@ -55,6 +60,11 @@ enum Command {
     Simulate(sim_cmd::SimulateArgs),
     #[command(flatten)]
     Shell(shell_cmd::ShellCommand),
+    /// Fit or check the analytic migration model.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
+    /// Predict a migration's time, downtime, bytes and CPU, and whether it converges.
+    Predict(model_cmd::PredictArgs),
 }
 
 /// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
@@ -113,6 +123,8 @@ fn main() {
         Command::Bench(cmd) => bench_cmd::main(cmd),
         Command::Simulate(args) => sim_cmd::main(args),
         Command::Shell(cmd) => shell_cmd::main(cmd),
+        Command::Model(cmd) => model_cmd::main(cmd),
+        Command::Predict(args) => model_cmd::predict_main(args),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));

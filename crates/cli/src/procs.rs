@@ -63,6 +63,19 @@ impl ChildVm {
         verbose: bool,
         timeout: Duration,
     ) -> Result<ChildVm> {
+        Self::spawn_wrapped(role, &[], args, dir, verbose, timeout)
+    }
+
+    /// As [`ChildVm::spawn`], run through a wrapper command `wrapper...` (for example
+    /// `ip netns exec NAME`) that execs the `fastmig` binary.
+    pub fn spawn_wrapped(
+        role: &'static str,
+        wrapper: &[String],
+        args: &[String],
+        dir: &Path,
+        verbose: bool,
+        timeout: Duration,
+    ) -> Result<ChildVm> {
         let api = args
             .iter()
             .position(|a| a == "--api")
@@ -78,7 +91,15 @@ impl ChildVm {
                 .with_context(|| format!("creating {}", path.display()))?;
             (Stdio::from(file), Some(path))
         };
-        let child = Command::new(exe)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
