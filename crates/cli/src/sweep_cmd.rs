@@ -586,6 +586,7 @@ fn charts(out: &Path, csv: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn a_forced_completion_is_recorded_as_forced() {
