@@ -42,6 +42,7 @@ mod guestmem;
 pub mod protocol;
 mod rawio;
 mod receive;
+mod sockpath;
 mod summary;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
