@@ -33,7 +33,9 @@
 //! # }
 //! ```
 
+mod accept;
 mod conn;
+mod deadline;
 mod digest;
 mod engine;
 mod error;

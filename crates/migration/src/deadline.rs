@@ -1,0 +1,141 @@
+//! Deadlines on the monotonic clock for blocking socket steps, and bounded best-effort sends
+//! for abort paths.
+//!
+//! A socket timeout (`SO_RCVTIMEO`) bounds one system call and restarts on every call, so a
+//! peer trickling a byte now and then keeps a frame read alive forever. [`Until`] instead
+//! fixes one instant and gives every call only the time left before it.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::conn::Conn;
+use crate::protocol::{encode, read_message, Message, ProtocolError};
+
+/// Reads and writes on `conn`, all calls together ending by `at`.
+pub(crate) struct Until<'a> {
+    conn: &'a mut Conn,
+    at: Instant,
+}
+
+impl<'a> Until<'a> {
+    /// I/O on `conn` that must be over `within` from now.
+    pub(crate) fn new(conn: &'a mut Conn, within: Duration) -> Self {
+        Self {
+            conn,
+            at: Instant::now() + within,
+        }
+    }
+
+    /// Time left, or a `TimedOut` error once the deadline has passed.
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        // A zero socket timeout would mean "block forever".
+        Ok(left.max(Duration::from_millis(1)))
+    }
+}
+
+impl Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_timeouts(Some(left))?;
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Until<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_timeouts(Some(left))?;
+        self.conn.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one message, the whole frame due within `within`.
+pub(crate) fn read_message_within(
+    conn: &mut Conn,
+    within: Duration,
+) -> Result<Message, ProtocolError> {
+    read_message(&mut Until::new(conn, within))
+}
+
+/// How long an abort path may spend telling the peer why (or hearing why).
+pub(crate) const ABORT_BOUND: Duration = Duration::from_millis(300);
+
+/// Best-effort send of `msg` for an abort path: never blocks longer than [`ABORT_BOUND`] in
+/// total, whatever the peer does (a stopped peer with a full receive buffer costs the bound,
+/// not a socket timeout per call). Returns whether the whole frame went out.
+pub(crate) fn send_bounded(conn: &mut Conn, msg: &Message) -> bool {
+    Until::new(conn, ABORT_BOUND)
+        .write_all(&encode(msg))
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{Endpoint, Listener};
+
+    fn pair() -> (Conn, Conn) {
+        let l = Listener::bind(&"127.0.0.1:0".parse::<Endpoint>().expect("ep")).expect("bind");
+        let at = l.endpoint().expect("endpoint");
+        let c = Conn::connect(&at, Duration::from_secs(5)).expect("connect");
+        let s = l.accept(Some(Duration::from_secs(5))).expect("accept");
+        (c, s)
+    }
+
+    #[test]
+    fn a_trickling_peer_cannot_stretch_a_frame_read_past_the_deadline() {
+        let (mut reader, mut writer) = pair();
+        // A valid header announcing 64 bytes of payload, then one byte every 50 ms: each
+        // byte would restart a per-call socket timeout of 200 ms, for ~3 s in all.
+        let frame = encode(&Message::Failed {
+            reason: "x".repeat(50),
+        });
+        let t = std::thread::spawn(move || {
+            for b in frame {
+                if writer.write_all(&[b]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let start = Instant::now();
+        let r = read_message_within(&mut reader, Duration::from_millis(200));
+        let took = start.elapsed();
+        assert!(
+            matches!(&r, Err(ProtocolError::Io(e)) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock)),
+            "{r:?}"
+        );
+        assert!(took < Duration::from_secs(1), "read lasted {took:?}");
+        reader.shutdown();
+        let _ = t.join();
+    }
+
+    #[test]
+    fn a_bounded_send_to_a_peer_that_never_reads_returns() {
+        let (mut sender, _silent) = pair();
+        // Fill the socket buffers first: the peer never reads.
+        let big = Message::State(vec![7u8; 32 << 20]);
+        let sent = send_bounded(&mut sender, &big);
+        assert!(
+            !sent,
+            "32 MiB fit in the socket buffers of a peer that never reads"
+        );
+        // Whether the kernel still finds room for it or not, the abort frame costs the bound
+        // at most.
+        let start = Instant::now();
+        send_bounded(
+            &mut sender,
+            &Message::Failed {
+                reason: "bye".into(),
+            },
+        );
+        assert!(start.elapsed() < ABORT_BOUND + Duration::from_millis(500));
+    }
+}
