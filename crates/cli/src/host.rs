@@ -325,7 +325,8 @@ impl Host {
             bandwidth_limit: opts.max_bandwidth,
             connect_timeout: opts.timeout.min(Duration::from_secs(10)),
             io_timeout: opts.timeout,
-            ack_timeout: opts.timeout.max(Duration::from_secs(30)),
+            // The user's timeout bounds every wait, the wait for `Ready` too.
+            ack_timeout: opts.timeout,
             cancel,
             progress: Some(Arc::new(move |p: &Progress| {
                 if let Outgoing::Active { progress, .. } = &mut *lock(&progress_host.outgoing) {
@@ -450,7 +451,10 @@ impl MigrationRequest {
         if max_rounds < 2 {
             return Err("migrate: `max_rounds` must be at least 2".into());
         }
-        let timeout_ms = num("timeout_ms")?.unwrap_or(10_000).max(100);
+        let timeout_ms = num("timeout_ms")?.unwrap_or(10_000);
+        if timeout_ms == 0 {
+            return Err("migrate: `timeout_ms` must be at least 1".into());
+        }
         Ok(MigrationRequest {
             uri,
             transport,

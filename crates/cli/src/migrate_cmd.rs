@@ -66,9 +66,13 @@ pub struct IncomingArgs {
     /// Give up if no source connects within this time (default: wait forever).
     #[arg(long)]
     pub accept_timeout: Option<String>,
-    /// A source silent for this long fails the migration.
+    /// A source silent for this long fails the migration (also the wait for `Commit`).
     #[arg(long, default_value = "10s")]
     pub timeout: String,
+    /// Largest guest memory a source may announce; a larger one is refused before any memory
+    /// is allocated. Default: the memory this machine has available now.
+    #[arg(long)]
+    pub max_mem: Option<String>,
     /// Print the destination's summary as JSON on stdout once the VM runs.
     #[arg(long)]
     pub json: bool,
@@ -167,8 +171,17 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         .as_deref()
         .map(units::parse_duration)
         .transpose()?;
-    let io_timeout = units::parse_duration(&args.timeout)?;
+    let io_timeout = positive_timeout(&args.timeout)?;
+    let max_mem = match args.max_mem.as_deref() {
+        Some(m) => units::parse_size(m)?,
+        None => available_memory()?,
+    };
     let mem_size = args.mem.as_deref().map(units::parse_size).transpose()?;
+    if let Some(m) = mem_size.filter(|&m| m > max_mem) {
+        return Err(usage!(
+            "--mem {m} bytes is more than --max-mem {max_mem} bytes (default: available memory)"
+        ));
+    }
     let vcpus = args.vcpus;
     let host = Host::incoming();
     let server = match &args.api {
@@ -213,9 +226,19 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         let opts = ReceiveOptions {
             accept_timeout,
             io_timeout,
+            // A source stopped after `Ready` must not hold us longer than any other silence.
+            commit_timeout: io_timeout,
             ..ReceiveOptions::default()
         };
         let make_vm = |layout: &VmLayout, regions: Option<Vec<HandoverRegion>>| {
+            // Checked before anything is allocated: a 100-byte Hello must not make us
+            // pre-fault gigabytes.
+            if layout.memory_bytes() > max_mem {
+                return Err(VmError::msg(format!(
+                    "the source announces {} bytes of guest memory, more than this destination accepts (--max-mem {max_mem} bytes)",
+                    layout.memory_bytes()
+                )));
+            }
             build_destination_vm(layout, regions, &config)
         };
         let (vm, summary) = fastmig_migration::receive_any(&listener, &opts, prepared, make_vm)
@@ -235,6 +258,27 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         vm.shutdown();
     }
     result
+}
+
+/// `--timeout`: a duration of at least a millisecond (zero would mean "fail at once" or, to
+/// a socket, "never": both are mistakes).
+fn positive_timeout(s: &str) -> Result<Duration> {
+    let t = units::parse_duration(s)?;
+    if t < Duration::from_millis(1) {
+        return Err(usage!("--timeout {s}: must be at least 1ms"));
+    }
+    Ok(t)
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes: the default cap on an incoming VM's memory.
+fn available_memory() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no MemAvailable line in /proc/meminfo; give --max-mem")
 }
 
 /// Builds the destination VM during setup: on fresh, pre-faulted memory of the source's size,
@@ -291,7 +335,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
         "downtime_limit_ms": units::parse_duration(&args.downtime_limit)?.as_millis() as u64,
         "max_rounds": args.max_rounds,
         "on_no_converge": args.on_no_converge,
-        "timeout_ms": units::parse_duration(&args.timeout)?.as_millis() as u64,
+        "timeout_ms": positive_timeout(&args.timeout)?.as_millis() as u64,
     });
     if let Some(n) = args.streams {
         req["streams"] = json!(n);

@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 use crate::conn::Conn;
 use crate::protocol::{encode, read_message, Message, ProtocolError};
 
-/// Reads and writes on `conn`, all calls together ending by `at`.
+/// Reads and writes on `conn`, all calls together ending by `at`. The socket timeouts are
+/// shared with every clone of the socket (the classic transport writes pages on one), so on
+/// drop they go back to `within`, the caller's per-step budget, never to a last sliver.
 pub(crate) struct Until<'a> {
     conn: &'a mut Conn,
     at: Instant,
+    within: Duration,
 }
 
 impl<'a> Until<'a> {
@@ -23,6 +26,7 @@ impl<'a> Until<'a> {
         Self {
             conn,
             at: Instant::now() + within,
+            within,
         }
     }
 
@@ -34,6 +38,14 @@ impl<'a> Until<'a> {
         }
         // A zero socket timeout would mean "block forever".
         Ok(left.max(Duration::from_millis(1)))
+    }
+}
+
+impl Drop for Until<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .conn
+            .set_timeouts(Some(self.within.max(Duration::from_millis(1))));
     }
 }
 

@@ -116,3 +116,99 @@ fn a_unix_listener_refuses_a_users_file_and_a_live_listeners_socket() {
         .accept(Some(Duration::from_secs(2)))
         .expect("the first listener still accepts");
 }
+
+/// A fake destination that takes the whole migration (acking rounds) and then, at `Ready`,
+/// behaves as a destination stopped by SIGSTOP: `ready` false: stops before sending `Ready`;
+/// true: sends `Ready`, reads `Commit`, and stops for `stall` before acknowledging.
+fn stalling_destination(ready: bool, stall: Duration) -> (Endpoint, std::thread::JoinHandle<bool>) {
+    use fastmig_migration::protocol::{read_message, write_message, HelloReply, Message};
+    let l = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+    let ep = l.endpoint().expect("endpoint");
+    let h = std::thread::spawn(move || {
+        let mut c = l.accept(Some(Duration::from_secs(10))).expect("accept");
+        c.set_timeouts(Some(Duration::from_secs(30)))
+            .expect("timeouts");
+        let Ok(Message::Hello(_)) = read_message(&mut c) else {
+            panic!("expected Hello")
+        };
+        let reply = HelloReply {
+            version: fastmig_migration::protocol::PROTOCOL_VERSION,
+            accepted: true,
+            reason: None,
+        };
+        write_message(&mut c, &Message::HelloReply(reply)).expect("reply");
+        loop {
+            match read_message(&mut c).expect("frame") {
+                Message::RoundEnd { round, .. } => {
+                    write_message(&mut c, &Message::RoundAck { round }).expect("ack")
+                }
+                Message::Complete(_) => break,
+                _ => {}
+            }
+        }
+        if !ready {
+            std::thread::sleep(stall);
+            return false;
+        }
+        write_message(&mut c, &Message::Ready).expect("ready");
+        let committed = matches!(read_message(&mut c), Ok(Message::Commit));
+        std::thread::sleep(stall);
+        committed
+    });
+    (ep, h)
+}
+
+fn quick_source_opts() -> MigrateOptions {
+    MigrateOptions {
+        io_timeout: Duration::from_secs(1),
+        ack_timeout: Duration::from_secs(1),
+        ..MigrateOptions::default()
+    }
+}
+
+#[test]
+fn a_destination_stalled_before_ready_fails_the_source_within_its_timeout() {
+    let src = SoftVm::new(MEM).expect("source");
+    src.fill(0.5);
+    let (ep, dst) = stalling_destination(false, Duration::from_secs(4));
+    let start = std::time::Instant::now();
+    let r = migrate(&src, &ep, &quick_source_opts());
+    let took = start.elapsed();
+    assert!(
+        matches!(r, Err(MigrationError::Timeout { phase: "ready" })),
+        "{r:?}"
+    );
+    // Timeout plus one second: the abort (Failed to a silent peer) is bounded too.
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(500),
+        "{took:?}"
+    );
+    assert!(src.is_running(), "the VM must run on the source again");
+    assert!(!dst.join().expect("fake destination"));
+}
+
+/// After `Commit` the source has given the VM up: a destination that stalls then leaves the
+/// source in doubt, paused, never running — the destination will run the VM when it goes on
+/// (it holds `Commit`), so resuming here could run it twice.
+#[test]
+fn a_destination_stalled_after_commit_leaves_the_source_paused_in_doubt() {
+    let src = SoftVm::new(MEM).expect("source");
+    src.fill(0.5);
+    let (ep, dst) = stalling_destination(true, Duration::from_secs(3));
+    let start = std::time::Instant::now();
+    let r = migrate(&src, &ep, &quick_source_opts());
+    let took = start.elapsed();
+    assert!(matches!(r, Err(MigrationError::InDoubt(_))), "{r:?}");
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(500),
+        "{took:?}"
+    );
+    assert!(
+        !src.is_running(),
+        "the source resumed a VM it committed away"
+    );
+    assert!(
+        dst.join().expect("fake destination"),
+        "Commit never reached the destination"
+    );
+}
