@@ -96,6 +96,16 @@ impl Conn {
         }
     }
 
+    /// The socket's write timeout (`None`: none set, or unreadable).
+    pub fn write_timeout(&self) -> Option<Duration> {
+        match self {
+            Conn::Tcp(s) => s.write_timeout(),
+            Conn::Unix(s) => s.write_timeout(),
+        }
+        .ok()
+        .flatten()
+    }
+
     /// A second handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Conn> {
         Ok(match self {

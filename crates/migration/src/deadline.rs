@@ -68,6 +68,127 @@ impl Write for Until<'_> {
     }
 }
 
+/// A writer whose every `write_all` of one buffer is due within `within` of its first call
+/// ([`std::io::BufWriter`] hands over one buffer per flush, in as many calls as the kernel
+/// needs): progress is a whole buffer taken, not a few bytes.
+pub(crate) struct Paced<'a> {
+    conn: &'a mut Conn,
+    within: Option<Duration>,
+    /// Deadline of the buffer being written, set by its first call.
+    due: Option<Instant>,
+    /// Bytes of that buffer still expected.
+    left: usize,
+}
+
+impl<'a> Paced<'a> {
+    /// Paces writes on `conn` (`within`: `None` keeps the socket's own per-call timeout).
+    pub(crate) fn new(conn: &'a mut Conn, within: Option<Duration>) -> Self {
+        Self {
+            conn,
+            within,
+            due: None,
+            left: 0,
+        }
+    }
+}
+
+impl Write for Paced<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(within) = self.within else {
+            return self.conn.write(buf);
+        };
+        // A call that is not the tail of the previous buffer starts a new one.
+        if self.left == 0 || buf.len() != self.left {
+            self.due = Some(Instant::now() + within);
+            self.left = buf.len();
+        }
+        let due = self.due.unwrap_or_else(Instant::now);
+        let left = due.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        self.conn
+            .set_timeouts(Some(left.max(Duration::from_millis(1))))?;
+        let r = self.conn.write(buf);
+        if let Ok(n) = r {
+            self.left -= n.min(self.left);
+        }
+        r
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Paced<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.within {
+            let _ = self.conn.set_timeouts(Some(w));
+        }
+    }
+}
+
+/// Watches that the peer keeps reading what we send on a Unix stream socket where our own
+/// writes never block for long (shm: the pages go through shared memory, only small
+/// `Written` frames use the socket). A stopped peer reads nothing: after `timeout` of a
+/// growing unread backlog the send fails, instead of copying on until the round ends.
+#[derive(Debug)]
+pub(crate) struct PeerReads {
+    timeout: Option<Duration>,
+    unread: usize,
+    since: Instant,
+}
+
+impl PeerReads {
+    /// `timeout`: `None` disables the watch.
+    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+        Self {
+            timeout,
+            unread: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Called after each write of `n` bytes on `conn`: progress is an empty backlog, or one
+    /// that grew by less than we added (the peer took something; the kernel counts a
+    /// message's whole buffer, more than its `n` bytes, so a peer that reads nothing always
+    /// shows a growth of at least `n`).
+    pub(crate) fn after_write(&mut self, conn: &Conn, n: usize) -> io::Result<()> {
+        let Some(timeout) = self.timeout else {
+            return Ok(());
+        };
+        let unread = unread_bytes(conn)?;
+        if unread == 0 || unread < self.unread + n {
+            self.since = Instant::now();
+        } else if self.since.elapsed() > timeout {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer has read nothing for {timeout:?}"),
+            ));
+        }
+        self.unread = unread;
+        Ok(())
+    }
+
+    /// When the peer last showed progress, if it still has a backlog (else `None`).
+    pub(crate) fn quiet_since(&self) -> Option<Instant> {
+        (self.timeout.is_some() && self.unread > 0).then_some(self.since)
+    }
+}
+
+/// Bytes sent on `conn` that the peer has not read yet (`SIOCOUTQ`; for a Unix socket the
+/// kernel frees them only when the peer reads, so this is the peer's backlog).
+fn unread_bytes(conn: &Conn) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one c_int to the pointer, which is ours and valid.
+    let rc = unsafe { libc::ioctl(conn.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// Reads one message, the whole frame due within `within`.
 pub(crate) fn read_message_within(
     conn: &mut Conn,

@@ -338,7 +338,16 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
             .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
         // The ack comes once the destination has every page of the round: on a stalled
         // destination this is where the source waits, so the whole frame has one deadline.
-        match read_message_within(control, self.opts.io_timeout)
+        let quiet = self
+            .transport
+            .peer_quiet_since()
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        let within = self
+            .opts
+            .io_timeout
+            .saturating_sub(quiet)
+            .max(Duration::from_millis(1));
+        match read_message_within(control, within)
             .map_err(|e| wire("round ack", e, MigrationError::SendPages))?
         {
             Message::RoundAck { round: r } if r == round => {}
