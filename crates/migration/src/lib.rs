@@ -48,6 +48,7 @@ mod sockpath;
 mod summary;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod tls;
 pub mod transport;
 mod util;
 mod vm;
