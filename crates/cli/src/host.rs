@@ -335,11 +335,15 @@ impl Host {
             })),
             ..MigrateOptions::default()
         };
+        let tls = opts.tls.clone();
         let spawned = std::thread::Builder::new()
             .name("migrate-out".into())
             .spawn(move || {
                 let adapter = KvmMigratable::new(vm);
-                let result = fastmig_migration::migrate(&adapter, &endpoint, &engine_opts);
+                let result = match &tls {
+                    None => fastmig_migration::migrate(&adapter, &endpoint, &engine_opts),
+                    Some(files) => migrate_tls(&adapter, &endpoint, &engine_opts, files),
+                };
                 let next = match result {
                     Ok(summary) => {
                         let mut v = serde_json::to_value(&summary).unwrap_or(Value::Null);
@@ -370,6 +374,28 @@ impl Host {
     }
 }
 
+/// Migrates through a mutual-TLS tunnel to `endpoint` (TCP); a TLS refusal is the error.
+fn migrate_tls(
+    vm: &KvmMigratable,
+    endpoint: &Endpoint,
+    opts: &MigrateOptions,
+    files: &fastmig_migration::tls::TlsFiles,
+) -> Result<fastmig_migration::MigrationSummary, MigrationError> {
+    use fastmig_migration::tls::{client_config, SourceTunnel};
+    let setup = |reason: String| MigrationError::TransportSetup {
+        reason,
+        source: None,
+    };
+    let Endpoint::Tcp(addr) = endpoint else {
+        return Err(setup("TLS needs a host:port destination".into()));
+    };
+    let config =
+        client_config(files).map_err(|e| setup(crate::error::one_line(&anyhow::Error::new(e))))?;
+    let tunnel = SourceTunnel::start(*addr, config)
+        .map_err(|e| setup(crate::error::one_line(&anyhow::Error::new(e))))?;
+    fastmig_migration::migrate(vm, tunnel.endpoint(), opts).map_err(|e| tunnel.explain(e))
+}
+
 /// The arguments of the `migrate` control command.
 #[derive(Debug, Clone)]
 pub struct MigrationRequest {
@@ -387,6 +413,8 @@ pub struct MigrationRequest {
     pub on_no_converge: OnNoConverge,
     /// I/O timeout: a peer silent this long fails the migration.
     pub timeout: Duration,
+    /// Mutual TLS (classic and multi-tcp over TCP only).
+    pub tls: Option<fastmig_migration::tls::TlsFiles>,
 }
 
 impl MigrationRequest {
@@ -403,6 +431,7 @@ impl MigrationRequest {
             "max_rounds",
             "on_no_converge",
             "timeout_ms",
+            "tls",
         ];
         if let Some(k) = args.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!("migrate: unknown argument `{k}`"));
@@ -455,7 +484,30 @@ impl MigrationRequest {
         if timeout_ms == 0 {
             return Err("migrate: `timeout_ms` must be at least 1".into());
         }
+        let tls = match args.get("tls") {
+            None | Some(Value::Null) => None,
+            Some(t) => {
+                let path = |k: &str| {
+                    t.get(k)
+                        .and_then(Value::as_str)
+                        .map(std::path::PathBuf::from)
+                        .ok_or_else(|| format!("migrate: `tls.{k}` must be a path"))
+                };
+                if !matches!(
+                    transport,
+                    TransportKind::Classic | TransportKind::MultiTcp { .. }
+                ) {
+                    return Err("migrate: TLS applies to classic and multi-tcp only".into());
+                }
+                Some(fastmig_migration::tls::TlsFiles {
+                    cert: path("cert")?,
+                    key: path("key")?,
+                    ca: path("ca")?,
+                })
+            }
+        };
         Ok(MigrationRequest {
+            tls,
             uri,
             transport,
             downtime_limit: Duration::from_millis(num("downtime_limit_ms")?.unwrap_or(30)),

@@ -76,6 +76,41 @@ pub struct IncomingArgs {
     /// Print the destination's summary as JSON on stdout once the VM runs.
     #[arg(long)]
     pub json: bool,
+    /// Mutual TLS 1.3: only a source whose certificate the cluster CA signed gets in.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca`: all three or none (classic and multi-tcp over TCP).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This end's certificate chain (PEM).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): the peer's certificate must be signed by it.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, made absolute (the source process may run elsewhere in the tree).
+    fn files(&self) -> Result<Option<fastmig_migration::tls::TlsFiles>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(None);
+        };
+        let abs = |p: &PathBuf| {
+            std::path::absolute(p).map_err(|e| usage!("--tls path {}: {e}", p.display()))
+        };
+        Ok(Some(fastmig_migration::tls::TlsFiles {
+            cert: abs(cert)?,
+            key: abs(key)?,
+            ca: abs(ca)?,
+        }))
+    }
 }
 
 /// Arguments of `fastmig migrate`.
@@ -114,6 +149,9 @@ pub struct MigrateArgs {
     /// Print one JSON object (the summary, or `{"status":"failed",...}`) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Mutual TLS 1.3 with the destination (classic and multi-tcp).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Arguments of `fastmig demo`.
@@ -172,6 +210,7 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         .map(units::parse_duration)
         .transpose()?;
     let io_timeout = positive_timeout(&args.timeout)?;
+    let tls = args.tls.files()?;
     let max_mem = match args.max_mem.as_deref() {
         Some(m) => units::parse_size(m)?,
         None => available_memory()?,
@@ -214,13 +253,33 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
             }
             None => IncomingVm::OnDemand,
         };
-        let listener = Listener::bind(&endpoint).map_err(|e| {
+        let cannot_listen = |e: anyhow::Error| {
             usage!(
                 "cannot listen on {}: {}",
                 args.listen,
-                crate::error::one_line(&e.into())
+                crate::error::one_line(&e)
             )
-        })?;
+        };
+        // With TLS the receiver listens privately behind the tunnel, which owns the port.
+        let (listener, _tunnel) = match (&tls, &endpoint) {
+            (None, _) => (
+                Listener::bind(&endpoint).map_err(|e| cannot_listen(e.into()))?,
+                None,
+            ),
+            (Some(files), Endpoint::Tcp(addr)) => {
+                let public = std::net::TcpListener::bind(addr)
+                    .map_err(|e| cannot_listen(anyhow::Error::new(e).context("listening")))?;
+                let config = fastmig_migration::tls::server_config(files)
+                    .map_err(|e| usage!("{}", crate::error::one_line(&e.into())))?;
+                let (tunnel, inner) = fastmig_migration::tls::DestTunnel::start(public, config)?;
+                (inner, Some(tunnel))
+            }
+            (Some(_), Endpoint::Unix(_)) => {
+                return Err(usage!(
+                    "--tls-* needs a HOST:PORT --listen (TLS is for networks)"
+                ))
+            }
+        };
         host.set_listening();
         eprintln!("fastmig: waiting for an incoming migration on {endpoint}");
         let opts = ReceiveOptions {
@@ -339,6 +398,9 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
     });
     if let Some(n) = args.streams {
         req["streams"] = json!(n);
+    }
+    if let Some(f) = args.tls.files()? {
+        req["tls"] = json!({"cert": f.cert, "key": f.key, "ca": f.ca});
     }
     if let Some(bw) = &args.max_bandwidth {
         req["max_bandwidth"] = json!(units::parse_bandwidth(bw)?);
@@ -522,6 +584,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         on_no_converge: "force".into(),
         timeout: "10s".into(),
         json: args.json,
+        tls: TlsArgs::default(),
     })?;
     let src_last = src.call("query-status", json!({}))?;
     let after = dst.wait_status("running on the destination", boot, |st| {
