@@ -87,7 +87,7 @@ fn main() {
         ("multi-tcp", TransportKind::MultiTcp { streams: 2 }),
     ] {
         let bytes = session(t);
-        std::fs::write(out.join("handshake").join(format!("{name}-session")), &bytes)
+        std::fs::write(out.join("handshake").join(format!("seed-{name}-session")), &bytes)
             .expect("write");
         // One file per distinct frame kind: the decoder's seeds.
         let mut at = 0;
@@ -96,7 +96,7 @@ fn main() {
             if seen.insert(msg.name()) {
                 let f = out
                     .join("wire_decoder")
-                    .join(format!("{name}-{}", msg.name()));
+                    .join(format!("seed-{name}-{}", msg.name()));
                 std::fs::write(f, &bytes[at..at + n]).expect("write");
             }
             at += n;
