@@ -2,7 +2,9 @@
 //!
 //! **Owns:** the [`MigratableVm`] seam, the source engine ([`migrate`]), the destination
 //! ([`receive`]), the versioned protocol ([`protocol`], see `PROTOCOL.md`), the transports
-//! ([`TransportKind`]) and the summary types. **Does not own:** KVM (the VMM crate implements
+//! ([`TransportKind`]), mutual TLS around the network ones ([`tls`]), the listening socket's
+//! safety (never replacing what is not ours) and the summary types. What each end trusts and
+//! checks is in `SECURITY.md`. **Does not own:** KVM (the VMM crate implements
 //! [`MigratableVm`]), the CLI, or any cost model.
 //!
 //! ```text

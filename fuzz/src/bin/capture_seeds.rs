@@ -77,7 +77,9 @@ fn session(transport: TransportKind) -> Vec<u8> {
 }
 
 fn main() {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into());
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "fuzz/corpus".into());
     let out = Path::new(&out);
     for dir in ["handshake", "wire_decoder"] {
         std::fs::create_dir_all(out.join(dir)).expect("corpus dir");
@@ -87,8 +89,11 @@ fn main() {
         ("multi-tcp", TransportKind::MultiTcp { streams: 2 }),
     ] {
         let bytes = session(t);
-        std::fs::write(out.join("handshake").join(format!("seed-{name}-session")), &bytes)
-            .expect("write");
+        std::fs::write(
+            out.join("handshake").join(format!("seed-{name}-session")),
+            &bytes,
+        )
+        .expect("write");
         // One file per distinct frame kind: the decoder's seeds.
         let mut at = 0;
         let mut seen = std::collections::HashSet::new();
