@@ -67,14 +67,64 @@ pub struct IncomingArgs {
     /// Give up if no source connects within this time (default: wait forever).
     #[arg(long, value_parser = units::parse_timeout, allow_hyphen_values = true)]
     pub accept_timeout: Option<Duration>,
-    /// A source silent for this long fails the migration.
+    /// A source silent for this long fails the migration (also the wait for `Commit`).
     #[arg(long, default_value = "10s", value_parser = units::parse_timeout, allow_hyphen_values = true)]
     pub timeout: Duration,
+    /// Largest guest memory a source may announce; a larger one is refused before any memory
+    /// is allocated. Default: the memory this machine has available now.
+    #[arg(long, value_parser = units::parse_mem, allow_hyphen_values = true)]
+    pub max_mem: Option<u64>,
     /// Print the destination's summary as JSON on stdout once the VM runs.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
     pub ready: Readiness,
+    /// Mutual TLS 1.3: only a source whose certificate the cluster CA signed gets in.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca`: all three or none (classic and multi-tcp over TCP).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// This end's certificate chain (PEM).
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// This end's private key (PEM).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): the peer's certificate must be signed by it.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, made absolute (the source process may run in another directory).
+    fn files(&self) -> Result<Option<fastmig_migration::tls::TlsFiles>> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(None);
+        };
+        let abs = |p: &PathBuf| {
+            std::path::absolute(p).map_err(|e| crate::usage!("--tls path {}: {e}", p.display()))
+        };
+        Ok(Some(fastmig_migration::tls::TlsFiles {
+            cert: abs(cert)?,
+            key: abs(key)?,
+            ca: abs(ca)?,
+        }))
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes: the default cap on an incoming VM's memory.
+fn available_memory() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .context("no MemAvailable line in /proc/meminfo; give --max-mem")
 }
 
 /// Arguments of `fastmig migrate`.
@@ -118,6 +168,9 @@ pub struct MigrateArgs {
     /// Print one JSON object (the summary, or `{"status":"failed",...}`) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Mutual TLS 1.3 with the destination (classic and multi-tcp).
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 impl MigrateArgs {
@@ -143,6 +196,7 @@ impl MigrateArgs {
             max_rounds: self.max_rounds.unwrap_or(d.max_rounds),
             on_no_converge: self.on_no_converge.unwrap_or(d.on_no_converge),
             timeout: self.timeout.unwrap_or(d.timeout),
+            tls: self.tls.files()?,
         })
     }
 }
@@ -196,8 +250,20 @@ pub fn main(cmd: MigrateCommand) -> Result<()> {
 }
 
 fn incoming(args: IncomingArgs) -> Result<()> {
+    let max_mem = match args.max_mem {
+        Some(m) => m,
+        None => available_memory()?,
+    };
+    if let Some(m) = args.mem.filter(|&m| m > max_mem) {
+        return Err(crate::usage!(
+            "--mem {m} bytes is more than --max-mem {max_mem} bytes (default: available memory)"
+        ));
+    }
+    let tls = args.tls.files()?;
     daemon::maybe_daemonize(&args.ready)?;
     let cfg = IncomingConfig {
+        max_mem,
+        tls,
         listen: args.listen,
         api: args.api,
         mem_size: args.mem,
@@ -434,6 +500,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
             timeout: None,
             quit_source: false,
             json: args.json,
+            tls: TlsArgs::default(),
         },
     )?;
     let src_last = src.client.query_status()?;

@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use fastmig_migration::tls::TlsFiles;
 use fastmig_migration::{
     Endpoint, MigrateOptions, MigrationSummary, OnNoConverge, Progress, TransportKind,
 };
@@ -359,6 +360,10 @@ pub struct MigrationRequest {
     /// A destination silent this long fails the migration. On the wire: `timeout_ms`.
     #[serde(rename = "timeout_ms", with = "millis")]
     pub timeout: Duration,
+    /// Mutual TLS 1.3 files (`{"cert", "key", "ca"}`), classic and multi-tcp over TCP only;
+    /// none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for MigrationRequest {
@@ -372,6 +377,7 @@ impl Default for MigrationRequest {
             max_rounds: engine.max_rounds,
             on_no_converge: engine.on_no_converge,
             timeout: engine.io_timeout,
+            tls: None,
         }
     }
 }
@@ -411,6 +417,14 @@ impl MigrationRequest {
         if self.timeout.is_zero() {
             return Err(bad("`timeout_ms` must be positive".into()));
         }
+        if self.tls.is_some()
+            && !matches!(
+                self.transport,
+                TransportKind::Classic | TransportKind::MultiTcp { .. }
+            )
+        {
+            return Err(bad("TLS applies to classic and multi-tcp only".into()));
+        }
         if self.max_bandwidth == Some(0) {
             return Err(bad(
                 "`max_bandwidth` must be positive (leave it out for none)".into(),
@@ -420,8 +434,8 @@ impl MigrationRequest {
     }
 
     /// The engine's options for this request (cancel token and progress callback left at
-    /// their defaults). Connecting takes at most 10 s of the timeout; waiting for the
-    /// destination's `Ready` and `Resumed` at least 30 s.
+    /// their defaults). Connecting takes at most 10 s of the timeout; the user's timeout
+    /// bounds every other wait, the wait for `Ready` and `Resumed` too.
     pub fn engine_options(&self) -> MigrateOptions {
         MigrateOptions {
             transport: self.transport,
@@ -431,7 +445,7 @@ impl MigrationRequest {
             bandwidth_limit: self.max_bandwidth,
             connect_timeout: self.timeout.min(Duration::from_secs(10)),
             io_timeout: self.timeout,
-            ack_timeout: self.timeout.max(Duration::from_secs(30)),
+            ack_timeout: self.timeout,
             ..MigrateOptions::default()
         }
     }

@@ -44,6 +44,12 @@ pub enum HostError {
         #[source]
         source: MigrationError,
     },
+    /// The TLS files could not be used, or the TLS tunnel could not be set up.
+    #[error("TLS")]
+    Tls(#[source] fastmig_migration::tls::TlsError),
+    /// TLS was asked for on a `unix:` endpoint.
+    #[error("--tls-* needs a HOST:PORT --listen (TLS is for networks)")]
+    TlsNeedsTcp,
     /// The incoming migration failed; the VM was never started here.
     #[error("incoming migration failed; the VM was not started")]
     Receive(#[source] MigrationError),
@@ -68,7 +74,7 @@ impl HostError {
         match self {
             HostError::Vm { source, .. } => source.is_usage(),
             HostError::NotASocket(_) | HostError::SocketInUse(_) | HostError::Listen { .. } => true,
-            HostError::Socket { .. } => true,
+            HostError::Socket { .. } | HostError::Tls(_) | HostError::TlsNeedsTcp => true,
             HostError::Receive(_) | HostError::VmFailed(_) | HostError::Io { .. } => false,
         }
     }

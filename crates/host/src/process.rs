@@ -14,7 +14,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use fastmig_migration::{CancelToken, MigrationError, MigrationSummary, Progress};
+use fastmig_migration::{
+    CancelToken, Endpoint, MigrateOptions, MigrationError, MigrationSummary, Progress,
+};
 use fastmig_vmm::{Vm, VmRunState};
 
 use crate::command::{
@@ -234,11 +236,16 @@ impl VmProcess {
                 *progress = Some(p.clone());
             }
         }));
+        let tls = req.tls.clone();
         let spawned = std::thread::Builder::new()
             .name("migrate-out".into())
             .spawn(move || {
                 let adapter = KvmMigratable::new(vm);
-                let next = match fastmig_migration::migrate(&adapter, &endpoint, &opts) {
+                let result = match &tls {
+                    None => fastmig_migration::migrate(&adapter, &endpoint, &opts),
+                    Some(files) => migrate_tls(&adapter, &endpoint, &opts, files),
+                };
+                let next = match result {
                     Ok(summary) => {
                         tracing::info!("migration completed; the VM now runs on the destination");
                         Outgoing::Completed(summary)
@@ -260,6 +267,26 @@ impl VmProcess {
         }
         Ok(())
     }
+}
+
+/// Migrates through a mutual-TLS tunnel to `endpoint` (TCP); a TLS refusal is the error.
+fn migrate_tls(
+    vm: &KvmMigratable,
+    endpoint: &Endpoint,
+    opts: &MigrateOptions,
+    files: &fastmig_migration::tls::TlsFiles,
+) -> Result<fastmig_migration::MigrationSummary, MigrationError> {
+    use fastmig_migration::tls::{client_config, SourceTunnel};
+    let setup = |reason: String| MigrationError::TransportSetup {
+        reason,
+        source: None,
+    };
+    let Endpoint::Tcp(addr) = endpoint else {
+        return Err(setup("TLS needs a host:port destination".into()));
+    };
+    let config = client_config(files).map_err(|e| setup(error_line(&e)))?;
+    let tunnel = SourceTunnel::start(*addr, config).map_err(|e| setup(error_line(&e)))?;
+    fastmig_migration::migrate(vm, tunnel.endpoint(), opts).map_err(|e| tunnel.explain(e))
 }
 
 /// An error and its sources on one line, `outer: cause: root cause`, without repeating a

@@ -55,8 +55,14 @@ pub struct IncomingConfig {
     pub vcpus: u8,
     /// Give up when no source connects within this time (`None`: wait forever).
     pub accept_timeout: Option<Duration>,
-    /// A source silent this long fails the migration.
+    /// A source silent this long fails the migration (also the wait for `Commit`).
     pub io_timeout: Duration,
+    /// Largest guest memory a source may announce, in bytes: a larger one is refused
+    /// before anything is allocated.
+    pub max_mem: u64,
+    /// Mutual TLS 1.3: only a source whose certificate the cluster CA signed gets in
+    /// (TCP `listen` only).
+    pub tls: Option<fastmig_migration::tls::TlsFiles>,
     /// Written once the listener is bound (a source may connect); removed at the end.
     pub ready_file: Option<PathBuf>,
 }
@@ -225,10 +231,28 @@ fn receive_and_serve(
         }
         None => IncomingVm::OnDemand,
     };
-    let listener = Listener::bind(&cfg.listen).map_err(|source| HostError::Listen {
+    let listen_err = |source| HostError::Listen {
         endpoint: cfg.listen.to_string(),
         source,
-    })?;
+    };
+    // With TLS the receiver listens privately behind the tunnel, which owns the port.
+    let (listener, _tunnel) = match (&cfg.tls, &cfg.listen) {
+        (None, _) => (Listener::bind(&cfg.listen).map_err(listen_err)?, None),
+        (Some(files), Endpoint::Tcp(addr)) => {
+            let public = std::net::TcpListener::bind(addr).map_err(|e| {
+                listen_err(fastmig_migration::MigrationError::Listen {
+                    endpoint: cfg.listen.to_string(),
+                    source: e,
+                })
+            })?;
+            let config =
+                fastmig_migration::tls::server_config(files).map_err(HostError::Tls)?;
+            let (tunnel, inner) = fastmig_migration::tls::DestTunnel::start(public, config)
+                .map_err(HostError::Tls)?;
+            (inner, Some(tunnel))
+        }
+        (Some(_), Endpoint::Unix(_)) => return Err(HostError::TlsNeedsTcp),
+    };
     process.set_listening();
     on_event(Event::Listening {
         endpoint: &cfg.listen,
@@ -237,9 +261,20 @@ fn receive_and_serve(
     let opts = ReceiveOptions {
         accept_timeout: cfg.accept_timeout,
         io_timeout: cfg.io_timeout,
+        // A source stopped after `Ready` must not hold us longer than any other silence.
+        commit_timeout: cfg.io_timeout,
         ..ReceiveOptions::default()
     };
+    let max_mem = cfg.max_mem;
     let make_vm = |layout: &VmLayout, regions: Option<Vec<HandoverRegion>>| {
+        // Checked before anything is allocated: a 100-byte Hello must not make us pre-fault
+        // gigabytes.
+        if layout.memory_bytes() > max_mem {
+            return Err(VmError::msg(format!(
+                "the source announces {} bytes of guest memory, more than this destination accepts (--max-mem {max_mem} bytes)",
+                layout.memory_bytes()
+            )));
+        }
         build_destination_vm(layout, regions, &config)
     };
     let (vm, summary) = fastmig_migration::receive_any(&listener, &opts, prepared, make_vm)

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::error::MigrationError;
+use crate::sockpath::SocketPath;
 
 /// Where a destination listens: `host:port` (TCP) or `unix:/path` (Unix socket, needed by the
 /// `shm` and `handover` transports).
@@ -95,6 +96,16 @@ impl Conn {
         }
     }
 
+    /// The socket's write timeout (`None`: none set, or unreadable).
+    pub fn write_timeout(&self) -> Option<Duration> {
+        match self {
+            Conn::Tcp(s) => s.write_timeout(),
+            Conn::Unix(s) => s.write_timeout(),
+        }
+        .ok()
+        .flatten()
+    }
+
     /// A second handle on the same socket.
     pub fn try_clone(&self) -> io::Result<Conn> {
         Ok(match self {
@@ -155,25 +166,25 @@ impl Write for Conn {
 pub enum Listener {
     /// TCP listener.
     Tcp(TcpListener),
-    /// Unix listener (the socket file is removed on drop).
-    Unix(UnixListener, PathBuf),
+    /// Unix listener; it holds the path's lock, and removes the socket and the lock on drop.
+    Unix(UnixListener, SocketPath),
 }
 
 impl Listener {
     /// Binds `ep` (TCP port 0 picks a free port; see [`Listener::endpoint`]).
+    ///
+    /// A `unix:` path is taken only if it is free or holds a stale socket nobody answers on:
+    /// a user's file or a live listener's socket is refused and left alone (see `sockpath`).
     pub fn bind(ep: &Endpoint) -> Result<Listener, MigrationError> {
-        let err = |e| MigrationError::Connect {
+        let err = |e| MigrationError::Listen {
             endpoint: ep.to_string(),
             source: e,
         };
         match ep {
             Endpoint::Tcp(a) => TcpListener::bind(a).map(Listener::Tcp).map_err(err),
-            Endpoint::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                UnixListener::bind(p)
-                    .map(|l| Listener::Unix(l, p.clone()))
-                    .map_err(err)
-            }
+            Endpoint::Unix(p) => crate::sockpath::bind(p)
+                .map(|(l, held)| Listener::Unix(l, held))
+                .map_err(err),
         }
     }
 
@@ -181,7 +192,7 @@ impl Listener {
     pub fn endpoint(&self) -> io::Result<Endpoint> {
         match self {
             Listener::Tcp(l) => l.local_addr().map(Endpoint::Tcp),
-            Listener::Unix(_, p) => Ok(Endpoint::Unix(p.clone())),
+            Listener::Unix(_, p) => Ok(Endpoint::Unix(p.path().to_path_buf())),
         }
     }
 
@@ -216,10 +227,7 @@ impl Listener {
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(MigrationError::Connect {
-                        endpoint: "listener".into(),
-                        source: e,
-                    });
+                    return Err(self.listen_error(e));
                 }
             }
         }
@@ -230,17 +238,32 @@ impl Listener {
             }),
             Listener::Unix(l, _) => l.accept().map(|(s, _)| Conn::Unix(s)),
         };
-        r.map_err(|e| MigrationError::Connect {
-            endpoint: "listener".into(),
-            source: e,
-        })
+        r.map_err(|e| self.listen_error(e))
+    }
+
+    fn listen_error(&self, source: io::Error) -> MigrationError {
+        MigrationError::Listen {
+            endpoint: self
+                .endpoint()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|_| "listener".into()),
+            source,
+        }
     }
 }
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_tcp_port_is_a_listen_error_not_a_connect_error() {
+        let first = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
+        let at = first.endpoint().expect("endpoint");
+        let e = Listener::bind(&at).expect_err("port in use");
+        let text = crate::error::chain_text(&e);
+        assert!(text.starts_with("listening on 127.0.0.1:"), "{text}");
+        assert!(!text.contains("connecting"), "{text}");
+        assert!(matches!(e, MigrationError::Listen { .. }), "{e:?}");
     }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Endpoint};
+use crate::deadline::{read_message_within, send_bounded, ABORT_BOUND};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::send_frame_with_fds;
@@ -189,14 +190,13 @@ pub fn migrate<V: MigratableVm + ?Sized>(
     }
     if let Some(c) = g.control.as_mut() {
         // A destination that failed first usually said why before closing: prefer its reason.
+        // Both bounded in total (not per call): a stopped peer must not hold the abort.
         if matches!(e, MigrationError::SendPages(_)) {
-            let _ = c.set_timeouts(Some(Duration::from_millis(300)));
-            if let Ok(Message::Failed { reason }) = read_message(c) {
+            if let Ok(Message::Failed { reason }) = read_message_within(c, ABORT_BOUND) {
                 e = MigrationError::PeerFailed { reason };
             }
         }
-        let _ = c.set_timeouts(Some(Duration::from_millis(300)));
-        let _ = write_message(
+        send_bounded(
             c,
             &Message::Failed {
                 reason: format!("source: {}", crate::error::chain_text(&e)),
@@ -337,7 +337,20 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
         };
         write_message(control, &Message::RoundEnd { round, data_bytes })
             .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
-        match read_message(control).map_err(|e| wire("round ack", e, MigrationError::SendPages))? {
+        // The ack comes once the destination has every page of the round: on a stalled
+        // destination this is where the source waits, so the whole frame has one deadline.
+        let quiet = self
+            .transport
+            .peer_quiet_since()
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        let within = self
+            .opts
+            .io_timeout
+            .saturating_sub(quiet)
+            .max(Duration::from_millis(1));
+        match read_message_within(control, within)
+            .map_err(|e| wire("round ack", e, MigrationError::SendPages))?
+        {
             Message::RoundAck { round: r } if r == round => {}
             Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
             other => {
@@ -670,8 +683,10 @@ fn run<V: MigratableVm + ?Sized>(
 
     // Two-phase end: the destination must say Ready (digest verified, state restored) before
     // we give the VM up with Commit.
-    let _ = control.set_timeouts(Some(opts.ack_timeout));
-    match read_message(&mut control).map_err(|e| wire("ready", e, MigrationError::ReceivePages))? {
+    // Whole-frame deadlines from here: nothing else shows progress while we wait.
+    match read_message_within(&mut control, opts.ack_timeout)
+        .map_err(|e| wire("ready", e, MigrationError::ReceivePages))?
+    {
         Message::Ready => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
         other => {
@@ -687,7 +702,7 @@ fn run<V: MigratableVm + ?Sized>(
     write_message(&mut control, &Message::Commit)
         .map_err(|e| wire("commit", e, MigrationError::SendPages))?;
     g.committed = true;
-    let resumed = match read_message(&mut control) {
+    let resumed = match read_message_within(&mut control, opts.ack_timeout) {
         Ok(Message::Resumed(r)) => r,
         Ok(other) => {
             return Err(MigrationError::InDoubt(Box::new(

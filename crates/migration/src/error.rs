@@ -7,12 +7,21 @@ use crate::vm::VmError;
 /// Why a migration (either side) failed. Variants name the phase; sources are chained.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
-    /// Could not reach the destination or bind/accept the listening endpoint.
+    /// Could not reach the destination.
     #[error("connecting to {endpoint}")]
     Connect {
         /// The endpoint, as text.
         endpoint: String,
         /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Could not bind, listen on or accept from the destination's endpoint.
+    #[error("listening on {endpoint}")]
+    Listen {
+        /// The endpoint, as text.
+        endpoint: String,
+        /// The socket error (for a Unix path: why it is not ours to take).
         #[source]
         source: std::io::Error,
     },

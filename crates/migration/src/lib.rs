@@ -2,7 +2,9 @@
 //!
 //! **Owns:** the [`MigratableVm`] seam, the source engine ([`migrate`]), the destination
 //! ([`receive`]), the versioned protocol ([`protocol`], see `PROTOCOL.md`), the transports
-//! ([`TransportKind`]) and the summary types. **Does not own:** KVM (the VMM crate implements
+//! ([`TransportKind`]), mutual TLS around the network ones ([`tls`]), the listening socket's
+//! safety (never replacing what is not ours) and the summary types. What each end trusts and
+//! checks is in `SECURITY.md`. **Does not own:** KVM (the VMM crate implements
 //! [`MigratableVm`]), the CLI, or any cost model.
 //!
 //! ```text
@@ -33,7 +35,9 @@
 //! # }
 //! ```
 
+mod accept;
 mod conn;
+mod deadline;
 mod digest;
 mod engine;
 mod error;
@@ -42,9 +46,11 @@ mod guestmem;
 pub mod protocol;
 mod rawio;
 mod receive;
+mod sockpath;
 mod summary;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
+pub mod tls;
 pub mod transport;
 mod util;
 mod vm;

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Instant;
 
 /// Most iovecs passed to one system call (Linux `UIO_MAXIOV`).
 const MAX_IOV: usize = 1024;
@@ -27,14 +28,57 @@ fn advance(iovs: &mut [libc::iovec], start: &mut usize, mut n: usize) {
     }
 }
 
-/// Writes every byte described by `iovs` to socket `fd` (no SIGPIPE on a closed peer).
+/// Waits until `fd` can take more bytes, at most until `deadline`.
+fn wait_writable(fd: RawFd, deadline: Instant) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took no data before the deadline",
+            ));
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd on our stack, count 1.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc > 0 {
+            return Ok(());
+        }
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Writes every byte described by `iovs` to socket `fd` (no SIGPIPE on a closed peer), the
+/// whole of it due by `deadline` (`None`: only the socket's own timeout, per call). A per-call socket timeout restarts whenever the kernel takes a few bytes; a peer
+/// that is stopped but whose kernel still trims its receive queue would hold us for ever.
 ///
 /// # Safety
 /// Every iovec must describe readable memory that stays mapped for the duration of the call.
-pub unsafe fn send_all(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
+pub unsafe fn send_all_until(
+    fd: RawFd,
+    iovs: &mut [libc::iovec],
+    deadline: Option<Instant>,
+) -> io::Result<()> {
     let mut start = 0;
     advance(iovs, &mut start, 0);
+    let flags = match deadline {
+        Some(_) => libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        None => libc::MSG_NOSIGNAL,
+    };
     while start < iovs.len() {
+        if let Some(d) = deadline {
+            wait_writable(fd, d)?;
+        }
         let n = (iovs.len() - start).min(MAX_IOV);
         // SAFETY: an all-zero msghdr is valid (null name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -42,10 +86,14 @@ pub unsafe fn send_all(fd: RawFd, iovs: &mut [libc::iovec]) -> io::Result<()> {
         msg.msg_iovlen = n as _;
         // SAFETY: `msg` points at `n` iovecs that the caller guarantees readable; MSG_NOSIGNAL
         // turns a vanished peer into EPIPE instead of killing the process.
-        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        let r = unsafe { libc::sendmsg(fd, &msg, flags) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
+            if matches!(
+                e.kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            ) && (deadline.is_some() || e.kind() == io::ErrorKind::Interrupted)
+            {
                 continue;
             }
             return Err(e);
@@ -101,6 +149,24 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     #[test]
+    fn a_send_to_a_peer_that_never_reads_ends_at_its_deadline() {
+        let (a, _silent) = UnixStream::pair().expect("socketpair");
+        let big = vec![1u8; 32 << 20];
+        let mut iovs = [iovec_of(&big)];
+        let start = Instant::now();
+        // SAFETY: the iovec covers `big`, alive for the call.
+        let r = unsafe {
+            send_all_until(
+                a.as_raw_fd(),
+                &mut iovs,
+                Some(start + std::time::Duration::from_millis(200)),
+            )
+        };
+        assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::TimedOut));
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
     fn scatter_gather_round_trip_with_partial_transfers() {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let src: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -111,7 +177,7 @@ mod tests {
             let writer = s.spawn(|| {
                 let mut iovs = [iovec_of(x), iovec_of(&[]), iovec_of(y)];
                 // SAFETY: the iovecs cover `src`, which outlives the scope.
-                unsafe { send_all(a.as_raw_fd(), &mut iovs) }
+                unsafe { send_all_until(a.as_raw_fd(), &mut iovs, None) }
             });
             let mut iovs = [
                 libc::iovec {

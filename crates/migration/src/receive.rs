@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::accept::accept_source;
 use crate::conn::{Conn, Listener};
+use crate::deadline::send_bounded;
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::recv_frame_with_fds;
@@ -68,8 +70,11 @@ pub fn receive<V: MigratableVm + ?Sized>(
     listener: &Listener,
     opts: &ReceiveOptions,
 ) -> Result<ReceiveSummary, MigrationError> {
-    let control = listener.accept(opts.accept_timeout)?;
-    receive_on(vm, control, listener, opts)
+    let (mut control, hello) = accept_source(listener, opts.accept_timeout, opts.io_timeout)?;
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let hello = checked_hello(&mut control, opts, hello)?;
+    run_reporting_failure(vm, &mut control, listener, opts, t0, cpu0, Some(hello))
 }
 
 /// Like [`receive`] on an already accepted control connection (`listener` is still needed to
@@ -185,12 +190,6 @@ fn wait_for_control(
 
 /// Reads the source's `Hello` and refuses a peer of another protocol version.
 fn read_hello(control: &mut Conn, opts: &ReceiveOptions) -> Result<Hello, MigrationError> {
-    control
-        .set_timeouts(Some(opts.io_timeout))
-        .map_err(|e| MigrationError::TransportSetup {
-            reason: "setting control stream timeouts".into(),
-            source: Some(e),
-        })?;
     let hello =
         match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
             Message::Hello(h) => h,
@@ -201,6 +200,21 @@ fn read_hello(control: &mut Conn, opts: &ReceiveOptions) -> Result<Hello, Migrat
                 })
             }
         };
+    checked_hello(control, opts, hello)
+}
+
+/// Sets the control stream's timeouts and refuses a `Hello` of another protocol version.
+fn checked_hello(
+    control: &mut Conn,
+    opts: &ReceiveOptions,
+    hello: Hello,
+) -> Result<Hello, MigrationError> {
+    control
+        .set_timeouts(Some(opts.io_timeout))
+        .map_err(|e| MigrationError::TransportSetup {
+            reason: "setting control stream timeouts".into(),
+            source: Some(e),
+        })?;
     if hello.version != PROTOCOL_VERSION {
         return Err(refuse(
             control,
@@ -442,8 +456,9 @@ where
 {
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
-    let mut control = listener.accept(opts.accept_timeout)?;
-    let r = handover_run(&mut control, opts, make_vm, t0, cpu0, None);
+    let (mut control, hello) = accept_source(listener, opts.accept_timeout, opts.io_timeout)?;
+    let r = checked_hello(&mut control, opts, hello)
+        .and_then(|hello| handover_run(&mut control, opts, make_vm, t0, cpu0, Some(hello)));
     report_failure(&mut control, &r, "handover");
     r
 }
@@ -456,8 +471,7 @@ fn report_failure<T>(control: &mut Conn, r: &Result<T, MigrationError>, what: &s
             e,
             MigrationError::PeerFailed { .. } | MigrationError::Incompatible { .. }
         ) {
-            let _ = control.set_timeouts(Some(Duration::from_millis(300)));
-            let _ = write_message(
+            send_bounded(
                 control,
                 &Message::Failed {
                     reason: format!("destination: {}", crate::error::chain_text(&e)),
@@ -492,11 +506,11 @@ where
     V: MigratableVm,
     F: FnOnce(&VmLayout, Option<Vec<HandoverRegion>>) -> Result<V, VmError>,
 {
-    let mut control = listener.accept(opts.accept_timeout)?;
+    let (mut control, hello) = accept_source(listener, opts.accept_timeout, opts.io_timeout)?;
     // Setup is timed from the source's arrival, not from when we started waiting.
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
-    let hello = match read_hello(&mut control, opts) {
+    let hello = match checked_hello(&mut control, opts, hello) {
         Ok(h) => h,
         Err(e) => {
             let r: Result<(), _> = Err(e);

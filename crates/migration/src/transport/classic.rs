@@ -4,6 +4,7 @@ use std::io::{BufWriter, Write};
 
 use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
 use crate::conn::Conn;
+use crate::deadline::Paced;
 use crate::digest::{hash_page_bytes, zero_page_hash};
 use crate::error::{wire, MigrationError};
 use crate::guestmem::GuestMemory;
@@ -49,7 +50,9 @@ impl SourceTransport for ClassicSource {
         let mut stats = PageStats::default();
         let mut frame = Vec::with_capacity(PAGE_SIZE + 64);
         let mut page = [0u8; PAGE_SIZE];
-        let mut out = BufWriter::with_capacity(256 * 1024, &mut self.conn);
+        // Each 256 KiB flush is due within the socket's timeout as a whole (see `Until`).
+        let within = self.conn.write_timeout();
+        let mut out = BufWriter::with_capacity(256 * 1024, Paced::new(&mut self.conn, within));
         for (i, &p) in pages.iter().enumerate() {
             if i % 64 == 0 && ctx.cancel.is_cancelled() {
                 return Err(MigrationError::Cancelled);

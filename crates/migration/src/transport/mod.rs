@@ -145,6 +145,12 @@ pub trait SourceTransport: Send {
     fn finish(&mut self) -> Result<(), MigrationError>;
     /// CPU seconds spent by the transport's own worker threads so far.
     fn worker_cpu_s(&self) -> f64;
+    /// Since when the destination has shown no progress, for transports whose sends do not
+    /// wait for it (shm copies into its memory): the engine's next wait on the destination
+    /// counts its deadline from there. `None`: the last send itself was progress.
+    fn peer_quiet_since(&self) -> Option<std::time::Instant> {
+        None
+    }
 }
 
 /// What receiving needs: the destination's memory and its hash table.

@@ -23,7 +23,7 @@ use crate::protocol::{
     encode_batch, read_message, write_message, Message, ProtocolError, Run, HEADER_LEN,
     MAX_RUN_PAGES,
 };
-use crate::rawio::{iovec_of, recv_all, send_all};
+use crate::rawio::{iovec_of, recv_all, send_all_until};
 use crate::util::{thread_cpu_time, CancelToken};
 use crate::vm::PAGE_SIZE;
 
@@ -88,6 +88,7 @@ fn send_stream(
     stop: &CancelToken,
 ) -> Result<PageStats, MigrationError> {
     let fd = conn.as_raw_fd();
+    let io_timeout = conn.write_timeout();
     let mut stats = PageStats::default();
     let mut hdr = Vec::with_capacity(4096);
     let mut runs = Vec::new();
@@ -168,10 +169,12 @@ fn send_stream(
                 return Err(MigrationError::Cancelled);
             }
         }
+        // One deadline for the whole batch (1 MiB at most), from the socket's timeout.
+        let batch_deadline = io_timeout.map(|t| std::time::Instant::now() + t);
         // SAFETY: the first iovec covers `hdr`, alive for this call; the others come from
         // `run_addr`, which bounds-checks them inside a live guest mapping (GuestMemory
         // invariant). The kernel only reads them.
-        unsafe { send_all(fd, &mut iovs) }.map_err(send_err)?;
+        unsafe { send_all_until(fd, &mut iovs, batch_deadline) }.map_err(send_err)?;
         stats.bytes += total as u64;
         ctx.done_pages
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);

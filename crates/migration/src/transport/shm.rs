@@ -24,6 +24,7 @@ use super::{
     SourceTransport,
 };
 use crate::conn::Conn;
+use crate::deadline::PeerReads;
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::{recv_frame_with_fds, send_frame_with_fds};
@@ -66,6 +67,14 @@ pub(crate) struct ShmSource {
     first_pass_done: bool,
     /// CPU seconds of the copy threads (when more than one).
     cpu_s: f64,
+    /// Fails a send once the destination stops reading the control stream.
+    reads: PeerReads,
+}
+
+/// The control stream as the copy threads share it.
+struct ControlOut<'a> {
+    conn: &'a mut Conn,
+    reads: &'a mut PeerReads,
 }
 
 impl ShmSource {
@@ -94,6 +103,7 @@ impl ShmSource {
             threads: copy_threads(),
             first_pass_done: false,
             cpu_s: 0.0,
+            reads: PeerReads::new(control.write_timeout()),
         };
         let mut mrs = Vec::new();
         let started = std::time::Instant::now();
@@ -129,6 +139,7 @@ impl ShmSource {
             threads,
             first_pass_done: false,
             cpu_s: 0.0,
+            reads: PeerReads::new(None),
         }
     }
 }
@@ -233,7 +244,10 @@ impl SourceTransport for ShmSource {
         let chunks: Vec<&[usize]> = pages.chunks(NOTIFY_PAGES).collect();
         let next = AtomicUsize::new(0);
         let stop = CancelToken::new();
-        let control = Mutex::new(&mut self.control);
+        let control = Mutex::new(ControlOut {
+            conn: &mut self.control,
+            reads: &mut self.reads,
+        });
         let job = CopyJob {
             mem,
             remote: &self.remote,
@@ -272,6 +286,10 @@ impl SourceTransport for ShmSource {
     fn worker_cpu_s(&self) -> f64 {
         self.cpu_s
     }
+
+    fn peer_quiet_since(&self) -> Option<std::time::Instant> {
+        self.reads.quiet_since()
+    }
 }
 
 /// One `send_pages` call, shared by the copy threads: each takes the next chunk of
@@ -283,7 +301,7 @@ struct CopyJob<'a> {
     next: &'a AtomicUsize,
     /// Set by a failing thread so that its sibling stops at its next chunk.
     stop: &'a CancelToken,
-    control: &'a Mutex<&'a mut Conn>,
+    control: &'a Mutex<ControlOut<'a>>,
     ctx: &'a SendCtx<'a>,
     /// The full first pass: zero pages may be skipped where the destination is zero too.
     first_pass: bool,
@@ -327,13 +345,16 @@ impl CopyJob<'_> {
                     .control
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                control.write_all(&f).map_err(|e| {
-                    wire(
-                        "sending pages",
-                        ProtocolError::Io(e),
-                        MigrationError::SendPages,
-                    )
-                })?;
+                let ControlOut { conn, reads } = &mut *control;
+                conn.write_all(&f)
+                    .and_then(|_| reads.after_write(conn, f.len()))
+                    .map_err(|e| {
+                        wire(
+                            "sending pages",
+                            ProtocolError::Io(e),
+                            MigrationError::SendPages,
+                        )
+                    })?;
                 stats.bytes += f.len() as u64;
             }
             self.ctx

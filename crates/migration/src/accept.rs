@@ -1,0 +1,173 @@
+//! The destination's wait for a source: accept connections until one completes the
+//! handshake, refusing (and logging) every stray one.
+//!
+//! ```text
+//! listener ─ accept ─┬─ handshake thread: first frame within the hello deadline ─ Hello? ─► winner
+//!                    ├─ port scan (closes)       → logged, dropped, keep waiting
+//!                    ├─ garbage / wrong magic    → logged, dropped, keep waiting
+//!                    └─ silent                   → logged at its deadline, dropped
+//! ```
+//!
+//! Each connection gets its own thread for its first frame, so a silent stray cannot hold the
+//! real source back; at most [`MAX_PENDING`] wait at once (more are closed at once, logged).
+//! A `Hello` of another protocol version is a real source: it is handed on, to be refused
+//! with a reason.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+use crate::conn::{Conn, Listener};
+use crate::deadline::read_message_within;
+use crate::error::MigrationError;
+use crate::protocol::{Hello, Message};
+
+/// Connections waiting for their first frame at once; more are closed unread.
+pub(crate) const MAX_PENDING: usize = 16;
+
+/// How often the accept loop looks at finished handshakes.
+const TICK: Duration = Duration::from_millis(50);
+
+type Outcome = (Conn, Result<Hello, String>);
+
+/// Accepts on `listener` until a peer sends a `Hello` (within `hello_timeout` of connecting),
+/// or `accept_timeout` (`None`: forever) passes. Returns that connection and its `Hello`.
+pub(crate) fn accept_source(
+    listener: &Listener,
+    accept_timeout: Option<Duration>,
+    hello_timeout: Duration,
+) -> Result<(Conn, Hello), MigrationError> {
+    let deadline = accept_timeout.map(|t| Instant::now() + t);
+    let (tx, rx) = mpsc::channel::<Outcome>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    loop {
+        while let Ok((conn, r)) = rx.try_recv() {
+            match r {
+                Ok(hello) => return Ok((conn, hello)),
+                Err(why) => {
+                    warn!(%why, "refused a connection that did not complete the handshake; still waiting for a source")
+                }
+            }
+        }
+        let slice = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(MigrationError::Timeout { phase: "accept" });
+                }
+                left.min(TICK)
+            }
+            None => TICK,
+        };
+        let conn = match listener.accept(Some(slice)) {
+            Ok(c) => c,
+            Err(MigrationError::Timeout { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        if pending.load(Ordering::SeqCst) >= MAX_PENDING {
+            warn!(
+                max = MAX_PENDING,
+                "too many connections waiting for a handshake: closed a new one unread"
+            );
+            continue;
+        }
+        pending.fetch_add(1, Ordering::SeqCst);
+        let (tx, pending) = (tx.clone(), Arc::clone(&pending));
+        std::thread::spawn(move || {
+            let mut conn = conn;
+            let r = first_hello(&mut conn, hello_timeout);
+            pending.fetch_sub(1, Ordering::SeqCst);
+            // After a winner the receiver is gone: this connection just closes.
+            let _ = tx.send((conn, r));
+        });
+    }
+}
+
+/// The first frame of a new connection, which must be a `Hello`.
+fn first_hello(conn: &mut Conn, within: Duration) -> Result<Hello, String> {
+    match read_message_within(conn, within) {
+        Ok(Message::Hello(h)) => Ok(h),
+        Ok(other) => Err(format!("first frame was {}, not Hello", other.name())),
+        Err(e) => Err(match e {
+            crate::protocol::ProtocolError::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                format!("no Hello within {within:?}")
+            }
+            e => crate::error::chain_text(&e),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Endpoint;
+    use crate::protocol::{encode, PROTOCOL_VERSION};
+    use crate::vm::VmLayout;
+    use std::io::Write;
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            layout: VmLayout {
+                regions: vec![],
+                vcpus: 1,
+                features: 0,
+            },
+            transport: "classic".into(),
+            data_streams: 0,
+            session: 7,
+        }
+    }
+
+    #[test]
+    fn strays_are_refused_and_the_real_source_still_gets_in() {
+        let l = Listener::bind(&"127.0.0.1:0".parse::<Endpoint>().expect("ep")).expect("bind");
+        let at = l.endpoint().expect("endpoint");
+        let t = Duration::from_secs(5);
+        // A port scan (connect, close), a client speaking garbage, a silent one that holds
+        // its connection open, a frame of the right format that is not a Hello.
+        let scan = Conn::connect(&at, t).expect("scan");
+        drop(scan);
+        let mut garbage = Conn::connect(&at, t).expect("garbage");
+        garbage
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("write garbage");
+        let _silent = Conn::connect(&at, t).expect("silent");
+        let mut wrong = Conn::connect(&at, t).expect("wrong first frame");
+        wrong
+            .write_all(&encode(&Message::Commit))
+            .expect("write commit");
+        let mut source = Conn::connect(&at, t).expect("source");
+        source
+            .write_all(&encode(&Message::Hello(hello())))
+            .expect("write hello");
+        let (_, got) = accept_source(&l, Some(Duration::from_secs(20)), Duration::from_secs(10))
+            .expect("the real source is accepted");
+        assert_eq!(got, hello());
+    }
+
+    #[test]
+    fn only_strays_end_in_a_timeout_at_the_accept_deadline() {
+        let l = Listener::bind(&"127.0.0.1:0".parse::<Endpoint>().expect("ep")).expect("bind");
+        let at = l.endpoint().expect("endpoint");
+        let mut garbage = Conn::connect(&at, Duration::from_secs(5)).expect("garbage");
+        garbage.write_all(&[0u8; 64]).expect("write");
+        let r = accept_source(
+            &l,
+            Some(Duration::from_millis(500)),
+            Duration::from_millis(100),
+        );
+        assert!(
+            matches!(r, Err(MigrationError::Timeout { phase: "accept" })),
+            "{r:?}"
+        );
+    }
+}
