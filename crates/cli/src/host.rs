@@ -34,6 +34,9 @@ pub enum Outgoing {
     },
     /// Done: the destination runs the VM; it stays paused here.
     Completed(Value),
+    /// `Commit` was sent but no `Resumed` came back: the VM is paused here and may run on the
+    /// destination. Only an operator who checked the destination may `cont` it here.
+    InDoubt(String),
     /// Failed or cancelled: the VM runs here again.
     Failed {
         /// True when it was `migrate-cancel`.
@@ -270,6 +273,7 @@ impl Host {
             Outgoing::None => json!({"status": "none"}),
             Outgoing::Active { progress, .. } => json!({"status": "active", "progress": progress}),
             Outgoing::Completed(summary) => json!({"status": "completed", "summary": summary}),
+            Outgoing::InDoubt(error) => json!({"status": "in-doubt", "error": error}),
             Outgoing::Failed { cancelled, error } => json!({
                 "status": if *cancelled { "cancelled" } else { "failed" },
                 "error": error,
@@ -349,6 +353,11 @@ impl Host {
                         ));
                         tracing::info!("migration completed; the VM now runs on the destination");
                         Outgoing::Completed(v)
+                    }
+                    Err(e @ MigrationError::InDoubt(_)) => {
+                        let error = crate::error::one_line(&anyhow::Error::new(e));
+                        tracing::error!("migration in doubt: {error}");
+                        Outgoing::InDoubt(error)
                     }
                     Err(e) => {
                         let cancelled = matches!(e, MigrationError::Cancelled);

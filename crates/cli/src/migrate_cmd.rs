@@ -341,10 +341,11 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
                 }
             }
             "completed" => break Ok(st["summary"].clone()),
-            "failed" | "cancelled" => {
-                break Err(st["error"].as_str().unwrap_or("unknown error").to_string())
+            status @ ("failed" | "cancelled" | "in-doubt") => {
+                let error = st["error"].as_str().unwrap_or("unknown error").to_string();
+                break Err((status == "in-doubt", error));
             }
-            other => break Err(format!("unexpected migration status `{other}`")),
+            other => break Err((false, format!("unexpected migration status `{other}`"))),
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -356,12 +357,21 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
             }
             Ok(summary)
         }
-        Err(error) => {
+        Err((in_doubt, error)) => {
+            let status = if in_doubt { "in-doubt" } else { "failed" };
             if args.json {
                 println!(
                     "{}",
-                    json!({"status": "failed", "error": error, "transport": args.transport})
+                    json!({"status": status, "error": error, "transport": args.transport})
                 );
+            }
+            if in_doubt {
+                // The source committed: the VM is paused here and may run there. Saying "still
+                // runs on the source" would invite a second copy of the VM.
+                bail!(
+                    "migration in doubt: {error}; the VM is paused on the source and may run on \
+                     the destination: check the destination before resuming it (`cont`)"
+                )
             }
             bail!("migration failed: {error}; the VM still runs on the source")
         }

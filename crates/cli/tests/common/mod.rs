@@ -641,3 +641,248 @@ fn pump(
     let _ = to.shutdown(Shutdown::Write);
     let _ = back.join();
 }
+
+// ---------------------------------------------------------------------------------------
+// Frame-aware proxy: sees the classic stream as whole frames in both directions, so a test
+// can swallow one message kind, leave out one page frame, or kill a process at an exact
+// point of the protocol.
+// ---------------------------------------------------------------------------------------
+
+use fastmig_migration::protocol::{Complete, Message};
+
+/// The wire kind of `msg`, read from the real encoder (byte 6 of the header), so the tests
+/// follow the protocol instead of repeating its numbers.
+pub fn kind_of(msg: &Message) -> u8 {
+    fastmig_migration::protocol::encode(msg)[6]
+}
+
+/// Wire kinds the two-phase tests look for.
+pub fn page_kind() -> u8 {
+    kind_of(&Message::Page { gpa: 0, data: None })
+}
+pub fn complete_kind() -> u8 {
+    kind_of(&Message::Complete(Complete {
+        digest: 0,
+        pages: 0,
+        rounds: 0,
+    }))
+}
+pub fn ready_kind() -> u8 {
+    kind_of(&Message::Ready)
+}
+pub fn commit_kind() -> u8 {
+    kind_of(&Message::Commit)
+}
+
+/// Which way a frame travels through a [`FrameProxy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Source to destination.
+    ToDestination,
+    /// Destination to source.
+    ToSource,
+}
+
+/// What a [`FrameProxy`] does with one whole frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass it on unchanged.
+    Forward,
+    /// Leave it out. Every frame carries its own CRC and the classic stream has no frame
+    /// counter, so the frames around it stay a valid stream: only the digest can notice.
+    Drop,
+}
+
+/// One whole frame (16-byte header and payload) seen by a [`FrameProxy`].
+pub struct Frame<'a> {
+    pub bytes: &'a [u8],
+}
+
+impl Frame<'_> {
+    pub fn kind(&self) -> u8 {
+        self.bytes[6]
+    }
+
+    /// The guest-physical address of a `Page` frame that carries data (not a zero page).
+    pub fn data_page_gpa(&self) -> Option<u64> {
+        let zero = self.bytes[7] & 1 != 0;
+        (self.kind() == page_kind() && !zero && self.bytes.len() >= 16 + 8)
+            .then(|| u64::from_le_bytes(self.bytes[16..24].try_into().expect("8 bytes")))
+    }
+}
+
+/// Decides, per frame, whether it goes on; may also act (kill a process) before answering.
+pub type FrameRule = Arc<dyn Fn(Dir, &Frame) -> Verdict + Send + Sync>;
+
+/// A one-connection TCP proxy that parses both directions into frames and applies a
+/// [`FrameRule`] to each. Classic transport only: multi-tcp batches are followed by unframed
+/// page data, shm and handover use Unix sockets.
+pub struct FrameProxy {
+    pub port: u16,
+    /// Every frame seen: direction, kind, verdict; in order per direction.
+    pub log: Arc<std::sync::Mutex<Vec<(Dir, u8, Verdict)>>>,
+    sockets: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl FrameProxy {
+    pub fn start(target_port: u16, rule: FrameRule) -> FrameProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sockets = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (log2, sockets2) = (log.clone(), sockets.clone());
+        let handle = std::thread::spawn(move || {
+            listener
+                .set_nonblocking(true)
+                .expect("non-blocking listener");
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let client = loop {
+                match listener.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => return,
+                }
+            };
+            client.set_nonblocking(false).ok();
+            let server =
+                TcpStream::connect(("127.0.0.1", target_port)).expect("connect to destination");
+            for s in [&client, &server] {
+                s.set_nodelay(true).ok();
+                sockets2
+                    .lock()
+                    .expect("sockets")
+                    .push(s.try_clone().expect("clone"));
+            }
+            let back = {
+                let (from, to) = (
+                    server.try_clone().expect("clone"),
+                    client.try_clone().expect("clone"),
+                );
+                let (rule, log) = (rule.clone(), log2.clone());
+                std::thread::spawn(move || relay_frames(from, to, Dir::ToSource, rule, log))
+            };
+            relay_frames(client, server, Dir::ToDestination, rule, log2);
+            let _ = back.join();
+        });
+        FrameProxy {
+            port,
+            log,
+            sockets,
+            handle: Some(handle),
+        }
+    }
+
+    /// Kinds of the frames seen in `dir` with verdict `v`.
+    pub fn kinds(&self, dir: Dir, v: Verdict) -> Vec<u8> {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|(d, _, vv)| *d == dir && *vv == v)
+            .map(|(_, k, _)| *k)
+            .collect()
+    }
+}
+
+impl Drop for FrameProxy {
+    fn drop(&mut self) {
+        // Unblock both relays whatever the peers do.
+        for s in self.sockets.lock().expect("sockets").iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Copies whole frames from `from` to `to`, asking `rule` about each; at EOF or on any error
+/// half-closes `to`, so the peer sees the stream end.
+fn relay_frames(
+    from: TcpStream,
+    mut to: TcpStream,
+    dir: Dir,
+    rule: FrameRule,
+    log: Arc<std::sync::Mutex<Vec<(Dir, u8, Verdict)>>>,
+) {
+    let mut r = std::io::BufReader::with_capacity(256 << 10, from);
+    let mut frame = Vec::new();
+    loop {
+        frame.resize(16, 0);
+        if r.read_exact(&mut frame[..16]).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes")) as usize;
+        assert!(
+            len <= 64 << 20,
+            "{dir:?}: frame of {len} bytes: not a frame boundary"
+        );
+        frame.resize(16 + len, 0);
+        if r.read_exact(&mut frame[16..]).is_err() {
+            break;
+        }
+        let f = Frame { bytes: &frame };
+        let verdict = rule(dir, &f);
+        log.lock().expect("log").push((dir, f.kind(), verdict));
+        if verdict == Verdict::Forward && to.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// SIGKILLs process `pid` and waits until it is dead (a zombie or gone), so that nothing it
+/// would do next can happen.
+pub fn kill_and_wait_dead(pid: u32) {
+    assert_eq!(send_signal(pid, 9), 0, "kill -9 {pid}");
+    wait_until(&format!("process {pid} to die"), PATIENCE, || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Field 3 (after the parenthesised name) is the state; Z = zombie, X = dead.
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        matches!(state, None | Some("Z") | Some("X")).then_some(())
+    });
+}
+
+impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The one memfd backing this process's guest memory, opened read-write through
+    /// `/proc/PID/fd` (another open of the same file, so writes land in guest memory).
+    pub fn open_guest_memfd(&self) -> std::fs::File {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let memfds: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("list /proc/PID/fd")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                std::fs::read_link(p)
+                    .map(|t| t.to_string_lossy().starts_with("/memfd:fastmig-guest"))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert_eq!(memfds.len(), 1, "want one guest memfd in {dir}: {memfds:?}");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&memfds[0])
+            .expect("open the guest memfd")
+    }
+
+    /// `verify-memory`, returned whatever it found.
+    pub fn verify_memory(&self) -> Value {
+        api(&self.api, "verify-memory", json!({}))
+            .unwrap_or_else(|e| panic!("verify-memory failed: {e}"))
+    }
+}
