@@ -11,6 +11,8 @@
 //! | killed once it wrote `Ready` (never delivered)   | resumes, intact   | dead, never ran  |
 //! | killed after `Ready` arrived, `Commit` in flight | paused, in doubt  | dead, never ran  |
 //! | `Commit` swallowed, destination alive            | paused, in doubt  | times out, exits |
+//! | `migrate-cancel` while `Ready` travels           | resumes, intact   | gets `Failed`    |
+//! | source host killed once `Ready` was written      | (dead)            | EOF, never runs  |
 //!
 //! These tests start KVM guests and fail (never skip) without /dev/kvm.
 
@@ -221,4 +223,75 @@ fn swallowed_commit_runs_the_vm_nowhere_and_says_in_doubt() {
     );
     drop(proxy);
     operator_resumes_the_source(&src);
+}
+
+/// `migrate-cancel` lands while `Ready` is on its way: the source, not yet committed, tells
+/// the destination `Failed` instead of `Commit` and resumes; the destination, holding a
+/// restored VM, must not resume it on `Failed`.
+#[test]
+fn cancel_between_ready_and_commit_keeps_the_vm_on_the_source() {
+    require_kvm();
+    let wd = workdir();
+    let src = source(wd.path());
+    let (mut dst, port) = destination(wd.path());
+    let (ready, api_path) = (ready_kind(), src.api.clone());
+    let fired = Arc::new(AtomicBool::new(false));
+    let flag = fired.clone();
+    let rule: FrameRule = Arc::new(move |d, f| {
+        if d == Dir::ToSource && f.kind() == ready && !flag.swap(true, Ordering::SeqCst) {
+            api(&api_path, "migrate-cancel", json!({})).expect("migrate-cancel");
+        }
+        Verdict::Forward
+    });
+    let proxy = FrameProxy::start(port, rule);
+    let out = migrate(
+        wd.path(),
+        &src,
+        &format!("127.0.0.1:{}", proxy.port),
+        &["--transport", "classic"],
+    );
+    assert!(fired.load(Ordering::SeqCst), "no Ready seen: {out:?}");
+    out.assert_failed_with(&["cancel", "still runs on the source"]);
+    assert_destination_never_resumed(&mut dst);
+    // The destination got `Failed` where `Commit` would have been.
+    let sent = proxy.kinds(Dir::ToDestination, Verdict::Forward);
+    assert!(sent.contains(&failed_kind()), "no Failed sent: {sent:?}");
+    assert!(!sent.contains(&commit_kind()), "Commit sent: {sent:?}");
+    drop(proxy);
+    src.assert_still_runs_here();
+}
+
+/// The source host dies (SIGKILL) once the destination has written `Ready`: the destination
+/// sees its connection end instead of `Commit` and must not resume. (The VM is lost with the
+/// source host; what matters is that the destination does not start a copy it was never
+/// given, and that it gives up at once rather than after its commit timeout.)
+#[test]
+fn source_killed_after_ready_never_resumes_the_destination() {
+    require_kvm();
+    let wd = workdir();
+    let mut src = source(wd.path());
+    let (mut dst, port) = destination(wd.path());
+    let (rule, fired) = kill_on(src.pid(), Dir::ToSource, ready_kind(), Verdict::Drop);
+    let proxy = FrameProxy::start(port, rule);
+    let client = migrate_spawn(
+        wd.path(),
+        &src,
+        &format!("127.0.0.1:{}", proxy.port),
+        &["--transport", "classic"],
+    );
+    wait_until("Ready to pass", PATIENCE, || {
+        fired.load(Ordering::SeqCst).then_some(())
+    });
+    let killed_at = std::time::Instant::now();
+    assert_destination_never_resumed(&mut dst);
+    // Well inside the 30 s commit timeout: the end of the stream is an answer.
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(20),
+        "the destination waited {:?} for a source that was gone",
+        killed_at.elapsed()
+    );
+    assert!(!src.is_alive());
+    let out = client.finish(PATIENCE);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    drop(proxy);
 }

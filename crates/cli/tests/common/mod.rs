@@ -673,6 +673,11 @@ pub fn ready_kind() -> u8 {
 pub fn commit_kind() -> u8 {
     kind_of(&Message::Commit)
 }
+pub fn failed_kind() -> u8 {
+    kind_of(&Message::Failed {
+        reason: String::new(),
+    })
+}
 
 /// Which way a frame travels through a [`FrameProxy`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
