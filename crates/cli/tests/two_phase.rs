@@ -151,10 +151,13 @@ fn destination_killed_after_ready_reached_the_source_is_in_doubt() {
         wd.path(),
         &src,
         &format!("127.0.0.1:{}", proxy.port),
-        &["--transport", "classic"],
+        &["--transport", "classic", "--json"],
     );
     assert!(fired.load(Ordering::SeqCst), "no Commit seen: {out:?}");
     assert_in_doubt(&out, &src);
+    // --json says the same to a script: one object, status "in-doubt".
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(v["status"], "in-doubt", "{v}");
     assert_destination_never_resumed(&mut dst);
     drop(proxy);
     operator_resumes_the_source(&src);
