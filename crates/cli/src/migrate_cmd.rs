@@ -370,7 +370,8 @@ pub fn migrate(args: &MigrateArgs) -> Result<Value> {
                 // runs on the source" would invite a second copy of the VM.
                 bail!(
                     "migration in doubt: {error}; the VM is paused on the source and may run on \
-                     the destination: check the destination before resuming it (`cont`)"
+                     the destination: check the destination before resuming it here (`fastmig ctl --api {} cont`)",
+                    args.api.display()
                 )
             }
             bail!("migration failed: {error}; the VM still runs on the source")
