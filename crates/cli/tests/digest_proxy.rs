@@ -100,10 +100,8 @@ fn dropped_page_frame_is_caught_by_the_digest_only() {
     );
 }
 
-/// The control for the test above: through the same proxy forwarding every frame, the same
-/// migration succeeds and the VM arrives intact, so the failure above is the dropped frame's.
-#[test]
-fn frame_proxy_forwarding_everything_is_transparent() {
+/// Migrates through a [`FrameProxy`] that forwards every frame and checks the VM arrived.
+fn transparent(transport: &str, extra: &[&str]) {
     require_kvm();
     let dir = workdir();
     let src = Proc::run_with(dir.path(), "src", MEM, WORKLOAD, &["--prefill"]);
@@ -112,11 +110,13 @@ fn frame_proxy_forwarding_everything_is_transparent() {
     let port = free_port();
     let dst = Proc::incoming(dir.path(), "dst", &format!("127.0.0.1:{port}"), MEM, &[]);
     let proxy = FrameProxy::start(port, Arc::new(|_, _| Verdict::Forward));
+    let mut args = vec!["--transport", transport];
+    args.extend_from_slice(extra);
     let out = migrate(
         dir.path(),
         &src,
         &format!("127.0.0.1:{}", proxy.port),
-        &["--transport", "classic"],
+        &args,
     );
     assert_eq!(out.code, Some(0), "{out:?}\n{}", dst.log());
     for kind in [complete_kind(), commit_kind()] {
@@ -134,4 +134,18 @@ fn frame_proxy_forwarding_everything_is_transparent() {
     dst.wait_progress_above(p);
     dst.assert_memory_intact();
     assert_eq!(src.status()["status"], "postmigrate");
+}
+
+/// The control for the test above: through the same proxy forwarding every frame, the same
+/// migration succeeds and the VM arrives intact, so the failure above is the dropped frame's.
+#[test]
+fn frame_proxy_forwarding_everything_is_transparent() {
+    transparent("classic", &[]);
+}
+
+/// The same for multi-tcp, whose data streams the proxy copies as bytes (the two-phase
+/// tests use it on the control stream).
+#[test]
+fn frame_proxy_forwarding_everything_is_transparent_multi_tcp() {
+    transparent("multi-tcp", &["--streams", "2"]);
 }

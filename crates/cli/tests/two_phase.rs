@@ -7,7 +7,7 @@
 //!
 //! | fault                                            | source            | destination      |
 //! |--------------------------------------------------|-------------------|------------------|
-//! | killed once the source sent `Complete`           | resumes, intact   | dead, never ran  |
+//! | killed once the source sent `Complete` (classic and multi-tcp) | resumes, intact | dead, never ran |
 //! | killed once it wrote `Ready` (never delivered)   | resumes, intact   | dead, never ran  |
 //! | killed after `Ready` arrived, `Commit` in flight | paused, in doubt  | dead, never ran  |
 //! | `Commit` swallowed, destination alive            | paused, in doubt  | times out, exits |
@@ -60,19 +60,18 @@ fn kill_on(pid: u32, dir: Dir, kind: u8, verdict: Verdict) -> (FrameRule, Arc<At
 
 /// After the destination died at `dir`/`kind`: `migrate` fails saying the VM still runs on
 /// the source, and it does (progress, memory intact); the destination never resumed.
-fn destination_killed_at(dir: Dir, kind: u8, verdict: Verdict) -> FrameProxy {
+fn destination_killed_at(transport: &str, dir: Dir, kind: u8, verdict: Verdict) -> FrameProxy {
     require_kvm();
     let wd = workdir();
     let src = source(wd.path());
     let (mut dst, port) = destination(wd.path());
     let (rule, fired) = kill_on(dst.pid(), dir, kind, verdict);
     let proxy = FrameProxy::start(port, rule);
-    let out = migrate(
-        wd.path(),
-        &src,
-        &format!("127.0.0.1:{}", proxy.port),
-        &["--transport", "classic"],
-    );
+    let mut args = vec!["--transport", transport];
+    if transport == "multi-tcp" {
+        args.extend(["--streams", "2"]);
+    }
+    let out = migrate(wd.path(), &src, &format!("127.0.0.1:{}", proxy.port), &args);
     assert!(
         fired.load(Ordering::SeqCst),
         "the proxy never saw the frame: {out:?}"
@@ -89,7 +88,12 @@ fn destination_killed_at(dir: Dir, kind: u8, verdict: Verdict) -> FrameProxy {
 
 #[test]
 fn destination_killed_after_complete_leaves_the_vm_on_the_source() {
-    let proxy = destination_killed_at(Dir::ToDestination, complete_kind(), Verdict::Forward);
+    let proxy = destination_killed_at(
+        "classic",
+        Dir::ToDestination,
+        complete_kind(),
+        Verdict::Forward,
+    );
     // The destination died before it could answer: no Ready ever came back.
     assert!(
         !proxy
@@ -102,11 +106,35 @@ fn destination_killed_after_complete_leaves_the_vm_on_the_source() {
         .contains(&commit_kind()));
 }
 
+/// Multi-tcp: the destination dies with its data-stream receivers joined and `Complete` in
+/// flight on the control stream.
+#[test]
+fn destination_killed_after_complete_leaves_the_vm_on_the_source_multi_tcp() {
+    let proxy = destination_killed_at(
+        "multi-tcp",
+        Dir::ToDestination,
+        complete_kind(),
+        Verdict::Forward,
+    );
+    // Two data streams were opened through the proxy besides the control stream.
+    assert_eq!(
+        proxy
+            .kinds(Dir::ToDestination, Verdict::Forward)
+            .iter()
+            .filter(|&&k| k == data_hello_kind())
+            .count(),
+        2
+    );
+    assert!(!proxy
+        .kinds(Dir::ToSource, Verdict::Forward)
+        .contains(&ready_kind()));
+}
+
 #[test]
 fn destination_killed_after_writing_ready_leaves_the_vm_on_the_source() {
     // The destination wrote Ready and died before it reached the source (the proxy holds
     // it back): the source never committed, so it resumes.
-    let proxy = destination_killed_at(Dir::ToSource, ready_kind(), Verdict::Drop);
+    let proxy = destination_killed_at("classic", Dir::ToSource, ready_kind(), Verdict::Drop);
     assert!(!proxy
         .kinds(Dir::ToDestination, Verdict::Forward)
         .contains(&commit_kind()));

@@ -673,6 +673,12 @@ pub fn ready_kind() -> u8 {
 pub fn commit_kind() -> u8 {
     kind_of(&Message::Commit)
 }
+pub fn data_hello_kind() -> u8 {
+    kind_of(&Message::DataHello {
+        session: 0,
+        stream: 0,
+    })
+}
 pub fn failed_kind() -> u8 {
     kind_of(&Message::Failed {
         reason: String::new(),
@@ -719,9 +725,10 @@ impl Frame<'_> {
 /// Decides, per frame, whether it goes on; may also act (kill a process) before answering.
 pub type FrameRule = Arc<dyn Fn(Dir, &Frame) -> Verdict + Send + Sync>;
 
-/// A one-connection TCP proxy that parses both directions into frames and applies a
-/// [`FrameRule`] to each. Classic transport only: multi-tcp batches are followed by unframed
-/// page data, shm and handover use Unix sockets.
+/// A TCP proxy that parses both directions of each connection into frames and applies a
+/// [`FrameRule`] to each: the classic stream, or a multi-tcp control stream (a multi-tcp data
+/// stream, known by its `DataHello`, is copied as bytes after that frame: its batches are
+/// followed by unframed page data). shm and handover use Unix sockets.
 pub struct FrameProxy {
     pub port: u16,
     /// Every frame seen: direction, kind, verdict; in order per direction.
@@ -738,42 +745,51 @@ impl FrameProxy {
         let sockets = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (log2, sockets2) = (log.clone(), sockets.clone());
         let handle = std::thread::spawn(move || {
+            // Serve connections (multi-tcp opens data streams after the control stream) until
+            // every one has ended; non-blocking accept so the loop can notice that.
             listener
                 .set_nonblocking(true)
                 .expect("non-blocking listener");
             let deadline = Instant::now() + Duration::from_secs(120);
-            let client = loop {
-                match listener.accept() {
-                    Ok((c, _)) => break c,
+            let mut relays: Vec<JoinHandle<()>> = Vec::new();
+            while Instant::now() < deadline {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if Instant::now() > deadline {
-                            return;
+                        if !relays.is_empty() && relays.iter().all(|t| t.is_finished()) {
+                            break;
                         }
                         std::thread::sleep(Duration::from_millis(5));
+                        continue;
                     }
-                    Err(_) => return,
+                    Err(_) => break,
+                };
+                client.set_nonblocking(false).ok();
+                let server =
+                    TcpStream::connect(("127.0.0.1", target_port)).expect("connect to destination");
+                for s in [&client, &server] {
+                    s.set_nodelay(true).ok();
+                    sockets2
+                        .lock()
+                        .expect("sockets")
+                        .push(s.try_clone().expect("clone"));
                 }
-            };
-            client.set_nonblocking(false).ok();
-            let server =
-                TcpStream::connect(("127.0.0.1", target_port)).expect("connect to destination");
-            for s in [&client, &server] {
-                s.set_nodelay(true).ok();
-                sockets2
-                    .lock()
-                    .expect("sockets")
-                    .push(s.try_clone().expect("clone"));
-            }
-            let back = {
                 let (from, to) = (
                     server.try_clone().expect("clone"),
                     client.try_clone().expect("clone"),
                 );
-                let (rule, log) = (rule.clone(), log2.clone());
-                std::thread::spawn(move || relay_frames(from, to, Dir::ToSource, rule, log))
-            };
-            relay_frames(client, server, Dir::ToDestination, rule, log2);
-            let _ = back.join();
+                let (rule_b, log_b) = (rule.clone(), log2.clone());
+                relays.push(std::thread::spawn(move || {
+                    relay_frames(from, to, Dir::ToSource, rule_b, log_b)
+                }));
+                let (rule_f, log_f) = (rule.clone(), log2.clone());
+                relays.push(std::thread::spawn(move || {
+                    relay_frames(client, server, Dir::ToDestination, rule_f, log_f)
+                }));
+            }
+            for t in relays {
+                let _ = t.join();
+            }
         });
         FrameProxy {
             port,
@@ -836,6 +852,12 @@ fn relay_frames(
         let verdict = rule(dir, &f);
         log.lock().expect("log").push((dir, f.kind(), verdict));
         if verdict == Verdict::Forward && to.write_all(&frame).is_err() {
+            break;
+        }
+        if f.kind() == data_hello_kind() {
+            // A multi-tcp data stream: batches are followed by unframed page bytes, so the
+            // rest of it is copied as bytes, untouched.
+            let _ = std::io::copy(&mut r, &mut to);
             break;
         }
     }
