@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  run:      Running ──migrate──► (active) ──ok──► postmigrate (paused, never resumed here)
-//!                                    └──error/cancel──► Running again (the engine resumes it)
+//!                                    ├──error/cancel──► Running again (the engine resumes it)
+//!                                    └──Commit sent, no Resumed──► paused, in-doubt (an operator
+//!                                        checks the destination, then `cont` here or not)
 //!  incoming: inmigrate (no VM or an empty one) ──receive ok──► Running
 //!                                              └──error──► process exits, VM never resumed
 //! ```
