@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -101,6 +102,11 @@ pub struct FrameProxy {
 
 impl FrameProxy {
     pub fn start(target_port: u16, rule: FrameRule) -> FrameProxy {
+        FrameProxy::start_with(target_port, rule, DataStreams::default())
+    }
+
+    /// [`FrameProxy::start`], counting (and optionally slowing) multi-tcp data streams.
+    pub fn start_with(target_port: u16, rule: FrameRule, data: DataStreams) -> FrameProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let log = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -140,13 +146,13 @@ impl FrameProxy {
                     server.try_clone().expect("clone"),
                     client.try_clone().expect("clone"),
                 );
-                let (rule_b, log_b) = (rule.clone(), log2.clone());
+                let (rule_b, log_b, data_b) = (rule.clone(), log2.clone(), data.clone());
                 relays.push(std::thread::spawn(move || {
-                    relay_frames(from, to, Dir::ToSource, rule_b, log_b)
+                    relay_frames(from, to, Dir::ToSource, rule_b, log_b, data_b)
                 }));
-                let (rule_f, log_f) = (rule.clone(), log2.clone());
+                let (rule_f, log_f, data_f) = (rule.clone(), log2.clone(), data.clone());
                 relays.push(std::thread::spawn(move || {
-                    relay_frames(client, server, Dir::ToDestination, rule_f, log_f)
+                    relay_frames(client, server, Dir::ToDestination, rule_f, log_f, data_f)
                 }));
             }
             for t in relays {
@@ -193,6 +199,7 @@ fn relay_frames(
     dir: Dir,
     rule: FrameRule,
     log: Arc<std::sync::Mutex<Vec<(Dir, u8, Verdict)>>>,
+    data: DataStreams,
 ) {
     let mut r = std::io::BufReader::with_capacity(256 << 10, from);
     let mut frame = Vec::new();
@@ -219,11 +226,56 @@ fn relay_frames(
         if f.kind() == data_hello_kind() {
             // A multi-tcp data stream: batches are followed by unframed page bytes, so the
             // rest of it is copied as bytes, untouched.
-            let _ = std::io::copy(&mut r, &mut to);
+            data.forwarded
+                .fetch_add(frame.len() as u64, Ordering::SeqCst);
+            copy_data(&mut r, &mut to, &data);
             break;
         }
     }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+/// What a [`FrameProxy`] does with multi-tcp data streams (copied as bytes).
+#[derive(Clone, Default)]
+pub struct DataStreams {
+    /// Bytes forwarded to the destination on all data streams, `DataHello` frames included;
+    /// counted before each write, so never less than what the destination has received.
+    pub forwarded: Arc<AtomicU64>,
+    /// Pause after each chunk of up to 64 KiB (zero: none), so that the data streams lag
+    /// behind the control stream.
+    pub chunk_delay: Duration,
+}
+
+fn copy_data(r: &mut impl Read, to: &mut TcpStream, data: &DataStreams) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        data.forwarded.fetch_add(n as u64, Ordering::SeqCst);
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        if !data.chunk_delay.is_zero() {
+            std::thread::sleep(data.chunk_delay);
+        }
+    }
+}
+
+/// The JSON payload of a control frame (`RoundEnd`, `RoundAck`, ...).
+pub fn json_payload(f: &Frame) -> serde_json::Value {
+    serde_json::from_slice(&f.bytes[16..]).expect("a JSON payload")
+}
+
+pub fn round_end_kind() -> u8 {
+    kind_of(&Message::RoundEnd {
+        round: 0,
+        data_bytes: 0,
+    })
+}
+pub fn round_ack_kind() -> u8 {
+    kind_of(&Message::RoundAck { round: 0 })
 }
 
 /// SIGKILLs process `pid` and waits until it is dead (a zombie or gone), so that nothing it
