@@ -38,6 +38,7 @@ fn round_ack_waits_for_the_data_streams_to_deliver_the_round() {
         // About 32 MiB/s per stream: the source fills the socket buffers, so each RoundEnd
         // overtakes a backlog of page data.
         chunk_delay: Duration::from_millis(2),
+        stall_after: None,
     };
     let announced: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     // (round, announced bytes, forwarded when the ack passed), for every ack.
@@ -86,4 +87,70 @@ fn round_ack_waits_for_the_data_streams_to_deliver_the_round() {
         .expect("progress");
     dst.wait_progress_above(p);
     dst.assert_memory_intact();
+}
+
+/// A data stream goes silent mid-round while the source, its bytes swallowed by the proxy,
+/// finishes the round and sends `RoundEnd`: the destination waits for the announced bytes
+/// for its I/O timeout (`incoming --timeout 2s`), then fails with a timeout, tells the
+/// source, and never resumes; the source keeps the VM.
+#[test]
+fn a_silent_data_stream_times_out_the_round() {
+    require_kvm();
+    let dir = workdir();
+    let src = Proc::run_with(
+        dir.path(),
+        "src",
+        "32M",
+        "verify:rate=2000,wss=8M,pattern=random",
+        &["--prefill"],
+    );
+    let port = free_port();
+    let mut dst = Proc::incoming(
+        dir.path(),
+        "dst",
+        &format!("127.0.0.1:{port}"),
+        "32M",
+        &["--timeout", "2s"],
+    );
+    let data = DataStreams {
+        stall_after: Some(1 << 20),
+        ..DataStreams::default()
+    };
+    let round_ends = Arc::new(AtomicU64::new(0));
+    let seen = round_ends.clone();
+    let rule: FrameRule = Arc::new(move |d, f| {
+        if d == Dir::ToDestination && f.kind() == round_end_kind() {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        Verdict::Forward
+    });
+    let proxy = FrameProxy::start_with(port, rule, data);
+    let started = std::time::Instant::now();
+    let out = migrate(
+        dir.path(),
+        &src,
+        &format!("127.0.0.1:{}", proxy.port),
+        &["--transport", "multi-tcp", "--streams", "2"],
+    );
+    // The round ended on the control stream: the destination was waiting for data, not
+    // for the control stream.
+    assert!(
+        round_ends.load(Ordering::SeqCst) >= 1,
+        "no RoundEnd: {out:?}"
+    );
+    out.assert_failed_with(&["timed out", "still runs on the source"]);
+    // The destination's 2 s, not the source's 10 s, ended it (a wide correctness bound).
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(proxy);
+    src.assert_still_runs_here();
+    assert_destination_never_resumed(&mut dst);
+    assert!(
+        dst.log().contains("timed out during receiving pages"),
+        "{}",
+        dst.log()
+    );
 }

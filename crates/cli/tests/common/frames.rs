@@ -244,15 +244,23 @@ pub struct DataStreams {
     /// Pause after each chunk of up to 64 KiB (zero: none), so that the data streams lag
     /// behind the control stream.
     pub chunk_delay: Duration,
+    /// Once this many bytes went through on a stream, read the rest of it and throw it away:
+    /// the source's writes go on, the destination sees its data stream go silent.
+    pub stall_after: Option<u64>,
 }
 
 fn copy_data(r: &mut impl Read, to: &mut TcpStream, data: &DataStreams) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut mine = 0u64;
     loop {
         let n = match r.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if data.stall_after.is_some_and(|at| mine >= at) {
+            continue;
+        }
+        mine += n as u64;
         data.forwarded.fetch_add(n as u64, Ordering::SeqCst);
         if to.write_all(&buf[..n]).is_err() {
             return;
