@@ -329,8 +329,12 @@ pub fn migrate(client: &ControlClient, args: &MigrateArgs) -> Result<MigrationSu
             )),
             MigrateState::Active { progress: None } => bar.set_message("setting up"),
             MigrateState::Completed { summary } => break Ok(summary),
-            MigrateState::Failed { error } | MigrateState::Cancelled { error } => break Err(error),
-            MigrateState::None => break Err("the source reports no migration".to_string()),
+            MigrateState::Failed { error } => break Err(("failed", error)),
+            MigrateState::Cancelled { error } => break Err(("cancelled", error)),
+            MigrateState::InDoubt { error } => break Err(("in-doubt", error)),
+            MigrateState::None => {
+                break Err(("failed", "the source reports no migration".to_string()))
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -345,12 +349,24 @@ pub fn migrate(client: &ControlClient, args: &MigrateArgs) -> Result<MigrationSu
             }
             Ok(summary)
         }
-        Err(error) => {
+        Err((state, error)) => {
+            // `--json` keeps `failed` for a cancelled migration too: the VM runs here either way.
+            let in_doubt = state == "in-doubt";
+            let status = if in_doubt { "in-doubt" } else { "failed" };
             if args.json {
                 println!(
                     "{}",
-                    json!({"status": "failed", "error": error, "transport": request.transport.name()})
+                    json!({"status": status, "error": error, "transport": request.transport.name()})
                 );
+            }
+            if in_doubt {
+                // The source committed: the VM is paused here and may run there. Saying "still
+                // runs on the source" would invite a second copy of the VM.
+                bail!(
+                    "migration in doubt: {error}; the VM is paused on the source and may run on \
+                     the destination: check the destination before resuming it here (`fastmig ctl --api {} cont`)",
+                    args.target.api.display()
+                )
             }
             bail!("migration failed: {error}; the VM still runs on the source")
         }

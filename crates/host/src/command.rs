@@ -330,6 +330,13 @@ pub enum MigrateState {
         /// One line saying so.
         error: String,
     },
+    /// `Commit` was sent but no `Resumed` came back: the VM is paused here (never resumed
+    /// automatically) and may run on the destination. An operator who checked the
+    /// destination may `cont` it here.
+    InDoubt {
+        /// One line saying what failed after the commit.
+        error: String,
+    },
 }
 
 /// Arguments of `migrate`. Every member but `uri` may be left out; [`Default`] gives the

@@ -3,7 +3,9 @@
 //!
 //! ```text
 //!  run:      running ──migrate──► (migrating) ──ok──► postmigrate (paused here for good)
-//!                                     └──error/cancel──► running again (the engine resumes it)
+//!                                     ├──error/cancel──► running again (the engine resumes it)
+//!                                     └──Commit sent, no Resumed──► paused, in-doubt (an operator
+//!                                        checks the destination, then `cont` here or `quit`)
 //!  incoming: inmigrate (no VM or an empty one) ──receive ok──► running
 //!                                              └──error──► process exits, VM never resumed
 //! ```
@@ -40,6 +42,9 @@ enum Outgoing {
         progress: Option<Progress>,
     },
     Completed(MigrationSummary),
+    /// `Commit` was sent but no `Resumed` came back: the VM is paused here and may run on the
+    /// destination. Only an operator who checked the destination may `cont` it here.
+    InDoubt(String),
     Failed {
         cancelled: bool,
         error: String,
@@ -178,6 +183,9 @@ impl VmProcess {
             Outgoing::Completed(summary) => MigrateState::Completed {
                 summary: summary.clone(),
             },
+            Outgoing::InDoubt(error) => MigrateState::InDoubt {
+                error: error.clone(),
+            },
             Outgoing::Failed {
                 cancelled: true,
                 error,
@@ -249,6 +257,11 @@ impl VmProcess {
                     Ok(summary) => {
                         tracing::info!("migration completed; the VM now runs on the destination");
                         Outgoing::Completed(summary)
+                    }
+                    Err(e @ MigrationError::InDoubt(_)) => {
+                        let error = error_line(&e);
+                        tracing::error!("migration in doubt: {error}");
+                        Outgoing::InDoubt(error)
                     }
                     Err(e) => {
                         let cancelled = matches!(e, MigrationError::Cancelled);

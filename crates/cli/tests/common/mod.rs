@@ -1,8 +1,13 @@
-//! Shared fixtures for the end-to-end tests: child `fastmig` processes and a fault-injecting
-//! TCP proxy. These tests run real KVM guests and need /dev/kvm: they fail (never skip)
+//! Shared fixtures for the end-to-end tests: child `fastmig` processes, a byte-level
+//! fault-injecting TCP proxy, and a frame-level one (`frames.rs`). These tests run real KVM guests and need /dev/kvm: they fail (never skip)
 //! without it.
 
 #![allow(dead_code)]
+
+mod frames;
+// Not every test file uses the frame proxy (same reason as `dead_code` above).
+#[allow(unused_imports)]
+pub use frames::*;
 
 use std::io::{Read, Write};
 
@@ -630,4 +635,39 @@ fn pump(
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = back.join();
+}
+
+impl Proc {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The one memfd backing this process's guest memory, opened read-write through
+    /// `/proc/PID/fd` (another open of the same file, so writes land in guest memory).
+    pub fn open_guest_memfd(&self) -> std::fs::File {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let memfds: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("list /proc/PID/fd")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| {
+                std::fs::read_link(p)
+                    .map(|t| t.to_string_lossy().starts_with("/memfd:fastmig-guest"))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert_eq!(memfds.len(), 1, "want one guest memfd in {dir}: {memfds:?}");
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&memfds[0])
+            .expect("open the guest memfd")
+    }
+
+    /// `verify-memory`, returned whatever it found.
+    pub fn verify_memory(&self) -> Value {
+        api(&self.api, "verify-memory", json!({}))
+            .unwrap_or_else(|e| panic!("verify-memory failed: {e}"))
+    }
 }
