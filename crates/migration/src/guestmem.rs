@@ -99,7 +99,7 @@ impl GuestMemory {
 
     /// Page index of guest-physical address `gpa` (must be page aligned).
     pub fn gpa_to_page(&self, gpa: u64) -> Option<usize> {
-        if gpa % PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
             return None;
         }
         self.regions.iter().find_map(|r| {

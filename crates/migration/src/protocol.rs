@@ -127,7 +127,8 @@ pub struct Resumed {
     pub dst_cpu_s: f64,
     /// Destination setup time (accept, handshake, memory preparation), ms.
     pub dst_setup_ms: f64,
-    /// True if the destination's digest equalled the source's (always true when it resumed).
+    /// The destination compared its digest with `Complete.digest` and found them equal (it
+    /// refuses to resume on a mismatch, so a `Resumed` with `false` means a broken peer).
     pub digest_match: bool,
 }
 

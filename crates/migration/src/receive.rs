@@ -331,7 +331,8 @@ fn run<V: MigratableVm + ?Sized>(
     };
     let stats: PageStats = t.finish()?;
     let digest = ctx.hashes.digest();
-    if digest != complete.digest {
+    let digest_match = digest == complete.digest;
+    if !digest_match {
         return Err(MigrationError::Digest {
             source_digest: complete.digest,
             destination_digest: digest,
@@ -349,7 +350,7 @@ fn run<V: MigratableVm + ?Sized>(
     }
     restore_commit_resume(vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
-    acknowledge_resume(control, dst_cpu_s, setup_ms);
+    acknowledge_resume(control, dst_cpu_s, setup_ms, digest_match);
     let summary = ReceiveSummary {
         transport: hello.transport,
         setup_ms,
@@ -360,6 +361,8 @@ fn run<V: MigratableVm + ?Sized>(
         rounds: complete.rounds.max(rounds),
         dst_cpu_s,
         digest,
+        source_digest: complete.digest,
+        digest_match,
     };
     info!(
         total_ms = summary.total_ms,
@@ -398,14 +401,14 @@ fn restore_commit_resume<V: MigratableVm + ?Sized>(
     vm.resume().map_err(MigrationError::Resume)
 }
 
-/// Tells the source the VM runs here (`Resumed`). The VM runs whatever happens to this ack;
-/// a lost one leaves the source in doubt (paused), never both running. For a handover the
-/// digest is not compared (same memory object on both sides), so it is reported as matching.
-fn acknowledge_resume(control: &mut Conn, dst_cpu_s: f64, setup_ms: f64) {
+/// Tells the source the VM runs here (`Resumed`) and what the digest comparison found. The
+/// VM runs whatever happens to this ack; a lost one leaves the source in doubt (paused),
+/// never both running.
+fn acknowledge_resume(control: &mut Conn, dst_cpu_s: f64, setup_ms: f64, digest_match: bool) {
     let resumed = Resumed {
         dst_cpu_s,
         dst_setup_ms: setup_ms,
-        digest_match: true,
+        digest_match,
     };
     if let Err(e) = write_message(control, &Message::Resumed(resumed)) {
         warn!(error = %e, "could not acknowledge the resume to the source");
@@ -625,9 +628,19 @@ where
             }
         }
     };
+    // Nothing was copied, so both page-hash tables still hold only zero-page hashes: the
+    // comparison proves only that both sides count the same pages (the memory is one object).
+    let digest = PageHashes::new(hello.layout.pages() as usize).digest();
+    let digest_match = digest == complete.digest;
+    if !digest_match {
+        return Err(MigrationError::Digest {
+            source_digest: complete.digest,
+            destination_digest: digest,
+        });
+    }
     restore_commit_resume(&vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0;
-    acknowledge_resume(control, dst_cpu_s, setup_ms);
+    acknowledge_resume(control, dst_cpu_s, setup_ms, digest_match);
     let summary = ReceiveSummary {
         transport: "handover".into(),
         setup_ms,
@@ -637,7 +650,9 @@ where
         bytes_received: 0,
         rounds: complete.rounds,
         dst_cpu_s,
-        digest: complete.digest,
+        digest,
+        source_digest: complete.digest,
+        digest_match,
     };
     info!(
         total_ms = summary.total_ms,

@@ -501,3 +501,122 @@ impl MigratableVm for SoftVm {
         Ok(())
     }
 }
+
+/// A hand-driven classic source for destination tests: it speaks the protocol frame by frame
+/// (handshake, pages, rounds, state, `Complete` with the right digest) and leaves the ending
+/// (`Commit`, `Failed`, silence, a closed socket) to the test.
+pub struct ScriptedSource {
+    conn: crate::Conn,
+    layout: VmLayout,
+    hashes: crate::PageHashes,
+    rounds: u32,
+}
+
+impl ScriptedSource {
+    /// Connects to `dest` and announces a classic migration of a VM laid out as `layout`.
+    /// Returns the destination's `HelloReply` refusal as an error.
+    pub fn connect(
+        dest: &crate::Endpoint,
+        layout: &VmLayout,
+    ) -> Result<Self, crate::MigrationError> {
+        use crate::protocol::{read_message, write_message, Hello, Message, PROTOCOL_VERSION};
+        let mut conn = crate::Conn::connect(dest, Duration::from_secs(5))?;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            layout: layout.clone(),
+            transport: "classic".into(),
+            data_streams: 0,
+            session: 7,
+        };
+        let wire = crate::MigrationError::Handshake;
+        write_message(&mut conn, &Message::Hello(hello)).map_err(wire)?;
+        match read_message(&mut conn).map_err(wire)? {
+            Message::HelloReply(r) if r.accepted => {}
+            other => {
+                return Err(crate::MigrationError::PeerRefused {
+                    reason: format!("{other:?}"),
+                })
+            }
+        }
+        Ok(Self {
+            conn,
+            layout: layout.clone(),
+            hashes: crate::PageHashes::new(layout.pages() as usize),
+            rounds: 0,
+        })
+    }
+
+    /// Guest-physical address of page index `page` (regions in layout order).
+    fn gpa(&self, mut page: u64) -> Option<u64> {
+        for r in &self.layout.regions {
+            let n = r.size / PAGE_SIZE as u64;
+            if page < n {
+                return Some(r.gpa + page * PAGE_SIZE as u64);
+            }
+            page -= n;
+        }
+        None
+    }
+
+    /// Sends page index `page` filled with `fill` and records its hash.
+    pub fn send_page(
+        &mut self,
+        page: usize,
+        fill: u8,
+    ) -> Result<(), crate::protocol::ProtocolError> {
+        let gpa =
+            self.gpa(page as u64)
+                .ok_or_else(|| crate::protocol::ProtocolError::Malformed {
+                    kind: "page",
+                    reason: format!("page {page} outside the layout"),
+                })?;
+        let bytes = [fill; PAGE_SIZE];
+        let mut frame = Vec::new();
+        crate::protocol::encode_page(&mut frame, gpa, Some(&bytes));
+        std::io::Write::write_all(&mut self.conn, &frame)
+            .map_err(crate::protocol::ProtocolError::Io)?;
+        self.hashes.set(page, crate::hash_page_bytes(&bytes));
+        Ok(())
+    }
+
+    /// Ends a round and returns the destination's answer (`RoundAck` expected).
+    pub fn end_round(
+        &mut self,
+    ) -> Result<crate::protocol::Message, crate::protocol::ProtocolError> {
+        use crate::protocol::{read_message, write_message, Message};
+        self.rounds += 1;
+        let end = Message::RoundEnd {
+            round: self.rounds,
+            data_bytes: 0,
+        };
+        write_message(&mut self.conn, &end)?;
+        read_message(&mut self.conn)
+    }
+
+    /// The digest of every page sent so far (what `Complete` carries).
+    pub fn digest(&self) -> u64 {
+        self.hashes.digest()
+    }
+
+    /// Sends `State(state)` and `Complete` with the digest of the pages sent, and returns
+    /// the destination's answer (`Ready` expected).
+    pub fn complete(
+        &mut self,
+        state: &[u8],
+    ) -> Result<crate::protocol::Message, crate::protocol::ProtocolError> {
+        use crate::protocol::{read_message, write_message, Complete, Message};
+        write_message(&mut self.conn, &Message::State(state.to_vec()))?;
+        let complete = Complete {
+            digest: self.digest(),
+            pages: self.layout.pages(),
+            rounds: self.rounds + 1,
+        };
+        write_message(&mut self.conn, &Message::Complete(complete))?;
+        read_message(&mut self.conn)
+    }
+
+    /// The control connection, to script the ending.
+    pub fn conn(&mut self) -> &mut crate::Conn {
+        &mut self.conn
+    }
+}

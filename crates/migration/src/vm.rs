@@ -148,7 +148,7 @@ impl DirtyBitmap {
     /// w = page 64*w+i); bits past `pages` are ignored.
     pub fn from_words(mut words: Vec<u64>, pages: usize) -> Self {
         words.resize(pages.div_ceil(64), 0);
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }
@@ -201,7 +201,7 @@ impl DirtyBitmap {
         for (a, b) in self.words.iter_mut().zip(&other.words) {
             *a |= *b;
         }
-        if self.pages % 64 != 0 {
+        if !self.pages.is_multiple_of(64) {
             if let Some(last) = self.words.last_mut() {
                 *last &= (1u64 << (self.pages % 64)) - 1;
             }

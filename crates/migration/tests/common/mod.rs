@@ -106,3 +106,63 @@ fn pump(mut from: TcpStream, mut to: TcpStream, corrupt: Option<u64>) {
     let _ = to.shutdown(std::net::Shutdown::Both);
     let _ = from.shutdown(std::net::Shutdown::Both);
 }
+
+/// A TCP proxy to `target` that parses the source-to-destination direction of the first
+/// connection into frames and drops the `nth` (0-based) page frame that carries data. Every
+/// frame that passes is untouched, so the stream stays valid: only the digest can notice.
+pub fn frame_dropping_proxy(target: Endpoint, nth: usize) -> Endpoint {
+    let l = TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+    let addr = l.local_addr().expect("addr");
+    let Endpoint::Tcp(target) = target else {
+        panic!("tcp only")
+    };
+    std::thread::spawn(move || {
+        let Ok((inbound, _)) = l.accept() else { return };
+        let Ok(outbound) = TcpStream::connect(target) else {
+            return;
+        };
+        let (i2, o2) = (
+            inbound.try_clone().expect("clone"),
+            outbound.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || pump(o2, i2, None));
+        drop_nth_page_frame(inbound, outbound, nth);
+    });
+    Endpoint::Tcp(addr)
+}
+
+fn drop_nth_page_frame(mut from: TcpStream, mut to: TcpStream, nth: usize) {
+    use fastmig_migration::protocol::{decode, HEADER_LEN};
+    let mut seen = 0;
+    loop {
+        let mut header = [0u8; HEADER_LEN];
+        if from.read_exact(&mut header).is_err() {
+            break;
+        }
+        // Payload length: header bytes 8..12, little-endian (PROTOCOL.md, "Frames").
+        let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        let mut frame = header.to_vec();
+        frame.resize(HEADER_LEN + len, 0);
+        if from.read_exact(&mut frame[HEADER_LEN..]).is_err() {
+            break;
+        }
+        let is_data_page = matches!(
+            decode(&frame),
+            Ok((
+                fastmig_migration::protocol::Message::Page { data: Some(_), .. },
+                _
+            ))
+        );
+        if is_data_page {
+            seen += 1;
+            if seen == nth + 1 {
+                continue;
+            }
+        }
+        if to.write_all(&frame).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
