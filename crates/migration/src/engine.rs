@@ -16,16 +16,17 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Endpoint};
+use crate::convergence::{decide, Decision, History, Limits, Observation};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::send_frame_with_fds;
 use crate::guestmem::GuestMemory;
+use crate::options::MigrateOptions;
 use crate::protocol::{encode, FdRegion};
 use crate::protocol::{
     read_message, write_message, Complete, Hello, Message, ProtocolError, PROTOCOL_VERSION,
@@ -37,131 +38,6 @@ use crate::transport::shm::ShmSource;
 use crate::transport::{NoCopy, PageStats, SendCtx, SourceTransport, TransportKind};
 use crate::util::{thread_cpu_time, CancelToken, TokenBucket};
 use crate::vm::{DirtyBitmap, MigratableVm, PAGE_SIZE};
-
-/// What to do when pre-copy rounds stop converging.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnNoConverge {
-    /// Keep going until it converges or `max_rounds` is reached, then fail with
-    /// [`MigrationError::NotConverged`] (VM keeps running on the source).
-    #[default]
-    Wait,
-    /// Stop-and-copy now, with whatever downtime that costs.
-    Force,
-    /// Fail at once with [`MigrationError::NotConverged`].
-    Abort,
-}
-
-/// Error parsing an [`OnNoConverge`].
-#[derive(Debug, thiserror::Error)]
-#[error("unknown non-convergence policy {0:?}: expected wait, force or abort")]
-pub struct BadPolicy(pub String);
-
-impl std::str::FromStr for OnNoConverge {
-    type Err = BadPolicy;
-    /// `wait`, `force` or `abort`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "wait" => Ok(OnNoConverge::Wait),
-            "force" => Ok(OnNoConverge::Force),
-            "abort" => Ok(OnNoConverge::Abort),
-            _ => Err(BadPolicy(s.into())),
-        }
-    }
-}
-
-/// Callback receiving [`Progress`] reports (called on the migrating thread; keep it short).
-pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
-
-/// Source options. `Default` gives sensible values for a LAN.
-#[derive(Clone)]
-pub struct MigrateOptions {
-    /// Transport. Default: classic.
-    pub transport: TransportKind,
-    /// Largest acceptable downtime; pre-copy stops when the estimated remaining transfer fits.
-    /// Default 300 ms.
-    pub downtime_limit: Duration,
-    /// Most rounds including the full pass. Default 30.
-    pub max_rounds: u32,
-    /// Policy when rounds stop converging. Default [`OnNoConverge::Wait`].
-    pub on_no_converge: OnNoConverge,
-    /// Bandwidth cap in bytes/s for page data (all streams together). Default none.
-    pub bandwidth_limit: Option<u64>,
-    /// Connection timeout. Default 5 s.
-    pub connect_timeout: Duration,
-    /// Socket read/write timeout and handshake timeout. Default 10 s.
-    pub io_timeout: Duration,
-    /// How long to wait for `Ready` (destination verifying and restoring) and `Resumed`.
-    /// Default 30 s.
-    pub ack_timeout: Duration,
-    /// Cancel from any thread. Honoured until `Commit` is sent.
-    pub cancel: CancelToken,
-    /// Progress callback: called after setup, after every dirty-log sync, at stop-and-copy
-    /// and at the end, on the migrating thread; and every `progress_interval` during a round,
-    /// from a ticker thread.
-    pub progress: Option<ProgressFn>,
-    /// Period of in-round progress reports; zero disables them. Default 500 ms.
-    pub progress_interval: Duration,
-}
-
-impl std::fmt::Debug for MigrateOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MigrateOptions")
-            .field("transport", &self.transport)
-            .field("downtime_limit", &self.downtime_limit)
-            .field("max_rounds", &self.max_rounds)
-            .field("on_no_converge", &self.on_no_converge)
-            .field("bandwidth_limit", &self.bandwidth_limit)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("io_timeout", &self.io_timeout)
-            .field("ack_timeout", &self.ack_timeout)
-            .field("progress", &self.progress.is_some())
-            .field("progress_interval", &self.progress_interval)
-            .finish()
-    }
-}
-
-impl Default for MigrateOptions {
-    fn default() -> Self {
-        Self {
-            transport: TransportKind::Classic,
-            downtime_limit: Duration::from_millis(300),
-            max_rounds: 30,
-            on_no_converge: OnNoConverge::Wait,
-            bandwidth_limit: None,
-            connect_timeout: Duration::from_secs(5),
-            io_timeout: Duration::from_secs(10),
-            ack_timeout: Duration::from_secs(30),
-            cancel: CancelToken::new(),
-            progress: None,
-            progress_interval: Duration::from_millis(500),
-        }
-    }
-}
-
-/// Below this estimated downtime, stop-and-copy at once: another round cannot gain much.
-const GOOD_ENOUGH_DOWNTIME: Duration = Duration::from_millis(1);
-
-/// The remaining pages already fit the downtime limit; is one more pre-copy round still worth
-/// it? Yes when the pages dirtied while sending them (`dirty_rate * est`) would be at most half
-/// of them, so the round at least halves the downtime, for about `est` more total time. The
-/// limit stays an upper bound; this only buys a shorter pause when it is cheap, as a user
-/// asking for "milliseconds" wants.
-fn worth_another_round(
-    dirty: usize,
-    dirty_rate: f64,
-    est: Duration,
-    rounds: u32,
-    opts: &MigrateOptions,
-) -> bool {
-    est > GOOD_ENOUGH_DOWNTIME
-        && rounds + 1 < opts.max_rounds
-        && dirty_rate * est.as_secs_f64() <= dirty as f64 / 2.0
-}
-
-/// Rounds in a row without a real drop in dirty pages before we call it non-converging.
-const STALL_ROUNDS: u32 = 3;
-/// A round "drops" if it has fewer than this fraction of the previous round's dirty pages.
-const STALL_RATIO: f64 = 0.95;
 
 #[derive(Default)]
 struct Guard {
@@ -553,8 +429,12 @@ fn run<V: MigratableVm + ?Sized>(
         let all: Vec<usize> = (0..npages).collect();
         s.send_round(&all, 0.0, false)?;
         s.end_round(&mut control)?;
-        let mut prev_dirty = usize::MAX;
-        let mut stalled = 0u32;
+        let mut history = History::default();
+        let limits = Limits {
+            downtime: opts.downtime_limit,
+            max_rounds: opts.max_rounds,
+            on_no_converge: opts.on_no_converge,
+        };
         let mut forced = false;
         let mut warned = false;
         let mut pending;
@@ -575,52 +455,29 @@ fn run<V: MigratableVm + ?Sized>(
             let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
             let rounds = s.rounds.len() as u32;
             debug!(rounds, dirty, ?est, "dirty log synced");
-            // Extra rounds only while they really pay: the last one must have at least halved
-            // the dirty set (a round has fixed costs the estimate does not see).
-            let last_halved = (dirty as f64) <= prev_dirty as f64 / 2.0;
-            if est <= opts.downtime_limit
-                && !(last_halved && worth_another_round(dirty, dirty_rate, est, rounds, opts))
-            {
-                break;
-            }
-            stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 {
-                stalled + 1
-            } else {
-                0
+            let seen = Observation {
+                dirty,
+                dirty_rate,
+                est,
+                rounds,
+                bandwidth_mib_s: s.bandwidth() / MIB,
             };
-            prev_dirty = dirty;
-            let why = if rounds + 1 >= opts.max_rounds {
-                Some(format!(
-                    "round limit {} reached with {dirty} dirty pages (estimated {est:?})",
-                    opts.max_rounds
-                ))
-            } else if stalled >= STALL_ROUNDS {
-                Some(format!(
-                "dirty pages stopped shrinking ({dirty} after {rounds} rounds, dirty rate {dirty_rate:.0} pages/s, bandwidth {:.1} MiB/s)",
-                s.bandwidth() / MIB
-            ))
-            } else {
-                None
-            };
-            if let Some(reason) = why {
-                let at_limit = rounds + 1 >= opts.max_rounds;
-                match opts.on_no_converge {
-                    OnNoConverge::Force => {
-                        warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
-                        forced = true;
-                        break;
-                    }
-                    OnNoConverge::Abort => {
-                        return Err(MigrationError::NotConverged { rounds, reason })
-                    }
-                    OnNoConverge::Wait if at_limit => {
-                        return Err(MigrationError::NotConverged { rounds, reason })
-                    }
-                    OnNoConverge::Wait => {
-                        if !warned {
-                            warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
-                            warned = true;
-                        }
+            let (decision, next) = decide(history, &seen, &limits);
+            history = next;
+            match decision {
+                Decision::StopAndCopy => break,
+                Decision::Force { reason } => {
+                    warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
+                    forced = true;
+                    break;
+                }
+                Decision::Fail { reason } => {
+                    return Err(MigrationError::NotConverged { rounds, reason })
+                }
+                Decision::AnotherRound { stalling } => {
+                    if let (Some(reason), false) = (stalling, warned) {
+                        warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
+                        warned = true;
                     }
                 }
             }
@@ -739,35 +596,4 @@ fn run<V: MigratableVm + ?Sized>(
         "migration completed"
     );
     Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn another_round_only_when_it_at_least_halves_the_downtime() {
-        let opts = MigrateOptions::default();
-        let ms = Duration::from_millis;
-        // 9,000 pages left at 17k pages/s, 14 ms to send: ~240 pages come back. Worth it.
-        assert!(worth_another_round(9000, 17_000.0, ms(14), 2, &opts));
-        // Already under a millisecond: stop.
-        assert!(!worth_another_round(
-            100,
-            17_000.0,
-            Duration::from_micros(500),
-            2,
-            &opts
-        ));
-        // A dirty rate that refills more than half of the set while it is sent: stop.
-        assert!(!worth_another_round(1000, 100_000.0, ms(10), 2, &opts));
-        // The round limit wins.
-        assert!(!worth_another_round(
-            9000,
-            17_000.0,
-            ms(14),
-            opts.max_rounds - 1,
-            &opts
-        ));
-    }
 }

@@ -34,11 +34,13 @@
 //! ```
 
 mod conn;
+mod convergence;
 mod digest;
 mod engine;
 mod error;
 mod fdpass;
 mod guestmem;
+mod options;
 pub mod protocol;
 mod rawio;
 mod receive;
@@ -51,9 +53,10 @@ mod vm;
 
 pub use conn::{BadEndpoint, Conn, Endpoint, Listener};
 pub use digest::{hash_page_bytes, PageHashes};
-pub use engine::{migrate, BadPolicy, MigrateOptions, OnNoConverge, ProgressFn};
+pub use engine::migrate;
 pub use error::MigrationError;
 pub use guestmem::{BadRegion, GuestMemory};
+pub use options::{BadPolicy, MigrateOptions, OnNoConverge, ProgressFn, DEFAULT_DOWNTIME_LIMIT};
 pub use receive::{
     receive, receive_any, receive_handover, receive_on, HandoverRegion, IncomingVm, ReceiveOptions,
 };
