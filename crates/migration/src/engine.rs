@@ -64,7 +64,7 @@ pub fn migrate<V: MigratableVm + ?Sized>(
     }
     if let Some(c) = g.control.as_mut() {
         // A destination that failed first usually said why before closing: prefer its reason.
-        if matches!(e, MigrationError::SendPages(_)) {
+        if matches!(e, MigrationError::Wire { .. }) {
             let _ = c.set_timeouts(Some(Duration::from_millis(300)));
             if let Ok(Message::Failed { reason }) = read_message(c) {
                 e = MigrationError::PeerFailed { reason };
@@ -211,8 +211,8 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
             0
         };
         write_message(control, &Message::RoundEnd { round, data_bytes })
-            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
-        match read_message(control).map_err(|e| wire("round ack", e, MigrationError::SendPages))? {
+            .map_err(|e| wire("sending pages", e))?;
+        match read_message(control).map_err(|e| wire("round ack", e))? {
             Message::RoundAck { round: r } if r == round => {}
             Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
             other => {
@@ -298,13 +298,11 @@ fn handover_pause<V: MigratableVm + ?Sized>(
     // and says so (`RoundAck(0)`) before we pause, so that work is not downtime. Until the
     // destination restores the state it never runs the shared memory.
     send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
-        .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
+        .map_err(|e| wire("handover", ProtocolError::Io(e)))?;
     let mut reader = control
         .try_clone()
-        .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
-    match read_message(&mut reader)
-        .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?
-    {
+        .map_err(|e| wire("handover", ProtocolError::Io(e)))?;
+    match read_message(&mut reader).map_err(|e| wire("handover", e))? {
         Message::RoundAck { round: 0 } => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
         other => {
@@ -356,9 +354,8 @@ fn run<V: MigratableVm + ?Sized>(
         data_streams,
         session,
     };
-    write_message(&mut control, &Message::Hello(hello))
-        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
-    match read_message(&mut control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
+    write_message(&mut control, &Message::Hello(hello)).map_err(|e| wire("handshake", e))?;
+    match read_message(&mut control).map_err(|e| wire("handshake", e))? {
         // The reply's payload is frozen, so a destination of another version can say yes to
         // frames it would then misread: its version must equal ours, whatever it answered.
         Message::HelloReply(r) if r.version != PROTOCOL_VERSION => {
@@ -521,13 +518,13 @@ fn run<V: MigratableVm + ?Sized>(
                 }),
             )
         })
-        .map_err(|e| wire("sending state", e, MigrationError::SendPages))?;
+        .map_err(|e| wire("sending state", e))?;
     s.progress(Phase::StopAndCopy, 0, dirty_rate);
 
     // Two-phase end: the destination must say Ready (digest verified, state restored) before
     // we give the VM up with Commit.
     let _ = control.set_timeouts(Some(opts.ack_timeout));
-    match read_message(&mut control).map_err(|e| wire("ready", e, MigrationError::ReceivePages))? {
+    match read_message(&mut control).map_err(|e| wire("ready", e))? {
         Message::Ready => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
         other => {
@@ -540,8 +537,7 @@ fn run<V: MigratableVm + ?Sized>(
     if opts.cancel.is_cancelled() {
         return Err(MigrationError::Cancelled);
     }
-    write_message(&mut control, &Message::Commit)
-        .map_err(|e| wire("commit", e, MigrationError::SendPages))?;
+    write_message(&mut control, &Message::Commit).map_err(|e| wire("commit", e))?;
     g.committed = true;
     let resumed = match read_message(&mut control) {
         Ok(Message::Resumed(r)) => r,
@@ -553,13 +549,7 @@ fn run<V: MigratableVm + ?Sized>(
                 },
             )))
         }
-        Err(e) => {
-            return Err(MigrationError::InDoubt(Box::new(wire(
-                "resumed",
-                e,
-                MigrationError::ReceivePages,
-            ))))
-        }
+        Err(e) => return Err(MigrationError::InDoubt(Box::new(wire("resumed", e)))),
     };
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -168,7 +168,7 @@ fn wait_for_control(
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(MigrationError::ReceivePages(ProtocolError::Io(e)));
+                return Err(wire("receiving pages", ProtocolError::Io(e)));
             }
         }
         let now_marker = t.check()?;
@@ -191,16 +191,15 @@ fn read_hello(control: &mut Conn, opts: &ReceiveOptions) -> Result<Hello, Migrat
             reason: "setting control stream timeouts".into(),
             source: Some(e),
         })?;
-    let hello =
-        match read_message(control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
-            Message::Hello(h) => h,
-            other => {
-                return Err(MigrationError::Unexpected {
-                    phase: "handshake",
-                    got: other.name().into(),
-                })
-            }
-        };
+    let hello = match read_message(control).map_err(|e| wire("handshake", e))? {
+        Message::Hello(h) => h,
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "handshake",
+                got: other.name().into(),
+            })
+        }
+    };
     if hello.version != PROTOCOL_VERSION {
         return Err(refuse(
             control,
@@ -284,8 +283,7 @@ fn run<V: MigratableVm + ?Sized>(
         accepted: true,
         reason: None,
     };
-    write_message(control, &Message::HelloReply(reply))
-        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+    write_message(control, &Message::HelloReply(reply)).map_err(|e| wire("handshake", e))?;
     let t: &mut Box<dyn DestTransport> = transport.insert(match hello.transport.as_str() {
         "multi-tcp" => Box::new(MultiTcpDest::accept(
             listener,
@@ -305,8 +303,7 @@ fn run<V: MigratableVm + ?Sized>(
     let mut rounds = 0;
     let complete = loop {
         wait_for_control(control, t.as_mut(), opts.io_timeout)?;
-        let msg = read_message(control)
-            .map_err(|e| wire("receiving pages", e, MigrationError::ReceivePages))?;
+        let msg = read_message(control).map_err(|e| wire("receiving pages", e))?;
         let Some(msg) = t.on_control(msg, &ctx)? else {
             continue;
         };
@@ -315,7 +312,7 @@ fn run<V: MigratableVm + ?Sized>(
                 rounds = round;
                 wait_for_data(t.as_mut(), data_bytes, opts.io_timeout)?;
                 write_message(control, &Message::RoundAck { round })
-                    .map_err(|e| wire("round ack", e, MigrationError::ReceivePages))?;
+                    .map_err(|e| wire("round ack", e))?;
                 debug!(round, "round received");
             }
             Message::State(s) => state = Some(s),
@@ -339,14 +336,7 @@ fn run<V: MigratableVm + ?Sized>(
         });
     }
     if opts.verify_memory {
-        for p in 0..ctx.mem.pages() {
-            if ctx.mem.hash_page(p) != ctx.hashes.get(p) {
-                return Err(MigrationError::Digest {
-                    source_digest: complete.digest,
-                    destination_digest: u64::MAX,
-                });
-            }
-        }
+        verify_memory(&ctx)?;
     }
     restore_commit_resume(vm, control, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
@@ -371,6 +361,19 @@ fn run<V: MigratableVm + ?Sized>(
     Ok(summary)
 }
 
+/// Re-hashes every page of the received memory and compares it with the hash its transfer
+/// recorded (`ReceiveOptions::verify_memory`).
+fn verify_memory(ctx: &RecvCtx) -> Result<(), MigrationError> {
+    let mut bad = (0..ctx.mem.pages()).filter(|&p| ctx.mem.hash_page(p) != ctx.hashes.get(p));
+    match bad.next() {
+        Some(page) => Err(MigrationError::VerifyMismatch {
+            page,
+            mismatched: 1 + bad.count(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// The two-phase end shared by every transport: restore the state, say `Ready`, wait for the
 /// source's `Commit` (it has given the VM up), and only then resume.
 fn restore_commit_resume<V: MigratableVm + ?Sized>(
@@ -385,10 +388,9 @@ fn restore_commit_resume<V: MigratableVm + ?Sized>(
     })?;
     vm.restore_state(&state)
         .map_err(MigrationError::RestoreState)?;
-    write_message(control, &Message::Ready)
-        .map_err(|e| wire("ready", e, MigrationError::SendPages))?;
+    write_message(control, &Message::Ready).map_err(|e| wire("ready", e))?;
     let _ = control.set_timeouts(Some(opts.commit_timeout));
-    match read_message(control).map_err(|e| wire("commit", e, MigrationError::ReceivePages))? {
+    match read_message(control).map_err(|e| wire("commit", e))? {
         Message::Commit => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
         other => {
@@ -567,15 +569,13 @@ where
         accepted: true,
         reason: None,
     };
-    write_message(control, &Message::HelloReply(reply))
-        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+    write_message(control, &Message::HelloReply(reply)).map_err(|e| wire("handshake", e))?;
     let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
     let sock = control.as_unix().ok_or(MigrationError::TransportSetup {
         reason: "not a unix socket".into(),
         source: None,
     })?;
-    let (msg, fds) =
-        recv_frame_with_fds(sock).map_err(|e| wire("handover", e, MigrationError::ReceivePages))?;
+    let (msg, fds) = recv_frame_with_fds(sock).map_err(|e| wire("handover", e))?;
     let Message::MemoryFds(desc) = msg else {
         return Err(MigrationError::Unexpected {
             phase: "handover",
@@ -610,13 +610,10 @@ where
     }
     // The VM is built on the shared memory while the source still runs it; only now does the
     // source pause, so building it stays out of the downtime.
-    write_message(control, &Message::RoundAck { round: 0 })
-        .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?;
+    write_message(control, &Message::RoundAck { round: 0 }).map_err(|e| wire("handover", e))?;
     let mut state = None;
     let complete = loop {
-        match read_message(control)
-            .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?
-        {
+        match read_message(control).map_err(|e| wire("handover", e))? {
             Message::State(s) => state = Some(s),
             Message::Complete(c) => break c,
             Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),

@@ -528,7 +528,10 @@ impl ScriptedSource {
             data_streams: 0,
             session: 7,
         };
-        let wire = crate::MigrationError::Handshake;
+        let wire = |e| crate::MigrationError::Wire {
+            phase: "handshake",
+            source: e,
+        };
         write_message(&mut conn, &Message::Hello(hello)).map_err(wire)?;
         match read_message(&mut conn).map_err(wire)? {
             Message::HelloReply(r) if r.accepted => {}

@@ -107,9 +107,10 @@ fn source_closing_after_ready_never_resumes() {
     assert!(
         matches!(
             r,
-            Err(MigrationError::ReceivePages(
-                ProtocolError::Truncated | ProtocolError::Io(_)
-            ))
+            Err(MigrationError::Wire {
+                phase: "commit",
+                source: ProtocolError::Truncated | ProtocolError::Io(_)
+            })
         ),
         "{r:?}"
     );
@@ -155,4 +156,46 @@ fn a_page_frame_lost_on_a_valid_stream_is_caught_by_the_digest() {
     );
     assert_source_intact(&src);
     assert_never_resumed(&dst);
+}
+
+#[test]
+fn verify_memory_names_the_page_written_behind_the_transport() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l: Listener = loopback();
+    let ep = l.endpoint().expect("endpoint");
+    let opts = ReceiveOptions {
+        verify_memory: true,
+        ..ropts()
+    };
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| receive(&dst, &l, &opts));
+        let mut src = ScriptedSource::connect(&ep, &dst.layout()).expect("handshake");
+        for p in 0..16 {
+            src.send_page(p, 7).expect("page");
+        }
+        assert!(matches!(
+            src.end_round(),
+            Ok(Message::RoundAck { round: 1 })
+        ));
+        // One page in 1024 is stamped: page 0 of the 1024, which was sent as all 7s.
+        dst.fill(1.0 / 1024.0);
+        let answer = src.complete(b"s").expect("answer");
+        assert!(
+            matches!(answer, Message::Failed { ref reason } if reason.contains("page 0")),
+            "{answer:?}"
+        );
+        h.join().expect("receiver")
+    });
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::VerifyMismatch {
+                page: 0,
+                mismatched: 1
+            })
+        ),
+        "{r:?}"
+    );
+    assert_never_resumed(&dst);
+    assert!(dst.restored_state().is_none(), "verified before restoring");
 }

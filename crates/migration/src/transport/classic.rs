@@ -28,11 +28,7 @@ impl ClassicSource {
 }
 
 fn send_err(e: std::io::Error) -> MigrationError {
-    wire(
-        "sending pages",
-        ProtocolError::Io(e),
-        MigrationError::SendPages,
-    )
+    wire("sending pages", ProtocolError::Io(e))
 }
 
 impl SourceTransport for ClassicSource {
@@ -54,9 +50,8 @@ impl SourceTransport for ClassicSource {
             if i % 64 == 0 && ctx.cancel.is_cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            let gpa = mem.page_gpa(p).ok_or_else(|| MigrationError::Unexpected {
-                phase: "sending pages",
-                got: format!("page index {p} outside guest memory"),
+            let gpa = mem.page_gpa(p).ok_or_else(|| MigrationError::Internal {
+                what: format!("page index {p} outside guest memory"),
             })?;
             if mem.is_zero_page(p) {
                 encode_page(&mut frame, gpa, None);
@@ -113,10 +108,13 @@ impl DestTransport for ClassicDest {
             return Ok(Some(msg));
         };
         let page = ctx.mem.gpa_to_page(gpa).ok_or_else(|| {
-            MigrationError::ReceivePages(ProtocolError::Malformed {
-                kind: "page",
-                reason: format!("gpa {gpa:#x} outside guest memory"),
-            })
+            wire(
+                "receiving pages",
+                ProtocolError::Malformed {
+                    kind: "page",
+                    reason: format!("gpa {gpa:#x} outside guest memory"),
+                },
+            )
         })?;
         match data {
             None => {
@@ -127,10 +125,13 @@ impl DestTransport for ClassicDest {
             }
             Some(d) => {
                 let d: &[u8; PAGE_SIZE] = d.as_slice().try_into().map_err(|_| {
-                    MigrationError::ReceivePages(ProtocolError::Malformed {
-                        kind: "page",
-                        reason: "wrong page length".into(),
-                    })
+                    wire(
+                        "receiving pages",
+                        ProtocolError::Malformed {
+                            kind: "page",
+                            reason: "wrong page length".into(),
+                        },
+                    )
                 })?;
                 ctx.mem.write_page(page, d);
                 ctx.hashes.set(page, hash_page_bytes(d));

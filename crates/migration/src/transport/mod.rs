@@ -229,9 +229,8 @@ pub(crate) fn join_worker(
 ) -> SendWorkerResult {
     h.join().unwrap_or_else(|_| {
         (
-            Err(MigrationError::Unexpected {
-                phase: "sending pages",
-                got: what.into(),
+            Err(MigrationError::Internal {
+                what: format!("{what} panicked"),
             }),
             0.0,
         )

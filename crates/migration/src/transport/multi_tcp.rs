@@ -61,7 +61,7 @@ impl MultiTcpSource {
                     source: Some(e),
                 })?;
             write_message(&mut c, &Message::DataHello { session, stream })
-                .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+                .map_err(|e| wire("handshake", e))?;
             streams.push(c);
         }
         Ok(Self {
@@ -72,11 +72,7 @@ impl MultiTcpSource {
 }
 
 fn send_err(e: std::io::Error) -> MigrationError {
-    wire(
-        "sending pages",
-        ProtocolError::Io(e),
-        MigrationError::SendPages,
-    )
+    wire("sending pages", ProtocolError::Io(e))
 }
 
 /// Sends `list` (this stream's share of the pages, ascending) in batches.
@@ -112,9 +108,8 @@ fn send_stream(
             let count = k - j;
             let gpa = mem
                 .page_gpa(first)
-                .ok_or_else(|| MigrationError::Unexpected {
-                    phase: "sending pages",
-                    got: format!("page index {first} outside guest memory"),
+                .ok_or_else(|| MigrationError::Internal {
+                    what: format!("page index {first} outside guest memory"),
                 })?;
             let mut zero = vec![0u8; count.div_ceil(8)];
             let mut span: Option<usize> = None;
@@ -151,12 +146,9 @@ fn send_stream(
         iovs.push(iovec_of(&hdr));
         let mut total = hdr.len();
         for &(s, c) in &spans {
-            let addr = mem
-                .run_addr(s, c)
-                .ok_or_else(|| MigrationError::Unexpected {
-                    phase: "sending pages",
-                    got: format!("run {s}+{c} crosses a region"),
-                })?;
+            let addr = mem.run_addr(s, c).ok_or_else(|| MigrationError::Internal {
+                what: format!("run {s}+{c} crosses a region"),
+            })?;
             iovs.push(libc::iovec {
                 iov_base: addr as *mut libc::c_void,
                 iov_len: c * PAGE_SIZE,
@@ -210,7 +202,7 @@ impl SourceTransport for MultiTcpSource {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| join_worker(h, "a sender thread panicked"))
+                .map(|h| join_worker(h, "a sender thread"))
                 .collect()
         });
         merge_worker_results(results, ctx.cancel, &mut self.cpu_s)
@@ -218,8 +210,7 @@ impl SourceTransport for MultiTcpSource {
 
     fn finish(&mut self) -> Result<(), MigrationError> {
         for c in &mut self.streams {
-            write_message(c, &Message::EndOfData)
-                .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+            write_message(c, &Message::EndOfData).map_err(|e| wire("sending pages", e))?;
         }
         Ok(())
     }
@@ -241,14 +232,17 @@ pub(crate) struct MultiTcpDest {
 }
 
 fn recv_err(e: ProtocolError) -> MigrationError {
-    wire("receiving pages", e, MigrationError::ReceivePages)
+    wire("receiving pages", e)
 }
 
 fn malformed(reason: String) -> MigrationError {
-    MigrationError::ReceivePages(ProtocolError::Malformed {
-        kind: "batch",
-        reason,
-    })
+    wire(
+        "receiving pages",
+        ProtocolError::Malformed {
+            kind: "batch",
+            reason,
+        },
+    )
 }
 
 fn recv_stream(
@@ -352,9 +346,7 @@ impl MultiTcpDest {
                     reason: "setting data stream timeouts".into(),
                     source: Some(e),
                 })?;
-            match read_message(&mut c)
-                .map_err(|e| wire("handshake", e, MigrationError::Handshake))?
-            {
+            match read_message(&mut c).map_err(|e| wire("handshake", e))? {
                 Message::DataHello { session: s, stream }
                     if s == session
                         && (stream as usize) < slots.len()
@@ -423,9 +415,8 @@ impl MultiTcpDest {
 }
 
 fn panicked() -> MigrationError {
-    MigrationError::Unexpected {
-        phase: "receiving pages",
-        got: "a receiver thread panicked".into(),
+    MigrationError::Internal {
+        what: "a receiver thread panicked".into(),
     }
 }
 

@@ -74,8 +74,7 @@ impl ShmSource {
         let sock = control
             .as_unix()
             .ok_or_else(|| setup_err("shm needs a unix: endpoint"))?;
-        let (msg, fds) = recv_frame_with_fds(sock)
-            .map_err(|e| wire("shm setup", e, MigrationError::Handshake))?;
+        let (msg, fds) = recv_frame_with_fds(sock).map_err(|e| wire("shm setup", e))?;
         let Message::MemoryFds(regions) = msg else {
             return Err(MigrationError::Unexpected {
                 phase: "shm setup",
@@ -258,7 +257,7 @@ impl SourceTransport for ShmSource {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| join_worker(h, "a copy thread panicked"))
+                    .map(|h| join_worker(h, "a copy thread"))
                     .collect()
             })
         };
@@ -327,13 +326,9 @@ impl CopyJob<'_> {
                     .control
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                control.write_all(&f).map_err(|e| {
-                    wire(
-                        "sending pages",
-                        ProtocolError::Io(e),
-                        MigrationError::SendPages,
-                    )
-                })?;
+                control
+                    .write_all(&f)
+                    .map_err(|e| wire("sending pages", ProtocolError::Io(e)))?;
                 stats.bytes += f.len() as u64;
             }
             self.ctx
@@ -351,9 +346,8 @@ impl CopyJob<'_> {
         written: &mut Vec<(u64, u32)>,
         stats: &mut PageStats,
     ) -> Result<(), MigrationError> {
-        let outside = || MigrationError::Unexpected {
-            phase: "sending pages",
-            got: format!("run {first}+{count} outside memory"),
+        let outside = || MigrationError::Internal {
+            what: format!("run {first}+{count} outside memory"),
         };
         let (Some(from), Some(to), Some(gpa)) = (
             self.mem.run_addr(first, count),
@@ -469,10 +463,13 @@ impl DestTransport for ShmDest {
                 .gpa_to_page(gpa)
                 .filter(|&p| ctx.mem.run_addr(p, n as usize).is_some())
                 .ok_or_else(|| {
-                    MigrationError::ReceivePages(ProtocolError::Malformed {
-                        kind: "written",
-                        reason: format!("run {gpa:#x}+{n} outside memory"),
-                    })
+                    wire(
+                        "receiving pages",
+                        ProtocolError::Malformed {
+                            kind: "written",
+                            reason: format!("run {gpa:#x}+{n} outside memory"),
+                        },
+                    )
                 })?;
             for p in first..first + n as usize {
                 ctx.hashes.set(p, ctx.mem.hash_page(p).unwrap_or(0));
