@@ -197,9 +197,9 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
                     "destination memory prepared"
                 );
                 host.set_vm(Arc::clone(&vm));
-                IncomingVm::Prepared(KvmMigratable::new(vm))
+                Some(KvmMigratable::new(vm))
             }
-            None => IncomingVm::OnDemand,
+            None => None,
         };
         let listener = Listener::bind(&endpoint).map_err(|e| {
             usage!(
@@ -218,7 +218,11 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
         let make_vm = |layout: &VmLayout, regions: Option<Vec<HandoverRegion>>| {
             build_destination_vm(layout, regions, &config)
         };
-        let (vm, summary) = fastmig_migration::receive_any(&listener, &opts, prepared, make_vm)
+        let incoming = match prepared {
+            Some(vm) => IncomingVm::Prepared(vm, Box::new(make_vm)),
+            None => IncomingVm::OnDemand(Box::new(make_vm)),
+        };
+        let (vm, summary) = fastmig_migration::receive(&listener, &opts, incoming)
             .map_err(|e| {
                 anyhow::Error::new(e).context("incoming migration failed; the VM was not started")
             })?;

@@ -24,19 +24,13 @@ use crate::conn::{Conn, Endpoint};
 use crate::convergence::{decide, Decision, History, Limits, Observation};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
-use crate::fdpass::send_frame_with_fds;
 use crate::guestmem::GuestMemory;
+use crate::handshake;
 use crate::options::MigrateOptions;
-use crate::protocol::{encode, FdRegion};
-use crate::protocol::{
-    read_message, write_message, Complete, Hello, Message, ProtocolError, PROTOCOL_VERSION,
-};
+use crate::protocol::{read_message, write_message, Complete, Message};
 use crate::summary::{MigrationStatus, MigrationSummary, Phase, Progress, RoundStats};
-use crate::transport::classic::ClassicSource;
-use crate::transport::multi_tcp::MultiTcpSource;
-use crate::transport::shm::ShmSource;
-use crate::transport::{NoCopy, PageStats, SendCtx, SourceTransport, TransportKind};
-use crate::util::{thread_cpu_time, CancelToken, TokenBucket};
+use crate::transport::{PageStats, SendCtx, SourceSetup, SourceTransport};
+use crate::util::{thread_cpu_time, TokenBucket};
 use crate::vm::{DirtyBitmap, MigratableVm, PAGE_SIZE};
 
 #[derive(Default)]
@@ -263,63 +257,6 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// Handover: pause, then pass the memory descriptors themselves. Returns the pause instant.
-fn handover_pause<V: MigratableVm + ?Sized>(
-    vm: &V,
-    control: &Conn,
-    g: &mut Guard,
-    cancel: &CancelToken,
-) -> Result<Instant, MigrationError> {
-    if cancel.is_cancelled() {
-        return Err(MigrationError::Cancelled);
-    }
-    let setup = |reason: &str| MigrationError::TransportSetup {
-        reason: reason.into(),
-        source: None,
-    };
-    let sock = control
-        .as_unix()
-        .ok_or_else(|| setup("handover needs a unix: endpoint"))?;
-    let regions = vm.memory();
-    let fds: Vec<i32> = regions
-        .iter()
-        .map(|r| r.fd)
-        .collect::<Option<_>>()
-        .ok_or_else(|| setup("handover needs memfd-backed guest memory"))?;
-    let desc = regions
-        .iter()
-        .map(|r| FdRegion {
-            gpa: r.gpa,
-            size: r.size,
-            fd_offset: r.fd_offset,
-        })
-        .collect();
-    // The memory goes first, while the VM still runs: the destination builds its VM on it
-    // and says so (`RoundAck(0)`) before we pause, so that work is not downtime. Until the
-    // destination restores the state it never runs the shared memory.
-    send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
-        .map_err(|e| wire("handover", ProtocolError::Io(e)))?;
-    let mut reader = control
-        .try_clone()
-        .map_err(|e| wire("handover", ProtocolError::Io(e)))?;
-    match read_message(&mut reader).map_err(|e| wire("handover", e))? {
-        Message::RoundAck { round: 0 } => {}
-        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
-        other => {
-            return Err(MigrationError::Unexpected {
-                phase: "handover",
-                got: other.name().into(),
-            })
-        }
-    }
-    if cancel.is_cancelled() {
-        return Err(MigrationError::Cancelled);
-    }
-    g.paused = true;
-    vm.pause().map_err(MigrationError::Pause)?;
-    Ok(Instant::now())
-}
-
 fn run<V: MigratableVm + ?Sized>(
     vm: &V,
     dest: &Endpoint,
@@ -342,60 +279,20 @@ fn run<V: MigratableVm + ?Sized>(
         })?;
     g.control = control.try_clone().ok();
     let session = session_id();
-    let data_streams = match opts.transport {
-        TransportKind::MultiTcp { streams } => streams.max(1),
-        _ => 0,
-    };
-    let name = opts.transport.name();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        layout: layout.clone(),
-        transport: name.into(),
-        data_streams,
+    let kind = opts.transport.normalized();
+    let version = handshake::offer(&mut control, &layout, kind, session)?;
+    let transport = kind.source(&SourceSetup {
+        control: &control,
+        dest,
+        layout: &layout,
         session,
-    };
-    write_message(&mut control, &Message::Hello(hello)).map_err(|e| wire("handshake", e))?;
-    match read_message(&mut control).map_err(|e| wire("handshake", e))? {
-        // The reply's payload is frozen, so a destination of another version can say yes to
-        // frames it would then misread: its version must equal ours, whatever it answered.
-        Message::HelloReply(r) if r.version != PROTOCOL_VERSION => {
-            let why = r.reason.map(|w| format!(" ({w})")).unwrap_or_default();
-            return Err(MigrationError::PeerRefused {
-                reason: format!(
-                    "protocol version mismatch: destination speaks {}, source speaks {PROTOCOL_VERSION}{why}",
-                    r.version
-                ),
-            });
-        }
-        Message::HelloReply(r) if r.accepted => {}
-        Message::HelloReply(r) => {
-            return Err(MigrationError::PeerRefused {
-                reason: r.reason.unwrap_or_else(|| "no reason given".into()),
-            })
-        }
-        Message::Failed { reason } => return Err(MigrationError::PeerRefused { reason }),
-        other => {
-            return Err(MigrationError::Unexpected {
-                phase: "handshake",
-                got: other.name().into(),
-            })
-        }
-    }
-    let transport: Box<dyn SourceTransport> = match opts.transport {
-        TransportKind::Classic => Box::new(ClassicSource::new(&control)?),
-        TransportKind::MultiTcp { .. } => Box::new(MultiTcpSource::connect(
-            dest,
-            data_streams,
-            session,
-            opts.connect_timeout,
-            opts.io_timeout,
-        )?),
-        TransportKind::Shm => Box::new(ShmSource::open(&control, &layout)?),
-        TransportKind::Handover => Box::new(NoCopy),
-    };
+        connect_timeout: opts.connect_timeout,
+        io_timeout: opts.io_timeout,
+    })?;
     let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
     info!(
-        transport = name,
+        transport = kind.name(),
+        version,
         setup_ms,
         pages = npages,
         "migration set up"
@@ -415,8 +312,20 @@ fn run<V: MigratableVm + ?Sized>(
     };
     s.progress(Phase::Setup, npages, 0.0);
 
-    let (paused_at, forced, dirty_rate) = if opts.transport == TransportKind::Handover {
-        (handover_pause(vm, &control, g, &opts.cancel)?, false, 0.0)
+    let (paused_at, forced, dirty_rate) = if !s.transport.precopy() {
+        // The memory changes hands instead: the transport's hook runs while the VM still
+        // runs, then the pause.
+        if opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        s.transport.before_pause(&mut control, &vm.memory())?;
+        if opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
+        g.paused = true;
+        vm.pause().map_err(MigrationError::Pause)?;
+        (Instant::now(), false, 0.0)
     } else {
         // Pre-copy.
         s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
@@ -484,6 +393,7 @@ fn run<V: MigratableVm + ?Sized>(
         }
 
         // Stop-and-copy.
+        s.transport.before_pause(&mut control, &vm.memory())?;
         if opts.cancel.is_cancelled() {
             return Err(MigrationError::Cancelled);
         }

@@ -7,7 +7,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use crate::protocol::{decode_header, decode_payload, Message, ProtocolError, HEADER_LEN};
+use crate::error::{wire, MigrationError};
+use crate::protocol::{
+    decode_header, decode_payload, encode, FdRegion, Message, ProtocolError, HEADER_LEN,
+};
+use crate::vm::{MemoryRegion, VmLayout};
 
 /// Most descriptors accepted in one frame (one per memory region).
 pub(crate) const MAX_FDS: usize = 16;
@@ -134,10 +138,68 @@ pub(crate) fn recv_frame_with_fds(
     Ok((decode_payload(&h, &head, &p)?, fds))
 }
 
+/// Offers the memory behind `regions` on `sock`: a `MemoryFds` frame with one descriptor per
+/// region (`shm`: the destination's memory; `handover`: the source's).
+pub(crate) fn send_memory(
+    sock: &UnixStream,
+    regions: &[MemoryRegion],
+) -> Result<(), MigrationError> {
+    let fds: Vec<RawFd> = regions
+        .iter()
+        .map(|r| r.fd)
+        .collect::<Option<_>>()
+        .ok_or_else(|| setup_err("needs memfd-backed guest memory", None))?;
+    let desc = regions
+        .iter()
+        .map(|r| FdRegion {
+            gpa: r.gpa,
+            size: r.size,
+            fd_offset: r.fd_offset,
+        })
+        .collect();
+    send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
+        .map_err(|e| setup_err("passing memory descriptors", Some(e)))
+}
+
+/// Receives a `MemoryFds` offer and checks it region for region (address and size) against
+/// `layout`.
+pub(crate) fn recv_memory(
+    sock: &UnixStream,
+    layout: &VmLayout,
+    phase: &'static str,
+) -> Result<Vec<(FdRegion, OwnedFd)>, MigrationError> {
+    let (msg, fds) = recv_frame_with_fds(sock).map_err(|e| wire(phase, e))?;
+    let Message::MemoryFds(desc) = msg else {
+        return Err(MigrationError::Unexpected {
+            phase,
+            got: msg.name().into(),
+        });
+    };
+    let matches_layout = desc.len() == fds.len()
+        && desc.len() == layout.regions.len()
+        && desc
+            .iter()
+            .zip(&layout.regions)
+            .all(|(d, l)| d.gpa == l.gpa && d.size == l.size);
+    if !matches_layout {
+        return Err(setup_err(
+            "memory descriptors do not match the memory layout",
+            None,
+        ));
+    }
+    Ok(desc.into_iter().zip(fds).collect())
+}
+
+fn setup_err(reason: &str, source: Option<io::Error>) -> MigrationError {
+    MigrationError::TransportSetup {
+        reason: reason.into(),
+        source,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode;
     use std::io::Seek;
 
     #[test]

@@ -12,22 +12,33 @@
 //! A [`Message::Batch`] descriptor is followed on the stream by the raw bytes of its non-zero
 //! pages (not covered by the frame checksum; see PROTOCOL.md for why and what covers them).
 //!
-//! Version rule ([`PROTOCOL_VERSION`]): the header layout and the `Hello`, `HelloReply` and
-//! `Failed` payloads are frozen and decoded whatever the version, so a peer of another version
-//! can always be told why it is refused. Every other frame must carry exactly our version.
+//! Version rule ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`], [`FRAME_VERSION`]): the header
+//! layout and the `Hello`, `HelloReply` and `Failed` payloads are frozen (fields may only be
+//! added) and decoded whatever the version, so a peer of another version can always be told
+//! why it is refused. The source offers a range of versions in `Hello`, the destination picks
+//! the highest both speak (Cloud Hypervisor style: N-1..=N) and says it in `HelloReply`.
+//! Every other frame must carry [`FRAME_VERSION`] in its header.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
+use crate::transport::TransportKind;
 use crate::vm::{VmLayout, PAGE_SIZE};
 
 /// Frame magic, "FMIG" in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FMIG");
-/// Protocol version spoken by this build. Bump on any change to a non-frozen frame; peers must
-/// be equal (no range negotiation: source and destination are upgraded together, and a refused
-/// migration leaves the VM running where it was). History: 1, first; 2, `RoundEnd` carries
-/// the data-stream byte count and the destination answers `RoundAck`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Newest protocol version spoken by this build. Bump on any change to the wire; a change that
+/// only adds (a field old peers ignore, a behaviour they need not know) keeps the previous
+/// version in the window ([`MIN_PROTOCOL_VERSION`]), a breaking one raises the window and
+/// [`FRAME_VERSION`]. History: 1, first; 2, `RoundEnd` carries the data-stream byte count and
+/// the destination answers `RoundAck`; 3, `Hello.max_version` (version negotiation), additive.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Oldest protocol version this build still speaks, as source and as destination.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Version written in, and required of, the header of every frame but the frozen ones: the
+/// protocol version in which a frame format last changed. Version 3 changed only the `Hello`
+/// payload, additively, so every frame still says 2 and a version-2 peer reads it.
+pub const FRAME_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted, in bytes (64 MiB: device state of a large VM fits; a corrupt
@@ -84,18 +95,64 @@ pub enum ProtocolError {
 }
 
 /// First message of a migration, source to destination, on the control stream.
+///
+/// On the wire (JSON, frozen since version 1, fields only added) the transport keeps its
+/// version-1 spelling, `"transport": "multi-tcp", "data_streams": 4`, so that every version
+/// can read it; [`TransportKind`] is the only thing that writes or reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "HelloWire", try_from = "HelloWire")]
 pub struct Hello {
-    /// Protocol version of the source (also in the header).
+    /// Oldest protocol version the source speaks (a version-2 destination requires it to be
+    /// exactly 2).
     pub version: u16,
+    /// Newest protocol version the source speaks (absent before version 3: then `version`).
+    pub max_version: u16,
     /// The VM's layout.
     pub layout: VmLayout,
-    /// Transport name (`classic`, `multi-tcp`, `shm`, `handover`).
-    pub transport: String,
-    /// Number of extra data streams the source will open (multi-tcp), else 0.
-    pub data_streams: u32,
+    /// The transport, with its parameters (multi-tcp: number of extra data streams).
+    pub transport: TransportKind,
     /// Random id tying data streams to this control stream.
     pub session: u64,
+}
+
+/// [`Hello`] as it is spelled on the wire.
+#[derive(Serialize, Deserialize)]
+struct HelloWire {
+    version: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_version: Option<u16>,
+    layout: VmLayout,
+    transport: String,
+    data_streams: u32,
+    session: u64,
+}
+
+impl From<Hello> for HelloWire {
+    fn from(h: Hello) -> Self {
+        let (transport, data_streams) = h.transport.wire_name();
+        HelloWire {
+            version: h.version,
+            // A single-version Hello is spelled exactly as a version-2 source spelled it.
+            max_version: (h.max_version != h.version).then_some(h.max_version),
+            layout: h.layout,
+            transport: transport.into(),
+            data_streams,
+            session: h.session,
+        }
+    }
+}
+
+impl TryFrom<HelloWire> for Hello {
+    type Error = crate::transport::BadTransport;
+    fn try_from(w: HelloWire) -> Result<Self, Self::Error> {
+        Ok(Hello {
+            version: w.version,
+            max_version: w.max_version.unwrap_or(w.version),
+            layout: w.layout,
+            transport: TransportKind::from_wire_name(&w.transport, w.data_streams)?,
+            session: w.session,
+        })
+    }
 }
 
 /// Destination's answer to [`Hello`].
@@ -320,11 +377,11 @@ pub fn encode_page(out: &mut Vec<u8>, gpa: u64, data: Option<&[u8; PAGE_SIZE]>) 
     match data {
         Some(d) => {
             payload[8..].copy_from_slice(d);
-            frame(out, PROTOCOL_VERSION, kind::PAGE, 0, &payload);
+            frame(out, FRAME_VERSION, kind::PAGE, 0, &payload);
         }
         None => frame(
             out,
-            PROTOCOL_VERSION,
+            FRAME_VERSION,
             kind::PAGE,
             FLAG_ZERO_PAGE,
             &payload[..8],
@@ -408,9 +465,9 @@ pub fn encode_with_version(msg: &Message, version: u16) -> Vec<u8> {
     out
 }
 
-/// Encodes `msg` with [`PROTOCOL_VERSION`].
+/// Encodes `msg` with [`FRAME_VERSION`] in its header.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    encode_with_version(msg, PROTOCOL_VERSION)
+    encode_with_version(msg, FRAME_VERSION)
 }
 
 /// Binary batch descriptor: `u32 n`, then per run `u64 gpa, u32 pages, zero bitmap`.
@@ -430,7 +487,7 @@ pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
 
 /// Encodes a batch descriptor frame into `out` (reusing its allocation).
 pub fn encode_batch(out: &mut Vec<u8>, runs: &[Run]) {
-    frame(out, PROTOCOL_VERSION, kind::BATCH, 0, &encode_runs(runs));
+    frame(out, FRAME_VERSION, kind::BATCH, 0, &encode_runs(runs));
 }
 
 /// Parsed frame header.
@@ -545,10 +602,10 @@ pub fn decode_payload(
         return Err(ProtocolError::BadChecksum { kind: h.kind });
     }
     let frozen = matches!(h.kind, kind::HELLO | kind::HELLO_REPLY | kind::FAILED);
-    if !frozen && h.version != PROTOCOL_VERSION {
+    if !frozen && h.version != FRAME_VERSION {
         return Err(ProtocolError::BadVersion {
             got: h.version,
-            want: PROTOCOL_VERSION,
+            want: FRAME_VERSION,
         });
     }
     let empty = |name: &'static str, m: Message| {
@@ -683,11 +740,18 @@ mod tests {
         };
         vec![
             Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                layout,
-                transport: "classic".into(),
-                data_streams: 0,
+                version: MIN_PROTOCOL_VERSION,
+                max_version: PROTOCOL_VERSION,
+                layout: layout.clone(),
+                transport: TransportKind::MultiTcp { streams: 4 },
                 session: 7,
+            }),
+            Message::Hello(Hello {
+                version: 2,
+                max_version: 2,
+                layout,
+                transport: TransportKind::Handover,
+                session: 8,
             }),
             Message::HelloReply(HelloReply {
                 version: 1,
@@ -787,6 +851,64 @@ mod tests {
             read_message(&mut &b[..5]),
             Err(ProtocolError::Truncated)
         ));
+    }
+
+    /// The `Hello` of a version-2 source, byte for byte as it wrote it.
+    const V2_HELLO: &str = r#"{"version":2,"layout":{"regions":[{"gpa":0,"size":1048576}],"vcpus":2,"features":3},"transport":"multi-tcp","data_streams":4,"session":7}"#;
+
+    /// How a version-2 destination read `Hello` (its struct, unknown fields ignored).
+    #[derive(Deserialize)]
+    struct V2Hello {
+        version: u16,
+        transport: String,
+        data_streams: u32,
+    }
+
+    #[test]
+    fn a_version_2_hello_reads_as_a_single_version_offer() {
+        let h: Hello = serde_json::from_str(V2_HELLO).expect("v2 hello");
+        assert_eq!((h.version, h.max_version), (2, 2));
+        assert_eq!(h.transport, TransportKind::MultiTcp { streams: 4 });
+        // And a single-version Hello is written exactly as version 2 wrote it.
+        assert_eq!(serde_json::to_string(&h).ok().as_deref(), Some(V2_HELLO));
+    }
+
+    #[test]
+    fn our_hello_reads_as_a_version_2_hello_on_an_old_destination() {
+        let Message::Hello(ours) = &samples()[0] else {
+            unreachable!()
+        };
+        let text = serde_json::to_string(ours).expect("json");
+        let old: V2Hello = serde_json::from_str(&text).expect("a v2 destination reads it");
+        assert_eq!(
+            (old.version, old.transport.as_str(), old.data_streams),
+            (2, "multi-tcp", 4)
+        );
+        assert!(text.contains(r#""max_version":3"#), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_transport_name_is_malformed() {
+        let text = V2_HELLO.replace("multi-tcp", "carrier-pigeon");
+        // Re-frame the edited JSON as a Hello (kind 1) with a valid checksum.
+        let mut frame = Vec::new();
+        super::frame(&mut frame, 2, kind::HELLO, 0, text.as_bytes());
+        assert!(matches!(
+            decode(&frame),
+            Err(ProtocolError::Malformed { kind: "hello", .. })
+        ));
+    }
+
+    #[test]
+    fn frames_carry_the_frame_version_and_other_versions_are_refused() {
+        let b = encode(&Message::Ready);
+        assert_eq!(u16::from_le_bytes([b[4], b[5]]), FRAME_VERSION);
+        for v in [FRAME_VERSION - 1, PROTOCOL_VERSION + 1] {
+            assert!(matches!(
+                decode(&encode_with_version(&Message::Ready, v)),
+                Err(ProtocolError::BadVersion { got, want: FRAME_VERSION }) if got == v
+            ));
+        }
     }
 
     #[test]

@@ -218,6 +218,22 @@ impl SoftVm {
         Ok(vm)
     }
 
+    /// A destination VM for `layout`, paused: adopting `regions` when given (handover),
+    /// else with fresh memory of its own (back-to-back regions of one memfd). Fits
+    /// [`crate::IncomingVm::OnDemand`].
+    pub fn incoming(
+        layout: &VmLayout,
+        regions: Option<Vec<crate::HandoverRegion>>,
+    ) -> Result<Self, VmError> {
+        if let Some(regions) = regions {
+            return Self::adopt(layout, regions);
+        }
+        let spans: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let vm = Self::with_regions(&spans, layout.vcpus, layout.features)?;
+        vm.inner.paused.store(true, Ordering::SeqCst);
+        Ok(vm)
+    }
+
     /// A paused VM, as a destination waits for an incoming migration.
     pub fn new_incoming(bytes: u64) -> Result<Self, VmError> {
         let vm = Self::new(bytes)?;
@@ -507,6 +523,7 @@ impl MigratableVm for SoftVm {
 /// (`Commit`, `Failed`, silence, a closed socket) to the test.
 pub struct ScriptedSource {
     conn: crate::Conn,
+    version: u16,
     layout: VmLayout,
     hashes: crate::PageHashes,
     rounds: u32,
@@ -519,13 +536,24 @@ impl ScriptedSource {
         dest: &crate::Endpoint,
         layout: &VmLayout,
     ) -> Result<Self, crate::MigrationError> {
-        use crate::protocol::{read_message, write_message, Hello, Message, PROTOCOL_VERSION};
+        use crate::protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+        Self::connect_speaking(dest, layout, MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION)
+    }
+
+    /// Like [`ScriptedSource::connect`], offering the protocol `versions` (`2..=2`: a
+    /// version-2 source, whose `Hello` has no `max_version`).
+    pub fn connect_speaking(
+        dest: &crate::Endpoint,
+        layout: &VmLayout,
+        versions: std::ops::RangeInclusive<u16>,
+    ) -> Result<Self, crate::MigrationError> {
+        use crate::protocol::{read_message, write_message, Hello, Message};
         let mut conn = crate::Conn::connect(dest, Duration::from_secs(5))?;
         let hello = Hello {
-            version: PROTOCOL_VERSION,
+            version: *versions.start(),
+            max_version: *versions.end(),
             layout: layout.clone(),
-            transport: "classic".into(),
-            data_streams: 0,
+            transport: crate::TransportKind::Classic,
             session: 7,
         };
         let wire = |e| crate::MigrationError::Wire {
@@ -533,16 +561,17 @@ impl ScriptedSource {
             source: e,
         };
         write_message(&mut conn, &Message::Hello(hello)).map_err(wire)?;
-        match read_message(&mut conn).map_err(wire)? {
-            Message::HelloReply(r) if r.accepted => {}
+        let version = match read_message(&mut conn).map_err(wire)? {
+            Message::HelloReply(r) if r.accepted => r.version,
             other => {
                 return Err(crate::MigrationError::PeerRefused {
                     reason: format!("{other:?}"),
                 })
             }
-        }
+        };
         Ok(Self {
             conn,
+            version,
             layout: layout.clone(),
             hashes: crate::PageHashes::new(layout.pages() as usize),
             rounds: 0,
@@ -616,6 +645,11 @@ impl ScriptedSource {
         };
         write_message(&mut self.conn, &Message::Complete(complete))?;
         read_message(&mut self.conn)
+    }
+
+    /// The protocol version the destination chose.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// The control connection, to script the ending.

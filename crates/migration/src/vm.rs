@@ -252,6 +252,37 @@ pub trait MigratableVm: Send + Sync {
     fn restore_state(&self, state: &[u8]) -> Result<(), VmError>;
 }
 
+/// A borrowed VM is a VM (a destination that keeps its VM after `receive`, tests).
+impl<T: MigratableVm + ?Sized> MigratableVm for &T {
+    fn layout(&self) -> VmLayout {
+        (**self).layout()
+    }
+    fn memory(&self) -> Vec<MemoryRegion> {
+        (**self).memory()
+    }
+    fn start_dirty_log(&self) -> Result<(), VmError> {
+        (**self).start_dirty_log()
+    }
+    fn sync_dirty_log(&self) -> Result<DirtyBitmap, VmError> {
+        (**self).sync_dirty_log()
+    }
+    fn stop_dirty_log(&self) -> Result<(), VmError> {
+        (**self).stop_dirty_log()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        (**self).pause()
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        (**self).resume()
+    }
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        (**self).save_state()
+    }
+    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+        (**self).restore_state(state)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,15 +7,15 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{assert_source_intact, corrupting_proxy, loopback, pair, MIB};
+use common::{assert_source_intact, corrupting_proxy, loopback, pair, receive_into, MIB};
 use fastmig_migration::protocol::{
     self, encode, encode_page, encode_with_version, read_message, write_message, Hello, HelloReply,
     Message, ProtocolError,
 };
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive, CancelToken, Conn, Endpoint, Listener, MigratableVm, MigrateOptions,
-    MigrationError, Progress, ReceiveOptions, TransportKind, PAGE_SIZE,
+    migrate, CancelToken, Conn, Endpoint, Listener, MigratableVm, MigrateOptions, MigrationError,
+    Progress, ReceiveOptions, TransportKind, PAGE_SIZE,
 };
 
 fn quick_opts() -> MigrateOptions {
@@ -39,9 +39,9 @@ fn quick_ropts() -> ReceiveOptions {
 fn hello_for(vm: &SoftVm, version: u16) -> Message {
     Message::Hello(Hello {
         version,
+        max_version: version,
         layout: vm.layout(),
-        transport: "classic".into(),
-        data_streams: 0,
+        transport: TransportKind::Classic,
         session: 1,
     })
 }
@@ -80,7 +80,7 @@ fn destination_refuses_other_protocol_version() {
     let l = loopback();
     let ep = l.endpoint().expect("ep");
     std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         let Endpoint::Tcp(addr) = ep else {
             unreachable!()
         };
@@ -315,7 +315,7 @@ fn fake_source_into(
         unreachable!()
     };
     std::thread::scope(|s| {
-        let h = s.spawn(|| receive(dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(dst, &l, &quick_ropts()));
         let mut c = TcpStream::connect(addr).expect("connect");
         write_message(&mut c, &hello_for(dst, protocol::PROTOCOL_VERSION)).expect("hello");
         let Ok(Message::HelloReply(r)) = read_message(&mut c) else {
@@ -457,7 +457,7 @@ fn corrupted_byte_in_classic_stream_fails_both_sides_safely() {
     // Byte 500 000 of the control stream lies inside some page frame of round 1.
     let proxy = corrupting_proxy(l.endpoint().expect("ep"), 0, 500_000);
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         (
             migrate(&src, &proxy, &quick_opts()),
             h.join().expect("join"),
@@ -490,7 +490,7 @@ fn corrupted_byte_in_multi_tcp_page_data_caught_by_digest() {
         ..quick_opts()
     };
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         (migrate(&src, &proxy, &opts), h.join().expect("join"))
     });
     assert!(matches!(d, Err(MigrationError::Digest { .. })), "{d:?}");
@@ -529,13 +529,13 @@ fn silent_multi_tcp_source_times_out_and_stops_receivers() {
         unreachable!()
     };
     let r = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         let mut c = TcpStream::connect(addr).expect("connect");
         let hello = Message::Hello(Hello {
             version: protocol::PROTOCOL_VERSION,
+            max_version: protocol::PROTOCOL_VERSION,
             layout: dst.layout(),
-            transport: "multi-tcp".into(),
-            data_streams: 1,
+            transport: TransportKind::MultiTcp { streams: 1 },
             session: 42,
         });
         write_message(&mut c, &hello).expect("hello");

@@ -345,7 +345,7 @@ fn never_converging_run(
     let l = common::loopback();
     let ep = l.endpoint().expect("ep");
     let r = std::thread::scope(|s| {
-        let h = s.spawn(|| fastmig_migration::receive(&dst, &l, &ReceiveOptions::default()));
+        let h = s.spawn(|| common::receive_into(&dst, &l, &ReceiveOptions::default()));
         let r = fastmig_migration::migrate(&src, &ep, &opts);
         let _ = h.join();
         r

@@ -7,11 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_source_intact, frame_dropping_proxy, loopback, MIB};
+use common::{assert_source_intact, frame_dropping_proxy, loopback, receive_into, MIB};
 use fastmig_migration::protocol::{read_message, write_message, Message, ProtocolError};
 use fastmig_migration::test_utils::{ScriptedSource, SoftVm};
 use fastmig_migration::{
-    migrate, receive, Listener, MigratableVm, MigrateOptions, MigrationError, ReceiveOptions,
+    migrate, Listener, MigratableVm, MigrateOptions, MigrationError, ReceiveOptions,
     ReceiveSummary, PAGE_SIZE,
 };
 
@@ -34,7 +34,7 @@ fn scripted(
     let l: Listener = loopback();
     let ep = l.endpoint().expect("endpoint");
     std::thread::scope(|s| {
-        let h = s.spawn(|| receive(dst, &l, &ropts()));
+        let h = s.spawn(|| receive_into(dst, &l, &ropts()));
         let mut src = ScriptedSource::connect(&ep, &dst.layout()).expect("handshake");
         for p in 0..16 {
             src.send_page(p, p as u8 + 1).expect("page");
@@ -142,7 +142,7 @@ fn a_page_frame_lost_on_a_valid_stream_is_caught_by_the_digest() {
     let l = loopback();
     let proxy = frame_dropping_proxy(l.endpoint().expect("endpoint"), 10);
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &ropts()));
         let r = migrate(&src, &proxy, &MigrateOptions::default());
         (r, h.join().expect("receiver"))
     });
@@ -168,7 +168,7 @@ fn verify_memory_names_the_page_written_behind_the_transport() {
         ..ropts()
     };
     let r = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &opts));
+        let h = s.spawn(|| receive_into(&dst, &l, &opts));
         let mut src = ScriptedSource::connect(&ep, &dst.layout()).expect("handshake");
         for p in 0..16 {
             src.send_page(p, 7).expect("page");

@@ -8,6 +8,7 @@ use crate::digest::{hash_page_bytes, zero_page_hash};
 use crate::error::{wire, MigrationError};
 use crate::guestmem::GuestMemory;
 use crate::protocol::{encode_page, Message, ProtocolError};
+use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
 
 /// Source side: writes page frames on a clone of the control stream.
@@ -34,6 +35,14 @@ fn send_err(e: std::io::Error) -> MigrationError {
 impl SourceTransport for ClassicSource {
     fn name(&self) -> &'static str {
         "classic"
+    }
+
+    fn precopy(&self) -> bool {
+        true
+    }
+
+    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
+        Ok(())
     }
 
     fn send_pages(
@@ -97,6 +106,10 @@ pub(crate) struct ClassicDest {
 impl DestTransport for ClassicDest {
     fn name(&self) -> &'static str {
         "classic"
+    }
+
+    fn copies_pages(&self) -> bool {
+        true
     }
 
     fn on_control(

@@ -25,6 +25,7 @@ use crate::protocol::{
 };
 use crate::rawio::{iovec_of, recv_all, send_all};
 use crate::util::{thread_cpu_time, CancelToken};
+use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
 
 /// Pages per stream-assignment chunk (256 KiB): big enough for long runs, small enough to
@@ -174,6 +175,14 @@ fn send_stream(
 impl SourceTransport for MultiTcpSource {
     fn name(&self) -> &'static str {
         "multi-tcp"
+    }
+
+    fn precopy(&self) -> bool {
+        true
+    }
+
+    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
+        Ok(())
     }
 
     fn send_pages(
@@ -423,6 +432,10 @@ fn panicked() -> MigrationError {
 impl DestTransport for MultiTcpDest {
     fn name(&self) -> &'static str {
         "multi-tcp"
+    }
+
+    fn copies_pages(&self) -> bool {
+        true
     }
 
     fn on_control(

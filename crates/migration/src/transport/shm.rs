@@ -26,9 +26,9 @@ use super::{
 use crate::conn::Conn;
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
-use crate::fdpass::{recv_frame_with_fds, send_frame_with_fds};
+use crate::fdpass::{recv_memory, send_memory};
 use crate::guestmem::GuestMemory;
-use crate::protocol::{encode, FdRegion, Message, ProtocolError};
+use crate::protocol::{encode, Message, ProtocolError};
 use crate::util::CancelToken;
 use crate::vm::{MemoryRegion, VmLayout, PAGE_SIZE};
 
@@ -74,18 +74,7 @@ impl ShmSource {
         let sock = control
             .as_unix()
             .ok_or_else(|| setup_err("shm needs a unix: endpoint"))?;
-        let (msg, fds) = recv_frame_with_fds(sock).map_err(|e| wire("shm setup", e))?;
-        let Message::MemoryFds(regions) = msg else {
-            return Err(MigrationError::Unexpected {
-                phase: "shm setup",
-                got: msg.name().into(),
-            });
-        };
-        if regions.len() != fds.len() || regions.len() != layout.regions.len() {
-            return Err(setup_err(
-                "descriptor count does not match the memory layout",
-            ));
-        }
+        let offered = recv_memory(sock, layout, "shm setup")?;
         let mut me = Self {
             control: clone(control)?,
             remote: GuestMemory::new(&[]).map_err(MigrationError::Memory)?,
@@ -96,10 +85,7 @@ impl ShmSource {
         };
         let mut mrs = Vec::new();
         let started = std::time::Instant::now();
-        for ((r, fd), l) in regions.iter().zip(&fds).zip(&layout.regions) {
-            if r.gpa != l.gpa || r.size != l.size {
-                return Err(setup_err("destination regions differ from the layout"));
-            }
+        for (r, fd) in &offered {
             let addr = map_shared(fd, r.size as usize, r.fd_offset)?;
             me.maps.push((addr, r.size as usize));
             mrs.push(MemoryRegion {
@@ -219,6 +205,14 @@ impl Drop for ShmSource {
 impl SourceTransport for ShmSource {
     fn name(&self) -> &'static str {
         "shm"
+    }
+
+    fn precopy(&self) -> bool {
+        true
+    }
+
+    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
+        Ok(())
     }
 
     fn send_pages(
@@ -422,22 +416,7 @@ impl ShmDest {
         let sock = control
             .as_unix()
             .ok_or_else(|| setup_err("shm needs a unix: endpoint"))?;
-        let fds: Option<Vec<i32>> = regions.iter().map(|r| r.fd).collect();
-        let fds = fds.ok_or_else(|| setup_err("shm needs memfd-backed guest memory"))?;
-        let desc = regions
-            .iter()
-            .map(|r| FdRegion {
-                gpa: r.gpa,
-                size: r.size,
-                fd_offset: r.fd_offset,
-            })
-            .collect();
-        send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds).map_err(|e| {
-            MigrationError::TransportSetup {
-                reason: "passing memory descriptors".into(),
-                source: Some(e),
-            }
-        })?;
+        send_memory(sock, regions)?;
         Ok(Self {
             stats: PageStats::default(),
         })
@@ -447,6 +426,10 @@ impl ShmDest {
 impl DestTransport for ShmDest {
     fn name(&self) -> &'static str {
         "shm"
+    }
+
+    fn copies_pages(&self) -> bool {
+        true
     }
 
     fn on_control(
