@@ -222,8 +222,8 @@ fn incoming(args: &IncomingArgs) -> Result<()> {
             Some(vm) => IncomingVm::Prepared(vm, Box::new(make_vm)),
             None => IncomingVm::OnDemand(Box::new(make_vm)),
         };
-        let (vm, summary) = fastmig_migration::receive(&listener, &opts, incoming)
-            .map_err(|e| {
+        let (vm, summary) =
+            fastmig_migration::receive(&listener, &opts, incoming).map_err(|e| {
                 anyhow::Error::new(e).context("incoming migration failed; the VM was not started")
             })?;
         host.set_vm(Arc::clone(vm.vm()));

@@ -22,7 +22,9 @@
 //! said `Commit` (it has given the VM up). Any failure before that returns an error, tells
 //! the source `Failed`, and leaves the VM paused for the caller to discard.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -105,6 +107,12 @@ fn wait_for_data(
     Ok(())
 }
 
+/// How long one poll of the control stream waits before looking at the data streams.
+const POLL_SLICE: Timespec = Timespec {
+    tv_sec: 0,
+    tv_nsec: 100_000_000,
+};
+
 /// Waits until the control stream has data. While it is idle, page data arriving on other
 /// streams counts as liveness: only `io_timeout` without any byte anywhere is a timeout (a
 /// multi-tcp round can last far longer than `io_timeout` with a silent control stream).
@@ -117,21 +125,15 @@ fn wait_for_control(
     let mut marker = t.check()?;
     let mut idle_since = Instant::now();
     loop {
-        let mut pfd = libc::pollfd {
-            fd: control.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let fd = match control {
+            Conn::Tcp(s) => s.as_fd(),
+            Conn::Unix(s) => s.as_fd(),
         };
-        // SAFETY: one valid pollfd on our stack, count 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if rc > 0 {
-            return Ok(());
-        }
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(wire("receiving pages", ProtocolError::Io(e)));
-            }
+        let mut pfd = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut pfd, Some(&POLL_SLICE)) {
+            Ok(n) if n > 0 => return Ok(()),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(wire("receiving pages", ProtocolError::Io(e.into()))),
         }
         let now_marker = t.check()?;
         if now_marker != marker {

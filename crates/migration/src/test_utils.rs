@@ -5,10 +5,14 @@
 //! in a chosen pattern and stamps each write (sequence number + page index), so a test can
 //! check that the destination's memory equals the source's as of the pause.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use rustix::fs::{fstat, ftruncate, memfd_create, MemfdFlags};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::guestmem::GuestMemory;
 use crate::vm::{
@@ -50,7 +54,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 struct Inner {
-    fd: i32,
+    fd: OwnedFd,
     addr: usize,
     layout: VmLayout,
     mem: GuestMemory,
@@ -81,10 +85,6 @@ impl std::fmt::Debug for SoftVm {
     }
 }
 
-fn os_err(what: &str) -> VmError {
-    VmError::with_source(what.to_string(), std::io::Error::last_os_error())
-}
-
 impl SoftVm {
     /// A running VM with one region of `bytes` bytes at gpa 0, 1 vCPU, all memory zero.
     pub fn new(bytes: u64) -> Result<Self, VmError> {
@@ -105,30 +105,24 @@ impl SoftVm {
         {
             return Err(VmError::msg("regions must be non-empty and page aligned"));
         }
-        // SAFETY: the name is a NUL-terminated literal; flags are valid.
-        let fd = unsafe { libc::memfd_create(c"softvm".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(os_err("memfd_create"));
-        }
-        // SAFETY: `fd` is the memfd we just created.
-        if unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 {
-            let e = os_err("ftruncate");
-            // SAFETY: closing our own fd.
-            unsafe { libc::close(fd) };
-            return Err(e);
-        }
+        let fd = memfd_create("softvm", MemfdFlags::CLOEXEC)
+            .map_err(|e| VmError::with_source("memfd_create", e))?;
+        ftruncate(&fd, total).map_err(|e| VmError::with_source("ftruncate", e))?;
         Self::map(fd, regions, vcpus, features)
     }
 
     /// Maps all of memfd `fd` (which this VM then owns) with `regions` laid out back to back.
-    fn map(fd: i32, regions: &[(u64, u64)], vcpus: u32, features: u64) -> Result<Self, VmError> {
+    fn map(
+        fd: OwnedFd,
+        regions: &[(u64, u64)],
+        vcpus: u32,
+        features: u64,
+    ) -> Result<Self, VmError> {
         let total: u64 = regions.iter().map(|r| r.1).sum();
-        // SAFETY: an all-zero stat is a valid out-buffer; `fd` is ours.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::fstat(fd, &mut st) } != 0 || (st.st_size as u64) < total {
-            // SAFETY: closing our own fd.
-            unsafe { libc::close(fd) };
+        let size = fstat(&fd)
+            .map_err(|e| VmError::with_source("fstat", e))?
+            .st_size;
+        if (size as u64) < total {
             return Err(VmError::msg(
                 "memfd smaller than the regions (would SIGBUS)",
             ));
@@ -136,21 +130,16 @@ impl SoftVm {
         // SAFETY: a fresh shared mapping of `total` bytes of our memfd; the kernel picks the
         // address, so it cannot overlap anything of ours.
         let p = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
                 total as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
                 0,
             )
-        };
-        if p == libc::MAP_FAILED {
-            let e = os_err("mmap");
-            // SAFETY: closing our own fd.
-            unsafe { libc::close(fd) };
-            return Err(e);
         }
+        .map_err(|e| VmError::with_source("mmap", e))?;
         let addr = p as usize;
         let mut off = 0;
         let mut mrs = Vec::new();
@@ -159,7 +148,7 @@ impl SoftVm {
                 gpa,
                 size,
                 host_addr: addr + off as usize,
-                fd: Some(fd),
+                fd: Some(fd.as_raw_fd()),
                 fd_offset: off,
             });
             off += size;
@@ -211,7 +200,7 @@ impl SoftVm {
         let fd = regions
             .into_iter()
             .next()
-            .map(|r| std::os::fd::IntoRawFd::into_raw_fd(r.fd))
+            .map(|r| r.fd)
             .ok_or_else(|| VmError::msg("no memory handed over"))?;
         let vm = Self::map(fd, &spans, layout.vcpus, layout.features)?;
         vm.inner.paused.store(true, Ordering::SeqCst);
@@ -428,14 +417,13 @@ impl Drop for SoftVm {
     fn drop(&mut self) {
         self.stop_writer();
         // SAFETY: the writer thread is joined, so nothing else uses the mapping of
-        // `memory_bytes` bytes at `addr` that we created; the fd is ours.
-        unsafe {
-            libc::munmap(
-                self.inner.addr as *mut libc::c_void,
+        // `memory_bytes` bytes at `addr` that we created (the memfd closes with `Inner`).
+        let _ = unsafe {
+            munmap(
+                self.inner.addr as *mut std::ffi::c_void,
                 self.inner.layout.memory_bytes() as usize,
-            );
-            libc::close(self.inner.fd);
-        }
+            )
+        };
     }
 }
 
@@ -455,7 +443,7 @@ impl MigratableVm for SoftVm {
                     gpa: r.gpa,
                     size: r.size,
                     host_addr: self.inner.addr + off as usize,
-                    fd: Some(self.inner.fd),
+                    fd: Some(self.inner.fd.as_raw_fd()),
                     fd_offset: off,
                 };
                 off += r.size;

@@ -128,15 +128,10 @@ fn clone(c: &Conn) -> Result<Conn, MigrationError> {
 fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationError> {
     // Touching a mapping past the end of the file raises SIGBUS and would kill the source
     // (and its VM): check the peer's memfd really is that large.
-    // SAFETY: an all-zero stat is a valid out-buffer for fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is a valid descriptor and `st` a writable stat.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(MigrationError::TransportSetup {
-            reason: "fstat on the destination's memory".into(),
-            source: Some(std::io::Error::last_os_error()),
-        });
-    }
+    let st = rustix::fs::fstat(fd).map_err(|e| MigrationError::TransportSetup {
+        reason: "fstat on the destination's memory".into(),
+        source: Some(e.into()),
+    })?;
     if (st.st_size as u64) < offset.saturating_add(len as u64) {
         return Err(setup_err(format!(
             "destination memfd has {} bytes, region needs {} at offset {offset}",
