@@ -335,6 +335,56 @@ pub trait DestTransport: Send {
     fn abort(&mut self) -> Option<MigrationError>;
 }
 
+/// Splits `pages` (ascending page indices) into runs of consecutive pages that lie in one
+/// region (so contiguous in memory on both sides), at most `max` pages each: `(first, count)`.
+pub(crate) fn page_runs<'a>(
+    mem: &'a GuestMemory,
+    pages: &'a [usize],
+    max: usize,
+) -> impl Iterator<Item = (usize, usize)> + 'a {
+    let mut j = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(j)?;
+        let mut k = j + 1;
+        while k < pages.len()
+            && k - j < max
+            && pages[k] == pages[k - 1] + 1
+            && mem.same_region(pages[k - 1], pages[k])
+        {
+            k += 1;
+        }
+        let run = (first, k - j);
+        j = k;
+        Some(run)
+    })
+}
+
+/// Walks pages `first .. first + count` in order: `zero(p)` for every page `is_zero` picks,
+/// `data(start, len)` for every maximal span of the others (once the span is complete).
+pub(crate) fn split_zero_spans<E>(
+    first: usize,
+    count: usize,
+    mut is_zero: impl FnMut(usize) -> bool,
+    mut zero: impl FnMut(usize),
+    mut data: impl FnMut(usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut span = None;
+    for p in first..first + count {
+        if is_zero(p) {
+            zero(p);
+            if let Some(s) = span.take() {
+                data(s, p - s)?;
+            }
+        } else {
+            span.get_or_insert(p);
+        }
+    }
+    match span {
+        Some(s) => data(s, first + count - s),
+        None => Ok(()),
+    }
+}
+
 /// What a sending worker thread returns: its stats (or error) and its CPU seconds.
 pub(crate) type SendWorkerResult = (Result<PageStats, MigrationError>, f64);
 
@@ -393,5 +443,67 @@ pub(crate) fn merge_worker_results(
     match first_err {
         Some(e) => Err(e),
         None => Ok(stats),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::PAGE_SIZE;
+
+    #[test]
+    fn runs_break_at_gaps_regions_and_the_cap() {
+        // Two regions of 4 pages each (pages 0-3 and 4-7), backed by one buffer.
+        let mut buf = vec![0u8; 8 * PAGE_SIZE + PAGE_SIZE];
+        let base = buf.as_mut_ptr() as usize;
+        let base = base.next_multiple_of(PAGE_SIZE);
+        let region = |i: u64| MemoryRegion {
+            gpa: i * (1 << 20),
+            size: 4 * PAGE_SIZE as u64,
+            host_addr: base + (i as usize) * 4 * PAGE_SIZE,
+            fd: None,
+            fd_offset: 0,
+        };
+        let mem = GuestMemory::new(&[region(0), region(1)]).expect("memory");
+        let pages = [0, 1, 2, 3, 4, 5, 7];
+        let runs: Vec<_> = page_runs(&mem, &pages, 100).collect();
+        assert_eq!(runs, [(0, 4), (4, 2), (7, 1)]);
+        let capped: Vec<_> = page_runs(&mem, &pages, 3).collect();
+        assert_eq!(capped, [(0, 3), (3, 1), (4, 2), (7, 1)]);
+        assert_eq!(page_runs(&mem, &[], 3).count(), 0);
+        drop(buf);
+    }
+
+    #[test]
+    fn zero_pages_split_data_spans() {
+        let zeros = [11, 12, 15];
+        let (mut z, mut d) = (Vec::new(), Vec::new());
+        let r: Result<(), ()> = split_zero_spans(
+            10,
+            8,
+            |p| zeros.contains(&p),
+            |p| z.push(p),
+            |s, n| {
+                d.push((s, n));
+                Ok(())
+            },
+        );
+        assert!(r.is_ok());
+        // 10 | 11 12 zero | 13 14 | 15 zero | 16 17
+        assert_eq!(z, [11, 12, 15]);
+        assert_eq!(d, [(10, 1), (13, 2), (16, 2)]);
+        // An error from `data` stops the walk.
+        let mut calls = 0;
+        let r = split_zero_spans(
+            0,
+            8,
+            |p| p == 3,
+            |_| {},
+            |_, _| {
+                calls += 1;
+                Err("stop")
+            },
+        );
+        assert_eq!((r, calls), (Err("stop"), 1));
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{
-    join_worker, merge_worker_results, run_worker, DestTransport, PageStats, RecvCtx, SendCtx,
-    SourceTransport,
+    join_worker, merge_worker_results, page_runs, run_worker, split_zero_spans, DestTransport,
+    PageStats, RecvCtx, SendCtx, SourceTransport,
 };
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
@@ -95,52 +95,43 @@ fn send_stream(
         }
         runs.clear();
         spans.clear();
-        let mut j = 0;
-        while j < batch.len() {
-            let first = batch[j];
-            let mut k = j + 1;
-            while k < batch.len()
-                && batch[k] == batch[k - 1] + 1
-                && mem.same_region(batch[k - 1], batch[k])
-                && k - j < MAX_RUN_PAGES as usize
-            {
-                k += 1;
-            }
-            let count = k - j;
+        for (first, count) in page_runs(mem, batch, MAX_RUN_PAGES as usize) {
             let gpa = mem
                 .page_gpa(first)
                 .ok_or_else(|| MigrationError::Internal {
                     what: format!("page index {first} outside guest memory"),
                 })?;
             let mut zero = vec![0u8; count.div_ceil(8)];
-            let mut span: Option<usize> = None;
-            for t in 0..count {
-                let p = first + t;
-                if mem.is_zero_page(p) {
+            let (mut zeros, mut data) = (0, 0);
+            split_zero_spans(
+                first,
+                count,
+                |p| mem.is_zero_page(p),
+                |p| {
+                    let t = p - first;
                     zero[t / 8] |= 1 << (t % 8);
                     ctx.hashes.set(p, zero_page_hash());
-                    stats.zero_pages += 1;
-                    if let Some(s) = span.take() {
-                        spans.push((s, p - s));
-                    }
-                } else {
+                    zeros += 1;
+                },
+                |s, n| {
                     // Hashed from a copy taken now; if the guest writes the page before the
                     // kernel sends it, the page is dirty and goes again in a later round
                     // (at the latest in stop-and-copy, when both agree).
-                    ctx.hashes.set(p, mem.hash_page(p).unwrap_or(0));
-                    stats.pages += 1;
-                    span.get_or_insert(p);
-                }
-            }
-            if let Some(s) = span {
-                spans.push((s, first + count - s));
-            }
+                    for p in s..s + n {
+                        ctx.hashes.set(p, mem.hash_page(p).unwrap_or(0));
+                    }
+                    data += n as u64;
+                    spans.push((s, n));
+                    Ok::<_, MigrationError>(())
+                },
+            )?;
+            stats.zero_pages += zeros;
+            stats.pages += data;
             runs.push(Run {
                 gpa,
                 pages: count as u32,
                 zero,
             });
-            j = k;
         }
         encode_batch(&mut hdr, &runs);
         let mut iovs = Vec::with_capacity(spans.len() + 1);

@@ -20,8 +20,8 @@ use std::sync::Mutex;
 use tracing::debug;
 
 use super::{
-    join_worker, merge_worker_results, run_worker, DestTransport, PageStats, RecvCtx, SendCtx,
-    SourceTransport,
+    join_worker, merge_worker_results, page_runs, run_worker, split_zero_spans, DestTransport,
+    PageStats, RecvCtx, SendCtx, SourceTransport,
 };
 use crate::conn::Conn;
 use crate::digest::zero_page_hash;
@@ -295,19 +295,9 @@ impl CopyJob<'_> {
                 }
             }
             written.clear();
-            let mut j = 0;
-            while j < chunk.len() {
-                // A run: consecutive page indices inside one region (contiguous on both sides).
-                let first = chunk[j];
-                let mut k = j + 1;
-                while k < chunk.len()
-                    && chunk[k] == chunk[k - 1] + 1
-                    && self.mem.same_region(chunk[k - 1], chunk[k])
-                {
-                    k += 1;
-                }
-                self.copy_run(first, k - j, &mut written, &mut stats)?;
-                j = k;
+            // Runs: consecutive page indices inside one region (contiguous on both sides).
+            for (first, count) in page_runs(self.mem, chunk, usize::MAX) {
+                self.copy_run(first, count, &mut written, &mut stats)?;
             }
             if !written.is_empty() {
                 let f = encode(&Message::Written(std::mem::take(&mut written)));
@@ -345,27 +335,19 @@ impl CopyJob<'_> {
         ) else {
             return Err(outside());
         };
-        let mut span: Option<usize> = None; // offset (in pages) of the pending copy span
         let ours = written.len(); // entries before this are other runs (maybe other regions)
-        for t in 0..=count {
-            // In the first pass a page that is zero here *and* there needs no copy: the
-            // destination's table starts at the zero-page hash for every page. Both sides are
-            // checked, nothing is assumed about the destination's memory. A page the guest
-            // writes after our check is dirty and copied in a later round.
-            let skip = t < count
-                && self.first_pass
-                && self.mem.is_zero_page(first + t)
-                && self.remote.is_zero_page(first + t);
-            if t < count && !skip {
-                span.get_or_insert(t);
-                continue;
-            }
-            if skip {
-                self.ctx.hashes.set(first + t, zero_page_hash());
-                stats.zero_pages += 1;
-            }
-            let Some(s) = span.take() else { continue };
-            let n = t - s;
+        let mut zeros = 0;
+        // In the first pass a page that is zero here *and* there needs no copy: the
+        // destination's table starts at the zero-page hash for every page. Both sides are
+        // checked, nothing is assumed about the destination's memory. A page the guest writes
+        // after our check is dirty and copied in a later round.
+        let skip = |p| self.first_pass && self.mem.is_zero_page(p) && self.remote.is_zero_page(p);
+        let skipped = |p| {
+            self.ctx.hashes.set(p, zero_page_hash());
+            zeros += 1;
+        };
+        split_zero_spans(first, count, skip, skipped, |s, n| {
+            let off = (s - first) * PAGE_SIZE;
             // SAFETY: `run_addr` bounds-checked both runs inside live mappings (ours per the
             // GuestMemory invariant, the destination's mapped in `open`); they are distinct
             // mappings. The destination VM is paused until Commit and each page belongs to one
@@ -373,19 +355,19 @@ impl CopyJob<'_> {
             // makes the page dirty again.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    (from + s * PAGE_SIZE) as *const u8,
-                    (to + s * PAGE_SIZE) as *mut u8,
+                    (from + off) as *const u8,
+                    (to + off) as *mut u8,
                     n * PAGE_SIZE,
                 )
             };
             // Hash what landed, read back from the destination's memory (still in cache).
-            for p in first + s..first + t {
+            for p in s..s + n {
                 // SAFETY: only this thread writes page `p` of the destination's memory (see
                 // above) and it is done writing it.
                 let h = unsafe { self.remote.hash_page_unshared(p) }.ok_or_else(outside)?;
                 self.ctx.hashes.set(p, h);
             }
-            let span_gpa = gpa + (s * PAGE_SIZE) as u64;
+            let span_gpa = gpa + off as u64;
             let mine = written.len() > ours;
             match written.last_mut() {
                 Some((g, c)) if mine && *g + *c as u64 * PAGE_SIZE as u64 == span_gpa => {
@@ -395,7 +377,9 @@ impl CopyJob<'_> {
             }
             stats.pages += n as u64;
             stats.bytes += (n * PAGE_SIZE) as u64;
-        }
+            Ok::<_, MigrationError>(())
+        })?;
+        stats.zero_pages += zeros;
         Ok(())
     }
 }
