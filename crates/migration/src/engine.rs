@@ -470,7 +470,7 @@ fn run<V: MigratableVm + ?Sized>(
         } else {
             MigrationStatus::Completed
         },
-        transport: s.transport.name().into(),
+        transport: kind.name().into(),
         total_ms,
         downtime_ms,
         setup_ms,

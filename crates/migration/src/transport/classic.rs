@@ -33,10 +33,6 @@ fn send_err(e: std::io::Error) -> MigrationError {
 }
 
 impl SourceTransport for ClassicSource {
-    fn name(&self) -> &'static str {
-        "classic"
-    }
-
     fn precopy(&self) -> bool {
         true
     }
@@ -104,10 +100,6 @@ pub(crate) struct ClassicDest {
 }
 
 impl DestTransport for ClassicDest {
-    fn name(&self) -> &'static str {
-        "classic"
-    }
-
     fn copies_pages(&self) -> bool {
         true
     }

@@ -47,10 +47,6 @@ fn unix(control: &Conn) -> Result<&std::os::unix::net::UnixStream, MigrationErro
 pub(crate) struct HandoverSource;
 
 impl SourceTransport for HandoverSource {
-    fn name(&self) -> &'static str {
-        "handover"
-    }
-
     fn precopy(&self) -> bool {
         false
     }
@@ -124,10 +120,6 @@ impl HandoverDest {
 }
 
 impl DestTransport for HandoverDest {
-    fn name(&self) -> &'static str {
-        "handover"
-    }
-
     fn copies_pages(&self) -> bool {
         false
     }

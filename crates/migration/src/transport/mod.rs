@@ -224,13 +224,18 @@ impl FromStr for TransportKind {
     type Err = BadTransport;
     /// `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm` or `handover`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "classic" => Ok(TransportKind::Classic),
-            "shm" => Ok(TransportKind::Shm),
-            "handover" => Ok(TransportKind::Handover),
-            "multi-tcp" => Ok(TransportKind::multi_tcp_default()),
-            _ => s
-                .strip_prefix("multi-tcp:")
+        let default = TransportKind::multi_tcp_default();
+        let plain = [
+            TransportKind::Classic,
+            default,
+            TransportKind::Shm,
+            TransportKind::Handover,
+        ];
+        match plain.into_iter().find(|k| k.name() == s) {
+            Some(k) => Ok(k),
+            None => s
+                .strip_prefix(default.name())
+                .and_then(|n| n.strip_prefix(':'))
                 .and_then(|n| n.parse::<u32>().ok())
                 .filter(|n| DATA_STREAMS.contains(n))
                 .map(|streams| TransportKind::MultiTcp { streams })
@@ -273,8 +278,6 @@ impl PageStats {
 
 /// Source half of a transport.
 pub trait SourceTransport: Send {
-    /// Name for summaries.
-    fn name(&self) -> &'static str;
     /// True when pages are copied in pre-copy rounds (with a dirty log) and a stop-and-copy
     /// round; false when the memory changes hands instead (then only `before_pause` runs).
     fn precopy(&self) -> bool;
@@ -311,8 +314,6 @@ pub struct RecvCtx {
 
 /// Destination half of a transport.
 pub trait DestTransport: Send {
-    /// Name for summaries.
-    fn name(&self) -> &'static str;
     /// True when pages are copied into the destination's memory (so its page-hash table
     /// describes that memory and `verify_memory` can re-check it); false for adopted memory.
     fn copies_pages(&self) -> bool;

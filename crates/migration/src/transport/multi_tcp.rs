@@ -164,10 +164,6 @@ fn send_stream(
 }
 
 impl SourceTransport for MultiTcpSource {
-    fn name(&self) -> &'static str {
-        "multi-tcp"
-    }
-
     fn precopy(&self) -> bool {
         true
     }
@@ -421,10 +417,6 @@ fn panicked() -> MigrationError {
 }
 
 impl DestTransport for MultiTcpDest {
-    fn name(&self) -> &'static str {
-        "multi-tcp"
-    }
-
     fn copies_pages(&self) -> bool {
         true
     }

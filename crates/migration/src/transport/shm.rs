@@ -198,10 +198,6 @@ impl Drop for ShmSource {
 }
 
 impl SourceTransport for ShmSource {
-    fn name(&self) -> &'static str {
-        "shm"
-    }
-
     fn precopy(&self) -> bool {
         true
     }
@@ -403,10 +399,6 @@ impl ShmDest {
 }
 
 impl DestTransport for ShmDest {
-    fn name(&self) -> &'static str {
-        "shm"
-    }
-
     fn copies_pages(&self) -> bool {
         true
     }
