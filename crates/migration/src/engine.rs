@@ -24,7 +24,7 @@ use crate::conn::{Conn, Endpoint};
 use crate::convergence::{decide, Decision, History, Limits, Observation};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::handshake;
 use crate::options::MigrateOptions;
 use crate::protocol::{read_message, write_message, Complete, Message};
@@ -95,7 +95,7 @@ fn session_id() -> u64 {
 struct Sender<'a, V: ?Sized> {
     vm: &'a V,
     opts: &'a MigrateOptions,
-    mem: GuestMemory,
+    mem: MemoryView,
     transport: Box<dyn SourceTransport>,
     hashes: PageHashes,
     bucket: Option<TokenBucket>,
@@ -266,7 +266,7 @@ fn run<V: MigratableVm + ?Sized>(
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
     let layout = vm.layout();
-    let mem = GuestMemory::new(&vm.memory())?;
+    let mem = MemoryView::new(&vm.memory())?;
     let npages = mem.pages();
 
     // Setup: connect, handshake, transport.

@@ -58,7 +58,7 @@ pub use conn::{BadEndpoint, Conn, Endpoint, Listener};
 pub use digest::{hash_page_bytes, PageHashes};
 pub use engine::migrate;
 pub use error::MigrationError;
-pub use guestmem::{BadRegion, GuestMemory};
+pub use guestmem::{BadRegion, MemoryView};
 pub use options::{BadPolicy, MigrateOptions, OnNoConverge, ProgressFn, DEFAULT_DOWNTIME_LIMIT};
 pub use receive::{receive, IncomingVm, MakeVm, ReceiveOptions};
 pub use summary::{MigrationStatus, MigrationSummary, Phase, Progress, ReceiveSummary, RoundStats};

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 use crate::conn::{Conn, Listener};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::handshake;
 use crate::protocol::{read_message, write_message, Message, ProtocolError, Resumed};
 use crate::summary::ReceiveSummary;
@@ -324,7 +324,7 @@ fn run<V: MigratableVm>(
     let kind = hello.transport;
     let vm = choose_vm(control, &hello.layout, kind, version, vm)?;
     let memory = vm.memory();
-    let mem = GuestMemory::new(&memory)?;
+    let mem = MemoryView::new(&memory)?;
     let ctx = RecvCtx {
         hashes: Arc::new(PageHashes::new(mem.pages())),
         mem,

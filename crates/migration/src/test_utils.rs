@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rustix::fs::{fstat, ftruncate, memfd_create, MemfdFlags};
 use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
 
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::vm::{
     DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE,
 };
@@ -57,7 +57,7 @@ struct Inner {
     fd: OwnedFd,
     addr: usize,
     layout: VmLayout,
-    mem: GuestMemory,
+    mem: MemoryView,
     dirty: Mutex<DirtyBitmap>,
     tracking: AtomicBool,
     paused: AtomicBool,
@@ -153,7 +153,7 @@ impl SoftVm {
             });
             off += size;
         }
-        let mem = GuestMemory::new(&mrs).map_err(|e| VmError::with_source("softvm memory", e))?;
+        let mem = MemoryView::new(&mrs).map_err(|e| VmError::with_source("softvm memory", e))?;
         let layout = VmLayout {
             regions: regions
                 .iter()

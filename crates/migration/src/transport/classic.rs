@@ -6,7 +6,7 @@ use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
 use crate::conn::Conn;
 use crate::digest::{hash_page_bytes, zero_page_hash};
 use crate::error::{wire, MigrationError};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::{encode_page, Message, ProtocolError};
 use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
@@ -43,7 +43,7 @@ impl SourceTransport for ClassicSource {
 
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {

@@ -17,7 +17,7 @@ use super::{DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport};
 use crate::conn::Conn;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::{recv_memory, send_memory};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::{read_message, write_message, Message};
 use crate::vm::{MemoryRegion, VmLayout};
 
@@ -69,7 +69,7 @@ impl SourceTransport for HandoverSource {
 
     fn send_pages(
         &mut self,
-        _: &GuestMemory,
+        _: &MemoryView,
         pages: &[usize],
         _: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {

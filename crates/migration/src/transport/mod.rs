@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::PageHashes;
 use crate::error::MigrationError;
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::Message;
 use crate::util::{CancelToken, TokenBucket};
 use crate::vm::{MemoryRegion, VmLayout};
@@ -292,7 +292,7 @@ pub trait SourceTransport: Send {
     /// hashes in `ctx.hashes`. Returns once every byte is handed to the kernel.
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError>;
@@ -307,7 +307,7 @@ pub trait SourceTransport: Send {
 #[derive(Debug, Clone)]
 pub struct RecvCtx {
     /// Destination guest memory.
-    pub mem: GuestMemory,
+    pub mem: MemoryView,
     /// Destination page-hash table.
     pub hashes: Arc<PageHashes>,
 }
@@ -339,7 +339,7 @@ pub trait DestTransport: Send {
 /// Splits `pages` (ascending page indices) into runs of consecutive pages that lie in one
 /// region (so contiguous in memory on both sides), at most `max` pages each: `(first, count)`.
 pub(crate) fn page_runs<'a>(
-    mem: &'a GuestMemory,
+    mem: &'a MemoryView,
     pages: &'a [usize],
     max: usize,
 ) -> impl Iterator<Item = (usize, usize)> + 'a {
@@ -465,7 +465,7 @@ mod tests {
             fd: None,
             fd_offset: 0,
         };
-        let mem = GuestMemory::new(&[region(0), region(1)]).expect("memory");
+        let mem = MemoryView::new(&[region(0), region(1)]).expect("memory");
         let pages = [0, 1, 2, 3, 4, 5, 7];
         let runs: Vec<_> = page_runs(&mem, &pages, 100).collect();
         assert_eq!(runs, [(0, 4), (4, 2), (7, 1)]);

@@ -18,7 +18,7 @@ use super::{
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::{
     encode_batch, read_message, write_message, Message, ProtocolError, Run, HEADER_LEN,
     MAX_RUN_PAGES,
@@ -79,7 +79,7 @@ fn send_err(e: std::io::Error) -> MigrationError {
 /// Sends `list` (this stream's share of the pages, ascending) in batches.
 fn send_stream(
     conn: &mut Conn,
-    mem: &GuestMemory,
+    mem: &MemoryView,
     list: &[usize],
     ctx: &SendCtx<'_>,
     stop: &CancelToken,
@@ -153,7 +153,7 @@ fn send_stream(
             }
         }
         // SAFETY: the first iovec covers `hdr`, alive for this call; the others come from
-        // `run_addr`, which bounds-checks them inside a live guest mapping (GuestMemory
+        // `run_addr`, which bounds-checks them inside a live guest mapping (MemoryView
         // invariant). The kernel only reads them.
         unsafe { send_all(fd, &mut iovs) }.map_err(send_err)?;
         stats.bytes += total as u64;
@@ -174,7 +174,7 @@ impl SourceTransport for MultiTcpSource {
 
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {

@@ -27,7 +27,7 @@ use crate::conn::Conn;
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
 use crate::fdpass::{recv_memory, send_memory};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::{encode, Message, ProtocolError};
 use crate::util::CancelToken;
 use crate::vm::{MemoryRegion, VmLayout, PAGE_SIZE};
@@ -58,7 +58,7 @@ fn setup_err(reason: impl Into<String>) -> MigrationError {
 /// The destination's memory, mapped into the source process.
 pub(crate) struct ShmSource {
     control: Conn,
-    remote: GuestMemory,
+    remote: MemoryView,
     maps: Vec<(usize, usize)>,
     /// Copy threads per `send_pages` call.
     threads: usize,
@@ -77,7 +77,7 @@ impl ShmSource {
         let offered = recv_memory(sock, layout, "shm setup")?;
         let mut me = Self {
             control: clone(control)?,
-            remote: GuestMemory::new(&[]).map_err(MigrationError::Memory)?,
+            remote: MemoryView::new(&[]).map_err(MigrationError::Memory)?,
             maps: Vec::new(),
             threads: copy_threads(),
             first_pass_done: false,
@@ -96,7 +96,7 @@ impl ShmSource {
                 fd_offset: 0,
             });
         }
-        me.remote = GuestMemory::new(&mrs)?;
+        me.remote = MemoryView::new(&mrs)?;
         let map_ms = started.elapsed().as_secs_f64() * 1e3;
         debug!(map_ms, "destination memory mapped and populated");
         Ok(me)
@@ -106,7 +106,7 @@ impl ShmSource {
 #[cfg(test)]
 impl ShmSource {
     /// A source writing into `remote` directly (no fd passing), for unit tests.
-    fn from_parts(control: Conn, remote: GuestMemory, threads: usize) -> Self {
+    fn from_parts(control: Conn, remote: MemoryView, threads: usize) -> Self {
         Self {
             control,
             remote,
@@ -208,7 +208,7 @@ impl SourceTransport for ShmSource {
 
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {
@@ -261,8 +261,8 @@ impl SourceTransport for ShmSource {
 /// One `send_pages` call, shared by the copy threads: each takes the next chunk of
 /// `NOTIFY_PAGES` pages, copies it and names it in one `Written` frame.
 struct CopyJob<'a> {
-    mem: &'a GuestMemory,
-    remote: &'a GuestMemory,
+    mem: &'a MemoryView,
+    remote: &'a MemoryView,
     chunks: &'a [&'a [usize]],
     next: &'a AtomicUsize,
     /// Set by a failing thread so that its sibling stops at its next chunk.
@@ -345,7 +345,7 @@ impl CopyJob<'_> {
         split_zero_spans(first, count, skip, skipped, |s, n| {
             let off = (s - first) * PAGE_SIZE;
             // SAFETY: `run_addr` bounds-checked both runs inside live mappings (ours per the
-            // GuestMemory invariant, the destination's mapped in `open`); they are distinct
+            // MemoryView invariant, the destination's mapped in `open`); they are distinct
             // mappings. The destination VM is paused until Commit and each page belongs to one
             // copy thread, so nothing else writes `to`; the guest may write `from`, which only
             // makes the page dirty again.
@@ -487,8 +487,8 @@ mod tests {
             }
         }
 
-        fn mem(&self) -> GuestMemory {
-            GuestMemory::new(&[MemoryRegion {
+        fn mem(&self) -> MemoryView {
+            MemoryView::new(&[MemoryRegion {
                 gpa: 0,
                 size: self.len as u64,
                 host_addr: self.addr,
@@ -501,7 +501,7 @@ mod tests {
 
     impl Drop for Anon {
         fn drop(&mut self) {
-            // SAFETY: unmapping our own mapping; every GuestMemory over it is gone by now.
+            // SAFETY: unmapping our own mapping; every MemoryView over it is gone by now.
             unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
         }
     }
@@ -527,7 +527,7 @@ mod tests {
         pages
     }
 
-    fn send(t: &mut ShmSource, src: &GuestMemory, pages: &[usize], h: &PageHashes) -> PageStats {
+    fn send(t: &mut ShmSource, src: &MemoryView, pages: &[usize], h: &PageHashes) -> PageStats {
         let cancel = CancelToken::new();
         let done = AtomicU64::new(0);
         let ctx = SendCtx {
