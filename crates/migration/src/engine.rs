@@ -255,6 +255,128 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
     }
 }
 
+impl<V: MigratableVm + ?Sized> Sender<'_, V> {
+    /// Pre-copy: the full pass, then rounds of dirty pages until the stop rule
+    /// ([`decide`]) says stop. Returns the pages still dirty, whether the stop was forced,
+    /// and the last dirty rate.
+    fn precopy(
+        &mut self,
+        control: &mut Conn,
+        g: &mut Guard,
+    ) -> Result<(DirtyBitmap, bool, f64), MigrationError> {
+        let opts = self.opts;
+        self.vm
+            .start_dirty_log()
+            .map_err(MigrationError::DirtyLog)?;
+        g.dirty_on = true;
+        // The log counts from here: the first sync's pages were dirtied during the full pass.
+        let mut last_sync = Instant::now();
+        let all: Vec<usize> = (0..self.mem.pages()).collect();
+        self.send_round(&all, 0.0, false)?;
+        self.end_round(control)?;
+        let mut history = History::default();
+        let limits = Limits {
+            downtime: opts.downtime_limit,
+            max_rounds: opts.max_rounds,
+            on_no_converge: opts.on_no_converge,
+        };
+        let mut warned = false;
+        loop {
+            if opts.cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let pending = self
+                .vm
+                .sync_dirty_log()
+                .map_err(MigrationError::DirtyLogSync)?;
+            let now = Instant::now();
+            let dirty = pending.count();
+            let dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
+            last_sync = now;
+            self.progress(Phase::PreCopy, dirty, dirty_rate);
+            let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / self.bandwidth());
+            let rounds = self.rounds.len() as u32;
+            debug!(rounds, dirty, ?est, "dirty log synced");
+            let seen = Observation {
+                dirty,
+                dirty_rate,
+                est,
+                rounds,
+                bandwidth_mib_s: self.bandwidth() / MIB,
+            };
+            let (decision, next) = decide(history, &seen, &limits);
+            history = next;
+            match decision {
+                Decision::StopAndCopy => return Ok((pending, false, dirty_rate)),
+                Decision::Force { reason } => {
+                    warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
+                    return Ok((pending, true, dirty_rate));
+                }
+                Decision::Fail { reason } => {
+                    return Err(MigrationError::NotConverged { rounds, reason })
+                }
+                Decision::AnotherRound { stalling } => {
+                    if let (Some(reason), false) = (stalling, warned) {
+                        warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
+                        warned = true;
+                    }
+                }
+            }
+            let list: Vec<usize> = pending.iter_dirty().collect();
+            self.send_round(&list, dirty_rate, false)?;
+            self.end_round(control)?;
+        }
+    }
+
+    /// Pauses the VM and sends what is still dirty (`pending` and whatever the guest wrote
+    /// since). Returns the pause instant.
+    fn stop_and_copy(
+        &mut self,
+        control: &mut Conn,
+        g: &mut Guard,
+        pending: &DirtyBitmap,
+        dirty_rate: f64,
+    ) -> Result<Instant, MigrationError> {
+        self.transport.before_pause(control, &self.vm.memory())?;
+        if self.opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
+        g.paused = true;
+        self.vm.pause().map_err(MigrationError::Pause)?;
+        let paused_at = Instant::now();
+        let last = self
+            .vm
+            .sync_dirty_log()
+            .map_err(MigrationError::DirtyLogSync)?;
+        let mut fin = DirtyBitmap::new(self.mem.pages());
+        fin.union_with(pending);
+        fin.union_with(&last);
+        let list: Vec<usize> = fin.iter_dirty().collect();
+        self.send_round(&list, dirty_rate, true)?;
+        self.transport.finish()?;
+        self.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
+        g.dirty_on = false;
+        Ok(paused_at)
+    }
+
+    /// A transport that moves no page: its hook runs while the VM still runs, then the
+    /// pause. Returns the pause instant.
+    fn hand_over(&mut self, control: &mut Conn, g: &mut Guard) -> Result<Instant, MigrationError> {
+        if self.opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        self.transport.before_pause(control, &self.vm.memory())?;
+        if self.opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
+        g.paused = true;
+        self.vm.pause().map_err(MigrationError::Pause)?;
+        Ok(Instant::now())
+    }
+}
+
 const MIB: f64 = 1024.0 * 1024.0;
 
 fn run<V: MigratableVm + ?Sized>(
@@ -312,107 +434,12 @@ fn run<V: MigratableVm + ?Sized>(
     };
     s.progress(Phase::Setup, npages, 0.0);
 
-    let (paused_at, forced, dirty_rate) = if !s.transport.precopy() {
-        // The memory changes hands instead: the transport's hook runs while the VM still
-        // runs, then the pause.
-        if opts.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        s.transport.before_pause(&mut control, &vm.memory())?;
-        if opts.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
-        g.paused = true;
-        vm.pause().map_err(MigrationError::Pause)?;
-        (Instant::now(), false, 0.0)
-    } else {
-        // Pre-copy.
-        s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
-        g.dirty_on = true;
-        // The log counts from here: the first sync's pages were dirtied during the full pass.
-        let mut last_sync = Instant::now();
-        let all: Vec<usize> = (0..npages).collect();
-        s.send_round(&all, 0.0, false)?;
-        s.end_round(&mut control)?;
-        let mut history = History::default();
-        let limits = Limits {
-            downtime: opts.downtime_limit,
-            max_rounds: opts.max_rounds,
-            on_no_converge: opts.on_no_converge,
-        };
-        let mut forced = false;
-        let mut warned = false;
-        let mut pending;
-        let mut dirty_rate;
-        loop {
-            if opts.cancel.is_cancelled() {
-                return Err(MigrationError::Cancelled);
-            }
-            let bm =
-                s.vm.sync_dirty_log()
-                    .map_err(MigrationError::DirtyLogSync)?;
-            let now = Instant::now();
-            pending = bm;
-            let dirty = pending.count();
-            dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
-            last_sync = now;
-            s.progress(Phase::PreCopy, dirty, dirty_rate);
-            let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
-            let rounds = s.rounds.len() as u32;
-            debug!(rounds, dirty, ?est, "dirty log synced");
-            let seen = Observation {
-                dirty,
-                dirty_rate,
-                est,
-                rounds,
-                bandwidth_mib_s: s.bandwidth() / MIB,
-            };
-            let (decision, next) = decide(history, &seen, &limits);
-            history = next;
-            match decision {
-                Decision::StopAndCopy => break,
-                Decision::Force { reason } => {
-                    warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
-                    forced = true;
-                    break;
-                }
-                Decision::Fail { reason } => {
-                    return Err(MigrationError::NotConverged { rounds, reason })
-                }
-                Decision::AnotherRound { stalling } => {
-                    if let (Some(reason), false) = (stalling, warned) {
-                        warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
-                        warned = true;
-                    }
-                }
-            }
-            let list: Vec<usize> = pending.iter_dirty().collect();
-            s.send_round(&list, dirty_rate, false)?;
-            s.end_round(&mut control)?;
-        }
-
-        // Stop-and-copy.
-        s.transport.before_pause(&mut control, &vm.memory())?;
-        if opts.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
-        g.paused = true;
-        s.vm.pause().map_err(MigrationError::Pause)?;
-        let paused_at = Instant::now();
-        let last =
-            s.vm.sync_dirty_log()
-                .map_err(MigrationError::DirtyLogSync)?;
-        let mut fin = DirtyBitmap::new(npages);
-        fin.union_with(&pending);
-        fin.union_with(&last);
-        let list: Vec<usize> = fin.iter_dirty().collect();
-        s.send_round(&list, dirty_rate, true)?;
-        s.transport.finish()?;
-        s.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
-        g.dirty_on = false;
+    let (paused_at, forced, dirty_rate) = if s.transport.precopy() {
+        let (pending, forced, dirty_rate) = s.precopy(&mut control, g)?;
+        let paused_at = s.stop_and_copy(&mut control, g, &pending, dirty_rate)?;
         (paused_at, forced, dirty_rate)
+    } else {
+        (s.hand_over(&mut control, g)?, false, 0.0)
     };
     let state = s.vm.save_state().map_err(MigrationError::SaveState)?;
     let rounds = s.rounds.len() as u32;
