@@ -568,3 +568,110 @@ fn silent_multi_tcp_source_times_out_and_stops_receivers() {
     );
     assert_eq!(dst.resume_count(), 0);
 }
+
+/// A scripted multi-tcp source with one data stream, handshake done: (control, data).
+fn multi_tcp_source_into(dst: &SoftVm, addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
+    let mut c = TcpStream::connect(addr).expect("connect");
+    let hello = Message::Hello(Hello {
+        version: protocol::PROTOCOL_VERSION,
+        max_version: protocol::PROTOCOL_VERSION,
+        layout: dst.layout(),
+        transport: TransportKind::MultiTcp { streams: 1 },
+        session: 43,
+    });
+    write_message(&mut c, &hello).expect("hello");
+    let Ok(Message::HelloReply(rep)) = read_message(&mut c) else {
+        panic!("no reply")
+    };
+    assert!(rep.accepted);
+    let mut data = TcpStream::connect(addr).expect("data connect");
+    let data_hello = Message::DataHello {
+        session: 43,
+        stream: 0,
+    };
+    write_message(&mut data, &data_hello).expect("data hello");
+    (c, data)
+}
+
+#[test]
+fn round_ack_waits_until_the_rounds_data_has_landed() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let Ok(Endpoint::Tcp(addr)) = l.endpoint() else {
+        unreachable!()
+    };
+    std::thread::scope(|s| {
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
+        let (mut c, mut data) = multi_tcp_source_into(&dst, addr);
+        // One run of one page at gpa 0, its bytes after the descriptor.
+        let mut batch = Vec::new();
+        protocol::encode_batch(
+            &mut batch,
+            &[protocol::Run {
+                gpa: 0,
+                pages: 1,
+                zero: vec![0],
+            }],
+        );
+        let data_bytes = (batch.len() + PAGE_SIZE) as u64;
+        // The round's end is announced before its data is sent: no ack may come yet.
+        write_message(
+            &mut c,
+            &Message::RoundEnd {
+                round: 1,
+                data_bytes,
+            },
+        )
+        .expect("round end");
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let early = read_message(&mut c);
+        assert!(
+            matches!(early, Err(ProtocolError::Io(ref e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+            "acknowledged a round whose data had not arrived: {early:?}"
+        );
+        std::io::Write::write_all(&mut data, &batch).expect("batch");
+        std::io::Write::write_all(&mut data, &[0x77; PAGE_SIZE]).expect("page");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let ack = read_message(&mut c).expect("ack");
+        assert_eq!(ack, Message::RoundAck { round: 1 });
+        // The ack promises the page is in guest memory.
+        assert_eq!(dst.snapshot()[..PAGE_SIZE], [0x77; PAGE_SIZE]);
+        drop((c, data));
+        let _ = h.join();
+    });
+    assert_eq!(dst.resume_count(), 0);
+}
+
+#[test]
+fn round_data_that_never_arrives_times_out() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let Ok(Endpoint::Tcp(addr)) = l.endpoint() else {
+        unreachable!()
+    };
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
+        let (mut c, data) = multi_tcp_source_into(&dst, addr);
+        let end = Message::RoundEnd {
+            round: 1,
+            data_bytes: 4096,
+        };
+        write_message(&mut c, &end).expect("round end");
+        // ... and the data never comes, on a stream that stays open.
+        let r = h.join().expect("join");
+        drop((c, data));
+        r
+    });
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Timeout {
+                phase: "receiving pages"
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(dst.resume_count(), 0);
+}
