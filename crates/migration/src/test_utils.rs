@@ -535,8 +535,18 @@ impl ScriptedSource {
         layout: &VmLayout,
         versions: std::ops::RangeInclusive<u16>,
     ) -> Result<Self, crate::MigrationError> {
+        let conn = crate::Conn::connect(dest, Duration::from_secs(5))?;
+        Self::handshake(conn, layout, versions)
+    }
+
+    /// Like [`ScriptedSource::connect_speaking`] on a connection the test opened itself
+    /// (for example to wait before saying `Hello`).
+    pub fn handshake(
+        mut conn: crate::Conn,
+        layout: &VmLayout,
+        versions: std::ops::RangeInclusive<u16>,
+    ) -> Result<Self, crate::MigrationError> {
         use crate::protocol::{read_message, write_message, Hello, Message};
-        let mut conn = crate::Conn::connect(dest, Duration::from_secs(5))?;
         let hello = Hello {
             version: *versions.start(),
             max_version: *versions.end(),

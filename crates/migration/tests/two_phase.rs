@@ -8,7 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_source_intact, frame_dropping_proxy, loopback, receive_into, MIB};
-use fastmig_migration::protocol::{read_message, write_message, Message, ProtocolError};
+use fastmig_migration::protocol::{
+    read_message, write_message, Message, ProtocolError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use fastmig_migration::test_utils::{ScriptedSource, SoftVm};
 use fastmig_migration::{
     migrate, Listener, MigratableVm, MigrateOptions, MigrationError, ReceiveOptions,
@@ -177,8 +179,9 @@ fn verify_memory_names_the_page_written_behind_the_transport() {
             src.end_round(),
             Ok(Message::RoundAck { round: 1 })
         ));
-        // One page in 1024 is stamped: page 0 of the 1024, which was sent as all 7s.
-        dst.fill(1.0 / 1024.0);
+        // Two pages in 1024 are stamped: page 0 (sent as all 7s) and page 512 (never sent,
+        // so recorded as zero).
+        dst.fill(2.0 / 1024.0);
         let answer = src.complete(b"s").expect("answer");
         assert!(
             matches!(answer, Message::Failed { ref reason } if reason.contains("page 0")),
@@ -191,11 +194,109 @@ fn verify_memory_names_the_page_written_behind_the_transport() {
             r,
             Err(MigrationError::VerifyMismatch {
                 page: 0,
-                mismatched: 1
+                mismatched: 2
             })
         ),
         "{r:?}"
     );
     assert_never_resumed(&dst);
     assert!(dst.restored_state().is_none(), "verified before restoring");
+}
+
+#[test]
+fn setup_and_total_times_are_in_milliseconds_from_the_sources_arrival() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l: Listener = loopback();
+    let ep = l.endpoint().expect("endpoint");
+    let pause = Duration::from_millis(100);
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| receive_into(&dst, &l, &ropts()));
+        let conn = fastmig_migration::Conn::connect(&ep, Duration::from_secs(5)).expect("conn");
+        // Setup runs from the connection to the transport being ready: it includes this.
+        std::thread::sleep(pause);
+        let versions = MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION;
+        let mut src = ScriptedSource::handshake(conn, &dst.layout(), versions).expect("hello");
+        src.send_page(0, 1).expect("page");
+        assert!(matches!(src.complete(b"s"), Ok(Message::Ready)));
+        write_message(src.conn(), &Message::Commit).expect("commit");
+        let _ = read_message(src.conn());
+        h.join().expect("receiver")
+    });
+    let s = r.expect("receive");
+    assert!(s.setup_ms >= pause.as_secs_f64() * 1e3, "{s:?}");
+    assert!(s.setup_ms <= s.total_ms, "{s:?}");
+}
+
+/// Burns about `secs` of CPU on the calling thread.
+fn burn_cpu(secs: f64) {
+    let start = fastmig_migration::thread_cpu_time();
+    let mut x = 1u64;
+    while fastmig_migration::thread_cpu_time() - start < secs {
+        for i in 0..100_000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+    }
+}
+
+#[test]
+fn destination_cpu_counts_only_the_migration() {
+    // The receiving thread has already used CPU before the source arrives; that CPU is not
+    // the migration's.
+    let before = 0.5;
+    let src = SoftVm::new(4 * MIB).expect("src");
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let ep = l.endpoint().expect("endpoint");
+    let (r, d) = std::thread::scope(|s| {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (dst, l) = (&dst, &l);
+        let h = s.spawn(move || {
+            burn_cpu(before);
+            let _ = ready_tx.send(());
+            receive_into(dst, l, &ropts())
+        });
+        let _ = ready_rx.recv();
+        (
+            migrate(&src, &ep, &MigrateOptions::default()),
+            h.join().expect("receiver"),
+        )
+    });
+    let (s, d) = (r.expect("migration"), d.expect("receive"));
+    assert!(d.dst_cpu_s > 0.0 && d.dst_cpu_s < before, "{d:?}");
+    assert_eq!(
+        s.dst_cpu_s, d.dst_cpu_s,
+        "the source reports the destination's figure"
+    );
+}
+
+#[test]
+fn verify_memory_does_not_apply_to_adopted_memory() {
+    // Nothing is copied in a handover, so there is no transfer record to check the memory
+    // against: asking for verification must not fail it.
+    let src = SoftVm::new(4 * MIB).expect("src");
+    src.fill(0.5);
+    let ep = fastmig_migration::Endpoint::Unix(std::env::temp_dir().join(format!(
+        "fastmig-verify-handover-{}.sock",
+        std::process::id()
+    )));
+    let l = Listener::bind(&ep).expect("bind");
+    let opts = MigrateOptions {
+        transport: fastmig_migration::TransportKind::Handover,
+        ..Default::default()
+    };
+    let ropts = ReceiveOptions {
+        verify_memory: true,
+        ..ropts()
+    };
+    let (r, d) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let adopt = fastmig_migration::IncomingVm::OnDemand(Box::new(SoftVm::incoming));
+            fastmig_migration::receive(&l, &ropts, adopt)
+        });
+        (migrate(&src, &ep, &opts), h.join().expect("receiver"))
+    });
+    r.expect("handover");
+    let (dst, d) = d.expect("receive");
+    assert!(d.digest_match && dst.is_running());
 }
