@@ -134,7 +134,7 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
                     round: self.rounds.len() as u32,
                     remaining_pages: pages.len() as u64,
                     dirty_rate_pages_s: dirty_rate,
-                    bandwidth_mib_s: self.bandwidth() / MIB,
+                    bandwidth_mib_s: 0.0, // each tick measures this round's
                     bytes_sent: self.total.bytes,
                     pages_sent: self.total.pages,
                     elapsed_ms: 0.0,
