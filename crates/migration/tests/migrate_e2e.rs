@@ -230,8 +230,8 @@ fn progress_ticks_inside_a_long_round() {
         assert!(p.pages_sent > 0, "{p:?}");
         assert_eq!(p.pages_sent + p.remaining_pages, 2048, "{p:?}");
         assert_eq!(p.bytes_sent, p.pages_sent * PAGE_SIZE as u64, "{p:?}");
-        // Measured over the round so far: the 4 MiB/s cap, plus the bucket's 1 MiB burst early on.
-        assert!(p.bandwidth_mib_s > 0.0 && p.bandwidth_mib_s < 16.0, "{p:?}");
+        // Over the round so far: the 4 MiB/s cap, plus the 1 MiB burst early on.
+        assert!(p.bandwidth_mib_s > 0.0 && p.bandwidth_mib_s < 32.0, "{p:?}");
     }
 }
 
