@@ -1,7 +1,7 @@
 //! The destination's handshake and session on arbitrary bytes from one peer over loopback:
-//! `receive_on` must refuse (or, for a well-formed session, finish) without panicking, and
-//! give up at its deadlines. (What `receive` adds before it, reading a first frame per
-//! connection, is the wire decoder's target.)
+//! `receive` must refuse (or, for a well-formed session, finish) without panicking, and give
+//! up at its deadlines: a first frame that is not a `Hello` is a stray connection, refused
+//! while it keeps waiting until its accept deadline.
 #![no_main]
 
 use std::io::Write;
@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use fastmig_migration::test_utils::SoftVm;
-use fastmig_migration::{receive_on, Conn, Endpoint, Listener, ReceiveOptions};
+use fastmig_migration::{receive, Conn, Endpoint, IncomingVm, Listener, ReceiveOptions};
 use libfuzzer_sys::fuzz_target;
 
 struct Fixture {
@@ -43,9 +43,6 @@ fuzz_target!(|data: &[u8]| {
     if let Conn::Tcp(s) = &peer {
         let _ = s.shutdown(std::net::Shutdown::Write);
     }
-    let Ok(conn) = f.listener.accept(Some(Duration::from_secs(1))) else {
-        return;
-    };
-    let _ = receive_on(&f.vm, conn, &f.listener, &opts);
+    let _ = receive(&f.listener, &opts, IncomingVm::Only(&f.vm));
     drop(peer);
 });

@@ -194,18 +194,29 @@ fn points(grid: &Grid) -> Result<Vec<Point>> {
             for mem in &a.mem {
                 let mem = units::parse_size(mem).map_err(anyhow::Error::msg)?;
                 for w in &a.workload {
-                    let wss = units::parse_size(&w.wss).map_err(anyhow::Error::msg)?.min(mem / 2) / 4096 * 4096;
+                    let wss = units::parse_size(&w.wss)
+                        .map_err(anyhow::Error::msg)?
+                        .min(mem / 2)
+                        / 4096
+                        * 4096;
                     for link in &a.link {
                         for cap in &a.cap {
                             for &transport in &a.transport {
                                 for limit in &a.downtime_limit {
                                     let link = match (link, transport.uses_link()) {
-                                        (Some(l), true) => Some(units::parse_bandwidth(l).map_err(anyhow::Error::msg)? as f64),
+                                        (Some(l), true) => Some(
+                                            units::parse_bandwidth(l).map_err(anyhow::Error::msg)?
+                                                as f64,
+                                        ),
                                         _ => None,
                                     };
-                                    let cap =
-                                        cap.as_deref().map(units::parse_bandwidth).transpose().map_err(anyhow::Error::msg)?;
-                                    let limit = units::parse_duration(limit).map_err(anyhow::Error::msg)?;
+                                    let cap = cap
+                                        .as_deref()
+                                        .map(units::parse_bandwidth)
+                                        .transpose()
+                                        .map_err(anyhow::Error::msg)?;
+                                    let limit =
+                                        units::parse_duration(limit).map_err(anyhow::Error::msg)?;
                                     for rep in 0..grid.repeat.max(1) {
                                         let key = format!(
                                             "{}|{}|{:?}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}|{rep}",
@@ -284,9 +295,8 @@ pub fn main(args: SweepArgs) -> Result<()> {
         csv.display(),
         todo.len()
     );
-    let signalled = || {
-        fastmig_host::run::termination_flag().load(std::sync::atomic::Ordering::SeqCst)
-    };
+    let signalled =
+        || fastmig_host::run::termination_flag().load(std::sync::atomic::Ordering::SeqCst);
     signalled();
     let work = tempfile::Builder::new().prefix("fastmig-sweep").tempdir()?;
     let link = if todo.iter().any(|p| p.transport.uses_link()) {
@@ -404,8 +414,7 @@ fn one_run(
         "--prefill".into(),
     ];
     let boot = Duration::from_secs(120);
-    let mut src =
-        ChildVm::spawn_wrapped("source", &src_wrap, &run_args, work, args.verbose, boot)?;
+    let mut src = ChildVm::spawn_wrapped("source", &src_wrap, &run_args, work, args.verbose, boot)?;
     src.wait_status("running", boot, |st| {
         st.status == fastmig_host::RunStatus::Running
     })?;

@@ -134,6 +134,7 @@ fn a_hello_larger_than_max_mem_is_refused_before_any_allocation() {
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let hello = Hello {
         version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         layout: VmLayout {
             regions: vec![RegionLayout {
                 gpa: 0,
@@ -142,8 +143,7 @@ fn a_hello_larger_than_max_mem_is_refused_before_any_allocation() {
             vcpus: 1,
             features: u64::from(fastmig_vmm::STATE_VERSION),
         },
-        transport: "classic".into(),
-        data_streams: 0,
+        transport: fastmig_migration::TransportKind::Classic,
         session: 1,
     };
     s.write_all(&encode(&Message::Hello(hello))).expect("hello");

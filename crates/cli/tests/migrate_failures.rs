@@ -17,7 +17,7 @@ use common::*;
 use fastmig_migration::protocol::{
     encode, encode_with_version, read_message, Hello, HelloReply, Message, PROTOCOL_VERSION,
 };
-use fastmig_migration::{RegionLayout, VmLayout};
+use fastmig_migration::{RegionLayout, TransportKind, VmLayout};
 use serde_json::json;
 
 /// A verify VM whose every page holds data, so that a capped transfer takes seconds
@@ -52,9 +52,9 @@ fn layout(mem_bytes: u64) -> VmLayout {
 fn hello(mem_bytes: u64, version: u16) -> Message {
     Message::Hello(Hello {
         version,
+        max_version: version,
         layout: layout(mem_bytes),
-        transport: "classic".into(),
-        data_streams: 0,
+        transport: TransportKind::Classic,
         session: 0x5eed,
     })
 }
@@ -284,7 +284,8 @@ fn migrate_to_a_newer_destination(
         let Message::Hello(h) = got else {
             panic!("expected Hello, got {got:?}")
         };
-        assert_eq!(h.version, PROTOCOL_VERSION);
+        // The source offers every version it speaks, up to this one.
+        assert_eq!(h.max_version, PROTOCOL_VERSION);
         let reply = Message::HelloReply(HelloReply {
             version: other,
             accepted,

@@ -227,9 +227,9 @@ fn receive_and_serve(
                 "destination memory prepared"
             );
             process.set_vm(Arc::clone(&vm));
-            IncomingVm::Prepared(KvmMigratable::new(vm))
+            Some(KvmMigratable::new(vm))
         }
-        None => IncomingVm::OnDemand,
+        None => None,
     };
     let listen_err = |source| HostError::Listen {
         endpoint: cfg.listen.to_string(),
@@ -245,8 +245,7 @@ fn receive_and_serve(
                     source: e,
                 })
             })?;
-            let config =
-                fastmig_migration::tls::server_config(files).map_err(HostError::Tls)?;
+            let config = fastmig_migration::tls::server_config(files).map_err(HostError::Tls)?;
             let (tunnel, inner) = fastmig_migration::tls::DestTunnel::start(public, config)
                 .map_err(HostError::Tls)?;
             (inner, Some(tunnel))
@@ -277,8 +276,12 @@ fn receive_and_serve(
         }
         build_destination_vm(layout, regions, &config)
     };
-    let (vm, summary) = fastmig_migration::receive_any(&listener, &opts, prepared, make_vm)
-        .map_err(HostError::Receive)?;
+    let incoming = match prepared {
+        Some(vm) => IncomingVm::Prepared(vm, Box::new(make_vm)),
+        None => IncomingVm::OnDemand(Box::new(make_vm)),
+    };
+    let (vm, summary) =
+        fastmig_migration::receive(&listener, &opts, incoming).map_err(HostError::Receive)?;
     process.set_vm(Arc::clone(vm.vm()));
     process.incoming_done();
     on_event(Event::Received(&summary));

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive, receive_handover, Endpoint, Listener, MigrateOptions, ReceiveOptions,
-    TransportKind,
+    migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, ReceiveOptions, TransportKind,
 };
 
 fn main() {
@@ -67,11 +66,12 @@ fn main() {
         };
         let (s, d) = std::thread::scope(|sc| {
             let h = sc.spawn(|| {
+                let o = ReceiveOptions::default();
                 if transport == TransportKind::Handover {
-                    receive_handover(&l, &ReceiveOptions::default(), SoftVm::adopt)
-                        .map(|(_vm, d)| d)
+                    let adopt = IncomingVm::OnDemand(Box::new(SoftVm::incoming));
+                    receive(&l, &o, adopt).map(|(_vm, d)| d)
                 } else {
-                    receive(&dst, &l, &ReceiveOptions::default())
+                    receive(&l, &o, IncomingVm::Only(&dst)).map(|(_vm, d)| d)
                 }
             });
             let s = migrate(&src, &ep, &opts);

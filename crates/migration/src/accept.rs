@@ -116,13 +116,13 @@ mod tests {
     fn hello() -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
             layout: VmLayout {
                 regions: vec![],
                 vcpus: 1,
                 features: 0,
             },
-            transport: "classic".into(),
-            data_streams: 0,
+            transport: crate::TransportKind::Classic,
             session: 7,
         }
     }

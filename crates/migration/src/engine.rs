@@ -16,154 +16,23 @@
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::conn::{Conn, Endpoint};
+use crate::convergence::{decide, Decision, History, Limits, Observation};
 use crate::deadline::{read_message_within, send_bounded, ABORT_BOUND};
 use crate::digest::PageHashes;
 use crate::error::{wire, MigrationError};
-use crate::fdpass::send_frame_with_fds;
-use crate::guestmem::GuestMemory;
-use crate::protocol::{encode, FdRegion};
-use crate::protocol::{
-    read_message, write_message, Complete, Hello, Message, ProtocolError, PROTOCOL_VERSION,
-};
+use crate::guestmem::MemoryView;
+use crate::handshake;
+use crate::options::MigrateOptions;
+use crate::protocol::{write_message, Complete, Message};
 use crate::summary::{MigrationStatus, MigrationSummary, Phase, Progress, RoundStats};
-use crate::transport::classic::ClassicSource;
-use crate::transport::multi_tcp::MultiTcpSource;
-use crate::transport::shm::ShmSource;
-use crate::transport::{NoCopy, PageStats, SendCtx, SourceTransport, TransportKind};
-use crate::util::{thread_cpu_time, CancelToken, TokenBucket};
+use crate::transport::{PageStats, SendCtx, SourceSetup, SourceTransport};
+use crate::util::{thread_cpu_time, TokenBucket};
 use crate::vm::{DirtyBitmap, MigratableVm, PAGE_SIZE};
-
-/// What to do when pre-copy rounds stop converging. In JSON: `"wait"`, `"force"`, `"abort"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OnNoConverge {
-    /// Keep going until it converges or `max_rounds` is reached, then fail with
-    /// [`MigrationError::NotConverged`] (VM keeps running on the source).
-    #[default]
-    Wait,
-    /// Stop-and-copy now, with whatever downtime that costs.
-    Force,
-    /// Fail at once with [`MigrationError::NotConverged`].
-    Abort,
-}
-
-/// Error parsing an [`OnNoConverge`].
-#[derive(Debug, thiserror::Error)]
-#[error("unknown non-convergence policy {0:?}: expected wait, force or abort")]
-pub struct BadPolicy(pub String);
-
-impl std::str::FromStr for OnNoConverge {
-    type Err = BadPolicy;
-    /// `wait`, `force` or `abort`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "wait" => Ok(OnNoConverge::Wait),
-            "force" => Ok(OnNoConverge::Force),
-            "abort" => Ok(OnNoConverge::Abort),
-            _ => Err(BadPolicy(s.into())),
-        }
-    }
-}
-
-/// Callback receiving [`Progress`] reports (called on the migrating thread; keep it short).
-pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
-
-/// Source options. `Default` gives sensible values for a LAN.
-#[derive(Clone)]
-pub struct MigrateOptions {
-    /// Transport. Default: classic.
-    pub transport: TransportKind,
-    /// Largest acceptable downtime; pre-copy stops when the estimated remaining transfer fits.
-    /// Default 300 ms.
-    pub downtime_limit: Duration,
-    /// Most rounds including the full pass. Default 30.
-    pub max_rounds: u32,
-    /// Policy when rounds stop converging. Default [`OnNoConverge::Wait`].
-    pub on_no_converge: OnNoConverge,
-    /// Bandwidth cap in bytes/s for page data (all streams together). Default none.
-    pub bandwidth_limit: Option<u64>,
-    /// Connection timeout. Default 5 s.
-    pub connect_timeout: Duration,
-    /// Socket read/write timeout and handshake timeout. Default 10 s.
-    pub io_timeout: Duration,
-    /// How long to wait for `Ready` (destination verifying and restoring) and `Resumed`.
-    /// Default 30 s.
-    pub ack_timeout: Duration,
-    /// Cancel from any thread. Honoured until `Commit` is sent.
-    pub cancel: CancelToken,
-    /// Progress callback: called after setup, after every dirty-log sync, at stop-and-copy
-    /// and at the end, on the migrating thread; and every `progress_interval` during a round,
-    /// from a ticker thread.
-    pub progress: Option<ProgressFn>,
-    /// Period of in-round progress reports; zero disables them. Default 500 ms.
-    pub progress_interval: Duration,
-}
-
-impl std::fmt::Debug for MigrateOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MigrateOptions")
-            .field("transport", &self.transport)
-            .field("downtime_limit", &self.downtime_limit)
-            .field("max_rounds", &self.max_rounds)
-            .field("on_no_converge", &self.on_no_converge)
-            .field("bandwidth_limit", &self.bandwidth_limit)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("io_timeout", &self.io_timeout)
-            .field("ack_timeout", &self.ack_timeout)
-            .field("progress", &self.progress.is_some())
-            .field("progress_interval", &self.progress_interval)
-            .finish()
-    }
-}
-
-impl Default for MigrateOptions {
-    fn default() -> Self {
-        Self {
-            transport: TransportKind::Classic,
-            downtime_limit: Duration::from_millis(300),
-            max_rounds: 30,
-            on_no_converge: OnNoConverge::Wait,
-            bandwidth_limit: None,
-            connect_timeout: Duration::from_secs(5),
-            io_timeout: Duration::from_secs(10),
-            ack_timeout: Duration::from_secs(30),
-            cancel: CancelToken::new(),
-            progress: None,
-            progress_interval: Duration::from_millis(500),
-        }
-    }
-}
-
-/// Below this estimated downtime, stop-and-copy at once: another round cannot gain much.
-const GOOD_ENOUGH_DOWNTIME: Duration = Duration::from_millis(1);
-
-/// The remaining pages already fit the downtime limit; is one more pre-copy round still worth
-/// it? Yes when the pages dirtied while sending them (`dirty_rate * est`) would be at most half
-/// of them, so the round at least halves the downtime, for about `est` more total time. The
-/// limit stays an upper bound; this only buys a shorter pause when it is cheap, as a user
-/// asking for "milliseconds" wants.
-fn worth_another_round(
-    dirty: usize,
-    dirty_rate: f64,
-    est: Duration,
-    rounds: u32,
-    opts: &MigrateOptions,
-) -> bool {
-    est > GOOD_ENOUGH_DOWNTIME
-        && rounds + 1 < opts.max_rounds
-        && dirty_rate * est.as_secs_f64() <= dirty as f64 / 2.0
-}
-
-/// Rounds in a row without a real drop in dirty pages before we call it non-converging.
-const STALL_ROUNDS: u32 = 3;
-/// A round "drops" if it has fewer than this fraction of the previous round's dirty pages.
-const STALL_RATIO: f64 = 0.95;
 
 #[derive(Default)]
 struct Guard {
@@ -191,7 +60,7 @@ pub fn migrate<V: MigratableVm + ?Sized>(
     if let Some(c) = g.control.as_mut() {
         // A destination that failed first usually said why before closing: prefer its reason.
         // Both bounded in total (not per call): a stopped peer must not hold the abort.
-        if matches!(e, MigrationError::SendPages(_)) {
+        if matches!(e, MigrationError::Wire { .. }) {
             if let Ok(Message::Failed { reason }) = read_message_within(c, ABORT_BOUND) {
                 e = MigrationError::PeerFailed { reason };
             }
@@ -226,7 +95,7 @@ fn session_id() -> u64 {
 struct Sender<'a, V: ?Sized> {
     vm: &'a V,
     opts: &'a MigrateOptions,
-    mem: GuestMemory,
+    mem: MemoryView,
     transport: Box<dyn SourceTransport>,
     hashes: PageHashes,
     bucket: Option<TokenBucket>,
@@ -265,7 +134,7 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
                     round: self.rounds.len() as u32,
                     remaining_pages: pages.len() as u64,
                     dirty_rate_pages_s: dirty_rate,
-                    bandwidth_mib_s: self.bandwidth() / MIB,
+                    bandwidth_mib_s: 0.0, // each tick measures this round's
                     bytes_sent: self.total.bytes,
                     pages_sent: self.total.pages,
                     elapsed_ms: 0.0,
@@ -336,7 +205,7 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
             0
         };
         write_message(control, &Message::RoundEnd { round, data_bytes })
-            .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+            .map_err(|e| wire("sending pages", e))?;
         // The ack comes once the destination has every page of the round: on a stalled
         // destination this is where the source waits, so the whole frame has one deadline.
         let quiet = self
@@ -348,9 +217,7 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
             .io_timeout
             .saturating_sub(quiet)
             .max(Duration::from_millis(1));
-        match read_message_within(control, within)
-            .map_err(|e| wire("round ack", e, MigrationError::SendPages))?
-        {
+        match read_message_within(control, within).map_err(|e| wire("round ack", e))? {
             Message::RoundAck { round: r } if r == round => {}
             Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
             other => {
@@ -399,66 +266,129 @@ impl<V: MigratableVm + ?Sized> Sender<'_, V> {
     }
 }
 
-const MIB: f64 = 1024.0 * 1024.0;
-
-/// Handover: pause, then pass the memory descriptors themselves. Returns the pause instant.
-fn handover_pause<V: MigratableVm + ?Sized>(
-    vm: &V,
-    control: &Conn,
-    g: &mut Guard,
-    cancel: &CancelToken,
-) -> Result<Instant, MigrationError> {
-    if cancel.is_cancelled() {
-        return Err(MigrationError::Cancelled);
-    }
-    let setup = |reason: &str| MigrationError::TransportSetup {
-        reason: reason.into(),
-        source: None,
-    };
-    let sock = control
-        .as_unix()
-        .ok_or_else(|| setup("handover needs a unix: endpoint"))?;
-    let regions = vm.memory();
-    let fds: Vec<i32> = regions
-        .iter()
-        .map(|r| r.fd)
-        .collect::<Option<_>>()
-        .ok_or_else(|| setup("handover needs memfd-backed guest memory"))?;
-    let desc = regions
-        .iter()
-        .map(|r| FdRegion {
-            gpa: r.gpa,
-            size: r.size,
-            fd_offset: r.fd_offset,
-        })
-        .collect();
-    // The memory goes first, while the VM still runs: the destination builds its VM on it
-    // and says so (`RoundAck(0)`) before we pause, so that work is not downtime. Until the
-    // destination restores the state it never runs the shared memory.
-    send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
-        .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
-    let mut reader = control
-        .try_clone()
-        .map_err(|e| wire("handover", ProtocolError::Io(e), MigrationError::SendPages))?;
-    match read_message(&mut reader)
-        .map_err(|e| wire("handover", e, MigrationError::ReceivePages))?
-    {
-        Message::RoundAck { round: 0 } => {}
-        Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
-        other => {
-            return Err(MigrationError::Unexpected {
-                phase: "handover",
-                got: other.name().into(),
-            })
+impl<V: MigratableVm + ?Sized> Sender<'_, V> {
+    /// Pre-copy: the full pass, then rounds of dirty pages until the stop rule
+    /// ([`decide`]) says stop. Returns the pages still dirty, whether the stop was forced,
+    /// and the last dirty rate.
+    fn precopy(
+        &mut self,
+        control: &mut Conn,
+        g: &mut Guard,
+    ) -> Result<(DirtyBitmap, bool, f64), MigrationError> {
+        let opts = self.opts;
+        self.vm
+            .start_dirty_log()
+            .map_err(MigrationError::DirtyLog)?;
+        g.dirty_on = true;
+        // The log counts from here: the first sync's pages were dirtied during the full pass.
+        let mut last_sync = Instant::now();
+        let all: Vec<usize> = (0..self.mem.pages()).collect();
+        self.send_round(&all, 0.0, false)?;
+        self.end_round(control)?;
+        let mut history = History::default();
+        let limits = Limits {
+            downtime: opts.downtime_limit,
+            max_rounds: opts.max_rounds,
+            on_no_converge: opts.on_no_converge,
+        };
+        let mut warned = false;
+        loop {
+            if opts.cancel.is_cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let pending = self
+                .vm
+                .sync_dirty_log()
+                .map_err(MigrationError::DirtyLogSync)?;
+            let now = Instant::now();
+            let dirty = pending.count();
+            let dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
+            last_sync = now;
+            self.progress(Phase::PreCopy, dirty, dirty_rate);
+            let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / self.bandwidth());
+            let rounds = self.rounds.len() as u32;
+            debug!(rounds, dirty, ?est, "dirty log synced");
+            let seen = Observation {
+                dirty,
+                dirty_rate,
+                est,
+                rounds,
+                bandwidth_mib_s: self.bandwidth() / MIB,
+            };
+            let (decision, next) = decide(history, &seen, &limits);
+            history = next;
+            match decision {
+                Decision::StopAndCopy => return Ok((pending, false, dirty_rate)),
+                Decision::Force { reason } => {
+                    warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
+                    return Ok((pending, true, dirty_rate));
+                }
+                Decision::Fail { reason } => {
+                    return Err(MigrationError::NotConverged { rounds, reason })
+                }
+                Decision::AnotherRound { stalling } => {
+                    if let (Some(reason), false) = (stalling, warned) {
+                        warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
+                        warned = true;
+                    }
+                }
+            }
+            let list: Vec<usize> = pending.iter_dirty().collect();
+            self.send_round(&list, dirty_rate, false)?;
+            self.end_round(control)?;
         }
     }
-    if cancel.is_cancelled() {
-        return Err(MigrationError::Cancelled);
+
+    /// Pauses the VM and sends what is still dirty (`pending` and whatever the guest wrote
+    /// since). Returns the pause instant.
+    fn stop_and_copy(
+        &mut self,
+        control: &mut Conn,
+        g: &mut Guard,
+        pending: &DirtyBitmap,
+        dirty_rate: f64,
+    ) -> Result<Instant, MigrationError> {
+        self.transport.before_pause(control, &self.vm.memory())?;
+        if self.opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
+        g.paused = true;
+        self.vm.pause().map_err(MigrationError::Pause)?;
+        let paused_at = Instant::now();
+        let last = self
+            .vm
+            .sync_dirty_log()
+            .map_err(MigrationError::DirtyLogSync)?;
+        let mut fin = DirtyBitmap::new(self.mem.pages());
+        fin.union_with(pending);
+        fin.union_with(&last);
+        let list: Vec<usize> = fin.iter_dirty().collect();
+        self.send_round(&list, dirty_rate, true)?;
+        self.transport.finish()?;
+        self.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
+        g.dirty_on = false;
+        Ok(paused_at)
     }
-    g.paused = true;
-    vm.pause().map_err(MigrationError::Pause)?;
-    Ok(Instant::now())
+
+    /// A transport that moves no page: its hook runs while the VM still runs, then the
+    /// pause. Returns the pause instant.
+    fn hand_over(&mut self, control: &mut Conn, g: &mut Guard) -> Result<Instant, MigrationError> {
+        if self.opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        self.transport.before_pause(control, &self.vm.memory())?;
+        if self.opts.cancel.is_cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
+        g.paused = true;
+        self.vm.pause().map_err(MigrationError::Pause)?;
+        Ok(Instant::now())
+    }
 }
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 fn run<V: MigratableVm + ?Sized>(
     vm: &V,
@@ -469,7 +399,7 @@ fn run<V: MigratableVm + ?Sized>(
     let t0 = Instant::now();
     let cpu0 = thread_cpu_time();
     let layout = vm.layout();
-    let mem = GuestMemory::new(&vm.memory())?;
+    let mem = MemoryView::new(&vm.memory())?;
     let npages = mem.pages();
 
     // Setup: connect, handshake, transport.
@@ -482,61 +412,20 @@ fn run<V: MigratableVm + ?Sized>(
         })?;
     g.control = control.try_clone().ok();
     let session = session_id();
-    let data_streams = match opts.transport {
-        TransportKind::MultiTcp { streams } => streams.max(1),
-        _ => 0,
-    };
-    let name = opts.transport.name();
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        layout: layout.clone(),
-        transport: name.into(),
-        data_streams,
+    let kind = opts.transport.normalized();
+    let version = handshake::offer(&mut control, &layout, kind, session)?;
+    let transport = kind.source(&SourceSetup {
+        control: &control,
+        dest,
+        layout: &layout,
         session,
-    };
-    write_message(&mut control, &Message::Hello(hello))
-        .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
-    match read_message(&mut control).map_err(|e| wire("handshake", e, MigrationError::Handshake))? {
-        // The reply's payload is frozen, so a destination of another version can say yes to
-        // frames it would then misread: its version must equal ours, whatever it answered.
-        Message::HelloReply(r) if r.version != PROTOCOL_VERSION => {
-            let why = r.reason.map(|w| format!(" ({w})")).unwrap_or_default();
-            return Err(MigrationError::PeerRefused {
-                reason: format!(
-                    "protocol version mismatch: destination speaks {}, source speaks {PROTOCOL_VERSION}{why}",
-                    r.version
-                ),
-            });
-        }
-        Message::HelloReply(r) if r.accepted => {}
-        Message::HelloReply(r) => {
-            return Err(MigrationError::PeerRefused {
-                reason: r.reason.unwrap_or_else(|| "no reason given".into()),
-            })
-        }
-        Message::Failed { reason } => return Err(MigrationError::PeerRefused { reason }),
-        other => {
-            return Err(MigrationError::Unexpected {
-                phase: "handshake",
-                got: other.name().into(),
-            })
-        }
-    }
-    let transport: Box<dyn SourceTransport> = match opts.transport {
-        TransportKind::Classic => Box::new(ClassicSource::new(&control)?),
-        TransportKind::MultiTcp { .. } => Box::new(MultiTcpSource::connect(
-            dest,
-            data_streams,
-            session,
-            opts.connect_timeout,
-            opts.io_timeout,
-        )?),
-        TransportKind::Shm => Box::new(ShmSource::open(&control, &layout)?),
-        TransportKind::Handover => Box::new(NoCopy),
-    };
+        connect_timeout: opts.connect_timeout,
+        io_timeout: opts.io_timeout,
+    })?;
     let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
     info!(
-        transport = name,
+        transport = kind.name(),
+        version,
         setup_ms,
         pages = npages,
         "migration set up"
@@ -556,113 +445,12 @@ fn run<V: MigratableVm + ?Sized>(
     };
     s.progress(Phase::Setup, npages, 0.0);
 
-    let (paused_at, forced, dirty_rate) = if opts.transport == TransportKind::Handover {
-        (handover_pause(vm, &control, g, &opts.cancel)?, false, 0.0)
-    } else {
-        // Pre-copy.
-        s.vm.start_dirty_log().map_err(MigrationError::DirtyLog)?;
-        g.dirty_on = true;
-        // The log counts from here: the first sync's pages were dirtied during the full pass.
-        let mut last_sync = Instant::now();
-        let all: Vec<usize> = (0..npages).collect();
-        s.send_round(&all, 0.0, false)?;
-        s.end_round(&mut control)?;
-        let mut prev_dirty = usize::MAX;
-        let mut stalled = 0u32;
-        let mut forced = false;
-        let mut warned = false;
-        let mut pending;
-        let mut dirty_rate;
-        loop {
-            if opts.cancel.is_cancelled() {
-                return Err(MigrationError::Cancelled);
-            }
-            let bm =
-                s.vm.sync_dirty_log()
-                    .map_err(MigrationError::DirtyLogSync)?;
-            let now = Instant::now();
-            pending = bm;
-            let dirty = pending.count();
-            dirty_rate = dirty as f64 / now.duration_since(last_sync).as_secs_f64().max(1e-6);
-            last_sync = now;
-            s.progress(Phase::PreCopy, dirty, dirty_rate);
-            let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / s.bandwidth());
-            let rounds = s.rounds.len() as u32;
-            debug!(rounds, dirty, ?est, "dirty log synced");
-            // Extra rounds only while they really pay: the last one must have at least halved
-            // the dirty set (a round has fixed costs the estimate does not see).
-            let last_halved = (dirty as f64) <= prev_dirty as f64 / 2.0;
-            if est <= opts.downtime_limit
-                && !(last_halved && worth_another_round(dirty, dirty_rate, est, rounds, opts))
-            {
-                break;
-            }
-            stalled = if (dirty as f64) >= STALL_RATIO * prev_dirty as f64 {
-                stalled + 1
-            } else {
-                0
-            };
-            prev_dirty = dirty;
-            let why = if rounds + 1 >= opts.max_rounds {
-                Some(format!(
-                    "round limit {} reached with {dirty} dirty pages (estimated {est:?})",
-                    opts.max_rounds
-                ))
-            } else if stalled >= STALL_ROUNDS {
-                Some(format!(
-                "dirty pages stopped shrinking ({dirty} after {rounds} rounds, dirty rate {dirty_rate:.0} pages/s, bandwidth {:.1} MiB/s)",
-                s.bandwidth() / MIB
-            ))
-            } else {
-                None
-            };
-            if let Some(reason) = why {
-                let at_limit = rounds + 1 >= opts.max_rounds;
-                match opts.on_no_converge {
-                    OnNoConverge::Force => {
-                        warn!(%reason, "pre-copy not converging: forcing stop-and-copy");
-                        forced = true;
-                        break;
-                    }
-                    OnNoConverge::Abort => {
-                        return Err(MigrationError::NotConverged { rounds, reason })
-                    }
-                    OnNoConverge::Wait if at_limit => {
-                        return Err(MigrationError::NotConverged { rounds, reason })
-                    }
-                    OnNoConverge::Wait => {
-                        if !warned {
-                            warn!(%reason, "pre-copy not converging: waiting (round limit {})", opts.max_rounds);
-                            warned = true;
-                        }
-                    }
-                }
-            }
-            let list: Vec<usize> = pending.iter_dirty().collect();
-            s.send_round(&list, dirty_rate, false)?;
-            s.end_round(&mut control)?;
-        }
-
-        // Stop-and-copy.
-        if opts.cancel.is_cancelled() {
-            return Err(MigrationError::Cancelled);
-        }
-        // Marked first: a pause that fails half-way (some vCPUs stopped) is undone by resume.
-        g.paused = true;
-        s.vm.pause().map_err(MigrationError::Pause)?;
-        let paused_at = Instant::now();
-        let last =
-            s.vm.sync_dirty_log()
-                .map_err(MigrationError::DirtyLogSync)?;
-        let mut fin = DirtyBitmap::new(npages);
-        fin.union_with(&pending);
-        fin.union_with(&last);
-        let list: Vec<usize> = fin.iter_dirty().collect();
-        s.send_round(&list, dirty_rate, true)?;
-        s.transport.finish()?;
-        s.vm.stop_dirty_log().map_err(MigrationError::DirtyLog)?;
-        g.dirty_on = false;
+    let (paused_at, forced, dirty_rate) = if s.transport.precopy() {
+        let (pending, forced, dirty_rate) = s.precopy(&mut control, g)?;
+        let paused_at = s.stop_and_copy(&mut control, g, &pending, dirty_rate)?;
         (paused_at, forced, dirty_rate)
+    } else {
+        (s.hand_over(&mut control, g)?, false, 0.0)
     };
     let state = s.vm.save_state().map_err(MigrationError::SaveState)?;
     let rounds = s.rounds.len() as u32;
@@ -678,15 +466,13 @@ fn run<V: MigratableVm + ?Sized>(
                 }),
             )
         })
-        .map_err(|e| wire("sending state", e, MigrationError::SendPages))?;
+        .map_err(|e| wire("sending state", e))?;
     s.progress(Phase::StopAndCopy, 0, dirty_rate);
 
     // Two-phase end: the destination must say Ready (digest verified, state restored) before
     // we give the VM up with Commit.
     // Whole-frame deadlines from here: nothing else shows progress while we wait.
-    match read_message_within(&mut control, opts.ack_timeout)
-        .map_err(|e| wire("ready", e, MigrationError::ReceivePages))?
-    {
+    match read_message_within(&mut control, opts.ack_timeout).map_err(|e| wire("ready", e))? {
         Message::Ready => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
         other => {
@@ -699,8 +485,7 @@ fn run<V: MigratableVm + ?Sized>(
     if opts.cancel.is_cancelled() {
         return Err(MigrationError::Cancelled);
     }
-    write_message(&mut control, &Message::Commit)
-        .map_err(|e| wire("commit", e, MigrationError::SendPages))?;
+    write_message(&mut control, &Message::Commit).map_err(|e| wire("commit", e))?;
     g.committed = true;
     let resumed = match read_message_within(&mut control, opts.ack_timeout) {
         Ok(Message::Resumed(r)) => r,
@@ -712,13 +497,7 @@ fn run<V: MigratableVm + ?Sized>(
                 },
             )))
         }
-        Err(e) => {
-            return Err(MigrationError::InDoubt(Box::new(wire(
-                "resumed",
-                e,
-                MigrationError::ReceivePages,
-            ))))
-        }
+        Err(e) => return Err(MigrationError::InDoubt(Box::new(wire("resumed", e)))),
     };
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -729,7 +508,7 @@ fn run<V: MigratableVm + ?Sized>(
         } else {
             MigrationStatus::Completed
         },
-        transport: s.transport.name().into(),
+        transport: kind.name().into(),
         total_ms,
         downtime_ms,
         setup_ms,
@@ -755,35 +534,4 @@ fn run<V: MigratableVm + ?Sized>(
         "migration completed"
     );
     Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn another_round_only_when_it_at_least_halves_the_downtime() {
-        let opts = MigrateOptions::default();
-        let ms = Duration::from_millis;
-        // 9,000 pages left at 17k pages/s, 14 ms to send: ~240 pages come back. Worth it.
-        assert!(worth_another_round(9000, 17_000.0, ms(14), 2, &opts));
-        // Already under a millisecond: stop.
-        assert!(!worth_another_round(
-            100,
-            17_000.0,
-            Duration::from_micros(500),
-            2,
-            &opts
-        ));
-        // A dirty rate that refills more than half of the set while it is sent: stop.
-        assert!(!worth_another_round(1000, 100_000.0, ms(10), 2, &opts));
-        // The round limit wins.
-        assert!(!worth_another_round(
-            9000,
-            17_000.0,
-            ms(14),
-            opts.max_rounds - 1,
-            &opts
-        ));
-    }
 }

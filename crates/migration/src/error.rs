@@ -28,9 +28,6 @@ pub enum MigrationError {
     /// The VM's memory regions are unusable (unaligned, null).
     #[error("guest memory")]
     Memory(#[from] BadRegion),
-    /// Handshake frames could not be exchanged.
-    #[error("handshake")]
-    Handshake(#[source] ProtocolError),
     /// The destination refused the migration.
     #[error("destination refused the migration: {reason}")]
     PeerRefused {
@@ -58,12 +55,17 @@ pub enum MigrationError {
     /// Fetching the dirty bitmap failed.
     #[error("dirty log sync")]
     DirtyLogSync(#[source] VmError),
-    /// Sending pages (or any later source-to-destination frame) failed.
-    #[error("sending pages")]
-    SendPages(#[source] ProtocolError),
-    /// Receiving pages or control frames failed (corruption, truncation, peer gone).
-    #[error("receiving pages")]
-    ReceivePages(#[source] ProtocolError),
+    /// A frame could not be written or read: stream I/O, corruption, truncation, a closed
+    /// peer. `phase` names the step (`handshake`, `sending pages`, `receiving pages`,
+    /// `round ack`, `sending state`, `ready`, `commit`, `resumed`, `handover`, ...).
+    #[error("{phase}")]
+    Wire {
+        /// The step that failed.
+        phase: &'static str,
+        /// The framing or stream error.
+        #[source]
+        source: ProtocolError,
+    },
     /// The peer sent a frame that does not belong in this phase.
     #[error("unexpected {got} during {phase}")]
     Unexpected {
@@ -87,6 +89,21 @@ pub enum MigrationError {
     /// Restoring the device and vCPU state failed.
     #[error("restoring VM state")]
     RestoreState(#[source] VmError),
+    /// `ReceiveOptions::verify_memory`: a page of the received memory does not hash to what
+    /// its transfer recorded (something wrote it behind the transport's back).
+    #[error("memory verification failed at page {page}: {mismatched} page(s) differ from the recorded hashes")]
+    VerifyMismatch {
+        /// First page that differs.
+        page: usize,
+        /// Pages that differ.
+        mismatched: usize,
+    },
+    /// A bug or a broken invariant inside this crate (a worker thread panicked, ...).
+    #[error("internal error: {what}")]
+    Internal {
+        /// What went wrong.
+        what: String,
+    },
     /// Memory digests differ: the destination's memory is not the source's as of the pause.
     #[error("memory digest mismatch: source {source_digest:#018x}, destination {destination_digest:#018x}")]
     Digest {
@@ -131,12 +148,9 @@ impl MigrationError {
     }
 }
 
-/// Maps a wire error to a phase error, turning socket timeouts into [`MigrationError::Timeout`].
-pub(crate) fn wire(
-    phase: &'static str,
-    e: ProtocolError,
-    wrap: fn(ProtocolError) -> MigrationError,
-) -> MigrationError {
+/// Maps a wire error met in `phase` to [`MigrationError::Wire`], turning socket timeouts into
+/// [`MigrationError::Timeout`].
+pub(crate) fn wire(phase: &'static str, e: ProtocolError) -> MigrationError {
     match &e {
         ProtocolError::Io(io)
             if matches!(
@@ -146,7 +160,7 @@ pub(crate) fn wire(
         {
             MigrationError::Timeout { phase }
         }
-        _ => wrap(e),
+        _ => MigrationError::Wire { phase, source: e },
     }
 }
 

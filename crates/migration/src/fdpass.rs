@@ -3,63 +3,63 @@
 //! The descriptors ride on the first byte of the frame: the receiver reads the 16-byte frame
 //! header with `recvmsg` (collecting the descriptors) and the payload with plain reads.
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use crate::protocol::{decode_header, decode_payload, Message, ProtocolError, HEADER_LEN};
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+};
+
+use crate::error::{wire, MigrationError};
+use crate::protocol::{
+    decode_header, decode_payload, encode, FdRegion, Message, ProtocolError, HEADER_LEN,
+};
+use crate::vm::{MemoryRegion, VmLayout};
 
 /// Most descriptors accepted in one frame (one per memory region).
 pub(crate) const MAX_FDS: usize = 16;
+
+/// Retries `f` while it fails with `EINTR`.
+fn retry<T>(mut f: impl FnMut() -> rustix::io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map_err(io::Error::from),
+        }
+    }
+}
 
 /// Sends `frame` (an encoded protocol frame) with `fds` attached.
 pub(crate) fn send_frame_with_fds(
     sock: &UnixStream,
     frame: &[u8],
-    fds: &[RawFd],
+    fds: &[BorrowedFd<'_>],
 ) -> io::Result<()> {
-    if fds.is_empty() || fds.len() > MAX_FDS || frame.is_empty() {
-        return Err(io::Error::new(
+    let invalid = || {
+        io::Error::new(
             io::ErrorKind::InvalidInput,
             "1..=16 fds and a non-empty frame",
-        ));
-    }
-    let payload = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
-    // u64 storage keeps the control buffer aligned for `cmsghdr`.
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: frame.as_ptr() as *mut libc::c_void,
-        iov_len: frame.len(),
+        )
     };
-    // SAFETY: an all-zero msghdr is a valid empty message.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: `msg` has a control buffer of `space` bytes, enough for one cmsghdr carrying
-    // `payload` bytes (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null and CMSG_DATA points
-    // inside `cbuf`; the fds are copied byte-wise (no alignment assumption).
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(payload as u32) as _;
-        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), payload);
+    if fds.is_empty() || fds.len() > MAX_FDS || frame.is_empty() {
+        return Err(invalid());
     }
-    let sent = loop {
-        // SAFETY: `msg` describes `frame` (alive) and the control buffer built above.
-        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if r >= 0 {
-            break r as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(invalid());
+    }
+    let sent = retry(|| {
+        sendmsg(
+            sock,
+            &[IoSlice::new(frame)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        )
+    })?;
     // The fds went with the first chunk; the rest of the frame is plain data.
     let mut s = sock;
     s.write_all(&frame[sent..])
@@ -70,55 +70,30 @@ pub(crate) fn recv_frame_with_fds(
     sock: &UnixStream,
 ) -> Result<(Message, Vec<OwnedFd>), ProtocolError> {
     let mut head = [0u8; HEADER_LEN];
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space =
-        unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: head.as_mut_ptr().cast(),
-        iov_len: HEADER_LEN,
-    };
-    // SAFETY: an all-zero msghdr is a valid empty message.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    let got = loop {
-        // SAFETY: `msg` describes `head` and `cbuf`, both alive and writable.
-        let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if r >= 0 {
-            break r as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(ProtocolError::Io(e));
-        }
-    };
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = retry(|| {
+        recvmsg(
+            sock,
+            &mut [IoSliceMut::new(&mut head)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )
+    })
+    .map_err(ProtocolError::Io)?;
     let mut fds = Vec::new();
-    // SAFETY: the kernel filled `msg_controllen` bytes of `cbuf` with well-formed cmsghdrs;
-    // CMSG_FIRSTHDR/CMSG_NXTHDR stay inside that length; every SCM_RIGHTS descriptor is a
-    // fresh descriptor now owned by this process, so wrapping it in OwnedFd is sound.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let bytes = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let data = libc::CMSG_DATA(c);
-                for i in 0..bytes / std::mem::size_of::<RawFd>() {
-                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = msg {
+            fds.extend(received);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if got.flags.contains(ReturnFlags::CTRUNC) {
         return Err(ProtocolError::Malformed {
             kind: "memory-fds",
             reason: "too many descriptors".into(),
         });
     }
+    let got = got.bytes;
     if got == 0 {
         return Err(ProtocolError::Truncated);
     }
@@ -134,11 +109,74 @@ pub(crate) fn recv_frame_with_fds(
     Ok((decode_payload(&h, &head, &p)?, fds))
 }
 
+/// Offers the memory behind `regions` on `sock`: a `MemoryFds` frame with one descriptor per
+/// region (`shm`: the destination's memory; `handover`: the source's).
+pub(crate) fn send_memory(
+    sock: &UnixStream,
+    regions: &[MemoryRegion],
+) -> Result<(), MigrationError> {
+    let fds: Vec<BorrowedFd<'_>> = regions
+        .iter()
+        .map(|r| {
+            // SAFETY: `MigratableVm::memory` hands out descriptors that stay open while the
+            // VM lives, and the VM outlives this call (the caller borrows it).
+            r.fd.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| setup_err("needs memfd-backed guest memory", None))?;
+    let desc = regions
+        .iter()
+        .map(|r| FdRegion {
+            gpa: r.gpa,
+            size: r.size,
+            fd_offset: r.fd_offset,
+        })
+        .collect();
+    send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds)
+        .map_err(|e| setup_err("passing memory descriptors", Some(e)))
+}
+
+/// Receives a `MemoryFds` offer and checks it region for region (address and size) against
+/// `layout`.
+pub(crate) fn recv_memory(
+    sock: &UnixStream,
+    layout: &VmLayout,
+    phase: &'static str,
+) -> Result<Vec<(FdRegion, OwnedFd)>, MigrationError> {
+    let (msg, fds) = recv_frame_with_fds(sock).map_err(|e| wire(phase, e))?;
+    let Message::MemoryFds(desc) = msg else {
+        return Err(MigrationError::Unexpected {
+            phase,
+            got: msg.name().into(),
+        });
+    };
+    let matches_layout = desc.len() == fds.len()
+        && desc.len() == layout.regions.len()
+        && desc
+            .iter()
+            .zip(&layout.regions)
+            .all(|(d, l)| d.gpa == l.gpa && d.size == l.size);
+    if !matches_layout {
+        return Err(setup_err(
+            "memory descriptors do not match the memory layout",
+            None,
+        ));
+    }
+    Ok(desc.into_iter().zip(fds).collect())
+}
+
+fn setup_err(reason: &str, source: Option<io::Error>) -> MigrationError {
+    MigrationError::TransportSetup {
+        reason: reason.into(),
+        source,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::encode;
     use std::io::Seek;
+    use std::os::fd::AsFd;
 
     #[test]
     fn fds_travel_with_a_frame() {
@@ -155,7 +193,7 @@ mod tests {
         f.write_all(b"hello").expect("write");
         let frame = encode(&Message::State(vec![9; 100_000]));
         let t = std::thread::spawn(move || {
-            send_frame_with_fds(&a, &frame, &[f.as_raw_fd(), f.as_raw_fd()]).expect("send");
+            send_frame_with_fds(&a, &frame, &[f.as_fd(), f.as_fd()]).expect("send");
             f
         });
         let (m, fds) = recv_frame_with_fds(&b).expect("recv");

@@ -19,9 +19,9 @@ struct Region {
 ///
 /// Invariant (upheld by the [`crate::MigratableVm`] implementor, see [`MemoryRegion`]): every
 /// region's `host_addr .. host_addr + size` is a live, writable mapping for as long as the VM
-/// lives. The engine keeps the VM borrowed while a `GuestMemory` is in use.
+/// lives. The engine keeps the VM borrowed while a `MemoryView` is in use.
 #[derive(Debug, Clone)]
-pub struct GuestMemory {
+pub struct MemoryView {
     regions: Vec<Region>,
     pages: usize,
 }
@@ -36,7 +36,7 @@ pub struct BadRegion {
     pub reason: &'static str,
 }
 
-impl GuestMemory {
+impl MemoryView {
     /// Builds the view; checks alignment so that page arithmetic below cannot go out of a region.
     pub fn new(regions: &[MemoryRegion]) -> Result<Self, BadRegion> {
         let mut out = Vec::with_capacity(regions.len());
@@ -99,7 +99,7 @@ impl GuestMemory {
 
     /// Page index of guest-physical address `gpa` (must be page aligned).
     pub fn gpa_to_page(&self, gpa: u64) -> Option<usize> {
-        if gpa % PAGE_SIZE as u64 != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) {
             return None;
         }
         self.regions.iter().find_map(|r| {
@@ -227,7 +227,7 @@ mod tests {
                 fd_offset: 0,
             },
         ];
-        let m = GuestMemory::new(&regions).expect("aligned");
+        let m = MemoryView::new(&regions).expect("aligned");
         assert_eq!(m.pages(), 4);
         assert_eq!(m.page_gpa(2), Some(1 << 20));
         assert_eq!(m.gpa_to_page((1 << 20) + PAGE_SIZE as u64), Some(3));

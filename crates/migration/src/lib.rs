@@ -18,7 +18,7 @@
 //! ```
 //! # #[cfg(feature = "test-utils")] {
 //! use fastmig_migration::test_utils::SoftVm;
-//! use fastmig_migration::{migrate, receive, Listener, MigrateOptions, ReceiveOptions};
+//! use fastmig_migration::{migrate, receive, IncomingVm, Listener, MigrateOptions, ReceiveOptions};
 //!
 //! let src = SoftVm::new(4 << 20).expect("source VM");
 //! src.fill(0.5);
@@ -26,7 +26,9 @@
 //! let listener = Listener::bind(&"127.0.0.1:0".parse().expect("endpoint")).expect("bind");
 //! let at = listener.endpoint().expect("bound endpoint");
 //! let summary = std::thread::scope(|s| {
-//!     let incoming = s.spawn(|| receive(&dst, &listener, &ReceiveOptions::default()));
+//!     let incoming = s.spawn(|| {
+//!         receive(&listener, &ReceiveOptions::default(), IncomingVm::Only(&dst))
+//!     });
 //!     let summary = migrate(&src, &at, &MigrateOptions::default()).expect("migration");
 //!     incoming.join().expect("receiver").expect("receive");
 //!     summary
@@ -37,12 +39,15 @@
 
 mod accept;
 mod conn;
+mod convergence;
 mod deadline;
 mod digest;
 mod engine;
 mod error;
 mod fdpass;
 mod guestmem;
+mod handshake;
+mod options;
 pub mod protocol;
 mod rawio;
 mod receive;
@@ -57,13 +62,13 @@ mod vm;
 
 pub use conn::{BadEndpoint, Conn, Endpoint, Listener};
 pub use digest::{hash_page_bytes, PageHashes};
-pub use engine::{migrate, BadPolicy, MigrateOptions, OnNoConverge, ProgressFn};
+pub use engine::migrate;
 pub use error::MigrationError;
-pub use guestmem::{BadRegion, GuestMemory};
-pub use receive::{
-    receive, receive_any, receive_handover, receive_on, HandoverRegion, IncomingVm, ReceiveOptions,
-};
+pub use guestmem::{BadRegion, MemoryView};
+pub use options::{BadPolicy, MigrateOptions, OnNoConverge, ProgressFn, DEFAULT_DOWNTIME_LIMIT};
+pub use receive::{receive, IncomingVm, MakeVm, ReceiveOptions};
 pub use summary::{MigrationStatus, MigrationSummary, Phase, Progress, ReceiveSummary, RoundStats};
-pub use transport::{BadTransport, TransportKind};
+pub use transport::handover::HandoverRegion;
+pub use transport::{BadTransport, TransportKind, DATA_STREAMS};
 pub use util::{thread_cpu_time, CancelToken, TokenBucket};
 pub use vm::{DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE};

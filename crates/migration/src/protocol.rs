@@ -12,22 +12,33 @@
 //! A [`Message::Batch`] descriptor is followed on the stream by the raw bytes of its non-zero
 //! pages (not covered by the frame checksum; see PROTOCOL.md for why and what covers them).
 //!
-//! Version rule ([`PROTOCOL_VERSION`]): the header layout and the `Hello`, `HelloReply` and
-//! `Failed` payloads are frozen and decoded whatever the version, so a peer of another version
-//! can always be told why it is refused. Every other frame must carry exactly our version.
+//! Version rule ([`PROTOCOL_VERSION`], [`MIN_PROTOCOL_VERSION`], [`FRAME_VERSION`]): the header
+//! layout and the `Hello`, `HelloReply` and `Failed` payloads are frozen (fields may only be
+//! added) and decoded whatever the version, so a peer of another version can always be told
+//! why it is refused. The source offers a range of versions in `Hello`, the destination picks
+//! the highest both speak (Cloud Hypervisor style: N-1..=N) and says it in `HelloReply`.
+//! Every other frame must carry [`FRAME_VERSION`] in its header.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
 
+use crate::transport::TransportKind;
 use crate::vm::{VmLayout, PAGE_SIZE};
 
 /// Frame magic, "FMIG" in little-endian byte order.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FMIG");
-/// Protocol version spoken by this build. Bump on any change to a non-frozen frame; peers must
-/// be equal (no range negotiation: source and destination are upgraded together, and a refused
-/// migration leaves the VM running where it was). History: 1, first; 2, `RoundEnd` carries
-/// the data-stream byte count and the destination answers `RoundAck`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Newest protocol version spoken by this build. Bump on any change to the wire; a change that
+/// only adds (a field old peers ignore, a behaviour they need not know) keeps the previous
+/// version in the window ([`MIN_PROTOCOL_VERSION`]), a breaking one raises the window and
+/// [`FRAME_VERSION`]. History: 1, first; 2, `RoundEnd` carries the data-stream byte count and
+/// the destination answers `RoundAck`; 3, `Hello.max_version` (version negotiation), additive.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// Oldest protocol version this build still speaks, as source and as destination.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Version written in, and required of, the header of every frame but the frozen ones: the
+/// protocol version in which a frame format last changed. Version 3 changed only the `Hello`
+/// payload, additively, so every frame still says 2 and a version-2 peer reads it.
+pub const FRAME_VERSION: u16 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted, in bytes (64 MiB: device state of a large VM fits; a corrupt
@@ -84,18 +95,64 @@ pub enum ProtocolError {
 }
 
 /// First message of a migration, source to destination, on the control stream.
+///
+/// On the wire (JSON, frozen since version 1, fields only added) the transport keeps its
+/// version-1 spelling, `"transport": "multi-tcp", "data_streams": 4`, so that every version
+/// can read it; [`TransportKind`] is the only thing that writes or reads it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "HelloWire", try_from = "HelloWire")]
 pub struct Hello {
-    /// Protocol version of the source (also in the header).
+    /// Oldest protocol version the source speaks (a version-2 destination requires it to be
+    /// exactly 2).
     pub version: u16,
+    /// Newest protocol version the source speaks (absent before version 3: then `version`).
+    pub max_version: u16,
     /// The VM's layout.
     pub layout: VmLayout,
-    /// Transport name (`classic`, `multi-tcp`, `shm`, `handover`).
-    pub transport: String,
-    /// Number of extra data streams the source will open (multi-tcp), else 0.
-    pub data_streams: u32,
+    /// The transport, with its parameters (multi-tcp: number of extra data streams).
+    pub transport: TransportKind,
     /// Random id tying data streams to this control stream.
     pub session: u64,
+}
+
+/// [`Hello`] as it is spelled on the wire.
+#[derive(Serialize, Deserialize)]
+struct HelloWire {
+    version: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_version: Option<u16>,
+    layout: VmLayout,
+    transport: String,
+    data_streams: u32,
+    session: u64,
+}
+
+impl From<Hello> for HelloWire {
+    fn from(h: Hello) -> Self {
+        let (transport, data_streams) = h.transport.wire_name();
+        HelloWire {
+            version: h.version,
+            // A single-version Hello is spelled exactly as a version-2 source spelled it.
+            max_version: (h.max_version != h.version).then_some(h.max_version),
+            layout: h.layout,
+            transport: transport.into(),
+            data_streams,
+            session: h.session,
+        }
+    }
+}
+
+impl TryFrom<HelloWire> for Hello {
+    type Error = crate::transport::BadTransport;
+    fn try_from(w: HelloWire) -> Result<Self, Self::Error> {
+        Ok(Hello {
+            version: w.version,
+            max_version: w.max_version.unwrap_or(w.version),
+            layout: w.layout,
+            transport: TransportKind::from_wire_name(&w.transport, w.data_streams)?,
+            session: w.session,
+        })
+    }
 }
 
 /// Destination's answer to [`Hello`].
@@ -127,7 +184,8 @@ pub struct Resumed {
     pub dst_cpu_s: f64,
     /// Destination setup time (accept, handshake, memory preparation), ms.
     pub dst_setup_ms: f64,
-    /// True if the destination's digest equalled the source's (always true when it resumed).
+    /// The destination compared its digest with `Complete.digest` and found them equal (it
+    /// refuses to resume on a mismatch, so a `Resumed` with `false` means a broken peer).
     pub digest_match: bool,
 }
 
@@ -319,11 +377,11 @@ pub fn encode_page(out: &mut Vec<u8>, gpa: u64, data: Option<&[u8; PAGE_SIZE]>) 
     match data {
         Some(d) => {
             payload[8..].copy_from_slice(d);
-            frame(out, PROTOCOL_VERSION, kind::PAGE, 0, &payload);
+            frame(out, FRAME_VERSION, kind::PAGE, 0, &payload);
         }
         None => frame(
             out,
-            PROTOCOL_VERSION,
+            FRAME_VERSION,
             kind::PAGE,
             FLAG_ZERO_PAGE,
             &payload[..8],
@@ -407,9 +465,9 @@ pub fn encode_with_version(msg: &Message, version: u16) -> Vec<u8> {
     out
 }
 
-/// Encodes `msg` with [`PROTOCOL_VERSION`].
+/// Encodes `msg` with [`FRAME_VERSION`] in its header.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    encode_with_version(msg, PROTOCOL_VERSION)
+    encode_with_version(msg, FRAME_VERSION)
 }
 
 /// Binary batch descriptor: `u32 n`, then per run `u64 gpa, u32 pages, zero bitmap`.
@@ -429,7 +487,7 @@ pub fn encode_runs(runs: &[Run]) -> Vec<u8> {
 
 /// Encodes a batch descriptor frame into `out` (reusing its allocation).
 pub fn encode_batch(out: &mut Vec<u8>, runs: &[Run]) {
-    frame(out, PROTOCOL_VERSION, kind::BATCH, 0, &encode_runs(runs));
+    frame(out, FRAME_VERSION, kind::BATCH, 0, &encode_runs(runs));
 }
 
 /// Parsed frame header.
@@ -544,10 +602,10 @@ pub fn decode_payload(
         return Err(ProtocolError::BadChecksum { kind: h.kind });
     }
     let frozen = matches!(h.kind, kind::HELLO | kind::HELLO_REPLY | kind::FAILED);
-    if !frozen && h.version != PROTOCOL_VERSION {
+    if !frozen && h.version != FRAME_VERSION {
         return Err(ProtocolError::BadVersion {
             got: h.version,
-            want: PROTOCOL_VERSION,
+            want: FRAME_VERSION,
         });
     }
     let empty = |name: &'static str, m: Message| {
@@ -667,152 +725,4 @@ pub fn write_message(w: &mut impl Write, msg: &Message) -> Result<(), ProtocolEr
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::vm::RegionLayout;
-
-    fn samples() -> Vec<Message> {
-        let layout = VmLayout {
-            regions: vec![RegionLayout {
-                gpa: 0,
-                size: 1 << 20,
-            }],
-            vcpus: 2,
-            features: 3,
-        };
-        vec![
-            Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                layout,
-                transport: "classic".into(),
-                data_streams: 0,
-                session: 7,
-            }),
-            Message::HelloReply(HelloReply {
-                version: 1,
-                accepted: false,
-                reason: Some("no".into()),
-            }),
-            Message::DataHello {
-                session: 7,
-                stream: 3,
-            },
-            Message::Page {
-                gpa: 4096,
-                data: Some(vec![5u8; PAGE_SIZE]),
-            },
-            Message::Page {
-                gpa: 8192,
-                data: None,
-            },
-            Message::Batch(vec![
-                Run {
-                    gpa: 0,
-                    pages: 3,
-                    zero: vec![0b010],
-                },
-                Run {
-                    gpa: 1 << 20,
-                    pages: 9,
-                    zero: vec![0, 1],
-                },
-            ]),
-            Message::Written(vec![(0, 4), (8192, 1)]),
-            Message::RoundEnd {
-                round: 4,
-                data_bytes: 1 << 40,
-            },
-            Message::RoundAck { round: 4 },
-            Message::EndOfData,
-            Message::State(vec![1, 2, 3]),
-            Message::Complete(Complete {
-                digest: 99,
-                pages: 256,
-                rounds: 3,
-            }),
-            Message::Ready,
-            Message::Commit,
-            Message::Resumed(Resumed {
-                dst_cpu_s: 0.5,
-                dst_setup_ms: 2.0,
-                digest_match: true,
-            }),
-            Message::Failed {
-                reason: "digest".into(),
-            },
-            Message::MemoryFds(vec![FdRegion {
-                gpa: 0,
-                size: 4096,
-                fd_offset: 0,
-            }]),
-        ]
-    }
-
-    #[test]
-    fn every_message_round_trips() {
-        for m in samples() {
-            let b = encode(&m);
-            let (back, used) = decode(&b).expect("decodes");
-            assert_eq!(back, m);
-            assert_eq!(used, b.len());
-            assert_eq!(read_message(&mut &b[..]).expect("reads"), m);
-        }
-    }
-
-    #[test]
-    fn bad_magic_version_checksum_truncation() {
-        let end = Message::RoundEnd {
-            round: 1,
-            data_bytes: 0,
-        };
-        let b = encode(&end);
-        let mut m = b.clone();
-        m[0] ^= 1;
-        assert!(matches!(decode(&m), Err(ProtocolError::BadMagic(_))));
-        let v1 = encode_with_version(&end, 1);
-        assert!(matches!(
-            decode(&v1),
-            Err(ProtocolError::BadVersion { got: 1, want: 2 })
-        ));
-        let mut c = b.clone();
-        let last = c.len() - 1;
-        c[last] ^= 0x40;
-        assert!(matches!(decode(&c), Err(ProtocolError::BadChecksum { .. })));
-        assert!(matches!(
-            decode(&b[..b.len() - 1]),
-            Err(ProtocolError::Truncated)
-        ));
-        assert!(matches!(
-            read_message(&mut &b[..5]),
-            Err(ProtocolError::Truncated)
-        ));
-    }
-
-    #[test]
-    fn frozen_frames_decode_across_versions() {
-        let r = Message::HelloReply(HelloReply {
-            version: 9,
-            accepted: false,
-            reason: None,
-        });
-        assert_eq!(decode(&encode_with_version(&r, 9)).expect("frozen").0, r);
-    }
-
-    #[test]
-    fn oversized_length_rejected_before_allocation() {
-        let mut b = encode(&Message::Ready);
-        b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(decode(&b), Err(ProtocolError::TooLarge { .. })));
-    }
-
-    #[test]
-    fn batch_run_zero_bits() {
-        let r = Run {
-            gpa: 0,
-            pages: 10,
-            zero: vec![0b0000_0101, 0b10],
-        };
-        assert!(r.is_zero(0) && !r.is_zero(1) && r.is_zero(2) && r.is_zero(9));
-        assert_eq!(r.data_pages(), 7);
-    }
-}
+mod tests;

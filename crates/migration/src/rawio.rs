@@ -1,6 +1,6 @@
 //! Scatter-gather socket I/O straight from/into guest memory (`sendmsg`/`readv` on iovecs).
 //!
-//! The iovecs point into guest memory (from [`crate::guestmem::GuestMemory::run_addr`]) or
+//! The iovecs point into guest memory (from [`crate::guestmem::MemoryView::run_addr`]) or
 //! into buffers owned by the caller; the kernel copies, we never form Rust slices over guest
 //! memory.
 

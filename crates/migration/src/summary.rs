@@ -64,7 +64,8 @@ pub struct MigrationSummary {
     pub src_cpu_s: f64,
     /// CPU time of the destination's migration threads, s (from its `Resumed`).
     pub dst_cpu_s: f64,
-    /// Destination's memory digest equalled the source's.
+    /// What the destination found when it compared its memory digest with the source's
+    /// (carried back in `Resumed`).
     pub digest_match: bool,
     /// Per-round details.
     pub round_details: Vec<RoundStats>,
@@ -89,8 +90,13 @@ pub struct ReceiveSummary {
     pub rounds: u32,
     /// CPU time of the destination's migration threads, s.
     pub dst_cpu_s: f64,
-    /// The memory digest both sides agreed on.
+    /// The destination's memory digest (its page-hash table, see PROTOCOL.md "Digest").
     pub digest: u64,
+    /// The digest the source sent in `Complete`.
+    pub source_digest: u64,
+    /// `digest == source_digest`, as compared by the destination (a mismatch fails the
+    /// migration before `Ready`, so a returned summary always says true).
+    pub digest_match: bool,
 }
 
 /// Phase reported in a [`Progress`].

@@ -5,12 +5,16 @@
 //! in a chosen pattern and stamps each write (sequence number + page index), so a test can
 //! check that the destination's memory equals the source's as of the pause.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::guestmem::GuestMemory;
+use rustix::fs::{fstat, ftruncate, memfd_create, MemfdFlags};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+
+use crate::guestmem::MemoryView;
 use crate::vm::{
     DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE,
 };
@@ -50,10 +54,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 struct Inner {
-    fd: i32,
+    fd: OwnedFd,
     addr: usize,
     layout: VmLayout,
-    mem: GuestMemory,
+    mem: MemoryView,
     dirty: Mutex<DirtyBitmap>,
     tracking: AtomicBool,
     paused: AtomicBool,
@@ -81,10 +85,6 @@ impl std::fmt::Debug for SoftVm {
     }
 }
 
-fn os_err(what: &str) -> VmError {
-    VmError::with_source(what.to_string(), std::io::Error::last_os_error())
-}
-
 impl SoftVm {
     /// A running VM with one region of `bytes` bytes at gpa 0, 1 vCPU, all memory zero.
     pub fn new(bytes: u64) -> Result<Self, VmError> {
@@ -105,30 +105,24 @@ impl SoftVm {
         {
             return Err(VmError::msg("regions must be non-empty and page aligned"));
         }
-        // SAFETY: the name is a NUL-terminated literal; flags are valid.
-        let fd = unsafe { libc::memfd_create(c"softvm".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(os_err("memfd_create"));
-        }
-        // SAFETY: `fd` is the memfd we just created.
-        if unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 {
-            let e = os_err("ftruncate");
-            // SAFETY: closing our own fd.
-            unsafe { libc::close(fd) };
-            return Err(e);
-        }
+        let fd = memfd_create("softvm", MemfdFlags::CLOEXEC)
+            .map_err(|e| VmError::with_source("memfd_create", e))?;
+        ftruncate(&fd, total).map_err(|e| VmError::with_source("ftruncate", e))?;
         Self::map(fd, regions, vcpus, features)
     }
 
     /// Maps all of memfd `fd` (which this VM then owns) with `regions` laid out back to back.
-    fn map(fd: i32, regions: &[(u64, u64)], vcpus: u32, features: u64) -> Result<Self, VmError> {
+    fn map(
+        fd: OwnedFd,
+        regions: &[(u64, u64)],
+        vcpus: u32,
+        features: u64,
+    ) -> Result<Self, VmError> {
         let total: u64 = regions.iter().map(|r| r.1).sum();
-        // SAFETY: an all-zero stat is a valid out-buffer; `fd` is ours.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        if unsafe { libc::fstat(fd, &mut st) } != 0 || (st.st_size as u64) < total {
-            // SAFETY: closing our own fd.
-            unsafe { libc::close(fd) };
+        let size = fstat(&fd)
+            .map_err(|e| VmError::with_source("fstat", e))?
+            .st_size;
+        if (size as u64) < total {
             return Err(VmError::msg(
                 "memfd smaller than the regions (would SIGBUS)",
             ));
@@ -136,21 +130,16 @@ impl SoftVm {
         // SAFETY: a fresh shared mapping of `total` bytes of our memfd; the kernel picks the
         // address, so it cannot overlap anything of ours.
         let p = unsafe {
-            libc::mmap(
+            mmap(
                 std::ptr::null_mut(),
                 total as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
                 0,
             )
-        };
-        if p == libc::MAP_FAILED {
-            let e = os_err("mmap");
-            // SAFETY: closing our own fd.
-            unsafe { libc::close(fd) };
-            return Err(e);
         }
+        .map_err(|e| VmError::with_source("mmap", e))?;
         let addr = p as usize;
         let mut off = 0;
         let mut mrs = Vec::new();
@@ -159,12 +148,12 @@ impl SoftVm {
                 gpa,
                 size,
                 host_addr: addr + off as usize,
-                fd: Some(fd),
+                fd: Some(fd.as_raw_fd()),
                 fd_offset: off,
             });
             off += size;
         }
-        let mem = GuestMemory::new(&mrs).map_err(|e| VmError::with_source("softvm memory", e))?;
+        let mem = MemoryView::new(&mrs).map_err(|e| VmError::with_source("softvm memory", e))?;
         let layout = VmLayout {
             regions: regions
                 .iter()
@@ -211,9 +200,25 @@ impl SoftVm {
         let fd = regions
             .into_iter()
             .next()
-            .map(|r| std::os::fd::IntoRawFd::into_raw_fd(r.fd))
+            .map(|r| r.fd)
             .ok_or_else(|| VmError::msg("no memory handed over"))?;
         let vm = Self::map(fd, &spans, layout.vcpus, layout.features)?;
+        vm.inner.paused.store(true, Ordering::SeqCst);
+        Ok(vm)
+    }
+
+    /// A destination VM for `layout`, paused: adopting `regions` when given (handover),
+    /// else with fresh memory of its own (back-to-back regions of one memfd). Fits
+    /// [`crate::IncomingVm::OnDemand`].
+    pub fn incoming(
+        layout: &VmLayout,
+        regions: Option<Vec<crate::HandoverRegion>>,
+    ) -> Result<Self, VmError> {
+        if let Some(regions) = regions {
+            return Self::adopt(layout, regions);
+        }
+        let spans: Vec<(u64, u64)> = layout.regions.iter().map(|r| (r.gpa, r.size)).collect();
+        let vm = Self::with_regions(&spans, layout.vcpus, layout.features)?;
         vm.inner.paused.store(true, Ordering::SeqCst);
         Ok(vm)
     }
@@ -412,14 +417,13 @@ impl Drop for SoftVm {
     fn drop(&mut self) {
         self.stop_writer();
         // SAFETY: the writer thread is joined, so nothing else uses the mapping of
-        // `memory_bytes` bytes at `addr` that we created; the fd is ours.
-        unsafe {
-            libc::munmap(
-                self.inner.addr as *mut libc::c_void,
+        // `memory_bytes` bytes at `addr` that we created (the memfd closes with `Inner`).
+        let _ = unsafe {
+            munmap(
+                self.inner.addr as *mut std::ffi::c_void,
                 self.inner.layout.memory_bytes() as usize,
-            );
-            libc::close(self.inner.fd);
-        }
+            )
+        };
     }
 }
 
@@ -439,7 +443,7 @@ impl MigratableVm for SoftVm {
                     gpa: r.gpa,
                     size: r.size,
                     host_addr: self.inner.addr + off as usize,
-                    fd: Some(self.inner.fd),
+                    fd: Some(self.inner.fd.as_raw_fd()),
                     fd_offset: off,
                 };
                 off += r.size;
@@ -499,5 +503,155 @@ impl MigratableVm for SoftVm {
         }
         *lock(&self.inner.restored) = Some(state.to_vec());
         Ok(())
+    }
+}
+
+/// A hand-driven classic source for destination tests: it speaks the protocol frame by frame
+/// (handshake, pages, rounds, state, `Complete` with the right digest) and leaves the ending
+/// (`Commit`, `Failed`, silence, a closed socket) to the test.
+pub struct ScriptedSource {
+    conn: crate::Conn,
+    version: u16,
+    layout: VmLayout,
+    hashes: crate::PageHashes,
+    rounds: u32,
+}
+
+impl ScriptedSource {
+    /// Connects to `dest` and announces a classic migration of a VM laid out as `layout`.
+    /// Returns the destination's `HelloReply` refusal as an error.
+    pub fn connect(
+        dest: &crate::Endpoint,
+        layout: &VmLayout,
+    ) -> Result<Self, crate::MigrationError> {
+        use crate::protocol::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+        Self::connect_speaking(dest, layout, MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION)
+    }
+
+    /// Like [`ScriptedSource::connect`], offering the protocol `versions` (`2..=2`: a
+    /// version-2 source, whose `Hello` has no `max_version`).
+    pub fn connect_speaking(
+        dest: &crate::Endpoint,
+        layout: &VmLayout,
+        versions: std::ops::RangeInclusive<u16>,
+    ) -> Result<Self, crate::MigrationError> {
+        let conn = crate::Conn::connect(dest, Duration::from_secs(5))?;
+        Self::handshake(conn, layout, versions)
+    }
+
+    /// Like [`ScriptedSource::connect_speaking`] on a connection the test opened itself
+    /// (for example to wait before saying `Hello`).
+    pub fn handshake(
+        mut conn: crate::Conn,
+        layout: &VmLayout,
+        versions: std::ops::RangeInclusive<u16>,
+    ) -> Result<Self, crate::MigrationError> {
+        use crate::protocol::{read_message, write_message, Hello, Message};
+        let hello = Hello {
+            version: *versions.start(),
+            max_version: *versions.end(),
+            layout: layout.clone(),
+            transport: crate::TransportKind::Classic,
+            session: 7,
+        };
+        let wire = |e| crate::MigrationError::Wire {
+            phase: "handshake",
+            source: e,
+        };
+        write_message(&mut conn, &Message::Hello(hello)).map_err(wire)?;
+        let version = match read_message(&mut conn).map_err(wire)? {
+            Message::HelloReply(r) if r.accepted => r.version,
+            other => {
+                return Err(crate::MigrationError::PeerRefused {
+                    reason: format!("{other:?}"),
+                })
+            }
+        };
+        Ok(Self {
+            conn,
+            version,
+            layout: layout.clone(),
+            hashes: crate::PageHashes::new(layout.pages() as usize),
+            rounds: 0,
+        })
+    }
+
+    /// Guest-physical address of page index `page` (regions in layout order).
+    fn gpa(&self, mut page: u64) -> Option<u64> {
+        for r in &self.layout.regions {
+            let n = r.size / PAGE_SIZE as u64;
+            if page < n {
+                return Some(r.gpa + page * PAGE_SIZE as u64);
+            }
+            page -= n;
+        }
+        None
+    }
+
+    /// Sends page index `page` filled with `fill` and records its hash.
+    pub fn send_page(
+        &mut self,
+        page: usize,
+        fill: u8,
+    ) -> Result<(), crate::protocol::ProtocolError> {
+        let gpa =
+            self.gpa(page as u64)
+                .ok_or_else(|| crate::protocol::ProtocolError::Malformed {
+                    kind: "page",
+                    reason: format!("page {page} outside the layout"),
+                })?;
+        let bytes = [fill; PAGE_SIZE];
+        let mut frame = Vec::new();
+        crate::protocol::encode_page(&mut frame, gpa, Some(&bytes));
+        std::io::Write::write_all(&mut self.conn, &frame)
+            .map_err(crate::protocol::ProtocolError::Io)?;
+        self.hashes.set(page, crate::hash_page_bytes(&bytes));
+        Ok(())
+    }
+
+    /// Ends a round and returns the destination's answer (`RoundAck` expected).
+    pub fn end_round(
+        &mut self,
+    ) -> Result<crate::protocol::Message, crate::protocol::ProtocolError> {
+        use crate::protocol::{read_message, write_message, Message};
+        self.rounds += 1;
+        let end = Message::RoundEnd {
+            round: self.rounds,
+            data_bytes: 0,
+        };
+        write_message(&mut self.conn, &end)?;
+        read_message(&mut self.conn)
+    }
+
+    /// The digest of every page sent so far (what `Complete` carries).
+    pub fn digest(&self) -> u64 {
+        self.hashes.digest()
+    }
+
+    /// Sends `State(state)` and `Complete` with the digest of the pages sent, and returns
+    /// the destination's answer (`Ready` expected).
+    pub fn complete(
+        &mut self,
+        state: &[u8],
+    ) -> Result<crate::protocol::Message, crate::protocol::ProtocolError> {
+        use crate::protocol::{read_message, write_message, Complete, Message};
+        write_message(&mut self.conn, &Message::State(state.to_vec()))?;
+        let complete = Complete {
+            digest: self.digest(),
+            pages: self.layout.pages(),
+            rounds: self.rounds + 1,
+        };
+        write_message(&mut self.conn, &Message::Complete(complete))?;
+        read_message(&mut self.conn)
+    }
+
+    /// The protocol version the destination chose.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
+    /// The control connection, to script the ending.
+    pub fn conn(&mut self) -> &mut crate::Conn {
+        &mut self.conn
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  source process                                   destination process
-//!  migrate() ─unix─► SourceTunnel ══TLS/TCP══► DestTunnel ─unix─► receive_any()
+//!  migrate() ─unix─► SourceTunnel ══TLS/TCP══► DestTunnel ─unix─► receive()  
 //!            (private dir)   client cert + CA      server cert + CA   (private dir)
 //! ```
 //!
@@ -281,7 +281,7 @@ pub struct DestTunnel {
 
 impl DestTunnel {
     /// Starts forwarding TLS connections from `public` to a listener in a private directory,
-    /// returned for the receiver ([`crate::receive_any`] on it sees only peers whose
+    /// returned for the receiver ([`crate::receive`] on it sees only peers whose
     /// certificate the CA signed).
     pub fn start(
         public: TcpListener,

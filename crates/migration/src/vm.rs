@@ -148,7 +148,7 @@ impl DirtyBitmap {
     /// w = page 64*w+i); bits past `pages` are ignored.
     pub fn from_words(mut words: Vec<u64>, pages: usize) -> Self {
         words.resize(pages.div_ceil(64), 0);
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = words.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }
@@ -201,7 +201,7 @@ impl DirtyBitmap {
         for (a, b) in self.words.iter_mut().zip(&other.words) {
             *a |= *b;
         }
-        if self.pages % 64 != 0 {
+        if !self.pages.is_multiple_of(64) {
             if let Some(last) = self.words.last_mut() {
                 *last &= (1u64 << (self.pages % 64)) - 1;
             }
@@ -250,6 +250,37 @@ pub trait MigratableVm: Send + Sync {
     fn save_state(&self) -> Result<Vec<u8>, VmError>;
     /// Loads state produced by [`MigratableVm::save_state`] on the peer. Only called while paused.
     fn restore_state(&self, state: &[u8]) -> Result<(), VmError>;
+}
+
+/// A borrowed VM is a VM (a destination that keeps its VM after `receive`, tests).
+impl<T: MigratableVm + ?Sized> MigratableVm for &T {
+    fn layout(&self) -> VmLayout {
+        (**self).layout()
+    }
+    fn memory(&self) -> Vec<MemoryRegion> {
+        (**self).memory()
+    }
+    fn start_dirty_log(&self) -> Result<(), VmError> {
+        (**self).start_dirty_log()
+    }
+    fn sync_dirty_log(&self) -> Result<DirtyBitmap, VmError> {
+        (**self).sync_dirty_log()
+    }
+    fn stop_dirty_log(&self) -> Result<(), VmError> {
+        (**self).stop_dirty_log()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        (**self).pause()
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        (**self).resume()
+    }
+    fn save_state(&self) -> Result<Vec<u8>, VmError> {
+        (**self).save_state()
+    }
+    fn restore_state(&self, state: &[u8]) -> Result<(), VmError> {
+        (**self).restore_state(state)
+    }
 }
 
 #[cfg(test)]

@@ -7,15 +7,15 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{assert_source_intact, corrupting_proxy, loopback, pair, MIB};
+use common::{assert_source_intact, corrupting_proxy, loopback, pair, receive_into, MIB};
 use fastmig_migration::protocol::{
     self, encode, encode_page, encode_with_version, read_message, write_message, Hello, HelloReply,
     Message, ProtocolError,
 };
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive, CancelToken, Conn, Endpoint, Listener, MigratableVm, MigrateOptions,
-    MigrationError, Progress, ReceiveOptions, TransportKind, PAGE_SIZE,
+    migrate, CancelToken, Conn, Endpoint, Listener, MigratableVm, MigrateOptions, MigrationError,
+    Progress, ReceiveOptions, TransportKind, PAGE_SIZE,
 };
 
 fn quick_opts() -> MigrateOptions {
@@ -39,9 +39,9 @@ fn quick_ropts() -> ReceiveOptions {
 fn hello_for(vm: &SoftVm, version: u16) -> Message {
     Message::Hello(Hello {
         version,
+        max_version: version,
         layout: vm.layout(),
-        transport: "classic".into(),
-        data_streams: 0,
+        transport: TransportKind::Classic,
         session: 1,
     })
 }
@@ -80,7 +80,7 @@ fn destination_refuses_other_protocol_version() {
     let l = loopback();
     let ep = l.endpoint().expect("ep");
     std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         let Endpoint::Tcp(addr) = ep else {
             unreachable!()
         };
@@ -216,7 +216,17 @@ fn destination_gone_mid_transfer() {
     });
     let err = migrate(&src, &ep, &quick_opts()).expect_err("destination vanished");
     h.join().expect("join");
-    assert!(matches!(err, MigrationError::SendPages(_)), "{err:?}");
+    // Writing pages or reading the round's ack, whichever meets the closed stream first.
+    assert!(
+        matches!(
+            err,
+            MigrationError::Wire {
+                phase: "sending pages" | "round ack",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_source_intact(&src);
     assert!(src.snapshot() == before, "source memory intact");
 }
@@ -239,7 +249,13 @@ fn destination_gone_after_pause_resumes_source() {
     let err = migrate(&src, &ep, &quick_opts()).expect_err("no ready");
     h.join().expect("join");
     assert!(
-        matches!(err, MigrationError::ReceivePages(ProtocolError::Truncated)),
+        matches!(
+            err,
+            MigrationError::Wire {
+                phase: "ready",
+                source: ProtocolError::Truncated
+            }
+        ),
         "{err:?}"
     );
     assert_source_intact(&src);
@@ -299,7 +315,7 @@ fn fake_source_into(
         unreachable!()
     };
     std::thread::scope(|s| {
-        let h = s.spawn(|| receive(dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(dst, &l, &quick_ropts()));
         let mut c = TcpStream::connect(addr).expect("connect");
         write_message(&mut c, &hello_for(dst, protocol::PROTOCOL_VERSION)).expect("hello");
         let Ok(Message::HelloReply(r)) = read_message(&mut c) else {
@@ -329,7 +345,10 @@ fn destination_rejects_connection_closed_mid_transfer() {
     assert!(
         matches!(
             r,
-            Err(MigrationError::ReceivePages(ProtocolError::Truncated))
+            Err(MigrationError::Wire {
+                phase: "receiving pages",
+                source: ProtocolError::Truncated
+            })
         ),
         "{r:?}"
     );
@@ -347,7 +366,10 @@ fn destination_rejects_truncated_frame() {
     assert!(
         matches!(
             r,
-            Err(MigrationError::ReceivePages(ProtocolError::Truncated))
+            Err(MigrationError::Wire {
+                phase: "receiving pages",
+                source: ProtocolError::Truncated
+            })
         ),
         "{r:?}"
     );
@@ -366,9 +388,10 @@ fn destination_rejects_corrupted_page_frame() {
     assert!(
         matches!(
             r,
-            Err(MigrationError::ReceivePages(
-                ProtocolError::BadChecksum { .. }
-            ))
+            Err(MigrationError::Wire {
+                phase: "receiving pages",
+                source: ProtocolError::BadChecksum { .. }
+            })
         ),
         "{r:?}"
     );
@@ -434,7 +457,7 @@ fn corrupted_byte_in_classic_stream_fails_both_sides_safely() {
     // Byte 500 000 of the control stream lies inside some page frame of round 1.
     let proxy = corrupting_proxy(l.endpoint().expect("ep"), 0, 500_000);
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         (
             migrate(&src, &proxy, &quick_opts()),
             h.join().expect("join"),
@@ -443,9 +466,10 @@ fn corrupted_byte_in_classic_stream_fails_both_sides_safely() {
     assert!(
         matches!(
             d,
-            Err(MigrationError::ReceivePages(
-                ProtocolError::BadChecksum { .. }
-            ))
+            Err(MigrationError::Wire {
+                phase: "receiving pages",
+                source: ProtocolError::BadChecksum { .. }
+            })
         ),
         "{d:?}"
     );
@@ -466,7 +490,7 @@ fn corrupted_byte_in_multi_tcp_page_data_caught_by_digest() {
         ..quick_opts()
     };
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         (migrate(&src, &proxy, &opts), h.join().expect("join"))
     });
     assert!(matches!(d, Err(MigrationError::Digest { .. })), "{d:?}");
@@ -505,13 +529,13 @@ fn silent_multi_tcp_source_times_out_and_stops_receivers() {
         unreachable!()
     };
     let r = std::thread::scope(|s| {
-        let h = s.spawn(|| receive(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
         let mut c = TcpStream::connect(addr).expect("connect");
         let hello = Message::Hello(Hello {
             version: protocol::PROTOCOL_VERSION,
+            max_version: protocol::PROTOCOL_VERSION,
             layout: dst.layout(),
-            transport: "multi-tcp".into(),
-            data_streams: 1,
+            transport: TransportKind::MultiTcp { streams: 1 },
             session: 42,
         });
         write_message(&mut c, &hello).expect("hello");
@@ -529,6 +553,113 @@ fn silent_multi_tcp_source_times_out_and_stops_receivers() {
         )
         .expect("data hello");
         // Then say nothing on either stream, keeping both open.
+        let r = h.join().expect("join");
+        drop((c, data));
+        r
+    });
+    assert!(
+        matches!(
+            r,
+            Err(MigrationError::Timeout {
+                phase: "receiving pages"
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(dst.resume_count(), 0);
+}
+
+/// A scripted multi-tcp source with one data stream, handshake done: (control, data).
+fn multi_tcp_source_into(dst: &SoftVm, addr: std::net::SocketAddr) -> (TcpStream, TcpStream) {
+    let mut c = TcpStream::connect(addr).expect("connect");
+    let hello = Message::Hello(Hello {
+        version: protocol::PROTOCOL_VERSION,
+        max_version: protocol::PROTOCOL_VERSION,
+        layout: dst.layout(),
+        transport: TransportKind::MultiTcp { streams: 1 },
+        session: 43,
+    });
+    write_message(&mut c, &hello).expect("hello");
+    let Ok(Message::HelloReply(rep)) = read_message(&mut c) else {
+        panic!("no reply")
+    };
+    assert!(rep.accepted);
+    let mut data = TcpStream::connect(addr).expect("data connect");
+    let data_hello = Message::DataHello {
+        session: 43,
+        stream: 0,
+    };
+    write_message(&mut data, &data_hello).expect("data hello");
+    (c, data)
+}
+
+#[test]
+fn round_ack_waits_until_the_rounds_data_has_landed() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let Ok(Endpoint::Tcp(addr)) = l.endpoint() else {
+        unreachable!()
+    };
+    std::thread::scope(|s| {
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
+        let (mut c, mut data) = multi_tcp_source_into(&dst, addr);
+        // One run of one page at gpa 0, its bytes after the descriptor.
+        let mut batch = Vec::new();
+        protocol::encode_batch(
+            &mut batch,
+            &[protocol::Run {
+                gpa: 0,
+                pages: 1,
+                zero: vec![0],
+            }],
+        );
+        let data_bytes = (batch.len() + PAGE_SIZE) as u64;
+        // The round's end is announced before its data is sent: no ack may come yet.
+        write_message(
+            &mut c,
+            &Message::RoundEnd {
+                round: 1,
+                data_bytes,
+            },
+        )
+        .expect("round end");
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let early = read_message(&mut c);
+        assert!(
+            matches!(early, Err(ProtocolError::Io(ref e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+            "acknowledged a round whose data had not arrived: {early:?}"
+        );
+        std::io::Write::write_all(&mut data, &batch).expect("batch");
+        std::io::Write::write_all(&mut data, &[0x77; PAGE_SIZE]).expect("page");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let ack = read_message(&mut c).expect("ack");
+        assert_eq!(ack, Message::RoundAck { round: 1 });
+        // The ack promises the page is in guest memory.
+        assert_eq!(dst.snapshot()[..PAGE_SIZE], [0x77; PAGE_SIZE]);
+        drop((c, data));
+        let _ = h.join();
+    });
+    assert_eq!(dst.resume_count(), 0);
+}
+
+#[test]
+fn round_data_that_never_arrives_times_out() {
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let Ok(Endpoint::Tcp(addr)) = l.endpoint() else {
+        unreachable!()
+    };
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
+        let (mut c, data) = multi_tcp_source_into(&dst, addr);
+        let end = Message::RoundEnd {
+            round: 1,
+            data_bytes: 4096,
+        };
+        write_message(&mut c, &end).expect("round end");
+        // ... and the data never comes, on a stream that stays open.
         let r = h.join().expect("join");
         drop((c, data));
         r

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use fastmig_migration::test_utils::SoftVm;
 use fastmig_migration::{
-    migrate, receive, Conn, Endpoint, Listener, MigrateOptions, MigrationError, ReceiveOptions,
-    TransportKind,
+    migrate, receive, Conn, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationError,
+    ReceiveOptions, TransportKind,
 };
 
 const MEM: u64 = 4 << 20;
@@ -25,7 +25,8 @@ fn strays_then_real_source(ep: &str, transport: TransportKind) {
         ..ReceiveOptions::default()
     };
     let summary = std::thread::scope(|s| {
-        let incoming = s.spawn(|| receive(&dst, &listener, &ropts));
+        let incoming =
+            s.spawn(|| receive(&listener, &ropts, IncomingVm::Only(&dst)).map(|(_, s)| s));
         let t = Duration::from_secs(5);
         drop(Conn::connect(&at, t).expect("port scan"));
         let mut garbage = Conn::connect(&at, t).expect("garbage");
@@ -75,7 +76,7 @@ fn a_destination_with_only_strays_gives_up_at_its_accept_deadline() {
     };
     let mut garbage = Conn::connect(&at, Duration::from_secs(5)).expect("garbage");
     garbage.write_all(&[0xff; 100]).expect("write");
-    let r = receive(&dst, &listener, &ropts);
+    let r = receive(&listener, &ropts, IncomingVm::Only(&dst)).map(|(_, s)| s);
     assert!(
         matches!(r, Err(MigrationError::Timeout { phase: "accept" })),
         "{r:?}"

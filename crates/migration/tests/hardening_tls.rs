@@ -9,7 +9,7 @@ use std::time::Duration;
 use fastmig_migration::test_utils::SoftVm;
 use fastmig_migration::tls::{client_config, server_config, DestTunnel, SourceTunnel, TlsFiles};
 use fastmig_migration::{
-    migrate, receive, MigrateOptions, MigrationError, ReceiveOptions, TransportKind,
+    migrate, receive, IncomingVm, MigrateOptions, MigrationError, ReceiveOptions, TransportKind,
 };
 use pki::Ca;
 
@@ -49,7 +49,7 @@ fn migrate_tls(
         ..MigrateOptions::default()
     };
     let r = std::thread::scope(|s| {
-        let incoming = s.spawn(|| receive(&dst, &inner, &ropts));
+        let incoming = s.spawn(|| receive(&inner, &ropts, IncomingVm::Only(&dst)).map(|(_, s)| s));
         let r = migrate(&src, out.endpoint(), &opts).map_err(|e| out.explain(e));
         let _ = incoming.join().expect("receiver");
         r

@@ -9,7 +9,7 @@ use common::{pair, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
     MigratableVm, MigrateOptions, MigrationStatus, OnNoConverge, Phase, Progress, ReceiveOptions,
-    TransportKind,
+    TransportKind, PAGE_SIZE,
 };
 
 fn check_equal_and_handed_over(src: &SoftVm, dst: &SoftVm) {
@@ -225,6 +225,14 @@ fn progress_ticks_inside_a_long_round() {
     assert!(partial
         .windows(2)
         .all(|w| w[0].remaining_pages >= w[1].remaining_pages));
+    // Round 1 starts from nothing sent: a tick counts the pages done so far in it.
+    for p in &partial {
+        assert!(p.pages_sent > 0, "{p:?}");
+        assert_eq!(p.pages_sent + p.remaining_pages, 2048, "{p:?}");
+        assert_eq!(p.bytes_sent, p.pages_sent * PAGE_SIZE as u64, "{p:?}");
+        // Over the round so far: the 4 MiB/s cap, plus the 1 MiB burst early on.
+        assert!(p.bandwidth_mib_s > 0.0 && p.bandwidth_mib_s < 32.0, "{p:?}");
+    }
 }
 
 #[test]
@@ -345,7 +353,7 @@ fn never_converging_run(
     let l = common::loopback();
     let ep = l.endpoint().expect("ep");
     let r = std::thread::scope(|s| {
-        let h = s.spawn(|| fastmig_migration::receive(&dst, &l, &ReceiveOptions::default()));
+        let h = s.spawn(|| common::receive_into(&dst, &l, &ReceiveOptions::default()));
         let r = fastmig_migration::migrate(&src, &ep, &opts);
         let _ = h.join();
         r

@@ -1,4 +1,4 @@
-//! The unified destination entry point, `receive_any`: the source's `Hello` picks the path
+//! The one destination entry point, `receive`: the source's `Hello` picks the path
 //! (a prepared VM, a VM built during setup, or a handover onto the source's memory).
 
 mod common;
@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::{assert_source_intact, loopback, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive_any, Endpoint, IncomingVm, Listener, MigratableVm, MigrateOptions,
-    MigrationError, ReceiveOptions, TransportKind, VmError,
+    migrate, receive, Endpoint, IncomingVm, Listener, MigratableVm, MigrateOptions, MigrationError,
+    ReceiveOptions, TransportKind, VmError,
 };
 
 fn writing_source(bytes: u64) -> SoftVm {
@@ -30,14 +30,13 @@ fn a_vm_built_during_setup_gets_the_sources_size_and_memory() {
     let ep = l.endpoint().expect("endpoint");
     let (r, d) = std::thread::scope(|s| {
         let h = s.spawn(|| {
-            receive_any(
+            receive(
                 &l,
                 &ReceiveOptions::default(),
-                IncomingVm::OnDemand,
-                |layout, regions| {
+                IncomingVm::OnDemand(Box::new(|layout, regions| {
                     assert!(regions.is_none(), "not a handover");
                     SoftVm::new_incoming(layout.memory_bytes())
-                },
+                })),
             )
         });
         (
@@ -69,14 +68,16 @@ fn a_handover_drops_the_prepared_vm_and_adopts_the_sources_memory() {
     };
     let (r, d) = std::thread::scope(|s| {
         let h = s.spawn(|| {
-            receive_any(
+            receive(
                 &l,
                 &ReceiveOptions::default(),
-                IncomingVm::Prepared(prepared),
-                |layout, regions| {
-                    let regions = regions.ok_or_else(|| VmError::msg("expected a handover"))?;
-                    SoftVm::adopt(layout, regions)
-                },
+                IncomingVm::Prepared(
+                    prepared,
+                    Box::new(|layout, regions| {
+                        let regions = regions.ok_or_else(|| VmError::msg("expected a handover"))?;
+                        SoftVm::adopt(layout, regions)
+                    }),
+                ),
             )
         });
         (migrate(&src, &ep, &opts), h.join().expect("join"))
@@ -96,11 +97,10 @@ fn a_vm_that_cannot_be_built_refuses_the_source_which_keeps_running() {
     let ep = l.endpoint().expect("endpoint");
     let (r, d) = std::thread::scope(|s| {
         let h = s.spawn(|| {
-            receive_any::<SoftVm, _>(
+            receive::<SoftVm>(
                 &l,
                 &ReceiveOptions::default(),
-                IncomingVm::OnDemand,
-                |_, _| Err(VmError::msg("no memory for 4 MiB")),
+                IncomingVm::OnDemand(Box::new(|_, _| Err(VmError::msg("no memory for 4 MiB")))),
             )
         });
         (

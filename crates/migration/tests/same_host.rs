@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::{pair_on, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive_handover, Endpoint, Listener, MigrateOptions, MigrationError, ReceiveOptions,
-    TransportKind,
+    migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationError,
+    ReceiveOptions, TransportKind,
 };
 
 fn unix_endpoint(tag: &str) -> Endpoint {
@@ -89,7 +89,13 @@ fn handover_adopts_memory_without_copying() {
         ..Default::default()
     };
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive_handover(&l, &ReceiveOptions::default(), SoftVm::adopt));
+        let h = s.spawn(|| {
+            receive(
+                &l,
+                &ReceiveOptions::default(),
+                IncomingVm::OnDemand(Box::new(SoftVm::incoming)),
+            )
+        });
         (migrate(&src, &ep, &opts), h.join().expect("join"))
     });
     let s = r.expect("handover");

@@ -7,8 +7,9 @@ use crate::conn::Conn;
 use crate::deadline::Paced;
 use crate::digest::{hash_page_bytes, zero_page_hash};
 use crate::error::{wire, MigrationError};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::{encode_page, Message, ProtocolError};
+use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
 
 /// Source side: writes page frames on a clone of the control stream.
@@ -29,21 +30,21 @@ impl ClassicSource {
 }
 
 fn send_err(e: std::io::Error) -> MigrationError {
-    wire(
-        "sending pages",
-        ProtocolError::Io(e),
-        MigrationError::SendPages,
-    )
+    wire("sending pages", ProtocolError::Io(e))
 }
 
 impl SourceTransport for ClassicSource {
-    fn name(&self) -> &'static str {
-        "classic"
+    fn precopy(&self) -> bool {
+        true
+    }
+
+    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
+        Ok(())
     }
 
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {
@@ -57,9 +58,8 @@ impl SourceTransport for ClassicSource {
             if i % 64 == 0 && ctx.cancel.is_cancelled() {
                 return Err(MigrationError::Cancelled);
             }
-            let gpa = mem.page_gpa(p).ok_or_else(|| MigrationError::Unexpected {
-                phase: "sending pages",
-                got: format!("page index {p} outside guest memory"),
+            let gpa = mem.page_gpa(p).ok_or_else(|| MigrationError::Internal {
+                what: format!("page index {p} outside guest memory"),
             })?;
             if mem.is_zero_page(p) {
                 encode_page(&mut frame, gpa, None);
@@ -103,8 +103,8 @@ pub(crate) struct ClassicDest {
 }
 
 impl DestTransport for ClassicDest {
-    fn name(&self) -> &'static str {
-        "classic"
+    fn copies_pages(&self) -> bool {
+        true
     }
 
     fn on_control(
@@ -116,10 +116,13 @@ impl DestTransport for ClassicDest {
             return Ok(Some(msg));
         };
         let page = ctx.mem.gpa_to_page(gpa).ok_or_else(|| {
-            MigrationError::ReceivePages(ProtocolError::Malformed {
-                kind: "page",
-                reason: format!("gpa {gpa:#x} outside guest memory"),
-            })
+            wire(
+                "receiving pages",
+                ProtocolError::Malformed {
+                    kind: "page",
+                    reason: format!("gpa {gpa:#x} outside guest memory"),
+                },
+            )
         })?;
         match data {
             None => {
@@ -130,10 +133,13 @@ impl DestTransport for ClassicDest {
             }
             Some(d) => {
                 let d: &[u8; PAGE_SIZE] = d.as_slice().try_into().map_err(|_| {
-                    MigrationError::ReceivePages(ProtocolError::Malformed {
-                        kind: "page",
-                        reason: "wrong page length".into(),
-                    })
+                    wire(
+                        "receiving pages",
+                        ProtocolError::Malformed {
+                            kind: "page",
+                            reason: "wrong page length".into(),
+                        },
+                    )
                 })?;
                 ctx.mem.write_page(page, d);
                 ctx.hashes.set(page, hash_page_bytes(d));

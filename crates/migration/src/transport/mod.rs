@@ -10,19 +10,29 @@
 //! | `shm`       | source maps the destination's memfd and copies pages into it (Unix socket) |
 //! | `handover`  | no page moves: the destination adopts the source's memfd (VMM upgrade)    |
 //!
-//! See PROTOCOL.md for the frames each transport uses.
+//! This module is the one registry: [`TransportKind`] says which transports exist, and its
+//! `source`, `destination`, `refusal` and `adopts_memory` are the only places that match on
+//! it. A transport is one file holding its two halves ([`SourceTransport`],
+//! [`DestTransport`]); see README.md, "How to add a transport". See PROTOCOL.md for the
+//! frames each transport uses.
 
+use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::PageHashes;
 use crate::error::MigrationError;
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::Message;
 use crate::util::{CancelToken, TokenBucket};
+use crate::vm::{MemoryRegion, VmLayout};
 
 pub(crate) mod classic;
+pub(crate) mod handover;
 pub(crate) mod multi_tcp;
 pub(crate) mod shm;
 
@@ -43,7 +53,7 @@ pub enum TransportKind {
     /// One-sided remote write into the destination's memfd, same host, `unix:` endpoint.
     Shm,
     /// Hand the memfd itself to the destination process; nothing is copied. `unix:` endpoint;
-    /// the destination uses [`crate::receive_handover`].
+    /// the destination must be able to build a VM on it ([`crate::IncomingVm`]).
     Handover,
 }
 
@@ -72,6 +82,139 @@ impl TransportKind {
     }
 }
 
+/// How many data streams a multi-tcp migration may open (flags, `Hello`).
+pub const DATA_STREAMS: RangeInclusive<u32> = 1..=64;
+
+impl TransportKind {
+    /// The `Hello` spelling (frozen since protocol version 1): name and data-stream count.
+    pub(crate) fn wire_name(&self) -> (&'static str, u32) {
+        match self {
+            TransportKind::MultiTcp { streams } => (self.name(), *streams),
+            _ => (self.name(), 0),
+        }
+    }
+
+    /// Reads the `Hello` spelling back. The stream count is checked by the destination, which
+    /// can then refuse with a reason.
+    pub(crate) fn from_wire_name(name: &str, data_streams: u32) -> Result<Self, BadTransport> {
+        Ok(match name.parse()? {
+            TransportKind::MultiTcp { .. } => TransportKind::MultiTcp {
+                streams: data_streams,
+            },
+            other => other,
+        })
+    }
+}
+
+/// What building a source half needs.
+pub(crate) struct SourceSetup<'a> {
+    /// The control stream, handshake done.
+    pub control: &'a Conn,
+    /// Where the destination listens (for extra streams).
+    pub dest: &'a Endpoint,
+    /// The VM's layout.
+    pub layout: &'a VmLayout,
+    /// Session id from `Hello`.
+    pub session: u64,
+    /// Timeouts of `MigrateOptions`.
+    pub connect_timeout: Duration,
+    /// Timeouts of `MigrateOptions`.
+    pub io_timeout: Duration,
+}
+
+/// What building a destination half needs.
+pub(crate) struct DestSetup<'a> {
+    /// The control stream, handshake done.
+    pub control: &'a mut Conn,
+    /// The listener (for extra streams).
+    pub listener: &'a Listener,
+    /// Session id from `Hello`.
+    pub session: u64,
+    /// The destination VM's memory.
+    pub memory: &'a [MemoryRegion],
+    /// Where received pages go.
+    pub ctx: &'a RecvCtx,
+    /// How long to wait for extra streams.
+    pub accept_timeout: Duration,
+    /// Socket timeout.
+    pub io_timeout: Duration,
+}
+
+impl TransportKind {
+    /// The kind as the source announces it (a multi-tcp migration has at least one stream).
+    pub(crate) fn normalized(self) -> Self {
+        match self {
+            TransportKind::MultiTcp { streams } => TransportKind::MultiTcp {
+                streams: streams.max(1),
+            },
+            other => other,
+        }
+    }
+
+    /// Builds the source half, after the handshake.
+    pub(crate) fn source(
+        self,
+        s: &SourceSetup<'_>,
+    ) -> Result<Box<dyn SourceTransport>, MigrationError> {
+        Ok(match self {
+            TransportKind::Classic => Box::new(classic::ClassicSource::new(s.control)?),
+            TransportKind::MultiTcp { streams } => Box::new(multi_tcp::MultiTcpSource::connect(
+                s.dest,
+                streams,
+                s.session,
+                s.connect_timeout,
+                s.io_timeout,
+            )?),
+            TransportKind::Shm => Box::new(shm::ShmSource::open(s.control, s.layout)?),
+            TransportKind::Handover => Box::new(handover::HandoverSource),
+        })
+    }
+
+    /// True when the destination's VM is built on the source's own memory, received during
+    /// the transport's setup, instead of having memory of its own.
+    pub(crate) fn adopts_memory(self) -> bool {
+        matches!(self, TransportKind::Handover)
+    }
+
+    /// Destination, before accepting: why this transport cannot run over `control` into
+    /// `memory` (`None` when the memory will be adopted), if it cannot.
+    pub(crate) fn refusal(self, control: &Conn, memory: Option<&[MemoryRegion]>) -> Option<String> {
+        let unix = control.as_unix().is_some();
+        let memfd = memory.is_none_or(|m| m.iter().all(|r| r.fd.is_some()));
+        match self {
+            TransportKind::Classic => None,
+            TransportKind::MultiTcp { streams } => (!DATA_STREAMS.contains(&streams))
+                .then(|| format!("bad data stream count {streams}")),
+            TransportKind::Shm if !unix => Some("shm needs a unix: endpoint".into()),
+            TransportKind::Shm if !memfd => Some("shm needs memfd-backed guest memory".into()),
+            TransportKind::Shm => None,
+            TransportKind::Handover if !unix => Some("handover needs a unix: endpoint".into()),
+            TransportKind::Handover => None,
+        }
+    }
+
+    /// Builds the destination half, after the handshake (and, for a transport that adopts
+    /// memory, after the VM was built on it).
+    pub(crate) fn destination(
+        self,
+        d: DestSetup<'_>,
+    ) -> Result<Box<dyn DestTransport>, MigrationError> {
+        Ok(match self {
+            TransportKind::Classic => Box::<classic::ClassicDest>::default(),
+            TransportKind::MultiTcp { streams } => Box::new(multi_tcp::MultiTcpDest::accept(
+                d.listener,
+                streams,
+                d.session,
+                d.accept_timeout,
+                d.io_timeout,
+                d.ctx,
+            )?),
+            TransportKind::Shm => Box::new(shm::ShmDest::offer(d.control, d.memory)?),
+            TransportKind::Handover => Box::new(handover::HandoverDest::built(d.control)?),
+        })
+    }
+}
+
 /// Error parsing a [`TransportKind`].
 #[derive(Debug, thiserror::Error)]
 #[error("unknown transport {0:?}: expected classic, multi-tcp, multi-tcp:N, shm or handover")]
@@ -81,15 +224,20 @@ impl FromStr for TransportKind {
     type Err = BadTransport;
     /// `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm` or `handover`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "classic" => Ok(TransportKind::Classic),
-            "shm" => Ok(TransportKind::Shm),
-            "handover" => Ok(TransportKind::Handover),
-            "multi-tcp" => Ok(TransportKind::multi_tcp_default()),
-            _ => s
-                .strip_prefix("multi-tcp:")
+        let default = TransportKind::multi_tcp_default();
+        let plain = [
+            TransportKind::Classic,
+            default,
+            TransportKind::Shm,
+            TransportKind::Handover,
+        ];
+        match plain.into_iter().find(|k| k.name() == s) {
+            Some(k) => Ok(k),
+            None => s
+                .strip_prefix(default.name())
+                .and_then(|n| n.strip_prefix(':'))
                 .and_then(|n| n.parse::<u32>().ok())
-                .filter(|n| (1..=64).contains(n))
+                .filter(|n| DATA_STREAMS.contains(n))
                 .map(|streams| TransportKind::MultiTcp { streams })
                 .ok_or_else(|| BadTransport(s.into())),
         }
@@ -130,13 +278,21 @@ impl PageStats {
 
 /// Source half of a transport.
 pub trait SourceTransport: Send {
-    /// Name for summaries.
-    fn name(&self) -> &'static str;
+    /// True when pages are copied in pre-copy rounds (with a dirty log) and a stop-and-copy
+    /// round; false when the memory changes hands instead (then only `before_pause` runs).
+    fn precopy(&self) -> bool;
+    /// Runs just before the VM is paused (after pre-copy, if any). Handover passes the
+    /// memory here; copying transports do nothing.
+    fn before_pause(
+        &mut self,
+        control: &mut Conn,
+        memory: &[MemoryRegion],
+    ) -> Result<(), MigrationError>;
     /// Sends `pages` (ascending page indices) as they are in memory now, recording their
     /// hashes in `ctx.hashes`. Returns once every byte is handed to the kernel.
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError>;
@@ -157,15 +313,16 @@ pub trait SourceTransport: Send {
 #[derive(Debug, Clone)]
 pub struct RecvCtx {
     /// Destination guest memory.
-    pub mem: GuestMemory,
+    pub mem: MemoryView,
     /// Destination page-hash table.
     pub hashes: Arc<PageHashes>,
 }
 
 /// Destination half of a transport.
 pub trait DestTransport: Send {
-    /// Name for summaries.
-    fn name(&self) -> &'static str;
+    /// True when pages are copied into the destination's memory (so its page-hash table
+    /// describes that memory and `verify_memory` can re-check it); false for adopted memory.
+    fn copies_pages(&self) -> bool;
     /// Offered every frame of the control stream; consumes page frames (returning `None`)
     /// and hands any other message back.
     fn on_control(
@@ -185,29 +342,53 @@ pub trait DestTransport: Send {
     fn abort(&mut self) -> Option<MigrationError>;
 }
 
-/// Handover's source transport: pages never move (the destination adopts the memory).
-pub(crate) struct NoCopy;
+/// Splits `pages` (ascending page indices) into runs of consecutive pages that lie in one
+/// region (so contiguous in memory on both sides), at most `max` pages each: `(first, count)`.
+pub(crate) fn page_runs<'a>(
+    mem: &'a MemoryView,
+    pages: &'a [usize],
+    max: usize,
+) -> impl Iterator<Item = (usize, usize)> + 'a {
+    let mut j = 0;
+    std::iter::from_fn(move || {
+        let first = *pages.get(j)?;
+        let mut k = j + 1;
+        while k < pages.len()
+            && k - j < max
+            && pages[k] == pages[k - 1] + 1
+            && mem.same_region(pages[k - 1], pages[k])
+        {
+            k += 1;
+        }
+        let run = (first, k - j);
+        j = k;
+        Some(run)
+    })
+}
 
-impl SourceTransport for NoCopy {
-    fn name(&self) -> &'static str {
-        "handover"
+/// Walks pages `first .. first + count` in order: `zero(p)` for every page `is_zero` picks,
+/// `data(start, len)` for every maximal span of the others (once the span is complete).
+pub(crate) fn split_zero_spans<E>(
+    first: usize,
+    count: usize,
+    mut is_zero: impl FnMut(usize) -> bool,
+    mut zero: impl FnMut(usize),
+    mut data: impl FnMut(usize, usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut span = None;
+    for p in first..first + count {
+        if is_zero(p) {
+            zero(p);
+            if let Some(s) = span.take() {
+                data(s, p - s)?;
+            }
+        } else {
+            span.get_or_insert(p);
+        }
     }
-
-    fn send_pages(
-        &mut self,
-        _: &GuestMemory,
-        _: &[usize],
-        _: &SendCtx<'_>,
-    ) -> Result<PageStats, MigrationError> {
-        Ok(PageStats::default())
-    }
-
-    fn finish(&mut self) -> Result<(), MigrationError> {
-        Ok(())
-    }
-
-    fn worker_cpu_s(&self) -> f64 {
-        0.0
+    match span {
+        Some(s) => data(s, first + count - s),
+        None => Ok(()),
     }
 }
 
@@ -235,9 +416,8 @@ pub(crate) fn join_worker(
 ) -> SendWorkerResult {
     h.join().unwrap_or_else(|_| {
         (
-            Err(MigrationError::Unexpected {
-                phase: "sending pages",
-                got: what.into(),
+            Err(MigrationError::Internal {
+                what: format!("{what} panicked"),
             }),
             0.0,
         )
@@ -270,5 +450,67 @@ pub(crate) fn merge_worker_results(
     match first_err {
         Some(e) => Err(e),
         None => Ok(stats),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::PAGE_SIZE;
+
+    #[test]
+    fn runs_break_at_gaps_regions_and_the_cap() {
+        // Two regions of 4 pages each (pages 0-3 and 4-7), backed by one buffer.
+        let mut buf = vec![0u8; 8 * PAGE_SIZE + PAGE_SIZE];
+        let base = buf.as_mut_ptr() as usize;
+        let base = base.next_multiple_of(PAGE_SIZE);
+        let region = |i: u64| MemoryRegion {
+            gpa: i * (1 << 20),
+            size: 4 * PAGE_SIZE as u64,
+            host_addr: base + (i as usize) * 4 * PAGE_SIZE,
+            fd: None,
+            fd_offset: 0,
+        };
+        let mem = MemoryView::new(&[region(0), region(1)]).expect("memory");
+        let pages = [0, 1, 2, 3, 4, 5, 7];
+        let runs: Vec<_> = page_runs(&mem, &pages, 100).collect();
+        assert_eq!(runs, [(0, 4), (4, 2), (7, 1)]);
+        let capped: Vec<_> = page_runs(&mem, &pages, 3).collect();
+        assert_eq!(capped, [(0, 3), (3, 1), (4, 2), (7, 1)]);
+        assert_eq!(page_runs(&mem, &[], 3).count(), 0);
+        drop(buf);
+    }
+
+    #[test]
+    fn zero_pages_split_data_spans() {
+        let zeros = [11, 12, 15];
+        let (mut z, mut d) = (Vec::new(), Vec::new());
+        let r: Result<(), ()> = split_zero_spans(
+            10,
+            8,
+            |p| zeros.contains(&p),
+            |p| z.push(p),
+            |s, n| {
+                d.push((s, n));
+                Ok(())
+            },
+        );
+        assert!(r.is_ok());
+        // 10 | 11 12 zero | 13 14 | 15 zero | 16 17
+        assert_eq!(z, [11, 12, 15]);
+        assert_eq!(d, [(10, 1), (13, 2), (16, 2)]);
+        // An error from `data` stops the walk.
+        let mut calls = 0;
+        let r = split_zero_spans(
+            0,
+            8,
+            |p| p == 3,
+            |_| {},
+            |_, _| {
+                calls += 1;
+                Err("stop")
+            },
+        );
+        assert_eq!((r, calls), (Err("stop"), 1));
     }
 }

@@ -12,19 +12,20 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{
-    join_worker, merge_worker_results, run_worker, DestTransport, PageStats, RecvCtx, SendCtx,
-    SourceTransport,
+    join_worker, merge_worker_results, page_runs, run_worker, split_zero_spans, DestTransport,
+    PageStats, RecvCtx, SendCtx, SourceTransport,
 };
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
-use crate::guestmem::GuestMemory;
+use crate::guestmem::MemoryView;
 use crate::protocol::{
     encode_batch, read_message, write_message, Message, ProtocolError, Run, HEADER_LEN,
     MAX_RUN_PAGES,
 };
 use crate::rawio::{iovec_of, recv_all, send_all_until};
 use crate::util::{thread_cpu_time, CancelToken};
+use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
 
 /// Pages per stream-assignment chunk (256 KiB): big enough for long runs, small enough to
@@ -61,7 +62,7 @@ impl MultiTcpSource {
                     source: Some(e),
                 })?;
             write_message(&mut c, &Message::DataHello { session, stream })
-                .map_err(|e| wire("handshake", e, MigrationError::Handshake))?;
+                .map_err(|e| wire("handshake", e))?;
             streams.push(c);
         }
         Ok(Self {
@@ -72,17 +73,13 @@ impl MultiTcpSource {
 }
 
 fn send_err(e: std::io::Error) -> MigrationError {
-    wire(
-        "sending pages",
-        ProtocolError::Io(e),
-        MigrationError::SendPages,
-    )
+    wire("sending pages", ProtocolError::Io(e))
 }
 
 /// Sends `list` (this stream's share of the pages, ascending) in batches.
 fn send_stream(
     conn: &mut Conn,
-    mem: &GuestMemory,
+    mem: &MemoryView,
     list: &[usize],
     ctx: &SendCtx<'_>,
     stop: &CancelToken,
@@ -99,65 +96,52 @@ fn send_stream(
         }
         runs.clear();
         spans.clear();
-        let mut j = 0;
-        while j < batch.len() {
-            let first = batch[j];
-            let mut k = j + 1;
-            while k < batch.len()
-                && batch[k] == batch[k - 1] + 1
-                && mem.same_region(batch[k - 1], batch[k])
-                && k - j < MAX_RUN_PAGES as usize
-            {
-                k += 1;
-            }
-            let count = k - j;
+        for (first, count) in page_runs(mem, batch, MAX_RUN_PAGES as usize) {
             let gpa = mem
                 .page_gpa(first)
-                .ok_or_else(|| MigrationError::Unexpected {
-                    phase: "sending pages",
-                    got: format!("page index {first} outside guest memory"),
+                .ok_or_else(|| MigrationError::Internal {
+                    what: format!("page index {first} outside guest memory"),
                 })?;
             let mut zero = vec![0u8; count.div_ceil(8)];
-            let mut span: Option<usize> = None;
-            for t in 0..count {
-                let p = first + t;
-                if mem.is_zero_page(p) {
+            let (mut zeros, mut data) = (0, 0);
+            split_zero_spans(
+                first,
+                count,
+                |p| mem.is_zero_page(p),
+                |p| {
+                    let t = p - first;
                     zero[t / 8] |= 1 << (t % 8);
                     ctx.hashes.set(p, zero_page_hash());
-                    stats.zero_pages += 1;
-                    if let Some(s) = span.take() {
-                        spans.push((s, p - s));
-                    }
-                } else {
+                    zeros += 1;
+                },
+                |s, n| {
                     // Hashed from a copy taken now; if the guest writes the page before the
                     // kernel sends it, the page is dirty and goes again in a later round
                     // (at the latest in stop-and-copy, when both agree).
-                    ctx.hashes.set(p, mem.hash_page(p).unwrap_or(0));
-                    stats.pages += 1;
-                    span.get_or_insert(p);
-                }
-            }
-            if let Some(s) = span {
-                spans.push((s, first + count - s));
-            }
+                    for p in s..s + n {
+                        ctx.hashes.set(p, mem.hash_page(p).unwrap_or(0));
+                    }
+                    data += n as u64;
+                    spans.push((s, n));
+                    Ok::<_, MigrationError>(())
+                },
+            )?;
+            stats.zero_pages += zeros;
+            stats.pages += data;
             runs.push(Run {
                 gpa,
                 pages: count as u32,
                 zero,
             });
-            j = k;
         }
         encode_batch(&mut hdr, &runs);
         let mut iovs = Vec::with_capacity(spans.len() + 1);
         iovs.push(iovec_of(&hdr));
         let mut total = hdr.len();
         for &(s, c) in &spans {
-            let addr = mem
-                .run_addr(s, c)
-                .ok_or_else(|| MigrationError::Unexpected {
-                    phase: "sending pages",
-                    got: format!("run {s}+{c} crosses a region"),
-                })?;
+            let addr = mem.run_addr(s, c).ok_or_else(|| MigrationError::Internal {
+                what: format!("run {s}+{c} crosses a region"),
+            })?;
             iovs.push(libc::iovec {
                 iov_base: addr as *mut libc::c_void,
                 iov_len: c * PAGE_SIZE,
@@ -172,7 +156,7 @@ fn send_stream(
         // One deadline for the whole batch (1 MiB at most), from the socket's timeout.
         let batch_deadline = io_timeout.map(|t| std::time::Instant::now() + t);
         // SAFETY: the first iovec covers `hdr`, alive for this call; the others come from
-        // `run_addr`, which bounds-checks them inside a live guest mapping (GuestMemory
+        // `run_addr`, which bounds-checks them inside a live guest mapping (MemoryView
         // invariant). The kernel only reads them.
         unsafe { send_all_until(fd, &mut iovs, batch_deadline) }.map_err(send_err)?;
         stats.bytes += total as u64;
@@ -183,13 +167,17 @@ fn send_stream(
 }
 
 impl SourceTransport for MultiTcpSource {
-    fn name(&self) -> &'static str {
-        "multi-tcp"
+    fn precopy(&self) -> bool {
+        true
+    }
+
+    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
+        Ok(())
     }
 
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {
@@ -213,7 +201,7 @@ impl SourceTransport for MultiTcpSource {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| join_worker(h, "a sender thread panicked"))
+                .map(|h| join_worker(h, "a sender thread"))
                 .collect()
         });
         merge_worker_results(results, ctx.cancel, &mut self.cpu_s)
@@ -221,8 +209,7 @@ impl SourceTransport for MultiTcpSource {
 
     fn finish(&mut self) -> Result<(), MigrationError> {
         for c in &mut self.streams {
-            write_message(c, &Message::EndOfData)
-                .map_err(|e| wire("sending pages", e, MigrationError::SendPages))?;
+            write_message(c, &Message::EndOfData).map_err(|e| wire("sending pages", e))?;
         }
         Ok(())
     }
@@ -244,14 +231,17 @@ pub(crate) struct MultiTcpDest {
 }
 
 fn recv_err(e: ProtocolError) -> MigrationError {
-    wire("receiving pages", e, MigrationError::ReceivePages)
+    wire("receiving pages", e)
 }
 
 fn malformed(reason: String) -> MigrationError {
-    MigrationError::ReceivePages(ProtocolError::Malformed {
-        kind: "batch",
-        reason,
-    })
+    wire(
+        "receiving pages",
+        ProtocolError::Malformed {
+            kind: "batch",
+            reason,
+        },
+    )
 }
 
 fn recv_stream(
@@ -355,9 +345,7 @@ impl MultiTcpDest {
                     reason: "setting data stream timeouts".into(),
                     source: Some(e),
                 })?;
-            match read_message(&mut c)
-                .map_err(|e| wire("handshake", e, MigrationError::Handshake))?
-            {
+            match read_message(&mut c).map_err(|e| wire("handshake", e))? {
                 Message::DataHello { session: s, stream }
                     if s == session
                         && (stream as usize) < slots.len()
@@ -426,15 +414,14 @@ impl MultiTcpDest {
 }
 
 fn panicked() -> MigrationError {
-    MigrationError::Unexpected {
-        phase: "receiving pages",
-        got: "a receiver thread panicked".into(),
+    MigrationError::Internal {
+        what: "a receiver thread panicked".into(),
     }
 }
 
 impl DestTransport for MultiTcpDest {
-    fn name(&self) -> &'static str {
-        "multi-tcp"
+    fn copies_pages(&self) -> bool {
+        true
     }
 
     fn on_control(

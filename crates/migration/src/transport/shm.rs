@@ -20,16 +20,16 @@ use std::sync::Mutex;
 use tracing::debug;
 
 use super::{
-    join_worker, merge_worker_results, run_worker, DestTransport, PageStats, RecvCtx, SendCtx,
-    SourceTransport,
+    join_worker, merge_worker_results, page_runs, run_worker, split_zero_spans, DestTransport,
+    PageStats, RecvCtx, SendCtx, SourceTransport,
 };
 use crate::conn::Conn;
 use crate::deadline::PeerReads;
 use crate::digest::zero_page_hash;
 use crate::error::{wire, MigrationError};
-use crate::fdpass::{recv_frame_with_fds, send_frame_with_fds};
-use crate::guestmem::GuestMemory;
-use crate::protocol::{encode, FdRegion, Message, ProtocolError};
+use crate::fdpass::{recv_memory, send_memory};
+use crate::guestmem::MemoryView;
+use crate::protocol::{encode, Message, ProtocolError};
 use crate::util::CancelToken;
 use crate::vm::{MemoryRegion, VmLayout, PAGE_SIZE};
 
@@ -59,7 +59,7 @@ fn setup_err(reason: impl Into<String>) -> MigrationError {
 /// The destination's memory, mapped into the source process.
 pub(crate) struct ShmSource {
     control: Conn,
-    remote: GuestMemory,
+    remote: MemoryView,
     maps: Vec<(usize, usize)>,
     /// Copy threads per `send_pages` call.
     threads: usize,
@@ -83,22 +83,10 @@ impl ShmSource {
         let sock = control
             .as_unix()
             .ok_or_else(|| setup_err("shm needs a unix: endpoint"))?;
-        let (msg, fds) = recv_frame_with_fds(sock)
-            .map_err(|e| wire("shm setup", e, MigrationError::Handshake))?;
-        let Message::MemoryFds(regions) = msg else {
-            return Err(MigrationError::Unexpected {
-                phase: "shm setup",
-                got: msg.name().into(),
-            });
-        };
-        if regions.len() != fds.len() || regions.len() != layout.regions.len() {
-            return Err(setup_err(
-                "descriptor count does not match the memory layout",
-            ));
-        }
+        let offered = recv_memory(sock, layout, "shm setup")?;
         let mut me = Self {
             control: clone(control)?,
-            remote: GuestMemory::new(&[]).map_err(MigrationError::Memory)?,
+            remote: MemoryView::new(&[]).map_err(MigrationError::Memory)?,
             maps: Vec::new(),
             threads: copy_threads(),
             first_pass_done: false,
@@ -107,10 +95,7 @@ impl ShmSource {
         };
         let mut mrs = Vec::new();
         let started = std::time::Instant::now();
-        for ((r, fd), l) in regions.iter().zip(&fds).zip(&layout.regions) {
-            if r.gpa != l.gpa || r.size != l.size {
-                return Err(setup_err("destination regions differ from the layout"));
-            }
+        for (r, fd) in &offered {
             let addr = map_shared(fd, r.size as usize, r.fd_offset)?;
             me.maps.push((addr, r.size as usize));
             mrs.push(MemoryRegion {
@@ -121,7 +106,7 @@ impl ShmSource {
                 fd_offset: 0,
             });
         }
-        me.remote = GuestMemory::new(&mrs)?;
+        me.remote = MemoryView::new(&mrs)?;
         let map_ms = started.elapsed().as_secs_f64() * 1e3;
         debug!(map_ms, "destination memory mapped and populated");
         Ok(me)
@@ -131,7 +116,7 @@ impl ShmSource {
 #[cfg(test)]
 impl ShmSource {
     /// A source writing into `remote` directly (no fd passing), for unit tests.
-    fn from_parts(control: Conn, remote: GuestMemory, threads: usize) -> Self {
+    fn from_parts(control: Conn, remote: MemoryView, threads: usize) -> Self {
         Self {
             control,
             remote,
@@ -154,15 +139,10 @@ fn clone(c: &Conn) -> Result<Conn, MigrationError> {
 fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationError> {
     // Touching a mapping past the end of the file raises SIGBUS and would kill the source
     // (and its VM): check the peer's memfd really is that large.
-    // SAFETY: an all-zero stat is a valid out-buffer for fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is a valid descriptor and `st` a writable stat.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(MigrationError::TransportSetup {
-            reason: "fstat on the destination's memory".into(),
-            source: Some(std::io::Error::last_os_error()),
-        });
-    }
+    let st = rustix::fs::fstat(fd).map_err(|e| MigrationError::TransportSetup {
+        reason: "fstat on the destination's memory".into(),
+        source: Some(e.into()),
+    })?;
     if (st.st_size as u64) < offset.saturating_add(len as u64) {
         return Err(setup_err(format!(
             "destination memfd has {} bytes, region needs {} at offset {offset}",
@@ -229,13 +209,17 @@ impl Drop for ShmSource {
 }
 
 impl SourceTransport for ShmSource {
-    fn name(&self) -> &'static str {
-        "shm"
+    fn precopy(&self) -> bool {
+        true
+    }
+
+    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
+        Ok(())
     }
 
     fn send_pages(
         &mut self,
-        mem: &GuestMemory,
+        mem: &MemoryView,
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {
@@ -272,7 +256,7 @@ impl SourceTransport for ShmSource {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| join_worker(h, "a copy thread panicked"))
+                    .map(|h| join_worker(h, "a copy thread"))
                     .collect()
             })
         };
@@ -295,8 +279,8 @@ impl SourceTransport for ShmSource {
 /// One `send_pages` call, shared by the copy threads: each takes the next chunk of
 /// `NOTIFY_PAGES` pages, copies it and names it in one `Written` frame.
 struct CopyJob<'a> {
-    mem: &'a GuestMemory,
-    remote: &'a GuestMemory,
+    mem: &'a MemoryView,
+    remote: &'a MemoryView,
     chunks: &'a [&'a [usize]],
     next: &'a AtomicUsize,
     /// Set by a failing thread so that its sibling stops at its next chunk.
@@ -325,19 +309,9 @@ impl CopyJob<'_> {
                 }
             }
             written.clear();
-            let mut j = 0;
-            while j < chunk.len() {
-                // A run: consecutive page indices inside one region (contiguous on both sides).
-                let first = chunk[j];
-                let mut k = j + 1;
-                while k < chunk.len()
-                    && chunk[k] == chunk[k - 1] + 1
-                    && self.mem.same_region(chunk[k - 1], chunk[k])
-                {
-                    k += 1;
-                }
-                self.copy_run(first, k - j, &mut written, &mut stats)?;
-                j = k;
+            // Runs: consecutive page indices inside one region (contiguous on both sides).
+            for (first, count) in page_runs(self.mem, chunk, usize::MAX) {
+                self.copy_run(first, count, &mut written, &mut stats)?;
             }
             if !written.is_empty() {
                 let f = encode(&Message::Written(std::mem::take(&mut written)));
@@ -348,13 +322,7 @@ impl CopyJob<'_> {
                 let ControlOut { conn, reads } = &mut *control;
                 conn.write_all(&f)
                     .and_then(|_| reads.after_write(conn, f.len()))
-                    .map_err(|e| {
-                        wire(
-                            "sending pages",
-                            ProtocolError::Io(e),
-                            MigrationError::SendPages,
-                        )
-                    })?;
+                    .map_err(|e| wire("sending pages", ProtocolError::Io(e)))?;
                 stats.bytes += f.len() as u64;
             }
             self.ctx
@@ -372,9 +340,8 @@ impl CopyJob<'_> {
         written: &mut Vec<(u64, u32)>,
         stats: &mut PageStats,
     ) -> Result<(), MigrationError> {
-        let outside = || MigrationError::Unexpected {
-            phase: "sending pages",
-            got: format!("run {first}+{count} outside memory"),
+        let outside = || MigrationError::Internal {
+            what: format!("run {first}+{count} outside memory"),
         };
         let (Some(from), Some(to), Some(gpa)) = (
             self.mem.run_addr(first, count),
@@ -383,47 +350,39 @@ impl CopyJob<'_> {
         ) else {
             return Err(outside());
         };
-        let mut span: Option<usize> = None; // offset (in pages) of the pending copy span
         let ours = written.len(); // entries before this are other runs (maybe other regions)
-        for t in 0..=count {
-            // In the first pass a page that is zero here *and* there needs no copy: the
-            // destination's table starts at the zero-page hash for every page. Both sides are
-            // checked, nothing is assumed about the destination's memory. A page the guest
-            // writes after our check is dirty and copied in a later round.
-            let skip = t < count
-                && self.first_pass
-                && self.mem.is_zero_page(first + t)
-                && self.remote.is_zero_page(first + t);
-            if t < count && !skip {
-                span.get_or_insert(t);
-                continue;
-            }
-            if skip {
-                self.ctx.hashes.set(first + t, zero_page_hash());
-                stats.zero_pages += 1;
-            }
-            let Some(s) = span.take() else { continue };
-            let n = t - s;
+        let mut zeros = 0;
+        // In the first pass a page that is zero here *and* there needs no copy: the
+        // destination's table starts at the zero-page hash for every page. Both sides are
+        // checked, nothing is assumed about the destination's memory. A page the guest writes
+        // after our check is dirty and copied in a later round.
+        let skip = |p| self.first_pass && self.mem.is_zero_page(p) && self.remote.is_zero_page(p);
+        let skipped = |p| {
+            self.ctx.hashes.set(p, zero_page_hash());
+            zeros += 1;
+        };
+        split_zero_spans(first, count, skip, skipped, |s, n| {
+            let off = (s - first) * PAGE_SIZE;
             // SAFETY: `run_addr` bounds-checked both runs inside live mappings (ours per the
-            // GuestMemory invariant, the destination's mapped in `open`); they are distinct
+            // MemoryView invariant, the destination's mapped in `open`); they are distinct
             // mappings. The destination VM is paused until Commit and each page belongs to one
             // copy thread, so nothing else writes `to`; the guest may write `from`, which only
             // makes the page dirty again.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    (from + s * PAGE_SIZE) as *const u8,
-                    (to + s * PAGE_SIZE) as *mut u8,
+                    (from + off) as *const u8,
+                    (to + off) as *mut u8,
                     n * PAGE_SIZE,
                 )
             };
             // Hash what landed, read back from the destination's memory (still in cache).
-            for p in first + s..first + t {
+            for p in s..s + n {
                 // SAFETY: only this thread writes page `p` of the destination's memory (see
                 // above) and it is done writing it.
                 let h = unsafe { self.remote.hash_page_unshared(p) }.ok_or_else(outside)?;
                 self.ctx.hashes.set(p, h);
             }
-            let span_gpa = gpa + (s * PAGE_SIZE) as u64;
+            let span_gpa = gpa + off as u64;
             let mine = written.len() > ours;
             match written.last_mut() {
                 Some((g, c)) if mine && *g + *c as u64 * PAGE_SIZE as u64 == span_gpa => {
@@ -433,7 +392,9 @@ impl CopyJob<'_> {
             }
             stats.pages += n as u64;
             stats.bytes += (n * PAGE_SIZE) as u64;
-        }
+            Ok::<_, MigrationError>(())
+        })?;
+        stats.zero_pages += zeros;
         Ok(())
     }
 }
@@ -449,22 +410,7 @@ impl ShmDest {
         let sock = control
             .as_unix()
             .ok_or_else(|| setup_err("shm needs a unix: endpoint"))?;
-        let fds: Option<Vec<i32>> = regions.iter().map(|r| r.fd).collect();
-        let fds = fds.ok_or_else(|| setup_err("shm needs memfd-backed guest memory"))?;
-        let desc = regions
-            .iter()
-            .map(|r| FdRegion {
-                gpa: r.gpa,
-                size: r.size,
-                fd_offset: r.fd_offset,
-            })
-            .collect();
-        send_frame_with_fds(sock, &encode(&Message::MemoryFds(desc)), &fds).map_err(|e| {
-            MigrationError::TransportSetup {
-                reason: "passing memory descriptors".into(),
-                source: Some(e),
-            }
-        })?;
+        send_memory(sock, regions)?;
         Ok(Self {
             stats: PageStats::default(),
         })
@@ -472,8 +418,8 @@ impl ShmDest {
 }
 
 impl DestTransport for ShmDest {
-    fn name(&self) -> &'static str {
-        "shm"
+    fn copies_pages(&self) -> bool {
+        true
     }
 
     fn on_control(
@@ -490,10 +436,13 @@ impl DestTransport for ShmDest {
                 .gpa_to_page(gpa)
                 .filter(|&p| ctx.mem.run_addr(p, n as usize).is_some())
                 .ok_or_else(|| {
-                    MigrationError::ReceivePages(ProtocolError::Malformed {
-                        kind: "written",
-                        reason: format!("run {gpa:#x}+{n} outside memory"),
-                    })
+                    wire(
+                        "receiving pages",
+                        ProtocolError::Malformed {
+                            kind: "written",
+                            reason: format!("run {gpa:#x}+{n} outside memory"),
+                        },
+                    )
                 })?;
             for p in first..first + n as usize {
                 ctx.hashes.set(p, ctx.mem.hash_page(p).unwrap_or(0));
@@ -557,8 +506,8 @@ mod tests {
             }
         }
 
-        fn mem(&self) -> GuestMemory {
-            GuestMemory::new(&[MemoryRegion {
+        fn mem(&self) -> MemoryView {
+            MemoryView::new(&[MemoryRegion {
                 gpa: 0,
                 size: self.len as u64,
                 host_addr: self.addr,
@@ -571,7 +520,7 @@ mod tests {
 
     impl Drop for Anon {
         fn drop(&mut self) {
-            // SAFETY: unmapping our own mapping; every GuestMemory over it is gone by now.
+            // SAFETY: unmapping our own mapping; every MemoryView over it is gone by now.
             unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
         }
     }
@@ -597,7 +546,7 @@ mod tests {
         pages
     }
 
-    fn send(t: &mut ShmSource, src: &GuestMemory, pages: &[usize], h: &PageHashes) -> PageStats {
+    fn send(t: &mut ShmSource, src: &MemoryView, pages: &[usize], h: &PageHashes) -> PageStats {
         let cancel = CancelToken::new();
         let done = AtomicU64::new(0);
         let ctx = SendCtx {

@@ -1,0 +1,214 @@
+//! Round trips, version rule, corruption and truncation of the frames in `protocol.rs`.
+
+use super::*;
+use crate::vm::RegionLayout;
+
+fn samples() -> Vec<Message> {
+    let layout = VmLayout {
+        regions: vec![RegionLayout {
+            gpa: 0,
+            size: 1 << 20,
+        }],
+        vcpus: 2,
+        features: 3,
+    };
+    vec![
+        Message::Hello(Hello {
+            version: MIN_PROTOCOL_VERSION,
+            max_version: PROTOCOL_VERSION,
+            layout: layout.clone(),
+            transport: TransportKind::MultiTcp { streams: 4 },
+            session: 7,
+        }),
+        Message::Hello(Hello {
+            version: 2,
+            max_version: 2,
+            layout,
+            transport: TransportKind::Handover,
+            session: 8,
+        }),
+        Message::HelloReply(HelloReply {
+            version: 1,
+            accepted: false,
+            reason: Some("no".into()),
+        }),
+        Message::DataHello {
+            session: 7,
+            stream: 3,
+        },
+        Message::Page {
+            gpa: 4096,
+            data: Some(vec![5u8; PAGE_SIZE]),
+        },
+        Message::Page {
+            gpa: 8192,
+            data: None,
+        },
+        Message::Batch(vec![
+            Run {
+                gpa: 0,
+                pages: 3,
+                zero: vec![0b010],
+            },
+            Run {
+                gpa: 1 << 20,
+                pages: 9,
+                zero: vec![0, 1],
+            },
+        ]),
+        Message::Written(vec![(0, 4), (8192, 1)]),
+        Message::RoundEnd {
+            round: 4,
+            data_bytes: 1 << 40,
+        },
+        Message::RoundAck { round: 4 },
+        Message::EndOfData,
+        Message::State(vec![1, 2, 3]),
+        Message::Complete(Complete {
+            digest: 99,
+            pages: 256,
+            rounds: 3,
+        }),
+        Message::Ready,
+        Message::Commit,
+        Message::Resumed(Resumed {
+            dst_cpu_s: 0.5,
+            dst_setup_ms: 2.0,
+            digest_match: true,
+        }),
+        Message::Failed {
+            reason: "digest".into(),
+        },
+        Message::MemoryFds(vec![FdRegion {
+            gpa: 0,
+            size: 4096,
+            fd_offset: 0,
+        }]),
+    ]
+}
+
+#[test]
+fn every_message_round_trips() {
+    for m in samples() {
+        let b = encode(&m);
+        let (back, used) = decode(&b).expect("decodes");
+        assert_eq!(back, m);
+        assert_eq!(used, b.len());
+        assert_eq!(read_message(&mut &b[..]).expect("reads"), m);
+    }
+}
+
+#[test]
+fn bad_magic_version_checksum_truncation() {
+    let end = Message::RoundEnd {
+        round: 1,
+        data_bytes: 0,
+    };
+    let b = encode(&end);
+    let mut m = b.clone();
+    m[0] ^= 1;
+    assert!(matches!(decode(&m), Err(ProtocolError::BadMagic(_))));
+    let v1 = encode_with_version(&end, 1);
+    assert!(matches!(
+        decode(&v1),
+        Err(ProtocolError::BadVersion { got: 1, want: 2 })
+    ));
+    let mut c = b.clone();
+    let last = c.len() - 1;
+    c[last] ^= 0x40;
+    assert!(matches!(decode(&c), Err(ProtocolError::BadChecksum { .. })));
+    assert!(matches!(
+        decode(&b[..b.len() - 1]),
+        Err(ProtocolError::Truncated)
+    ));
+    assert!(matches!(
+        read_message(&mut &b[..5]),
+        Err(ProtocolError::Truncated)
+    ));
+}
+
+/// The `Hello` of a version-2 source, byte for byte as it wrote it.
+const V2_HELLO: &str = r#"{"version":2,"layout":{"regions":[{"gpa":0,"size":1048576}],"vcpus":2,"features":3},"transport":"multi-tcp","data_streams":4,"session":7}"#;
+
+/// How a version-2 destination read `Hello` (its struct, unknown fields ignored).
+#[derive(Deserialize)]
+struct V2Hello {
+    version: u16,
+    transport: String,
+    data_streams: u32,
+}
+
+#[test]
+fn a_version_2_hello_reads_as_a_single_version_offer() {
+    let h: Hello = serde_json::from_str(V2_HELLO).expect("v2 hello");
+    assert_eq!((h.version, h.max_version), (2, 2));
+    assert_eq!(h.transport, TransportKind::MultiTcp { streams: 4 });
+    // And a single-version Hello is written exactly as version 2 wrote it.
+    assert_eq!(serde_json::to_string(&h).ok().as_deref(), Some(V2_HELLO));
+}
+
+#[test]
+fn our_hello_reads_as_a_version_2_hello_on_an_old_destination() {
+    let Message::Hello(ours) = &samples()[0] else {
+        unreachable!()
+    };
+    let text = serde_json::to_string(ours).expect("json");
+    let old: V2Hello = serde_json::from_str(&text).expect("a v2 destination reads it");
+    assert_eq!(
+        (old.version, old.transport.as_str(), old.data_streams),
+        (2, "multi-tcp", 4)
+    );
+    assert!(text.contains(r#""max_version":3"#), "{text}");
+}
+
+#[test]
+fn an_unknown_transport_name_is_malformed() {
+    let text = V2_HELLO.replace("multi-tcp", "carrier-pigeon");
+    // Re-frame the edited JSON as a Hello (kind 1) with a valid checksum.
+    let mut frame = Vec::new();
+    super::frame(&mut frame, 2, kind::HELLO, 0, text.as_bytes());
+    assert!(matches!(
+        decode(&frame),
+        Err(ProtocolError::Malformed { kind: "hello", .. })
+    ));
+}
+
+#[test]
+fn frames_carry_the_frame_version_and_other_versions_are_refused() {
+    let b = encode(&Message::Ready);
+    assert_eq!(u16::from_le_bytes([b[4], b[5]]), FRAME_VERSION);
+    for v in [FRAME_VERSION - 1, PROTOCOL_VERSION + 1] {
+        assert!(matches!(
+            decode(&encode_with_version(&Message::Ready, v)),
+            Err(ProtocolError::BadVersion { got, want: FRAME_VERSION }) if got == v
+        ));
+    }
+}
+
+#[test]
+fn frozen_frames_decode_across_versions() {
+    let r = Message::HelloReply(HelloReply {
+        version: 9,
+        accepted: false,
+        reason: None,
+    });
+    assert_eq!(decode(&encode_with_version(&r, 9)).expect("frozen").0, r);
+}
+
+#[test]
+fn oversized_length_rejected_before_allocation() {
+    let mut b = encode(&Message::Ready);
+    b[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(decode(&b), Err(ProtocolError::TooLarge { .. })));
+}
+
+#[test]
+fn batch_run_zero_bits() {
+    let r = Run {
+        gpa: 0,
+        pages: 10,
+        zero: vec![0b0000_0101, 0b10],
+    };
+    assert!(r.is_zero(0) && !r.is_zero(1) && r.is_zero(2) && r.is_zero(9));
+    assert_eq!(r.data_pages(), 7);
+}
