@@ -31,22 +31,24 @@ pub(crate) const MAX_PENDING: usize = 16;
 /// How often the accept loop looks at finished handshakes.
 const TICK: Duration = Duration::from_millis(50);
 
-type Outcome = (Conn, Result<Hello, String>);
+/// A connection, when it was accepted, and its first frame (or why it is not a `Hello`).
+type Outcome = (Conn, Instant, Result<Hello, String>);
 
 /// Accepts on `listener` until a peer sends a `Hello` (within `hello_timeout` of connecting),
-/// or `accept_timeout` (`None`: forever) passes. Returns that connection and its `Hello`.
+/// or `accept_timeout` (`None`: forever) passes. Returns that connection, when it was
+/// accepted (the source's arrival, from which setup is timed) and its `Hello`.
 pub(crate) fn accept_source(
     listener: &Listener,
     accept_timeout: Option<Duration>,
     hello_timeout: Duration,
-) -> Result<(Conn, Hello), MigrationError> {
+) -> Result<(Conn, Instant, Hello), MigrationError> {
     let deadline = accept_timeout.map(|t| Instant::now() + t);
     let (tx, rx) = mpsc::channel::<Outcome>();
     let pending = Arc::new(AtomicUsize::new(0));
     loop {
-        while let Ok((conn, r)) = rx.try_recv() {
+        while let Ok((conn, arrived, r)) = rx.try_recv() {
             match r {
-                Ok(hello) => return Ok((conn, hello)),
+                Ok(hello) => return Ok((conn, arrived, hello)),
                 Err(why) => {
                     warn!(%why, "refused a connection that did not complete the handshake; still waiting for a source")
                 }
@@ -74,6 +76,7 @@ pub(crate) fn accept_source(
             );
             continue;
         }
+        let arrived = Instant::now();
         pending.fetch_add(1, Ordering::SeqCst);
         let (tx, pending) = (tx.clone(), Arc::clone(&pending));
         std::thread::spawn(move || {
@@ -81,7 +84,7 @@ pub(crate) fn accept_source(
             let r = first_hello(&mut conn, hello_timeout);
             pending.fetch_sub(1, Ordering::SeqCst);
             // After a winner the receiver is gone: this connection just closes.
-            let _ = tx.send((conn, r));
+            let _ = tx.send((conn, arrived, r));
         });
     }
 }
@@ -149,7 +152,7 @@ mod tests {
         source
             .write_all(&encode(&Message::Hello(hello())))
             .expect("write hello");
-        let (_, got) = accept_source(&l, Some(Duration::from_secs(20)), Duration::from_secs(10))
+        let (_, _, got) = accept_source(&l, Some(Duration::from_secs(20)), Duration::from_secs(10))
             .expect("the real source is accepted");
         assert_eq!(got, hello());
     }

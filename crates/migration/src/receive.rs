@@ -251,9 +251,8 @@ pub fn receive<V: MigratableVm>(
     vm: IncomingVm<'_, V>,
 ) -> Result<(V, ReceiveSummary), MigrationError> {
     // Strays (port scans, garbage, silence) are refused here; the first real Hello wins.
-    let (mut control, hello) = accept_source(listener, opts.accept_timeout, opts.io_timeout)?;
-    // Setup is timed from the source's arrival, not from when we started waiting.
-    let t0 = Instant::now();
+    let (mut control, t0, hello) = accept_source(listener, opts.accept_timeout, opts.io_timeout)?;
+    // Setup is timed from the source's arrival (`t0`), not from when we started waiting.
     let cpu0 = thread_cpu_time();
     let mut transport: Option<Box<dyn DestTransport>> = None;
     run(
