@@ -399,3 +399,53 @@ fn no_convergence_wait_gives_up_at_round_limit() {
     common::assert_source_intact(&src.vm);
     assert!(!dst.is_running());
 }
+
+#[test]
+fn round_times_run_until_the_destination_acknowledged_them() {
+    // A proxy holds the destination's RoundAck(1) back for 300 ms: round 1 must count that
+    // wait (its pages are not in the destination's memory before the ack says so), and every
+    // figure derived from the round times must agree with them.
+    use fastmig_migration::protocol::{decode, Message};
+    let held = Duration::from_millis(300);
+    let src = SoftVm::new(4 * MIB).expect("src");
+    src.fill(0.5);
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = common::loopback();
+    let hold_ack = move |frame: Vec<u8>| {
+        if let Ok((Message::RoundAck { round: 1 }, _)) = decode(&frame) {
+            std::thread::sleep(held);
+        }
+        Some(frame)
+    };
+    let proxy = common::frame_proxy(
+        l.endpoint().expect("endpoint"),
+        Box::new(Some),
+        Box::new(hold_ack),
+    );
+    let (r, d) = std::thread::scope(|s| {
+        let h = s.spawn(|| common::receive_into(&dst, &l, &ReceiveOptions::default()));
+        (
+            fastmig_migration::migrate(&src, &proxy, &MigrateOptions::default()),
+            h.join().expect("receiver"),
+        )
+    });
+    let s = r.expect("migration");
+    d.expect("receive");
+    let mib = (1u64 << 20) as f64;
+    assert!(s.round_details[0].ms >= held.as_secs_f64() * 1e3, "{s:?}");
+    for r in &s.round_details {
+        let expected = r.bytes as f64 / (r.ms / 1e3) / mib;
+        assert!(
+            (r.bandwidth_mib_s - expected).abs() <= 1e-6 * expected.max(1.0),
+            "{r:?}"
+        );
+    }
+    // Throughput is all page bytes over all round times (sending plus acknowledgement).
+    let secs: f64 = s.round_details.iter().map(|r| r.ms / 1e3).sum();
+    let expected = s.bytes_sent as f64 / secs / mib;
+    assert!(
+        (s.throughput_mib_s - expected).abs() <= 1e-6 * expected,
+        "{} vs {expected}: {s:?}",
+        s.throughput_mib_s
+    );
+}
