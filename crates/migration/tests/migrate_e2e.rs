@@ -422,16 +422,37 @@ fn round_times_run_until_the_destination_acknowledged_them() {
         Box::new(Some),
         Box::new(hold_ack),
     );
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let opts = MigrateOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            sink.lock().expect("lock").push(p.clone())
+        })),
+        ..Default::default()
+    };
     let (r, d) = std::thread::scope(|s| {
         let h = s.spawn(|| common::receive_into(&dst, &l, &ReceiveOptions::default()));
         (
-            fastmig_migration::migrate(&src, &proxy, &MigrateOptions::default()),
+            fastmig_migration::migrate(&src, &proxy, &opts),
             h.join().expect("receiver"),
         )
     });
     let s = r.expect("migration");
     d.expect("receive");
     let mib = (1u64 << 20) as f64;
+    // The sync after round 1 reports the bandwidth measured so far: round 1's, end to end.
+    let after_first = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|p| p.phase == Phase::PreCopy && p.round == 1)
+        .cloned()
+        .expect("a report after round 1");
+    let first = &s.round_details[0];
+    assert!(
+        (after_first.bandwidth_mib_s - first.bandwidth_mib_s).abs() <= 1e-6 * first.bandwidth_mib_s,
+        "{after_first:?} vs {first:?}"
+    );
     assert!(s.round_details[0].ms >= held.as_secs_f64() * 1e3, "{s:?}");
     for r in &s.round_details {
         let expected = r.bytes as f64 / (r.ms / 1e3) / mib;
