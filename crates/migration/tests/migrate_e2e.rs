@@ -411,12 +411,18 @@ fn round_times_run_until_the_destination_acknowledged_them() {
     src.fill(0.5);
     let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
     let l = common::loopback();
+    // Also held: the HelloReply (inside the source's setup) and the Ready (inside the pause).
+    let (held_reply, held_ready) = (Duration::from_millis(100), Duration::from_millis(200));
     let hold_ack = move |frame: Vec<u8>| {
-        if let Ok((Message::RoundAck { round: 1 }, _)) = decode(&frame) {
-            std::thread::sleep(held);
+        match decode(&frame) {
+            Ok((Message::RoundAck { round: 1 }, _)) => std::thread::sleep(held),
+            Ok((Message::HelloReply(_), _)) => std::thread::sleep(held_reply),
+            Ok((Message::Ready, _)) => std::thread::sleep(held_ready),
+            _ => {}
         }
         Some(frame)
     };
+    let started = std::time::Instant::now();
     let proxy = common::frame_proxy(
         l.endpoint().expect("endpoint"),
         Box::new(Some),
@@ -439,6 +445,20 @@ fn round_times_run_until_the_destination_acknowledged_them() {
     });
     let s = r.expect("migration");
     d.expect("receive");
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    assert!(
+        s.setup_ms >= ms(held_reply) && s.setup_ms <= s.total_ms,
+        "{s:?}"
+    );
+    assert!(
+        s.downtime_ms >= ms(held_ready) && s.downtime_ms <= s.total_ms,
+        "{s:?}"
+    );
+    assert!(
+        s.total_ms >= ms(held + held_reply + held_ready) && s.total_ms <= wall_ms,
+        "{s:?}"
+    );
     let mib = (1u64 << 20) as f64;
     // The sync after round 1 reports the bandwidth measured so far: round 1's, end to end.
     let after_first = seen
