@@ -675,3 +675,57 @@ fn round_data_that_never_arrives_times_out() {
     );
     assert_eq!(dst.resume_count(), 0);
 }
+
+#[test]
+fn setup_time_is_in_milliseconds_and_lasts_until_the_streams_are_up() {
+    // The source opens its data stream 100 ms after the destination accepted it; the
+    // destination's setup ends only once that stream is up, so it lasts at least that long
+    // (the receiver is certainly running: it has answered the Hello).
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = loopback();
+    let Ok(Endpoint::Tcp(addr)) = l.endpoint() else {
+        unreachable!()
+    };
+    let pause = Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    let r = std::thread::scope(|s| {
+        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
+        let mut c = TcpStream::connect(addr).expect("connect");
+        let hello = Message::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            max_version: protocol::PROTOCOL_VERSION,
+            layout: dst.layout(),
+            transport: TransportKind::MultiTcp { streams: 1 },
+            session: 44,
+        });
+        write_message(&mut c, &hello).expect("hello");
+        assert!(matches!(read_message(&mut c), Ok(Message::HelloReply(r)) if r.accepted));
+        std::thread::sleep(pause);
+        let mut data = TcpStream::connect(addr).expect("data connect");
+        let data_hello = Message::DataHello {
+            session: 44,
+            stream: 0,
+        };
+        write_message(&mut data, &data_hello).expect("data hello");
+        write_message(&mut data, &Message::EndOfData).expect("end of data");
+        // No page sent: the digest of an all-zero table.
+        let pages = dst.layout().pages();
+        let complete = protocol::Complete {
+            digest: fastmig_migration::PageHashes::new(pages as usize).digest(),
+            pages,
+            rounds: 1,
+        };
+        write_message(&mut c, &Message::State(b"s".to_vec())).expect("state");
+        write_message(&mut c, &Message::Complete(complete)).expect("complete");
+        assert!(matches!(read_message(&mut c), Ok(Message::Ready)));
+        write_message(&mut c, &Message::Commit).expect("commit");
+        let _ = read_message(&mut c);
+        drop(data);
+        h.join().expect("receiver")
+    });
+    let s = r.expect("receive");
+    assert!(s.setup_ms >= pause.as_secs_f64() * 1e3, "{s:?}");
+    assert!(s.setup_ms <= s.total_ms, "{s:?}");
+    // Both are within what this test saw from before the connection to the end.
+    assert!(s.total_ms <= started.elapsed().as_secs_f64() * 1e3, "{s:?}");
+}

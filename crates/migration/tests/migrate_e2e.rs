@@ -399,3 +399,94 @@ fn no_convergence_wait_gives_up_at_round_limit() {
     common::assert_source_intact(&src.vm);
     assert!(!dst.is_running());
 }
+
+#[test]
+fn round_times_run_until_the_destination_acknowledged_them() {
+    // A proxy holds the destination's RoundAck(1) back for 300 ms: round 1 must count that
+    // wait (its pages are not in the destination's memory before the ack says so), and every
+    // figure derived from the round times must agree with them.
+    use fastmig_migration::protocol::{decode, Message};
+    let held = Duration::from_millis(300);
+    let src = SoftVm::new(4 * MIB).expect("src");
+    src.fill(0.5);
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let l = common::loopback();
+    // Also held: the HelloReply (inside the source's setup) and the Ready (inside the pause).
+    let (held_reply, held_ready) = (Duration::from_millis(100), Duration::from_millis(200));
+    let hold_ack = move |frame: Vec<u8>| {
+        match decode(&frame) {
+            Ok((Message::RoundAck { round: 1 }, _)) => std::thread::sleep(held),
+            Ok((Message::HelloReply(_), _)) => std::thread::sleep(held_reply),
+            Ok((Message::Ready, _)) => std::thread::sleep(held_ready),
+            _ => {}
+        }
+        Some(frame)
+    };
+    let started = std::time::Instant::now();
+    let proxy = common::frame_proxy(
+        l.endpoint().expect("endpoint"),
+        Box::new(Some),
+        Box::new(hold_ack),
+    );
+    let seen: Arc<Mutex<Vec<Progress>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let opts = MigrateOptions {
+        progress: Some(Arc::new(move |p: &Progress| {
+            sink.lock().expect("lock").push(p.clone())
+        })),
+        ..Default::default()
+    };
+    let (r, d) = std::thread::scope(|s| {
+        let h = s.spawn(|| common::receive_into(&dst, &l, &ReceiveOptions::default()));
+        (
+            fastmig_migration::migrate(&src, &proxy, &opts),
+            h.join().expect("receiver"),
+        )
+    });
+    let s = r.expect("migration");
+    d.expect("receive");
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    assert!(
+        s.setup_ms >= ms(held_reply) && s.setup_ms <= s.total_ms,
+        "{s:?}"
+    );
+    assert!(
+        s.downtime_ms >= ms(held_ready) && s.downtime_ms <= s.total_ms,
+        "{s:?}"
+    );
+    assert!(
+        s.total_ms >= ms(held + held_reply + held_ready) && s.total_ms <= wall_ms,
+        "{s:?}"
+    );
+    let mib = (1u64 << 20) as f64;
+    // The sync after round 1 reports the bandwidth measured so far: round 1's, end to end.
+    let after_first = seen
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|p| p.phase == Phase::PreCopy && p.round == 1)
+        .cloned()
+        .expect("a report after round 1");
+    let first = &s.round_details[0];
+    assert!(
+        (after_first.bandwidth_mib_s - first.bandwidth_mib_s).abs() <= 1e-6 * first.bandwidth_mib_s,
+        "{after_first:?} vs {first:?}"
+    );
+    assert!(s.round_details[0].ms >= held.as_secs_f64() * 1e3, "{s:?}");
+    for r in &s.round_details {
+        let expected = r.bytes as f64 / (r.ms / 1e3) / mib;
+        assert!(
+            (r.bandwidth_mib_s - expected).abs() <= 1e-6 * expected.max(1.0),
+            "{r:?}"
+        );
+    }
+    // Throughput is all page bytes over all round times (sending plus acknowledgement).
+    let secs: f64 = s.round_details.iter().map(|r| r.ms / 1e3).sum();
+    let expected = s.bytes_sent as f64 / secs / mib;
+    assert!(
+        (s.throughput_mib_s - expected).abs() <= 1e-6 * expected,
+        "{} vs {expected}: {s:?}",
+        s.throughput_mib_s
+    );
+}

@@ -8,9 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::{assert_source_intact, frame_dropping_proxy, loopback, receive_into, MIB};
-use fastmig_migration::protocol::{
-    read_message, write_message, Message, ProtocolError, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
-};
+use fastmig_migration::protocol::{read_message, write_message, Message, ProtocolError};
 use fastmig_migration::test_utils::{ScriptedSource, SoftVm};
 use fastmig_migration::{
     migrate, Listener, MigratableVm, MigrateOptions, MigrationError, ReceiveOptions,
@@ -201,33 +199,6 @@ fn verify_memory_names_the_page_written_behind_the_transport() {
     );
     assert_never_resumed(&dst);
     assert!(dst.restored_state().is_none(), "verified before restoring");
-}
-
-#[test]
-fn setup_and_total_times_are_in_milliseconds_from_the_sources_arrival() {
-    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
-    let l: Listener = loopback();
-    let ep = l.endpoint().expect("endpoint");
-    let pause = Duration::from_millis(100);
-    let started = std::time::Instant::now();
-    let r = std::thread::scope(|s| {
-        let h = s.spawn(|| receive_into(&dst, &l, &ropts()));
-        let conn = fastmig_migration::Conn::connect(&ep, Duration::from_secs(5)).expect("conn");
-        // Setup runs from the connection to the transport being ready: it includes this.
-        std::thread::sleep(pause);
-        let versions = MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION;
-        let mut src = ScriptedSource::handshake(conn, &dst.layout(), versions).expect("hello");
-        src.send_page(0, 1).expect("page");
-        assert!(matches!(src.complete(b"s"), Ok(Message::Ready)));
-        write_message(src.conn(), &Message::Commit).expect("commit");
-        let _ = read_message(src.conn());
-        h.join().expect("receiver")
-    });
-    let s = r.expect("receive");
-    assert!(s.setup_ms >= pause.as_secs_f64() * 1e3, "{s:?}");
-    assert!(s.setup_ms <= s.total_ms, "{s:?}");
-    // Both are within what this test saw from before the connection to the end.
-    assert!(s.total_ms <= started.elapsed().as_secs_f64() * 1e3, "{s:?}");
 }
 
 /// Burns about `secs` of CPU on the calling thread.
