@@ -470,6 +470,18 @@ mod tests {
     // path is exact, so the host sits *on* the threshold and `>` and `>=` answer differently.
 
     #[test]
+    fn built_policies_report_the_names_the_spec_parses() {
+        // The objects' names and the spec's name table are written separately; a policy built
+        // from a spec must report the name that spec is parsed from (`lrr` is an `Lr`).
+        for k in crate::spec::DETECTORS {
+            assert_eq!(k.build(k.default_param()).name(), k.name());
+        }
+        for k in crate::spec::SELECTORS {
+            assert_eq!(k.build().name(), k.name());
+        }
+    }
+
+    #[test]
     fn thr_boundary_is_not_overloaded() {
         // 768 / 1024 = 0.75 exactly = threshold: 0.75 > 0.75 is false (>= would say true).
         let t = Thr { threshold: 0.75 };
