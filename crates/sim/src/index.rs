@@ -531,6 +531,42 @@ mod tests {
     use crate::rng::SplitMix64;
 
     #[test]
+    fn search_breaks_ties_between_shrunk_hosts_by_lowest_id() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips();
+        // Hosts 0 and 1 shrank this round (checked first, in id order) and give the same
+        // increase, 110 - 100 = 10 W; host 2 is excluded. The bucket copies say power now 0,
+        // so a bucket walk sees increases of 100 W and more and never beats 10 W: the answer
+        // comes from the shrunk list alone, and on the tie it must be host 0.
+        let items = (0..3).map(|h| {
+            let entry = Entry {
+                key: f64::NEG_INFINITY,
+                host: HostId(h),
+                alloc_mips: 1000.0,
+                power_now: 0.0,
+            };
+            (0, total, entry, h < 2)
+        });
+        let index = PabfdIndex::from_hosts(types.len(), 3, items);
+        let ctx = FakeCtx(vec![
+            (false, true, 100.0, Some(110.0), 1000.0, false),
+            (false, true, 100.0, Some(110.0), 1000.0, false),
+            (true, true, 100.0, Some(101.0), 1000.0, false),
+        ]);
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: 500.0,
+        };
+        for budget in [0, 10] {
+            let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+            assert_eq!(found, Some(HostId(0)), "budget {budget}");
+        }
+    }
+
+    #[test]
     fn bulk_build_files_hosts_as_one_by_one_updates_do() {
         let mut rng = SplitMix64::new(7);
         let n = 3000;

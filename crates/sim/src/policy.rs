@@ -378,7 +378,7 @@ impl VmPlacement for FirstFit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn view(requested: f64, history: &[f64]) -> HostView<'_> {
@@ -471,7 +471,7 @@ mod tests {
 
     /// A hand-made placement context: per host, (excluded, suitable, power now, power after
     /// or `None` when the VM does not fit, allocated MIPS, over-utilised after).
-    struct FakeCtx(Vec<(bool, bool, f64, Option<f64>, f64, bool)>);
+    pub(crate) struct FakeCtx(pub(crate) Vec<(bool, bool, f64, Option<f64>, f64, bool)>);
 
     impl PlacementContext for FakeCtx {
         fn host_count(&self) -> usize {
