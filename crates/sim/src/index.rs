@@ -567,6 +567,59 @@ mod tests {
     }
 
     #[test]
+    fn search_walks_a_bucket_in_full_when_its_least_host_is_rejected() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        use crate::policy::{Pabfd, VmPlacement};
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips();
+        let req = 500.0;
+        let p = |mips: f64| tables.power[0].power(mips / total);
+        // Hosts 0 and 1: 1,000 MIPS allocated (one bucket, equal increases, host 0 first);
+        // host 2: 2,500 MIPS (another bucket). Power now = power at the allocation, as at the
+        // start of a round. Host 0 is over-utilised after taking the VM, so the bucket's fast
+        // path (its least (increase, id)) is rejected and the bucket must be walked in full.
+        let alloc = [1000.0, 1000.0, 2500.0];
+        let items = (0..3).map(|h| {
+            let entry = Entry {
+                key: f64::NEG_INFINITY,
+                host: HostId(h as u32),
+                alloc_mips: alloc[h],
+                power_now: p(alloc[h]),
+            };
+            (0, total, entry, false)
+        });
+        let index = PabfdIndex::from_hosts(types.len(), 3, items);
+        let host = |h: usize, over: bool| {
+            let after = (alloc[h] + req) / total;
+            let after = (after <= 1.0).then(|| tables.power[0].power(after));
+            (false, true, p(alloc[h]), after, alloc[h], over)
+        };
+        let ctx = FakeCtx(vec![host(0, true), host(1, false), host(2, false)]);
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: req,
+        };
+        // The answer worked out on the G4 table (86, 89.4, 92.6, 96, 99.5, 102, 106, ... W):
+        // host 1 goes from 26.9 % to 40.3 %, about 94.95 -> 99.58 W (+4.63); host 2 from
+        // 67.2 % to 80.6 %, about 107.44 -> 112.12 W (+4.68). Host 0 is rejected, so host 1,
+        // found only by walking its bucket past host 0; the full scan must agree.
+        let inc = |h: usize| p(alloc[h] + req) - p(alloc[h]);
+        assert!(inc(1) < inc(2), "{} {}", inc(1), inc(2));
+        let expected = 1;
+        assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(expected)));
+        for budget in [0, 10] {
+            let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+            assert_eq!(found, Some(HostId(expected)), "budget {budget}");
+        }
+        // Only host 2 may take the VM: found through its own bucket.
+        let ctx = FakeCtx(vec![host(0, true), host(1, true), host(2, false)]);
+        let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+        assert_eq!(found, Some(HostId(2)));
+    }
+
+    #[test]
     fn bulk_build_files_hosts_as_one_by_one_updates_do() {
         let mut rng = SplitMix64::new(7);
         let n = 3000;
