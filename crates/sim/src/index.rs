@@ -620,6 +620,50 @@ mod tests {
     }
 
     #[test]
+    fn search_gives_a_tie_found_in_a_full_bucket_walk_to_the_lower_id() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        use crate::policy::{Pabfd, VmPlacement};
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips();
+        let req = 500.0;
+        let p = |mips: f64| tables.power[0].power(mips / total);
+        // Hosts 0 and 1: 1,000 MIPS, one bucket, the same increase d. Host 2 shrank this round
+        // (checked first) and its context reports exactly the same d (same power now and
+        // after, bit for bit), so it is the best so far when the bucket is reached. Host 0,
+        // the bucket's least, is over-utilised after; the full walk then meets host 1, which
+        // ties with host 2 and has the lower id: host 1 (the full scan says the same).
+        let alloc = [1000.0, 1000.0, 2500.0];
+        let items = (0..3).map(|h| {
+            let entry = Entry {
+                key: f64::NEG_INFINITY,
+                host: HostId(h as u32),
+                alloc_mips: alloc[h],
+                power_now: p(alloc[h]),
+            };
+            (0, total, entry, h == 2)
+        });
+        let index = PabfdIndex::from_hosts(types.len(), 3, items);
+        let tie = (
+            p(1000.0),
+            Some(tables.power[0].power((1000.0 + req) / total)),
+        );
+        let ctx = FakeCtx(vec![
+            (false, true, tie.0, tie.1, 1000.0, true),
+            (false, true, tie.0, tie.1, 1000.0, false),
+            (false, true, tie.0, tie.1, 2500.0, false),
+        ]);
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: req,
+        };
+        assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(1)));
+        let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+        assert_eq!(found, Some(HostId(1)));
+    }
+
+    #[test]
     fn bulk_build_files_hosts_as_one_by_one_updates_do() {
         let mut rng = SplitMix64::new(7);
         let n = 3000;
