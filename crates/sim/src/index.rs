@@ -664,6 +664,51 @@ mod tests {
     }
 
     #[test]
+    fn search_takes_hosts_a_vm_fills_exactly() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips(); // 3,720 MIPS: two cores of 1,860
+        let p = |mips: f64| tables.power[0].power(mips / total);
+        // The VM asks for exactly one core, 1,860 MIPS (x = 0.5, so limit = 1 - x = 0.5).
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: 1860.0,
+        };
+        let search = |allocs: &[(f64, f64)], off_excluded: bool| {
+            let items = allocs.iter().enumerate().map(|(h, &(alloc, power_now))| {
+                let entry = Entry {
+                    key: f64::NEG_INFINITY,
+                    host: HostId(h as u32),
+                    alloc_mips: alloc,
+                    power_now,
+                };
+                (0, total, entry, false)
+            });
+            let index = PabfdIndex::from_hosts(types.len(), allocs.len(), items);
+            let ctx = FakeCtx(
+                allocs
+                    .iter()
+                    .map(|&(alloc, now)| {
+                        let after = tables.power[0].power((alloc + 1860.0) / total);
+                        (false, true, now, Some(after), alloc, false)
+                    })
+                    .collect(),
+            );
+            index.search(&tables, &vm, &ctx, |_| f64::INFINITY, off_excluded, 0)
+        };
+        // A host with 1,860 MIPS allocated: fraction exactly 0.5 = limit, the first host of
+        // bucket 100 (whose lower edge is the limit), and 100 % after: it fits.
+        assert_eq!(search(&[(1860.0, p(1860.0))], false), Some(HostId(0)));
+        // An empty host: a core of exactly the VM's size is enough.
+        assert_eq!(search(&[(0.0, p(0.0))], false), Some(HostId(0)));
+        // With the idle hosts excluded (evacuation), an empty host whose power now is not
+        // the idle power (it was emptied this round) is still a candidate.
+        assert_eq!(search(&[(0.0, p(0.0) + 5.0)], true), Some(HostId(0)));
+    }
+
+    #[test]
     fn bulk_build_files_hosts_as_one_by_one_updates_do() {
         let mut rng = SplitMix64::new(7);
         let n = 3000;
