@@ -531,6 +531,184 @@ mod tests {
     use crate::rng::SplitMix64;
 
     #[test]
+    fn search_breaks_ties_between_shrunk_hosts_by_lowest_id() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips();
+        // Hosts 0 and 1 shrank this round (checked first, in id order) and give the same
+        // increase, 110 - 100 = 10 W; host 2 is excluded. The bucket copies say power now 0,
+        // so a bucket walk sees increases of 100 W and more and never beats 10 W: the answer
+        // comes from the shrunk list alone, and on the tie it must be host 0.
+        let items = (0..3).map(|h| {
+            let entry = Entry {
+                key: f64::NEG_INFINITY,
+                host: HostId(h),
+                alloc_mips: 1000.0,
+                power_now: 0.0,
+            };
+            (0, total, entry, h < 2)
+        });
+        let index = PabfdIndex::from_hosts(types.len(), 3, items);
+        let ctx = FakeCtx(vec![
+            (false, true, 100.0, Some(110.0), 1000.0, false),
+            (false, true, 100.0, Some(110.0), 1000.0, false),
+            (true, true, 100.0, Some(101.0), 1000.0, false),
+        ]);
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: 500.0,
+        };
+        for budget in [0, 10] {
+            let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+            assert_eq!(found, Some(HostId(0)), "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn search_walks_a_bucket_in_full_when_its_least_host_is_rejected() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        use crate::policy::{Pabfd, VmPlacement};
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips();
+        let req = 500.0;
+        let p = |mips: f64| tables.power[0].power(mips / total);
+        // Hosts 0 and 1: 1,000 MIPS allocated (one bucket, equal increases, host 0 first);
+        // host 2: 2,500 MIPS (another bucket). Power now = power at the allocation, as at the
+        // start of a round. Host 0 is over-utilised after taking the VM, so the bucket's fast
+        // path (its least (increase, id)) is rejected and the bucket must be walked in full.
+        let alloc = [1000.0, 1000.0, 2500.0];
+        let items = (0..3).map(|h| {
+            let entry = Entry {
+                key: f64::NEG_INFINITY,
+                host: HostId(h as u32),
+                alloc_mips: alloc[h],
+                power_now: p(alloc[h]),
+            };
+            (0, total, entry, false)
+        });
+        let index = PabfdIndex::from_hosts(types.len(), 3, items);
+        let host = |h: usize, over: bool| {
+            let after = (alloc[h] + req) / total;
+            let after = (after <= 1.0).then(|| tables.power[0].power(after));
+            (false, true, p(alloc[h]), after, alloc[h], over)
+        };
+        let ctx = FakeCtx(vec![host(0, true), host(1, false), host(2, false)]);
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: req,
+        };
+        // The answer worked out on the G4 table (86, 89.4, 92.6, 96, 99.5, 102, 106, ... W):
+        // host 1 goes from 26.9 % to 40.3 %, about 94.95 -> 99.58 W (+4.63); host 2 from
+        // 67.2 % to 80.6 %, about 107.44 -> 112.12 W (+4.68). Host 0 is rejected, so host 1,
+        // found only by walking its bucket past host 0; the full scan must agree.
+        let inc = |h: usize| p(alloc[h] + req) - p(alloc[h]);
+        assert!(inc(1) < inc(2), "{} {}", inc(1), inc(2));
+        let expected = 1;
+        assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(expected)));
+        for budget in [0, 10] {
+            let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+            assert_eq!(found, Some(HostId(expected)), "budget {budget}");
+        }
+        // Only host 2 may take the VM: found through its own bucket.
+        let ctx = FakeCtx(vec![host(0, true), host(1, true), host(2, false)]);
+        let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+        assert_eq!(found, Some(HostId(2)));
+    }
+
+    #[test]
+    fn search_gives_a_tie_found_in_a_full_bucket_walk_to_the_lower_id() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        use crate::policy::{Pabfd, VmPlacement};
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips();
+        let req = 500.0;
+        let p = |mips: f64| tables.power[0].power(mips / total);
+        // Hosts 0 and 1: 1,000 MIPS, one bucket, the same increase d. Host 2 shrank this round
+        // (checked first) and its context reports exactly the same d (same power now and
+        // after, bit for bit), so it is the best so far when the bucket is reached. Host 0,
+        // the bucket's least, is over-utilised after; the full walk then meets host 1, which
+        // ties with host 2 and has the lower id: host 1 (the full scan says the same).
+        let alloc = [1000.0, 1000.0, 2500.0];
+        let items = (0..3).map(|h| {
+            let entry = Entry {
+                key: f64::NEG_INFINITY,
+                host: HostId(h as u32),
+                alloc_mips: alloc[h],
+                power_now: p(alloc[h]),
+            };
+            (0, total, entry, h == 2)
+        });
+        let index = PabfdIndex::from_hosts(types.len(), 3, items);
+        let tie = (
+            p(1000.0),
+            Some(tables.power[0].power((1000.0 + req) / total)),
+        );
+        let ctx = FakeCtx(vec![
+            (false, true, tie.0, tie.1, 1000.0, true),
+            (false, true, tie.0, tie.1, 1000.0, false),
+            (false, true, tie.0, tie.1, 2500.0, false),
+        ]);
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: req,
+        };
+        assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(1)));
+        let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+        assert_eq!(found, Some(HostId(1)));
+    }
+
+    #[test]
+    fn search_takes_hosts_a_vm_fills_exactly() {
+        use crate::ids::VmId;
+        use crate::policy::tests::FakeCtx;
+        let types = crate::setup::reference_host_types();
+        let tables = HostTypeTables::new(&types);
+        let total = types[0].total_mips(); // 3,720 MIPS: two cores of 1,860
+        let p = |mips: f64| tables.power[0].power(mips / total);
+        // The VM asks for exactly one core, 1,860 MIPS (x = 0.5, so limit = 1 - x = 0.5).
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: 1860.0,
+        };
+        let search = |allocs: &[(f64, f64)], off_excluded: bool| {
+            let items = allocs.iter().enumerate().map(|(h, &(alloc, power_now))| {
+                let entry = Entry {
+                    key: f64::NEG_INFINITY,
+                    host: HostId(h as u32),
+                    alloc_mips: alloc,
+                    power_now,
+                };
+                (0, total, entry, false)
+            });
+            let index = PabfdIndex::from_hosts(types.len(), allocs.len(), items);
+            let ctx = FakeCtx(
+                allocs
+                    .iter()
+                    .map(|&(alloc, now)| {
+                        let after = tables.power[0].power((alloc + 1860.0) / total);
+                        (false, true, now, Some(after), alloc, false)
+                    })
+                    .collect(),
+            );
+            index.search(&tables, &vm, &ctx, |_| f64::INFINITY, off_excluded, 0)
+        };
+        // A host with 1,860 MIPS allocated: fraction exactly 0.5 = limit, the first host of
+        // bucket 100 (whose lower edge is the limit), and 100 % after: it fits.
+        assert_eq!(search(&[(1860.0, p(1860.0))], false), Some(HostId(0)));
+        // An empty host: a core of exactly the VM's size is enough.
+        assert_eq!(search(&[(0.0, p(0.0))], false), Some(HostId(0)));
+        // With the idle hosts excluded (evacuation), an empty host whose power now is not
+        // the idle power (it was emptied this round) is still a candidate.
+        assert_eq!(search(&[(0.0, p(0.0) + 5.0)], true), Some(HostId(0)));
+    }
+
+    #[test]
     fn bulk_build_files_hosts_as_one_by_one_updates_do() {
         let mut rng = SplitMix64::new(7);
         let n = 3000;

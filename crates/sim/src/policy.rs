@@ -378,7 +378,7 @@ impl VmPlacement for FirstFit {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn view(requested: f64, history: &[f64]) -> HostView<'_> {
@@ -468,6 +468,93 @@ mod tests {
 
     // Boundary tests: every value below is exactly representable and every operation on the
     // path is exact, so the host sits *on* the threshold and `>` and `>=` answer differently.
+
+    /// A hand-made placement context: per host, (excluded, suitable, power now, power after
+    /// or `None` when the VM does not fit, allocated MIPS, over-utilised after).
+    pub(crate) struct FakeCtx(pub(crate) Vec<(bool, bool, f64, Option<f64>, f64, bool)>);
+
+    impl PlacementContext for FakeCtx {
+        fn host_count(&self) -> usize {
+            self.0.len()
+        }
+        fn is_excluded(&self, host: HostId) -> bool {
+            self.0[host.idx()].0
+        }
+        fn is_suitable(&self, host: HostId, _vm: &PlacementVm) -> bool {
+            self.0[host.idx()].1
+        }
+        fn utilization_mips(&self, host: HostId) -> f64 {
+            self.0[host.idx()].4
+        }
+        fn overloaded_after(&self, host: HostId, _vm: &PlacementVm) -> bool {
+            self.0[host.idx()].5
+        }
+        fn power_now_and_after(&self, host: HostId, _vm: &PlacementVm) -> (f64, Option<f64>) {
+            (self.0[host.idx()].2, self.0[host.idx()].3)
+        }
+    }
+
+    #[test]
+    fn pabfd_takes_the_least_increase_lowest_id_and_checks_only_used_hosts() {
+        let vm = PlacementVm {
+            id: VmId(0),
+            requested_mips: 500.0,
+        };
+        let find = |hosts: Vec<(bool, bool, f64, Option<f64>, f64, bool)>| {
+            Pabfd.find_host(&vm, &FakeCtx(hosts)).map(|h| h.0)
+        };
+        // Increases: host 0 +20, host 1 +10, host 2 +10 (tie: the lower id, 1, wins), host 3
+        // +30: host 1.
+        let base = vec![
+            (false, true, 100.0, Some(120.0), 900.0, false),
+            (false, true, 100.0, Some(110.0), 900.0, false),
+            (false, true, 90.0, Some(100.0), 900.0, false),
+            (false, true, 100.0, Some(130.0), 900.0, false),
+        ];
+        assert_eq!(find(base.clone()), Some(1));
+        // Host 1 over-utilised after taking the VM (and in use): the tie partner, 2.
+        let mut h = base.clone();
+        h[1].5 = true;
+        assert_eq!(find(h.clone()), Some(2));
+        // Hosts 1 and 2 excluded / unsuitable / no room: host 0 (+20) next.
+        for k in 0..3 {
+            let mut h = base.clone();
+            match k {
+                0 => (h[1].0, h[2].0) = (true, true),
+                1 => (h[1].1, h[2].1) = (false, false),
+                _ => (h[1].3, h[2].3) = (None, None),
+            }
+            assert_eq!(find(h), Some(0), "case {k}");
+        }
+        // A host with nothing allocated skips the over-utilisation test (CloudSim): host 1
+        // empty and "over-utilised after" is still taken.
+        let mut h = base.clone();
+        (h[1].4, h[1].5) = (0.0, true);
+        assert_eq!(find(h), Some(1));
+        // A negative increase (power now from the start of the round) beats everything.
+        let mut h = base.clone();
+        h[3].3 = Some(95.0);
+        assert_eq!(find(h), Some(3));
+        // Nothing fits: none.
+        let none: Vec<_> = base
+            .iter()
+            .map(|&(e, _, n, a, u, o)| (e, false, n, a, u, o))
+            .collect();
+        assert_eq!(find(none), None);
+        assert_eq!(find(Vec::new()), None);
+    }
+
+    #[test]
+    fn built_policies_report_the_names_the_spec_parses() {
+        // The objects' names and the spec's name table are written separately; a policy built
+        // from a spec must report the name that spec is parsed from (`lrr` is an `Lr`).
+        for k in crate::spec::DETECTORS {
+            assert_eq!(k.build(k.default_param()).name(), k.name());
+        }
+        for k in crate::spec::SELECTORS {
+            assert_eq!(k.build().name(), k.name());
+        }
+    }
 
     #[test]
     fn thr_boundary_is_not_overloaded() {
