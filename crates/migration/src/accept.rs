@@ -13,11 +13,14 @@
 //! A `Hello` of another protocol version is a real source: it is handed on, to be refused
 //! with a reason.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use tracing::warn;
 
 use crate::conn::{Conn, Listener};
@@ -28,8 +31,9 @@ use crate::protocol::{Hello, Message};
 /// Connections waiting for their first frame at once; more are closed unread.
 pub(crate) const MAX_PENDING: usize = 16;
 
-/// How often the accept loop looks at finished handshakes.
-const TICK: Duration = Duration::from_millis(50);
+/// Longest single wait of the accept loop; it also wakes at once on a new connection or a
+/// finished handshake.
+const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// A connection, when it was accepted, and its first frame (or why it is not a `Hello`).
 type Outcome = (Conn, Instant, Result<Hello, String>);
@@ -37,6 +41,10 @@ type Outcome = (Conn, Instant, Result<Hello, String>);
 /// Accepts on `listener` until a peer sends a `Hello` (within `hello_timeout` of connecting),
 /// or `accept_timeout` (`None`: forever) passes. Returns that connection, when it was
 /// accepted (the source's arrival, from which setup is timed) and its `Hello`.
+///
+/// The loop polls the listener and a wake socket together: a handshake thread that finishes
+/// writes one byte to the wake socket, so a real source is handed on at once, not at the
+/// next tick (setup time is part of a migration's cost).
 pub(crate) fn accept_source(
     listener: &Listener,
     accept_timeout: Option<Duration>,
@@ -44,6 +52,12 @@ pub(crate) fn accept_source(
 ) -> Result<(Conn, Instant, Hello), MigrationError> {
     let deadline = accept_timeout.map(|t| Instant::now() + t);
     let (tx, rx) = mpsc::channel::<Outcome>();
+    let setup = |e: std::io::Error| MigrationError::TransportSetup {
+        reason: "the accept loop's wake socket".into(),
+        source: Some(e),
+    };
+    let (mut wake_rx, wake_tx) = UnixStream::pair().map_err(setup)?;
+    wake_rx.set_nonblocking(true).map_err(setup)?;
     let pending = Arc::new(AtomicUsize::new(0));
     loop {
         while let Ok((conn, arrived, r)) = rx.try_recv() {
@@ -54,17 +68,38 @@ pub(crate) fn accept_source(
                 }
             }
         }
-        let slice = match deadline {
+        let wait = match deadline {
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Err(MigrationError::Timeout { phase: "accept" });
                 }
-                left.min(TICK)
+                left.min(MAX_WAIT)
             }
-            None => TICK,
+            None => MAX_WAIT,
         };
-        let conn = match listener.accept(Some(slice)) {
+        let (listen_ready, woken) = {
+            let listen_fd = listener.as_fd();
+            let mut fds = [
+                PollFd::new(&listen_fd, PollFlags::IN),
+                PollFd::new(&wake_rx, PollFlags::IN),
+            ];
+            let timeout = Timespec::try_from(wait).ok();
+            match poll(&mut fds, timeout.as_ref()) {
+                Ok(_) => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
+                Err(rustix::io::Errno::INTR) => (false, false),
+                Err(e) => return Err(setup(e.into())),
+            }
+        };
+        if woken {
+            // Drain the wake bytes; the outcomes are in the channel.
+            let mut buf = [0u8; 64];
+            while matches!(wake_rx.read(&mut buf), Ok(n) if n > 0) {}
+        }
+        if !listen_ready {
+            continue;
+        }
+        let conn = match listener.accept(Some(Duration::from_millis(1))) {
             Ok(c) => c,
             Err(MigrationError::Timeout { .. }) => continue,
             Err(e) => return Err(e),
@@ -79,12 +114,15 @@ pub(crate) fn accept_source(
         let arrived = Instant::now();
         pending.fetch_add(1, Ordering::SeqCst);
         let (tx, pending) = (tx.clone(), Arc::clone(&pending));
+        let mut wake = wake_tx.try_clone().map_err(setup)?;
         std::thread::spawn(move || {
             let mut conn = conn;
             let r = first_hello(&mut conn, hello_timeout);
             pending.fetch_sub(1, Ordering::SeqCst);
             // After a winner the receiver is gone: this connection just closes.
-            let _ = tx.send((conn, arrived, r));
+            if tx.send((conn, arrived, r)).is_ok() {
+                let _ = wake.write_all(&[1]);
+            }
         });
     }
 }

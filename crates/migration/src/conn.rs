@@ -82,6 +82,30 @@ impl Conn {
         })
     }
 
+    /// Like [`Conn::connect`], but a destination that is not listening yet (connection
+    /// refused, or no socket file at a `unix:` path) is tried again every 50 ms until
+    /// `timeout` has passed: a destination started a moment ago may still be preparing its
+    /// memory (pre-faulting) before it listens, and a script that starts it in the background
+    /// and then migrates must not fail on that race. Other errors fail at once.
+    pub fn connect_retrying(ep: &Endpoint, timeout: Duration) -> Result<Conn, MigrationError> {
+        const RETRY: Duration = Duration::from_millis(50);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match Conn::connect(ep, left.max(Duration::from_millis(1))) {
+                Err(MigrationError::Connect { source, .. })
+                    if matches!(
+                        source.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                    ) && left > RETRY =>
+                {
+                    std::thread::sleep(RETRY);
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Sets both read and write timeouts (`None`: block forever).
     pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
@@ -171,6 +195,15 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// The listening socket, for a caller that polls it beside other descriptors.
+    pub(crate) fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        }
+    }
+
     /// Binds `ep` (TCP port 0 picks a free port; see [`Listener::endpoint`]).
     ///
     /// A `unix:` path is taken only if it is free or holds a stale socket nobody answers on:
@@ -265,5 +298,29 @@ mod tests {
         assert!(text.starts_with("listening on 127.0.0.1:"), "{text}");
         assert!(!text.contains("connecting"), "{text}");
         assert!(matches!(e, MigrationError::Listen { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn a_destination_that_starts_listening_late_is_reached() {
+        let dir = std::env::temp_dir().join(format!("fastmig-late-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let at = Endpoint::Unix(dir.join("late.sock"));
+        let binder = at.clone();
+        // Nobody listens for the first 300 ms: the path does not even exist.
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let l = Listener::bind(&binder).expect("bind");
+            l.accept(Some(Duration::from_secs(5))).expect("accept");
+        });
+        let c = Conn::connect_retrying(&at, Duration::from_secs(5));
+        assert!(c.is_ok(), "{:?}", c.err());
+        h.join().expect("listener thread");
+        // Refused until the deadline: the error is the refusal, not a hang.
+        let t0 = std::time::Instant::now();
+        let e = Conn::connect_retrying(&"127.0.0.1:1".parse().expect("ep"), Duration::from_millis(300))
+            .expect_err("nobody listens on port 1");
+        assert!(matches!(e, MigrationError::Connect { .. }), "{e:?}");
+        assert!(t0.elapsed() >= Duration::from_millis(200), "{:?}", t0.elapsed());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

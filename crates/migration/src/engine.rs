@@ -403,7 +403,7 @@ fn run<V: MigratableVm + ?Sized>(
     let npages = mem.pages();
 
     // Setup: connect, handshake, transport.
-    let mut control = Conn::connect(dest, opts.connect_timeout)?;
+    let mut control = Conn::connect_retrying(dest, opts.connect_timeout)?;
     control
         .set_timeouts(Some(opts.io_timeout))
         .map_err(|e| MigrationError::TransportSetup {
