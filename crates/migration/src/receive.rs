@@ -305,7 +305,10 @@ fn choose_vm<V: MigratableVm>(
         IncomingVm::OnDemand(make_vm) => match make_vm(layout, None) {
             Ok(vm) => vm,
             Err(e) => {
-                let reason = format!("cannot build a VM for this source: {e}");
+                let reason = format!(
+                    "cannot build a VM for this source: {}",
+                    crate::error::chain_text(&e)
+                );
                 return Err(handshake::refuse(control, reason));
             }
         },
