@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 transports=${1:-classic}
 repeat=${2:-3}
-cargo build --release -q -p fastmig
+cargo build --release -q -p fastmig-cli
 bin=target/release/fastmig
 out=bench/out/matrix
 mkdir -p "$out"

@@ -4,7 +4,7 @@
 # Prints wall time of the migration and the CPU seconds both processes spent on it (from
 # /proc, so the TLS tunnel threads count), per GiB.
 #
-#   cargo build --release -p fastmig && bench/tls-cost.sh [MEM]
+#   cargo build --release -p fastmig-cli && bench/tls-cost.sh [MEM]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release/fastmig}

@@ -1,6 +1,6 @@
 //! Soak (bounded, a few minutes, `#[ignore]`d: run it on its own):
 //!
-//!   cargo test -p fastmig --test hardening_soak -- --ignored --nocapture
+//!   cargo test -p fastmig-cli --test hardening_soak -- --ignored --nocapture
 //!
 //! 50 migrations of one VM back and forth between two `fastmig` processes (the side that
 //! holds the VM and a fresh destination), each with a random fault at a random time: the
