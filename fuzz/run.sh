@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-90}
 export RUSTC_BOOTSTRAP=1
-for t in wire_decoder handshake; do
+for t in wire_decoder handshake control_request; do
   mkdir -p "fuzz/corpus/$t"
   echo "== fuzz $t for ${SECS}s"
   # The corpus directory collects new inputs; only the seed-* files are committed.
