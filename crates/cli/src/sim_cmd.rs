@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use crate::usage;
 
+mod model_spec;
 mod tables;
+use model_spec::ModelSpec;
 use tables::{read_reference, write_csv, Fixed, PolicyCsvRow, Shown, SimResultRef, SpeedCsvRow};
 
 /// Migration speeds of `--migration-sweep`, Gbit/s.
@@ -37,7 +39,10 @@ pub struct SimulateArgs {
     #[arg(long)]
     json: bool,
     /// Migration cost: `cloudsim` (RAM / half of 1 Gbit/s), `gbit=N` (N Gbit/s for the
-    /// migration stream) or `profile:FILE.json` (see `MigrationProfile`).
+    /// migration stream), `profile:FILE.json` (see `MigrationProfile`) or
+    /// `model:MODEL.json[,transport=classic|multi-tcp|shm|handover][,link=host|10gbit|32mib][,dirty=PAGES_PER_S]`
+    /// (the fitted pre-copy model; defaults classic, the host's link, 10000 pages/s at full
+    /// CPU).
     #[arg(long, default_value = "cloudsim")]
     migration: String,
     /// Run every reference policy (NPA, DVFS, 5 detectors x 4 selectors) over every day and
@@ -204,8 +209,12 @@ fn parse_migration(spec: &str) -> Result<Box<dyn MigrationCostModel>> {
             MigrationProfile::from_file(Path::new(f)).map_err(|e| usage!("--migration: {e}"))?;
         return Ok(Box::new(p));
     }
+    if let Some(rest) = s.strip_prefix("model:") {
+        return Ok(Box::new(ModelSpec::parse(rest)?.build()?));
+    }
     Err(usage!(
-        "--migration must be cloudsim, gbit=N or profile:FILE.json, got {spec:?}"
+        "--migration must be cloudsim, gbit=N, profile:FILE.json or model:MODEL.json[,...], \
+         got {spec:?}"
     ))
 }
 
