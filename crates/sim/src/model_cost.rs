@@ -23,6 +23,11 @@
 //! costs and a guest that writes nothing while migrating (`guest_rate_factor` 0) gives
 //! exactly CloudSim's durations.
 //!
+//! **Links.** `Link::Host` is the target host's bandwidth. Classic and multi-tcp carry pages
+//! over the link at the model's link efficiency. shm and handover use no link; an explicit
+//! [`Link::BytesPerS`] caps their rate instead (an "shm-class" transport, one-sided writes at
+//! shm's per-page cost, on a network of that speed), and `Link::Host` leaves them unbounded.
+//!
 //! **Policy.** The simulator cannot leave a VM on its source, so a migration that does not
 //! converge is predicted with `--on-no-converge force`: it completes with a long
 //! stop-and-copy, whose downtime is what it costs. The downtime limit is the engine's
@@ -153,6 +158,11 @@ impl ModelCost {
             Link::Host => req.target_bw as f64 * BYTES_S_PER_BW_UNIT,
             Link::BytesPerS(b) => b,
         });
+        // shm and handover use no link; an explicit link caps them (an shm-class transport,
+        // one-sided writes at shm's per-page cost, carried by a link of that speed).
+        if let (Link::BytesPerS(b), false) = (self.link, self.transport.uses_link()) {
+            s.bandwidth_cap_bytes_s = Some(b);
+        }
         s.on_no_converge = OnNoConverge::Force;
         s
     }
@@ -291,6 +301,24 @@ mod tests {
         assert!(fast.duration_s < busy.duration_s / 5.0, "{fast:?} {busy:?}");
         // Deterministic: the same request gives the same bits.
         assert_eq!(slow.cost(&req(1000, 1_000_000, 1.0), 1000.0), busy);
+    }
+
+    #[test]
+    fn an_explicit_link_caps_shm() {
+        // shm at a CPU rate of 1 GiB/s (hand model: no link use). 1000 MB idle: host link
+        // leaves it at 1e9 / 2^30 = 0.9313 s; a 1 Gbit/s link caps it at 125e6 bytes/s: 8 s.
+        let mut m = hand_model();
+        m.transports
+            .insert(Transport::Shm, TransportParams::ideal((1u64 << 30) as f64));
+        let unbounded = ModelCost::new(m.clone(), Transport::Shm, Link::Host).unwrap();
+        let c = unbounded.cost(&req(1000, 1_000_000, 0.0), 1000.0);
+        assert!(
+            (c.duration_s - 1e9 / (1u64 << 30) as f64).abs() < 1e-9,
+            "{c:?}"
+        );
+        let capped = ModelCost::new(m, Transport::Shm, "1gbit".parse().unwrap()).unwrap();
+        let c = capped.cost(&req(1000, 1_000_000, 0.0), 1000.0);
+        assert!((c.duration_s - 8.0).abs() < 1e-9, "{c:?}");
     }
 
     #[test]
