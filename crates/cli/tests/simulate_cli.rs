@@ -96,6 +96,12 @@ fn bad_input_is_one_line_and_exit_code_two() {
             "--migration".into(),
             "model:m.json,transport=udp".into(),
         ],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--model".into(),
+            "m.json".into(),
+        ],
     ];
     for args in cases {
         let out = fastmig().arg("simulate").args(&args).output().expect("run");
@@ -305,4 +311,52 @@ fn model_reduced_to_cloudsims_formula_reproduces_the_cloudsim_reference() {
             .as_deref(),
         Some(row[5])
     );
+}
+
+#[test]
+fn migration_sweep_with_a_model_adds_its_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = tiny_csv(dir.path());
+    let out_dir = dir.path().join("out");
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../bench/characterisation/model.json");
+    let out = fastmig()
+        .args([
+            "simulate",
+            "--migration-sweep",
+            "--policy",
+            "thr-mmt",
+            "--trace",
+        ])
+        .arg(&csv)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = std::fs::read_to_string(out_dir.join("migration-speed.csv")).expect("csv");
+    // Header + cloudsim + 4 speeds + classic at 32 MiB/s + 3 transports x 2 links.
+    assert_eq!(table.lines().count(), 13, "{table}");
+    for label in [
+        "model classic 32mib",
+        "model classic 10gbit",
+        "model multi-tcp 1gbit",
+        "model shm 10gbit",
+    ] {
+        assert!(table.contains(label), "{label}: {table}");
+    }
+    // The 10 Gbit/s rows carry their link speed in the gbit column.
+    let row = table
+        .lines()
+        .find(|l| l.contains("model multi-tcp 10gbit"))
+        .expect("row");
+    assert!(row.contains(",10,"), "{row}");
+    let svg = std::fs::read_to_string(out_dir.join("migration-speed.svg")).expect("svg");
+    assert!(svg.contains("model multi-tcp"), "legend missing");
 }

@@ -1,9 +1,9 @@
 //! `--migration model:PATH[,transport=T][,link=L][,dirty=N]`: the fitted pre-copy model as the
 //! simulator's migration cost, parsed into typed values (a bad spec is a usage error, exit 2).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use fastmig_model::{Model, Transport};
 use fastmig_sim::{Link, ModelCost};
 
@@ -72,6 +72,57 @@ impl ModelSpec {
         }
         Ok(cost)
     }
+}
+
+/// One fitted-model row of `--migration-sweep --model`.
+#[derive(Debug, Clone)]
+pub(super) struct ModelRow {
+    /// How the table, the CSV and the chart name it (`model classic 10gbit`).
+    pub(super) label: String,
+    /// The transport (one chart line each).
+    pub(super) transport: Transport,
+    /// Link, Gbit/s (the chart's x).
+    pub(super) gbit: f64,
+    pub(super) cost: ModelCost,
+}
+
+/// The model rows of the speed sweep: classic at 32 MiB/s (2011 KVM's default cap), then
+/// classic, multi-tcp and shm-class on 1 and 10 Gbit/s links; a transport the model lacks is
+/// skipped with a note on stderr.
+pub(super) fn sweep_rows(path: &Path) -> Result<Vec<ModelRow>> {
+    let model = Model::load(path).map_err(|e| usage!("--model {}: {e}", path.display()))?;
+    let grid = [
+        (Transport::Classic, "32mib"),
+        (Transport::Classic, "1gbit"),
+        (Transport::Classic, "10gbit"),
+        (Transport::MultiTcp, "1gbit"),
+        (Transport::MultiTcp, "10gbit"),
+        (Transport::Shm, "1gbit"),
+        (Transport::Shm, "10gbit"),
+    ];
+    let mut rows = Vec::new();
+    for (transport, link_name) in grid {
+        if model.params(transport).is_err() {
+            eprintln!(
+                "--model {}: no {transport} parameters, its rows are skipped",
+                path.display()
+            );
+            continue;
+        }
+        let link: Link = link_name.parse().map_err(|e| anyhow!("{e}"))?;
+        let Link::BytesPerS(bytes) = link else {
+            return Err(anyhow!("sweep link {link_name} is not a fixed rate"));
+        };
+        let cost = ModelCost::new(model.clone(), transport, link)
+            .map_err(|e| usage!("--model {}: {e}", path.display()))?;
+        rows.push(ModelRow {
+            label: format!("model {transport} {link_name}"),
+            transport,
+            gbit: bytes * 8.0 / 1e9,
+            cost,
+        });
+    }
+    Ok(rows)
 }
 
 /// A transport by the name the engine uses.
