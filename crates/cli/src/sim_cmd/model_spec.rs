@@ -61,8 +61,13 @@ impl ModelSpec {
     /// Loads the model and builds the cost (a bad file or a missing transport is a usage
     /// error: it is the user's input).
     pub(super) fn build(&self) -> Result<ModelCost> {
-        let model = Model::load(&self.path)
-            .map_err(|e| usage!("--migration model:{}: {e}", self.path.display()))?;
+        let model = Model::load(&self.path).map_err(|e| {
+            usage!(
+                "--migration model:{}: {}",
+                self.path.display(),
+                with_cause(&e)
+            )
+        })?;
         let mut cost = ModelCost::new(model, self.transport, self.link)
             .map_err(|e| usage!("--migration model:{}: {e}", self.path.display()))?;
         if let Some(d) = self.dirty_pps {
@@ -90,7 +95,8 @@ pub(super) struct ModelRow {
 /// classic, multi-tcp and shm-class on 1 and 10 Gbit/s links; a transport the model lacks is
 /// skipped with a note on stderr.
 pub(super) fn sweep_rows(path: &Path) -> Result<Vec<ModelRow>> {
-    let model = Model::load(path).map_err(|e| usage!("--model {}: {e}", path.display()))?;
+    let model =
+        Model::load(path).map_err(|e| usage!("--model {}: {}", path.display(), with_cause(&e)))?;
     let grid = [
         (Transport::Classic, "32mib"),
         (Transport::Classic, "1gbit"),
@@ -123,6 +129,14 @@ pub(super) fn sweep_rows(path: &Path) -> Result<Vec<ModelRow>> {
         });
     }
     Ok(rows)
+}
+
+/// An error and its cause on one line (`reading model m.json: No such file or directory`).
+fn with_cause(e: &dyn std::error::Error) -> String {
+    match e.source() {
+        Some(c) => format!("{e}: {c}"),
+        None => e.to_string(),
+    }
 }
 
 /// A transport by the name the engine uses.
