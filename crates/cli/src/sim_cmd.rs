@@ -13,7 +13,10 @@ use serde::Serialize;
 
 use crate::usage;
 
+mod model_spec;
 mod tables;
+use fastmig_model::Transport;
+use model_spec::{ModelRow, ModelSpec};
 use tables::{read_reference, write_csv, Fixed, PolicyCsvRow, Shown, SimResultRef, SpeedCsvRow};
 
 /// Migration speeds of `--migration-sweep`, Gbit/s.
@@ -37,17 +40,26 @@ pub struct SimulateArgs {
     #[arg(long)]
     json: bool,
     /// Migration cost: `cloudsim` (RAM / half of 1 Gbit/s), `gbit=N` (N Gbit/s for the
-    /// migration stream) or `profile:FILE.json` (see `MigrationProfile`).
+    /// migration stream), `profile:FILE.json` (see `MigrationProfile`) or
+    /// `model:MODEL.json[,transport=classic|multi-tcp|shm|handover][,link=host|10gbit|32mib][,dirty=PAGES_PER_S]`
+    /// (the fitted pre-copy model; defaults classic, the host's link, 10000 pages/s at full
+    /// CPU).
     #[arg(long, default_value = "cloudsim")]
     migration: String,
     /// Run every reference policy (NPA, DVFS, 5 detectors x 4 selectors) over every day and
     /// write a table, a CSV and charts into `--out`.
     #[arg(long)]
     sweep: bool,
-    /// Run `--policy` at 0.25, 1, 10 and 40 Gbit/s migration bandwidth (plus CloudSim's model)
-    /// over every day and write a table, a CSV and a chart into `--out`.
+    /// Run `--policy` at 0.25, 1, 10 and 40 Gbit/s migration bandwidth (plus CloudSim's model,
+    /// and the fitted model's rows with `--model`) over every day and write a table, a CSV and
+    /// a chart into `--out`.
     #[arg(long)]
     migration_sweep: bool,
+    /// With `--migration-sweep`: a fitted model (`fastmig model fit`) whose rows are added:
+    /// classic at 32 MiB/s (2011's default cap), and classic, multi-tcp and shm-class rates
+    /// on 1 and 10 Gbit/s links (transports the model lacks are skipped).
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Output directory for sweeps.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
@@ -119,6 +131,7 @@ pub fn main(args: SimulateArgs) -> Result<()> {
                     day: d.clone(),
                     policy: *p,
                     gbit: None,
+                    model: None,
                 })
             })
             .collect();
@@ -126,20 +139,37 @@ pub fn main(args: SimulateArgs) -> Result<()> {
         write_policy_sweep(&args.out, &rows, reference.as_deref())?;
         eprintln!("wrote {}", args.out.display());
     }
+    if args.model.is_some() && !args.migration_sweep {
+        return Err(usage!("--model applies to --migration-sweep only"));
+    }
     if args.migration_sweep {
         let policy = parse_policy(&args.policy, args.param)?;
+        let model_rows = match &args.model {
+            Some(p) => model_spec::sweep_rows(p)?,
+            None => Vec::new(),
+        };
         let mut jobs = Vec::new();
         for d in &days {
             jobs.push(Job {
                 day: d.clone(),
                 policy,
                 gbit: None,
+                model: None,
             });
             for g in SWEEP_SPEEDS_GBIT {
                 jobs.push(Job {
                     day: d.clone(),
                     policy,
                     gbit: Some(g),
+                    model: None,
+                });
+            }
+            for m in &model_rows {
+                jobs.push(Job {
+                    day: d.clone(),
+                    policy,
+                    gbit: None,
+                    model: Some(m.clone()),
                 });
             }
         }
@@ -204,8 +234,12 @@ fn parse_migration(spec: &str) -> Result<Box<dyn MigrationCostModel>> {
             MigrationProfile::from_file(Path::new(f)).map_err(|e| usage!("--migration: {e}"))?;
         return Ok(Box::new(p));
     }
+    if let Some(rest) = s.strip_prefix("model:") {
+        return Ok(Box::new(ModelSpec::parse(rest)?.build()?));
+    }
     Err(usage!(
-        "--migration must be cloudsim, gbit=N or profile:FILE.json, got {spec:?}"
+        "--migration must be cloudsim, gbit=N, profile:FILE.json or model:MODEL.json[,...], \
+         got {spec:?}"
     ))
 }
 
@@ -319,6 +353,8 @@ struct Job {
     policy: PolicySpec,
     /// `None`: the `--migration` model (or CloudSim's in a speed sweep); `Some(g)`: g Gbit/s.
     gbit: Option<f64>,
+    /// A fitted-model row of `--migration-sweep --model` (then `gbit` is `None`).
+    model: Option<ModelRow>,
 }
 
 /// Runs jobs on `--threads` workers with a progress bar on stderr. Traces are loaded once per
@@ -357,13 +393,14 @@ fn run_jobs(
                     break;
                 };
                 let profile;
-                let cost: &dyn MigrationCostModel = match (job.gbit, base_cost) {
-                    (Some(g), _) => {
+                let cost: &dyn MigrationCostModel = match (&job.model, job.gbit, base_cost) {
+                    (Some(m), _, _) => &m.cost,
+                    (None, Some(g), _) => {
                         profile = MigrationProfile::bandwidth(g);
                         &profile
                     }
-                    (None, Some(c)) => c,
-                    (None, None) => &CloudSimCost,
+                    (None, None, Some(c)) => c,
+                    (None, None, None) => &CloudSimCost,
                 };
                 let t0 = std::time::Instant::now();
                 let r = simulate(trace, spec, job.policy, cost, opts)
@@ -548,7 +585,7 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
                     day: &row.day,
                     policy: &r.policy,
                     migration: label,
-                    gbit: Shown(job.gbit),
+                    gbit: Shown(job.gbit.or(job.model.as_ref().map(|m| m.gbit))),
                     energy_kwh: Fixed(r.energy_kwh),
                     slatah: Fixed(r.slatah),
                     pdm: Fixed(r.pdm),
@@ -567,7 +604,7 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
         let v: Vec<f64> = rows
             .iter()
             .zip(jobs)
-            .filter(|(_, j)| j.gbit == Some(g))
+            .filter(|(_, j)| j.gbit == Some(g) && j.model.is_none())
             .map(|(r, _)| f(&r.result))
             .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
@@ -591,9 +628,52 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
             ("sans-serif", 20),
         )
         .map_err(plot_err)?;
+    // The fitted-model rows (`--model`), one line per transport: (transport, [(label, gbit)]).
+    let mut model_lines: Vec<(Transport, Vec<(&str, f64)>)> = Vec::new();
+    for m in jobs.iter().filter_map(|j| j.model.as_ref()) {
+        let line = match model_lines.iter_mut().find(|(t, _)| *t == m.transport) {
+            Some((_, l)) => l,
+            None => {
+                model_lines.push((m.transport, Vec::new()));
+                match model_lines.last_mut() {
+                    Some((_, l)) => l,
+                    None => continue,
+                }
+            }
+        };
+        if !line.iter().any(|(l, _)| *l == m.label) {
+            line.push((&m.label, m.gbit));
+        }
+    }
+    let mean_model = |f: &dyn Fn(&SimResult) -> f64, label: &str| {
+        let v: Vec<f64> = rows
+            .iter()
+            .zip(jobs)
+            .filter(|(_, j)| j.model.as_ref().is_some_and(|m| m.label == label))
+            .map(|(r, _)| f(&r.result))
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let colours = [RED, GREEN, MAGENTA, CYAN];
     for (area, (label, f)) in root.split_evenly((2, 2)).iter().zip(metrics) {
         let pts: Vec<(f64, f64)> = speeds.iter().map(|&g| (g.log10(), mean(f, g))).collect();
-        let ymax = pts.iter().map(|p| p.1).fold(0.0_f64, f64::max).max(1e-9) * 1.15;
+        let lines: Vec<(Transport, Vec<(f64, f64)>)> = model_lines
+            .iter()
+            .map(|(t, l)| {
+                let p = l
+                    .iter()
+                    .map(|&(lab, g)| (g.log10(), mean_model(f, lab)))
+                    .collect();
+                (*t, p)
+            })
+            .collect();
+        let ymax = pts
+            .iter()
+            .chain(lines.iter().flat_map(|(_, p)| p.iter()))
+            .map(|p| p.1)
+            .fold(0.0_f64, f64::max)
+            .max(1e-9)
+            * 1.15;
         let mut chart = ChartBuilder::on(area)
             .caption(label, ("sans-serif", 16))
             .margin(10)
@@ -609,10 +689,34 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
             .map_err(plot_err)?;
         chart
             .draw_series(LineSeries::new(pts.clone(), BLUE.stroke_width(2)))
-            .map_err(plot_err)?;
+            .map_err(plot_err)?
+            .label("profile (RAM / bandwidth)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         chart
             .draw_series(pts.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
             .map_err(plot_err)?;
+        for ((t, p), colour) in lines.iter().zip(colours.iter().cycle()) {
+            let colour = *colour;
+            chart
+                .draw_series(LineSeries::new(p.clone(), colour.stroke_width(2)))
+                .map_err(plot_err)?
+                .label(format!("model {t}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+            chart
+                .draw_series(
+                    p.iter()
+                        .map(|&q| TriangleMarker::new(q, 5, colour.filled())),
+                )
+                .map_err(plot_err)?;
+        }
+        if !lines.is_empty() {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(plot_err)?;
+        }
     }
     root.present().map_err(plot_err)?;
     Ok(())
@@ -620,6 +724,9 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
 
 /// The migration model of a speed-sweep job, as the table and the CSV name it.
 fn speed_label(job: &Job) -> String {
+    if let Some(m) = &job.model {
+        return m.label.clone();
+    }
     job.gbit
         .map(|g| format!("{g} Gbit/s"))
         .unwrap_or_else(|| "cloudsim".into())

@@ -84,6 +84,24 @@ fn bad_input_is_one_line_and_exit_code_two() {
             "--scale".into(),
             "0".into(),
         ],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--migration".into(),
+            "model:/nonexistent/model.json".into(),
+        ],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--migration".into(),
+            "model:m.json,transport=udp".into(),
+        ],
+        vec![
+            "--trace".into(),
+            csv.display().to_string(),
+            "--model".into(),
+            "m.json".into(),
+        ],
     ];
     for args in cases {
         let out = fastmig().arg("simulate").args(&args).output().expect("run");
@@ -198,4 +216,147 @@ fn bad_reference_is_refused_before_the_sweep_starts() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
+}
+
+fn shared() -> std::path::PathBuf {
+    match std::env::var_os("FASTMIG_SHARED") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared"),
+    }
+}
+
+/// `simulate --json` on the reference day with `extra` arguments, without the wall time.
+fn reference_day_json(extra: &[&str]) -> serde_json::Map<String, serde_json::Value> {
+    let day = shared().join("data/planetlab/20110303");
+    assert!(day.is_dir(), "PlanetLab day {} is required", day.display());
+    let out = fastmig()
+        .args(["simulate", "--json", "--trace"])
+        .arg(&day)
+        .args(extra)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let mut m = v.as_object().expect("object").clone();
+    assert!(m.remove("wall_s").is_some());
+    m
+}
+
+#[test]
+fn fitted_model_migration_is_deterministic() {
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../bench/characterisation/model.json");
+    let spec = format!("model:{},transport=multi-tcp,link=10gbit", model.display());
+    let a = reference_day_json(&["--migration", &spec]);
+    let b = reference_day_json(&["--migration", &spec]);
+    assert_eq!(a, b);
+    assert!(a["migration_model"]
+        .as_str()
+        .expect("str")
+        .contains("multi-tcp"));
+    assert!(
+        a["migration_downtime_s"].as_f64().expect("number") > 0.0,
+        "{a:?}"
+    );
+    assert!(a["migrations"].as_u64().expect("number") > 0);
+}
+
+#[test]
+fn model_reduced_to_cloudsims_formula_reproduces_the_cloudsim_reference() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cloudsim-equivalent.json");
+    fastmig_sim::model_cost::cloudsim_equivalent_model(fastmig_model::Transport::Classic)
+        .save(&path)
+        .expect("save model");
+    let mut ours = reference_day_json(&["--migration", &format!("model:{}", path.display())]);
+    let mut cloudsim = reference_day_json(&[]);
+    assert!(ours
+        .remove("migration_model")
+        .is_some_and(|m| m.as_str().is_some_and(|s| s.starts_with("model"))));
+    cloudsim.remove("migration_model");
+    // Every metric identical to the default run (CloudSim's own formula), to the bit.
+    assert_eq!(ours, cloudsim);
+    // And the reference CSV's LR-MMT 1.2 row: the same migrations and shutdowns, and the same
+    // energy to its two decimals.
+    let csv = std::fs::read_to_string(shared().join("reference/cloudsim-3.0.3-20110303.csv"))
+        .expect("reference CSV");
+    let row: Vec<&str> = csv
+        .lines()
+        .find(|l| l.split(',').nth(1) == Some("lr_mmt"))
+        .expect("lr_mmt row")
+        .split(',')
+        .collect();
+    assert_eq!(
+        ours["migrations"]
+            .as_u64()
+            .map(|m| m.to_string())
+            .as_deref(),
+        Some(row[9])
+    );
+    assert_eq!(
+        ours["host_shutdowns"]
+            .as_u64()
+            .map(|m| m.to_string())
+            .as_deref(),
+        Some(row[10])
+    );
+    assert_eq!(
+        ours["energy_kwh"]
+            .as_f64()
+            .map(|e| format!("{e:.2}"))
+            .as_deref(),
+        Some(row[5])
+    );
+}
+
+#[test]
+fn migration_sweep_with_a_model_adds_its_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = tiny_csv(dir.path());
+    let out_dir = dir.path().join("out");
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../bench/characterisation/model.json");
+    let out = fastmig()
+        .args([
+            "simulate",
+            "--migration-sweep",
+            "--policy",
+            "thr-mmt",
+            "--trace",
+        ])
+        .arg(&csv)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = std::fs::read_to_string(out_dir.join("migration-speed.csv")).expect("csv");
+    // Header + cloudsim + 4 speeds + classic at 32 MiB/s + 3 transports x 2 links.
+    assert_eq!(table.lines().count(), 13, "{table}");
+    for label in [
+        "model classic 32mib",
+        "model classic 10gbit",
+        "model multi-tcp 1gbit",
+        "model shm 10gbit",
+    ] {
+        assert!(table.contains(label), "{label}: {table}");
+    }
+    // The 10 Gbit/s rows carry their link speed in the gbit column.
+    let row = table
+        .lines()
+        .find(|l| l.contains("model multi-tcp 10gbit"))
+        .expect("row");
+    assert!(row.contains(",10,"), "{row}");
+    let svg = std::fs::read_to_string(out_dir.join("migration-speed.svg")).expect("svg");
+    assert!(svg.contains("model multi-tcp"), "legend missing");
 }

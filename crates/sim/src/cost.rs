@@ -4,7 +4,8 @@
 //! for VM traffic), about 16 s per GB on a 1 Gbit/s host. [`MigrationProfile`] describes a real
 //! migration engine: link bandwidth, fixed setup time, extra traffic from re-sent dirty pages,
 //! and CPU spent on source and destination per GiB moved. A later analytic model crate can
-//! implement [`MigrationCostModel`] directly.
+//! implement [`MigrationCostModel`] directly: [`crate::ModelCost`] does, with the fitted
+//! pre-copy model of `fastmig-model`.
 
 use std::path::Path;
 
@@ -19,6 +20,10 @@ pub struct MigrationRequest {
     pub ram_mb: u32,
     /// Bandwidth of the target host in CloudSim units (1,000,000 = 1 Gbit/s).
     pub target_bw: u64,
+    /// The VM's CPU demand when the migration starts, as a fraction of its MIPS (0 = idle,
+    /// 1 = fully busy). The detector's look-ahead asks for the worst case, 1. Models that
+    /// ignore activity (CloudSim's formula, profiles) ignore it.
+    pub cpu_utilization: f64,
 }
 
 /// Cost of one migration.
@@ -30,6 +35,10 @@ pub struct MigrationCost {
     pub source_overhead_mips: f64,
     /// Extra CPU load on the destination host while migrating, MIPS.
     pub target_overhead_mips: f64,
+    /// Time the VM is paused at switch-over, seconds (part of `duration_s`; 0 for models
+    /// that do not model it, such as CloudSim's). Reported in total; the hosts' MIPS are not
+    /// changed by it.
+    pub downtime_s: f64,
 }
 
 /// A migration cost model.
@@ -54,6 +63,7 @@ impl MigrationCostModel for CloudSimCost {
             duration_s: f64::from(req.ram_mb) / (req.target_bw as f64 / (2.0 * 8000.0)),
             source_overhead_mips: 0.0,
             target_overhead_mips: 0.0,
+            downtime_s: 0.0,
         }
     }
 }
@@ -152,6 +162,7 @@ impl MigrationCostModel for MigrationProfile {
             duration_s,
             source_overhead_mips: per_s(self.source_cpu_s_per_gib),
             target_overhead_mips: per_s(self.target_cpu_s_per_gib),
+            downtime_s: 0.0,
         }
     }
 }
@@ -167,6 +178,7 @@ mod tests {
             &MigrationRequest {
                 ram_mb: 870,
                 target_bw: 1_000_000,
+                cpu_utilization: 0.5,
             },
             1860.0,
         );
@@ -188,6 +200,7 @@ mod tests {
             &MigrationRequest {
                 ram_mb: 1024,
                 target_bw: 1_000_000,
+                cpu_utilization: 0.5,
             },
             1000.0,
         );

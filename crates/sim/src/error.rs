@@ -38,6 +38,9 @@ pub enum SimError {
         /// What is wrong.
         msg: String,
     },
+    /// A fitted migration model cannot serve the chosen transport or link.
+    #[error("migration model: {0}")]
+    Model(#[source] fastmig_model::ModelError),
     /// The initial placement found no host for a VM (CloudSim aborts the run here too).
     #[error("initial placement: no host can take VM {0}")]
     InitialPlacement(u32),

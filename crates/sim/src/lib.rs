@@ -7,7 +7,8 @@
 //! metrics (energy, SLATAH, PDM, SLAV, ESV, migrations, shutdowns).
 //!
 //! **Does not own**: sockets, KVM or the real migration engine (a measured migration is fed in
-//! through [`cost::MigrationProfile`] or a custom [`cost::MigrationCostModel`]), command-line
+//! through [`cost::MigrationProfile`], the fitted pre-copy model of `fastmig-model` through
+//! [`ModelCost`], or a custom [`cost::MigrationCostModel`]), command-line
 //! parsing, charts or file output (the `fastmig` binary does those).
 //!
 //! The default options reproduce CloudSim 3.0.3's power-aware consolidation semantics,
@@ -26,6 +27,7 @@ pub mod error;
 pub mod ids;
 mod index;
 pub mod metrics;
+pub mod model_cost;
 pub mod policy;
 pub mod power;
 mod prune;
@@ -40,6 +42,7 @@ pub use engine::{memory_lower_bound, simulate, SimOptions, Simulation};
 pub use error::SimError;
 pub use ids::{HostId, VmId};
 pub use metrics::SimResult;
+pub use model_cost::{Link, ModelCost};
 pub use setup::DatacenterSpec;
 pub use spec::PolicySpec;
 pub use trace::Trace;

@@ -40,4 +40,7 @@ pub struct SimResult {
     pub vms_removed_idle: usize,
     /// The migration cost model used.
     pub migration_model: String,
+    /// Sum of all migrations' downtime, s (0 with CloudSim's formula, which has none).
+    #[serde(default)]
+    pub migration_downtime_s: f64,
 }

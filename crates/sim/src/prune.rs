@@ -76,6 +76,8 @@ impl OverloadPrune {
                                 &MigrationRequest {
                                     ram_mb,
                                     target_bw: t.bw as i64 as u64,
+                                    // As the detector's look-ahead asks (engine/glue.rs).
+                                    cpu_utilization: 1.0,
                                 },
                                 t.pe_mips,
                             )

@@ -96,3 +96,46 @@ fn reference_day_matches_cloudsim_within_tolerance() {
     // NPA, DVFS and five detectors with MMT, MC and MU.
     assert_eq!(checked, 17, "reference CSV lacks deterministic rows");
 }
+
+/// The reference day with the fitted model reduced to CloudSim's formula gives CloudSim's
+/// results exactly (every metric, every bit), and the fitted model of
+/// `bench/characterisation/model.json` gives the same results on two runs.
+#[test]
+fn model_cost_reduced_to_cloudsim_reproduces_it_and_is_deterministic() {
+    use fastmig_model::{Model, Transport};
+    use fastmig_sim::model_cost::cloudsim_equivalent_model;
+    use fastmig_sim::{Link, ModelCost};
+
+    let day = shared().join("data/planetlab/20110303");
+    let trace = Trace::load(&day)
+        .unwrap_or_else(|e| panic!("PlanetLab day {} is required: {e}", day.display()));
+    let spec = DatacenterSpec::reference(trace.len());
+    let policy = PolicySpec::parse("lr-mmt", Some(1.2)).expect("policy");
+    let run = |cost: &dyn fastmig_sim::MigrationCostModel| {
+        let mut r = simulate(&trace, &spec, policy, cost, &SimOptions::default()).expect("run");
+        r.migration_model.clear();
+        r
+    };
+    let cloudsim = run(&CloudSimCost);
+    let reduced = ModelCost::new(
+        cloudsim_equivalent_model(Transport::Classic),
+        Transport::Classic,
+        Link::Host,
+    )
+    .expect("model");
+    assert_eq!(run(&reduced), cloudsim);
+    assert!(cloudsim.migrations > 0);
+
+    let fitted = Model::load(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench/characterisation/model.json"),
+    )
+    .expect("fitted model");
+    let cost = ModelCost::new(fitted, Transport::MultiTcp, "10gbit".parse().expect("link"))
+        .expect("model");
+    let a = run(&cost);
+    assert_eq!(a, run(&cost));
+    // A real model has downtime, and its migrations take far less than CloudSim's: the
+    // results differ from CloudSim's.
+    assert!(a.migration_downtime_s > 0.0, "{a:?}");
+    assert_ne!(a, cloudsim);
+}

@@ -98,7 +98,7 @@ pub(super) struct SpeedCsvRow<'a> {
     pub(super) day: &'a str,
     pub(super) policy: &'a str,
     pub(super) migration: &'a str,
-    /// Empty for CloudSim's model.
+    /// Empty for CloudSim's model; the link's speed for a fitted-model row.
     pub(super) gbit: Shown,
     pub(super) energy_kwh: Fixed<4>,
     pub(super) slatah: Fixed<7>,

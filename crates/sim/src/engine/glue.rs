@@ -32,6 +32,9 @@ impl<'a> Simulation<'a> {
                 &MigrationRequest {
                     ram_mb: max_ram,
                     target_bw: host.bw as u64,
+                    // The look-ahead is CloudSim's longest migration off the host: the largest
+                    // RAM, at full activity (the prune bound assumes the same).
+                    cpu_utilization: 1.0,
                 },
                 host.pe_mips,
             )

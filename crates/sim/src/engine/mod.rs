@@ -101,6 +101,8 @@ pub struct Simulation<'a> {
     last_process: f64,
     energy_j: f64,
     migrations: u64,
+    /// Sum of the migrations' downtime, s.
+    migration_downtime_s: f64,
     clamped: u64,
     ticks: u64,
     index: Option<PabfdIndex>,
@@ -280,6 +282,7 @@ impl<'a> Simulation<'a> {
             last_process: 0.0,
             energy_j: 0.0,
             migrations: 0,
+            migration_downtime_s: 0.0,
             clamped: 0,
             ticks: 0,
             index: None,
@@ -415,12 +418,24 @@ impl<'a> Simulation<'a> {
         self.last_process = t;
     }
 
+    /// A VM's CPU demand as a fraction of its MIPS, in [0, 1] (what an activity-aware cost
+    /// model turns into a dirty rate).
+    fn vm_activity(&self, v: VmId) -> f64 {
+        let vm = &self.vms[v.idx()];
+        if vm.mips > 0.0 {
+            (vm.requested / vm.mips).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+
     fn start_migration(&mut self, v: VmId, target: HostId, t: f64) {
         let source = self.vms[v.idx()].host;
         let cost = self.cost.cost(
             &MigrationRequest {
                 ram_mb: self.vms[v.idx()].ram_mb,
                 target_bw: self.hosts[target.idx()].bw as u64,
+                cpu_utilization: self.vm_activity(v),
             },
             self.hosts[target.idx()].pe_mips,
         );
@@ -449,6 +464,7 @@ impl<'a> Simulation<'a> {
             }
         }
         self.migrations += 1;
+        self.migration_downtime_s += cost.downtime_s;
         self.seq += 1;
         self.events.push(MigrationEvent {
             t: t + cost.duration_s,
@@ -550,6 +566,7 @@ impl<'a> Simulation<'a> {
             sla_overall: if req > 0.0 { (req - alloc) / req } else { 0.0 },
             vms_removed_idle: self.vms.iter().filter(|v| v.removed).count(),
             migration_model: self.cost.describe(),
+            migration_downtime_s: self.migration_downtime_s,
         }
     }
 }
