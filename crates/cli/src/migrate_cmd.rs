@@ -233,7 +233,7 @@ pub fn main(cmd: MigrateCommand) -> Result<()> {
             let mem_pages = client
                 .query_vm()
                 .ok()
-                .map(|v| v.mem_size / fastmig_vmm::PAGE_SIZE);
+                .map(|v| v.mem_size / fastmig_vmm::PAGE_SIZE as u64);
             let summary = migrate(&client, &args)?;
             if !args.json {
                 print_summary(&summary, mem_pages);
@@ -546,7 +546,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
         None
     };
     if !args.json {
-        print_summary(&summary, Some(args.mem / fastmig_vmm::PAGE_SIZE));
+        print_summary(&summary, Some(args.mem / fastmig_vmm::PAGE_SIZE as u64));
     }
     say!(
         args,

@@ -84,7 +84,7 @@ impl MigratableVm for KvmMigratable {
             .as_ref()
             .ok_or_else(|| VmError::msg("dirty log sync before start"))?;
         let bitmap = handle.fetch().map_err(vm_err("syncing the dirty log"))?;
-        let pages = (self.vm.config().mem_size / fastmig_vmm::PAGE_SIZE) as usize;
+        let pages = (self.vm.config().mem_size / fastmig_vmm::PAGE_SIZE as u64) as usize;
         Ok(DirtyBitmap::from_words(bitmap.words, pages))
     }
 

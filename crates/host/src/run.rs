@@ -330,11 +330,8 @@ fn prefill(vm: &Vm) -> Result<(), HostError> {
     let mut gpa = start;
     while gpa < cfg.mem_size {
         let len = CHUNK.min(cfg.mem_size - gpa) as usize;
-        for (i, page) in buf[..len]
-            .chunks_mut(fastmig_vmm::PAGE_SIZE as usize)
-            .enumerate()
-        {
-            let tag = (gpa / fastmig_vmm::PAGE_SIZE + i as u64) | 0x5a00_0000_0000_0000;
+        for (i, page) in buf[..len].chunks_mut(fastmig_vmm::PAGE_SIZE).enumerate() {
+            let tag = (gpa / fastmig_vmm::PAGE_SIZE as u64 + i as u64) | 0x5a00_0000_0000_0000;
             for word in page.chunks_exact_mut(8) {
                 word.copy_from_slice(&tag.to_le_bytes());
             }

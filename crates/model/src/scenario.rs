@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ModelError;
 
 /// Guest page size, bytes (the engine's unit of transfer and of the dirty log).
-pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: usize = 4096;
 
 /// The engine's transports, as the model distinguishes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -138,7 +138,7 @@ impl MigrationScenario {
     /// Checks every value is in range.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::BadScenario(m));
-        if self.mem_bytes < PAGE_SIZE {
+        if self.mem_bytes < PAGE_SIZE as u64 {
             return bad(format!(
                 "memory {} bytes is less than a page",
                 self.mem_bytes

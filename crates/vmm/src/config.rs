@@ -38,7 +38,7 @@ impl VmConfig {
                 max: MAX_VCPUS,
             });
         }
-        if !self.mem_size.is_multiple_of(PAGE_SIZE) {
+        if !self.mem_size.is_multiple_of(PAGE_SIZE as u64) {
             return Err(ConfigError::MemNotPageMultiple(self.mem_size));
         }
         if self.mem_size > MAX_MEM_SIZE {
@@ -56,7 +56,7 @@ impl VmConfig {
             });
         }
         let n = u64::from(self.vcpus);
-        let wss_pages = self.workload.wss / PAGE_SIZE;
+        let wss_pages = self.workload.wss / PAGE_SIZE as u64;
         if matches!(
             self.workload.kind,
             WorkloadKind::Dirty | WorkloadKind::Verify
@@ -156,7 +156,7 @@ mod tests {
             ConfigError::MemNotPageMultiple((16 << 20) + 1)
         );
         assert!(matches!(
-            err(cfg(MAX_MEM_SIZE + PAGE_SIZE, 1, "idle")),
+            err(cfg(MAX_MEM_SIZE + PAGE_SIZE as u64, 1, "idle")),
             ConfigError::MemTooLarge { .. }
         ));
         assert!(cfg(MAX_MEM_SIZE, 1, "idle").validate().is_ok());

@@ -87,7 +87,7 @@ impl DirtyLogSource {
     }
 
     fn pages(&self) -> u64 {
-        self.mem_size / PAGE_SIZE
+        self.mem_size / PAGE_SIZE as u64
     }
 
     /// Syncs KVM's bitmap into every live subscriber. Callers hold the subscriber lock.

@@ -152,8 +152,8 @@ pub fn slices(spec: &WorkloadSpec, mem_size: u64, vcpus: u8) -> Vec<Slice> {
     let n = u64::from(vcpus.max(1));
     let total_pages = match spec.kind {
         WorkloadKind::Idle => 0,
-        WorkloadKind::Fill => mem_size.saturating_sub(DATA_BASE) / PAGE_SIZE,
-        WorkloadKind::Dirty | WorkloadKind::Verify => spec.wss / PAGE_SIZE,
+        WorkloadKind::Fill => mem_size.saturating_sub(DATA_BASE) / PAGE_SIZE as u64,
+        WorkloadKind::Dirty | WorkloadKind::Verify => spec.wss / PAGE_SIZE as u64,
     };
     let per = total_pages / n;
     (0..n)
@@ -172,7 +172,7 @@ pub fn slices(spec: &WorkloadSpec, mem_size: u64, vcpus: u8) -> Vec<Slice> {
                 ((pages as f64 * spec.hot).round() as u64).clamp(1, pages.saturating_sub(1).max(1));
             let hot_threshold = (spec.hot_writes * 4_294_967_296.0).round() as u64;
             Slice {
-                base: DATA_BASE + c * per * PAGE_SIZE,
+                base: DATA_BASE + c * per * PAGE_SIZE as u64,
                 pages,
                 pattern: pattern.guest_code(),
                 hot_pages,
@@ -192,7 +192,9 @@ pub fn load(mut write: impl FnMut(u64, &[u8])) {
     // Accessed (0x20) and Dirty (0x40) are preset: otherwise the MMU sets them on first use,
     // which writes the page-table pages and shows up in the dirty log as guest writes.
     write(PML4_ADDR, &(PDPT_ADDR | 0x23).to_le_bytes());
-    let pdpt: Vec<u64> = (0..4).map(|i| (PD_ADDR + i * PAGE_SIZE) | 0x23).collect();
+    let pdpt: Vec<u64> = (0..4)
+        .map(|i| (PD_ADDR + i * PAGE_SIZE as u64) | 0x23)
+        .collect();
     write(PDPT_ADDR, &words(&pdpt));
     let pd: Vec<u64> = (0..4 * 512u64).map(|i| (i << 21) | 0xe3).collect();
     write(PD_ADDR, &words(&pd));
@@ -229,14 +231,14 @@ mod tests {
             .expect("spec");
         let s = slices(&spec, 1 << 20, 3);
         assert_eq!(s.iter().map(|x| x.pages).collect::<Vec<_>>(), vec![3, 3, 4]);
-        assert_eq!(s[1].base, DATA_BASE + 3 * PAGE_SIZE);
+        assert_eq!(s[1].base, DATA_BASE + 3 * PAGE_SIZE as u64);
         for slice in &s {
             for seq in 0..1000 {
                 assert!(slice.page_of(seq) < slice.pages);
             }
         }
         let fill = slices(&"fill".parse().expect("fill"), 1 << 20, 1);
-        assert_eq!(fill[0].pages, ((1 << 20) - DATA_BASE) / PAGE_SIZE);
+        assert_eq!(fill[0].pages, ((1 << 20) - DATA_BASE) / PAGE_SIZE as u64);
     }
 
     #[test]

@@ -50,4 +50,4 @@ pub use vm::Vm;
 pub use workload::{format_size, parse_size, Pattern, WorkloadKind, WorkloadSpec};
 
 /// Guest page size used by the dirty log and the workloads.
-pub const PAGE_SIZE: u64 = 4096;
+pub const PAGE_SIZE: usize = 4096;

@@ -128,7 +128,7 @@ impl GuestMemory {
     /// the copy into it, and paying it during the stop-and-copy phase would lengthen downtime.
     pub(crate) fn prefault(&self, threads: usize) -> Result<(), VmmError> {
         let threads = threads.max(1) as u64;
-        let pages = self.size / PAGE_SIZE;
+        let pages = self.size / PAGE_SIZE as u64;
         let per = pages.div_ceil(threads);
         let base = self.ptr as usize;
         let results: Vec<Result<(), VmmError>> = std::thread::scope(|s| {
@@ -140,8 +140,8 @@ impl GuestMemory {
                         if first == last {
                             return Ok(());
                         }
-                        let start = base + (first * PAGE_SIZE) as usize;
-                        let len = ((last - first) * PAGE_SIZE) as usize;
+                        let start = base + (first * PAGE_SIZE as u64) as usize;
+                        let len = ((last - first) * PAGE_SIZE as u64) as usize;
                         // SAFETY: [start, start+len) lies inside the mapping owned by `self`,
                         // which outlives this scoped thread; MADV_POPULATE_WRITE only
                         // allocates pages and leaves their contents as they are.
@@ -157,7 +157,7 @@ impl GuestMemory {
                         }
                         // Kernels before 5.14 lack MADV_POPULATE_WRITE: touch each page.
                         for p in 0..(last - first) {
-                            let addr = (start + (p * PAGE_SIZE) as usize) as *mut u8;
+                            let addr = (start + (p * PAGE_SIZE as u64) as usize) as *mut u8;
                             // SAFETY: `addr` is inside the mapping (see above); reading and
                             // writing back the same byte faults the page in for writing without
                             // changing its contents. Nothing runs the guest during prefault.
@@ -209,7 +209,7 @@ mod tests {
 
     /// Pages of `mem` that are resident, per mincore(2).
     fn resident_pages(mem: &GuestMemory) -> usize {
-        let pages = (mem.size() / PAGE_SIZE) as usize;
+        let pages = (mem.size() / PAGE_SIZE as u64) as usize;
         let mut vec = vec![0u8; pages];
         // SAFETY: the range is exactly our mapping and `vec` has one byte per page.
         let rc = unsafe {

@@ -65,10 +65,10 @@ pub(crate) fn check_slice(
     let last = last_writes(slice, written);
     report.writes_replayed += written;
     for (i, expect) in last.iter().enumerate() {
-        let gpa = slice.base + i as u64 * PAGE_SIZE;
+        let gpa = slice.base + i as u64 * PAGE_SIZE as u64;
         let stamp = read_stamp(gpa)?;
         let (seq, pfn) = split_stamp(&stamp);
-        let own_pfn = gpa / PAGE_SIZE;
+        let own_pfn = gpa / PAGE_SIZE as u64;
         let ok = match expect {
             Some(s) => seq == *s && pfn == own_pfn,
             None if half_written == Some(i as u64) => seq == 0 && (pfn == 0 || pfn == own_pfn),
@@ -150,13 +150,14 @@ mod tests {
         }
 
         fn gpa(&self, seq: u64) -> u64 {
-            self.slice.base + self.slice.page_of(seq) * PAGE_SIZE
+            self.slice.base + self.slice.page_of(seq) * PAGE_SIZE as u64
         }
 
         fn run(&mut self, writes: u64) {
             for _ in 0..writes {
                 let gpa = self.gpa(self.rbx);
-                self.mem.insert(gpa, stamp(self.rbx, gpa / PAGE_SIZE));
+                self.mem
+                    .insert(gpa, stamp(self.rbx, gpa / PAGE_SIZE as u64));
                 self.rbx += 1;
             }
         }
@@ -174,7 +175,7 @@ mod tests {
                 |gpa| {
                     assert!(
                         gpa >= self.slice.base
-                            && gpa < self.slice.base + self.slice.pages * PAGE_SIZE,
+                            && gpa < self.slice.base + self.slice.pages * PAGE_SIZE as u64,
                         "read outside the slice: {gpa:#x}"
                     );
                     Ok(self.mem.get(&gpa).copied().unwrap_or_default())
@@ -229,7 +230,7 @@ mod tests {
             let seq = g.rbx - 1;
             let gpa = g.gpa(seq);
             let previous = (0..seq).rev().find(|&s| g.gpa(s) == gpa);
-            let old = previous.map_or([0; 16], |s| stamp(s, gpa / PAGE_SIZE));
+            let old = previous.map_or([0; 16], |s| stamp(s, gpa / PAGE_SIZE as u64));
             g.mem.insert(gpa, old);
             only_error_names(&g.check(), gpa);
         }
@@ -241,9 +242,9 @@ mod tests {
         g.run(100);
         // 16 pages written in order: page 2 was last written by seq 98 (2 + 6 * 16); an older
         // image of it holds seq 82.
-        let gpa = g.slice.base + 2 * PAGE_SIZE;
-        assert_eq!(g.mem[&gpa], stamp(98, gpa / PAGE_SIZE));
-        g.mem.insert(gpa, stamp(82, gpa / PAGE_SIZE));
+        let gpa = g.slice.base + 2 * PAGE_SIZE as u64;
+        assert_eq!(g.mem[&gpa], stamp(98, gpa / PAGE_SIZE as u64));
+        g.mem.insert(gpa, stamp(82, gpa / PAGE_SIZE as u64));
         let r = g.check();
         only_error_names(&r, gpa);
         assert!(
@@ -257,7 +258,7 @@ mod tests {
             r.first_errors
         );
         // A stamp from the future (the next write to page 2) is wrong too.
-        g.mem.insert(gpa, stamp(114, gpa / PAGE_SIZE));
+        g.mem.insert(gpa, stamp(114, gpa / PAGE_SIZE as u64));
         only_error_names(&g.check(), gpa);
     }
 
@@ -268,7 +269,7 @@ mod tests {
         g.run(100);
         other.run(100);
         let gpa = (0..g.slice.pages)
-            .map(|p| g.slice.base + p * PAGE_SIZE)
+            .map(|p| g.slice.base + p * PAGE_SIZE as u64)
             .find(|gpa| g.mem.get(gpa) != other.mem.get(gpa))
             .expect("two seeds leave some page different");
         match other.mem.get(&gpa) {
@@ -283,13 +284,13 @@ mod tests {
         let mut g = Guest::new("verify:wss=64K,pattern=seq", 1, 0);
         g.run(10);
         // Right sequence number, wrong frame number.
-        let gpa = g.slice.base + 5 * PAGE_SIZE;
+        let gpa = g.slice.base + 5 * PAGE_SIZE as u64;
         g.mem.insert(gpa, stamp(5, 7));
         only_error_names(&g.check(), gpa);
-        g.mem.insert(gpa, stamp(5, gpa / PAGE_SIZE));
+        g.mem.insert(gpa, stamp(5, gpa / PAGE_SIZE as u64));
         // A page the guest never wrote: any seq or any pfn is an error.
-        let never = g.slice.base + 12 * PAGE_SIZE;
-        g.mem.insert(never, stamp(0, never / PAGE_SIZE));
+        let never = g.slice.base + 12 * PAGE_SIZE as u64;
+        g.mem.insert(never, stamp(0, never / PAGE_SIZE as u64));
         only_error_names(&g.check(), never);
         g.mem.insert(never, stamp(3, 0));
         only_error_names(&g.check(), never);
@@ -304,7 +305,7 @@ mod tests {
         let gpa = g.gpa(g.rbx);
         assert_eq!(g.check_at(guest::SEQ_STORE_OFFSET).errors, 0);
         // Or pfn only.
-        g.mem.insert(gpa, stamp(0, gpa / PAGE_SIZE));
+        g.mem.insert(gpa, stamp(0, gpa / PAGE_SIZE as u64));
         assert_eq!(g.check_at(guest::SEQ_STORE_OFFSET).errors, 0);
         // Elsewhere the same memory is an error: that page should be all zero.
         only_error_names(&g.check(), gpa);
@@ -313,8 +314,8 @@ mod tests {
         only_error_names(&g.check_at(guest::SEQ_STORE_OFFSET), gpa);
         // Only the page of `rbx` may be half written.
         g.mem.insert(gpa, [0; 16]);
-        let other = g.slice.base + 11 * PAGE_SIZE;
-        g.mem.insert(other, stamp(0, other / PAGE_SIZE));
+        let other = g.slice.base + 11 * PAGE_SIZE as u64;
+        g.mem.insert(other, stamp(0, other / PAGE_SIZE as u64));
         only_error_names(&g.check_at(guest::SEQ_STORE_OFFSET), other);
     }
 
@@ -336,7 +337,8 @@ mod tests {
         let mut g = Guest::new("verify:wss=64K,pattern=seq", 1, 0);
         g.run(16);
         for p in 0..12 {
-            g.mem.insert(g.slice.base + p * PAGE_SIZE, stamp(999, 0));
+            g.mem
+                .insert(g.slice.base + p * PAGE_SIZE as u64, stamp(999, 0));
         }
         let mut report = g.check();
         assert_eq!(report.errors, 12);

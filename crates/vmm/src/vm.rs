@@ -202,7 +202,7 @@ impl Vm {
         if self.cfg().workload.kind == WorkloadKind::Fill {
             // `fill` promises every page non-zero: mark the low pages the loader left empty.
             for page in [0, 0x9000, 0xa000, 0xb000, 0xc000, 0xd000, 0xe000, 0xf000] {
-                self.mem.write(page, &[0xa5; PAGE_SIZE as usize])?;
+                self.mem.write(page, &[0xa5; PAGE_SIZE])?;
             }
         }
         let layout = self.layout();

@@ -225,7 +225,7 @@ impl FromStr for WorkloadSpec {
             }
         }
         if spec.has_working_set() {
-            if spec.wss == 0 || !spec.wss.is_multiple_of(PAGE_SIZE) {
+            if spec.wss == 0 || !spec.wss.is_multiple_of(PAGE_SIZE as u64) {
                 return Err(bad(SpecError::WssNotPages { spec: spec_text() }));
             }
             if spec.hot <= 0.0 || spec.hot >= 1.0 {
@@ -341,7 +341,7 @@ mod tests {
             let spec = WorkloadSpec {
                 kind,
                 rate: next() % 100_000,
-                wss: (next() % 100_000 + 1) * PAGE_SIZE,
+                wss: (next() % 100_000 + 1) * PAGE_SIZE as u64,
                 pattern: [Pattern::Seq, Pattern::Random, Pattern::HotCold][(next() % 3) as usize],
                 hot: (next() % 999 + 1) as f64 / 1000.0,
                 hot_writes: (next() % 1001) as f64 / 1000.0,

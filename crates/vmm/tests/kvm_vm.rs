@@ -70,14 +70,14 @@ fn every_workload_runs_and_its_progress_grows() {
 #[test]
 fn fill_writes_every_page_then_idles() {
     let vm = started(config(8, 2, "fill"));
-    let data_pages = ((8 << 20) - fastmig_vmm::guest::DATA_BASE) / PAGE_SIZE;
+    let data_pages = ((8 << 20) - fastmig_vmm::guest::DATA_BASE) / PAGE_SIZE as u64;
     wait_for("fill to finish and heartbeats to start", || {
         let s = vm.status();
         s.pages_written == data_pages && s.heartbeats > 3
     });
     vm.pause().expect("pause");
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    for gpa in (0..8u64 << 20).step_by(PAGE_SIZE as usize) {
+    let mut page = vec![0u8; PAGE_SIZE];
+    for gpa in (0..8u64 << 20).step_by(PAGE_SIZE) {
         vm.read_memory(gpa, &mut page).expect("read");
         assert!(page.iter().any(|&b| b != 0), "page {gpa:#x} is all zero");
     }
@@ -106,7 +106,7 @@ fn dirty_rate_measured_by_the_dirty_log_is_near_the_target() {
         "dirty log saw {measured:.0} pages/s, target {target}"
     );
     // Every dirty page lies in the working set.
-    let first = fastmig_vmm::guest::DATA_BASE / PAGE_SIZE;
+    let first = fastmig_vmm::guest::DATA_BASE / PAGE_SIZE as u64;
     assert!(bitmap.iter_set().all(|p| p >= first && p < first + 4096));
     wait_for("the monitor's rate to settle", || {
         (vm.status().dirty_rate_pps - target).abs() < 0.2 * target
@@ -292,13 +292,13 @@ fn verify_catches_a_lost_and_a_misplaced_write() {
     let base = fastmig_vmm::guest::DATA_BASE;
     // A lost write: page 3 goes back to an older sequence number.
     let mut stamp = [0u8; 16];
-    vm.read_memory(base + 3 * PAGE_SIZE, &mut stamp)
+    vm.read_memory(base + 3 * PAGE_SIZE as u64, &mut stamp)
         .expect("read");
     let seq = u64::from_le_bytes(stamp[..8].try_into().expect("8 bytes"));
-    vm.write_memory(base + 3 * PAGE_SIZE, &(seq - 1024).to_le_bytes())
+    vm.write_memory(base + 3 * PAGE_SIZE as u64, &(seq - 1024).to_le_bytes())
         .expect("write");
     // A misplaced write: page 5's frame number points elsewhere.
-    vm.write_memory(base + 5 * PAGE_SIZE + 8, &7u64.to_le_bytes())
+    vm.write_memory(base + 5 * PAGE_SIZE as u64 + 8, &7u64.to_le_bytes())
         .expect("write");
     let report = vm.verify_memory().expect("verify");
     assert_eq!(report.errors, 2, "{:?}", report.first_errors);
@@ -427,7 +427,7 @@ fn verify_names_the_one_tampered_page() {
     assert_eq!(vm.verify_memory().expect("verify").errors, 0);
 
     // A stale stamp: the page holds an older sequence number (same frame number).
-    let gpa = base + 17 * PAGE_SIZE;
+    let gpa = base + 17 * PAGE_SIZE as u64;
     let good = read_stamp(&vm, gpa);
     let seq = u64::from_le_bytes(good[..8].try_into().expect("8 bytes"));
     assert!(seq > 0, "page 17 was written");
@@ -437,7 +437,7 @@ fn verify_names_the_one_tampered_page() {
     vm.write_memory(gpa, &good).expect("restore");
 
     // A lost write: the page is zero again, as if the destination never received it.
-    let gpa = base + 100 * PAGE_SIZE;
+    let gpa = base + 100 * PAGE_SIZE as u64;
     let good = read_stamp(&vm, gpa);
     vm.write_memory(gpa, &[0u8; 16]).expect("write");
     expect_only(&vm, gpa, "lost write");
@@ -445,7 +445,7 @@ fn verify_names_the_one_tampered_page() {
 
     // A page from the wrong guest: same frame number, the other seed's sequence number.
     let gpa = (0..256)
-        .map(|p| base + p * PAGE_SIZE)
+        .map(|p| base + p * PAGE_SIZE as u64)
         .find(|&gpa| read_stamp(&vm, gpa) != read_stamp(&other, gpa))
         .expect("two seeds leave some page different");
     let good = read_stamp(&vm, gpa);
@@ -550,7 +550,7 @@ fn another_process_sees_guest_writes_through_the_memfd() {
     wait_for("a few writes", || vm.status().pages_written > 10);
     vm.pause().expect("pause");
     let region = vm.memory_regions()[0];
-    let page = fastmig_vmm::guest::DATA_BASE / PAGE_SIZE + 3;
+    let page = fastmig_vmm::guest::DATA_BASE / PAGE_SIZE as u64 + 3;
     // `dd` opens the memfd through /proc, i.e. an independent open of the same pages.
     let out = std::process::Command::new("dd")
         .arg(format!("if=/proc/{}/fd/{}", std::process::id(), region.fd))
@@ -563,8 +563,9 @@ fn another_process_sees_guest_writes_through_the_memfd() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut ours = vec![0u8; PAGE_SIZE as usize];
-    vm.read_memory(page * PAGE_SIZE, &mut ours).expect("read");
+    let mut ours = vec![0u8; PAGE_SIZE];
+    vm.read_memory(page * PAGE_SIZE as u64, &mut ours)
+        .expect("read");
     assert_eq!(out.stdout, ours);
     assert_eq!(
         u64::from_le_bytes(out.stdout[8..16].try_into().expect("8 bytes")),
