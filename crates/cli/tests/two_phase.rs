@@ -13,6 +13,7 @@
 //! | `Commit` swallowed, destination alive            | paused, in doubt  | times out, exits |
 //! | `migrate-cancel` while `Ready` travels           | resumes, intact   | gets `Failed`    |
 //! | source host killed once `Ready` was written      | (dead)            | EOF, never runs  |
+//! | stopped (SIGSTOP) once it wrote `Ready`, continued later | paused, in doubt within its timeout + 1 s | resumes on `Commit`: the VM runs here only |
 //!
 //! These tests start KVM guests and fail (never skip) without /dev/kvm.
 
@@ -329,5 +330,62 @@ fn source_killed_after_ready_never_resumes_the_destination() {
     );
     let out = client.finish(PATIENCE);
     assert_ne!(out.code, Some(0), "{out:?}");
+    drop(proxy);
+}
+
+/// The destination is stopped (SIGSTOP) the moment it has written `Ready`, which still
+/// reaches the source. The source commits, hears no `Resumed`, and reports the migration in
+/// doubt within its `--timeout` plus one second, keeping the VM paused (it never blocks on
+/// the stopped peer). Continued, the destination reads the `Commit` waiting in its socket
+/// and resumes: the one case where the VM ends on the destination after a failure report,
+/// and still on exactly one side.
+#[test]
+fn destination_stopped_after_ready_ends_in_doubt_then_runs_only_on_the_destination() {
+    require_kvm();
+    let wd = workdir();
+    let src = source(wd.path());
+    let (dst, port) = destination(wd.path());
+    let pid = dst.pid();
+    let stopped_at = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
+    let at = stopped_at.clone();
+    let rule: FrameRule = Arc::new(move |d, f| {
+        if d == Dir::ToSource && f.kind() == ready_kind() {
+            let mut at = at.lock().expect("lock");
+            if at.is_none() {
+                assert_eq!(send_signal(pid, 19), 0, "SIGSTOP the destination");
+                *at = Some(std::time::Instant::now());
+            }
+        }
+        Verdict::Forward
+    });
+    let proxy = FrameProxy::start(port, rule);
+    let timeout = Duration::from_secs(2);
+    let out = migrate(
+        wd.path(),
+        &src,
+        &format!("127.0.0.1:{}", proxy.port),
+        &["--transport", "classic", "--timeout", "2s"],
+    );
+    let stopped = stopped_at
+        .lock()
+        .expect("lock")
+        .expect("the destination was never stopped: no Ready seen");
+    let took = stopped.elapsed();
+    assert!(
+        took <= timeout + Duration::from_secs(1),
+        "the source reported {took:?} after the destination stopped (timeout {timeout:?})"
+    );
+    assert_in_doubt(&out, &src);
+    // Continued: the destination finds `Commit` in its socket and runs the VM.
+    assert_eq!(send_signal(pid, 18), 0, "SIGCONT the destination");
+    let st = dst.wait_status("running", PATIENCE);
+    assert_eq!(st["status"], "running", "{st}");
+    dst.wait_progress_above(st["progress"].as_u64().expect("progress"));
+    dst.assert_memory_intact();
+    // And the source never runs it: still paused, no progress.
+    let p = src.progress();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(src.progress(), p, "the VM runs on the source too");
+    assert_eq!(src.status()["status"], "paused");
     drop(proxy);
 }

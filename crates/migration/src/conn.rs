@@ -317,10 +317,17 @@ mod tests {
         h.join().expect("listener thread");
         // Refused until the deadline: the error is the refusal, not a hang.
         let t0 = std::time::Instant::now();
-        let e = Conn::connect_retrying(&"127.0.0.1:1".parse().expect("ep"), Duration::from_millis(300))
-            .expect_err("nobody listens on port 1");
+        let e = Conn::connect_retrying(
+            &"127.0.0.1:1".parse().expect("ep"),
+            Duration::from_millis(300),
+        )
+        .expect_err("nobody listens on port 1");
         assert!(matches!(e, MigrationError::Connect { .. }), "{e:?}");
-        assert!(t0.elapsed() >= Duration::from_millis(200), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t0.elapsed()
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -15,7 +15,7 @@ use crate::error::SimError;
 
 /// What a cost model knows about one migration.
 #[derive(Debug, Clone, Copy)]
-pub struct MigrationRequest {
+pub struct MigrationCostQuery {
     /// VM RAM in MB.
     pub ram_mb: u32,
     /// Bandwidth of the target host in CloudSim units (1,000,000 = 1 Gbit/s).
@@ -47,7 +47,7 @@ pub trait MigrationCostModel: Send + Sync {
     fn describe(&self) -> String;
     /// Cost of migrating a VM; `pe_mips` is the PE size of the hosts, to turn CPU seconds into
     /// MIPS.
-    fn cost(&self, req: &MigrationRequest, pe_mips: f64) -> MigrationCost;
+    fn cost(&self, req: &MigrationCostQuery, pe_mips: f64) -> MigrationCost;
 }
 
 /// CloudSim 3.0.3: `duration = RAM / (bw / 2 / 8000)`, no CPU overhead.
@@ -58,7 +58,7 @@ impl MigrationCostModel for CloudSimCost {
     fn describe(&self) -> String {
         "cloudsim (RAM / half of 1 Gbit/s)".into()
     }
-    fn cost(&self, req: &MigrationRequest, _pe_mips: f64) -> MigrationCost {
+    fn cost(&self, req: &MigrationCostQuery, _pe_mips: f64) -> MigrationCost {
         MigrationCost {
             duration_s: f64::from(req.ram_mb) / (req.target_bw as f64 / (2.0 * 8000.0)),
             source_overhead_mips: 0.0,
@@ -145,7 +145,7 @@ impl MigrationCostModel for MigrationProfile {
             self.target_cpu_s_per_gib
         )
     }
-    fn cost(&self, req: &MigrationRequest, pe_mips: f64) -> MigrationCost {
+    fn cost(&self, req: &MigrationCostQuery, pe_mips: f64) -> MigrationCost {
         let gib = f64::from(req.ram_mb) / 1024.0;
         let megabits = f64::from(req.ram_mb) * 8.0 * (1.0 + self.dirty_traffic_fraction);
         let transfer = megabits / (self.bandwidth_gbit * 1000.0);
@@ -175,7 +175,7 @@ mod tests {
     fn cloudsim_formula_matches_its_comment() {
         // 870 MB / (1e6 / 16000) = 870 / 62.5 = 13.92 s.
         let c = CloudSimCost.cost(
-            &MigrationRequest {
+            &MigrationCostQuery {
                 ram_mb: 870,
                 target_bw: 1_000_000,
                 cpu_utilization: 0.5,
@@ -197,7 +197,7 @@ mod tests {
         };
         // 1024 MB * 8 * 1.25 = 10240 Mbit at 10 Gbit/s = 1.024 s, + 0.5 s setup = 1.524 s.
         let c = p.cost(
-            &MigrationRequest {
+            &MigrationCostQuery {
                 ram_mb: 1024,
                 target_bw: 1_000_000,
                 cpu_utilization: 0.5,

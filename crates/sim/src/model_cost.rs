@@ -2,7 +2,7 @@
 //! `fastmig-model` (pure arithmetic: no sockets, no engine).
 //!
 //! ```text
-//!  MigrationRequest (RAM, target bw, CPU utilisation)
+//!  MigrationCostQuery (RAM, target bw, CPU utilisation)
 //!     ──► MigrationScenario (memory, dirty rate, working set, link, transport)
 //!     ──predict──► Prediction ──► MigrationCost (duration, downtime, CPU as MIPS)
 //! ```
@@ -37,7 +37,7 @@ use std::str::FromStr;
 
 use fastmig_model::{predict, MigrationScenario, Model, OnNoConverge, Pattern, Transport};
 
-use crate::cost::{MigrationCost, MigrationCostModel, MigrationRequest};
+use crate::cost::{MigrationCost, MigrationCostModel, MigrationCostQuery};
 use crate::error::SimError;
 
 /// Page writes per second of a VM at 100 % CPU (see the module doc for the rule and why).
@@ -143,7 +143,7 @@ impl ModelCost {
     }
 
     /// The scenario the model predicts for one request.
-    pub fn scenario(&self, req: &MigrationRequest) -> MigrationScenario {
+    pub fn scenario(&self, req: &MigrationCostQuery) -> MigrationScenario {
         let mem_bytes = u64::from(req.ram_mb) * BYTES_PER_MB;
         let mut s = MigrationScenario::new(mem_bytes, self.transport);
         let util = if req.cpu_utilization.is_finite() {
@@ -178,7 +178,7 @@ impl MigrationCostModel for ModelCost {
 
     /// A request the model refuses (no RAM, or a target without bandwidth) never completes,
     /// as CloudSim's formula gives an infinite time for a zero bandwidth.
-    fn cost(&self, req: &MigrationRequest, pe_mips: f64) -> MigrationCost {
+    fn cost(&self, req: &MigrationCostQuery, pe_mips: f64) -> MigrationCost {
         let Ok(p) = predict(&self.model, &self.scenario(req)) else {
             return MigrationCost {
                 duration_s: f64::INFINITY,
@@ -223,8 +223,8 @@ mod tests {
     use crate::setup::reference_vm_types;
     use fastmig_model::TransportParams;
 
-    fn req(ram_mb: u32, target_bw: u64, cpu_utilization: f64) -> MigrationRequest {
-        MigrationRequest {
+    fn req(ram_mb: u32, target_bw: u64, cpu_utilization: f64) -> MigrationCostQuery {
+        MigrationCostQuery {
             ram_mb,
             target_bw,
             cpu_utilization,

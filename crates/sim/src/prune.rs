@@ -13,7 +13,7 @@
 //! cannot be bounded this way (short history, IQR/MAD detectors, an LR look-ahead that depends
 //! on the VM) get key `-inf` and are always checked exactly, so results never change.
 
-use crate::cost::{MigrationCostModel, MigrationRequest};
+use crate::cost::{MigrationCostModel, MigrationCostQuery};
 use crate::policy::LR_HISTORY;
 use crate::setup::HostType;
 use crate::spec::{DetectorKind, PolicySpec};
@@ -73,7 +73,7 @@ impl OverloadPrune {
                     let intervals = |ram_mb: u32| {
                         let d = cost
                             .cost(
-                                &MigrationRequest {
+                                &MigrationCostQuery {
                                     ram_mb,
                                     target_bw: t.bw as i64 as u64,
                                     // As the detector's look-ahead asks (engine/glue.rs).

@@ -4,7 +4,7 @@
 
 use super::model::{add_history, VM_HISTORY};
 use super::Simulation;
-use crate::cost::MigrationRequest;
+use crate::cost::MigrationCostQuery;
 use crate::ids::{HostId, VmId};
 use crate::policy::{HostView, Pabfd, PlacementContext, PlacementVm, VmPlacement, VmView};
 
@@ -29,7 +29,7 @@ impl<'a> Simulation<'a> {
         let mig = self
             .cost
             .cost(
-                &MigrationRequest {
+                &MigrationCostQuery {
                     ram_mb: max_ram,
                     target_bw: host.bw as u64,
                     // The look-ahead is CloudSim's longest migration off the host: the largest

@@ -35,7 +35,7 @@ use glue::Ctx;
 pub use model::VM_HISTORY;
 use model::{finalize_host_entry, release_overhead, History, Host, MigrationEvent, Vm};
 
-use crate::cost::{MigrationCostModel, MigrationRequest};
+use crate::cost::{MigrationCostModel, MigrationCostQuery};
 use crate::error::SimError;
 use crate::ids::{HostId, VmId};
 use crate::index::{HostTypeTables, PabfdIndex};
@@ -432,7 +432,7 @@ impl<'a> Simulation<'a> {
     fn start_migration(&mut self, v: VmId, target: HostId, t: f64) {
         let source = self.vms[v.idx()].host;
         let cost = self.cost.cost(
-            &MigrationRequest {
+            &MigrationCostQuery {
                 ram_mb: self.vms[v.idx()].ram_mb,
                 target_bw: self.hosts[target.idx()].bw as u64,
                 cpu_utilization: self.vm_activity(v),
