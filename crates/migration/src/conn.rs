@@ -7,6 +7,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
 use crate::error::MigrationError;
 use crate::sockpath::SocketPath;
 
@@ -231,37 +233,25 @@ impl Listener {
 
     /// Accepts one connection, waiting at most `timeout` (`None`: forever).
     pub fn accept(&self, timeout: Option<Duration>) -> Result<Conn, MigrationError> {
-        let fd = match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
-        };
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let wait_ms = match deadline {
+            let wait = match deadline {
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(MigrationError::Timeout { phase: "accept" });
                     }
-                    left.as_millis().clamp(1, 1000) as i32
+                    left.clamp(Duration::from_millis(1), Duration::from_secs(1))
                 }
-                None => 1000,
+                None => Duration::from_secs(1),
             };
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one valid pollfd on our stack and we pass a count of 1.
-            let rc = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
-            if rc > 0 {
-                break;
-            }
-            if rc < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(self.listen_error(e));
-                }
+            let fd = self.as_fd();
+            let mut pfd = [PollFd::new(&fd, PollFlags::IN)];
+            let timeout = Timespec::try_from(wait).ok();
+            match poll(&mut pfd, timeout.as_ref()) {
+                Ok(n) if n > 0 => break,
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(self.listen_error(e.into())),
             }
         }
         let r = match self {
