@@ -158,6 +158,47 @@ fn a_hello_larger_than_max_mem_is_refused_before_any_allocation() {
     assert_destination_never_resumed(&mut dst);
 }
 
+/// A `Hello` whose region is not a whole number of pages is refused with the cause, not just
+/// "building the destination VM".
+#[test]
+fn an_unaligned_region_is_refused_with_its_cause() {
+    require_kvm();
+    let dir = workdir();
+    let to = tcp_listen();
+    let mut dst = Proc::incoming_with(dir.path(), "dst", &to, &[]);
+    let mut s = TcpStream::connect(&to).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        layout: VmLayout {
+            regions: vec![RegionLayout {
+                gpa: 0,
+                size: (16 << 20) + 100,
+            }],
+            vcpus: 1,
+            features: u64::from(fastmig_vmm::STATE_VERSION),
+        },
+        transport: fastmig_migration::TransportKind::Classic,
+        session: 1,
+    };
+    s.write_all(&encode(&Message::Hello(hello))).expect("hello");
+    match read_message(&mut s).expect("a refusal") {
+        Message::HelloReply(r) => {
+            assert!(!r.accepted, "{r:?}");
+            let reason = r.reason.unwrap_or_default();
+            // The outer step and the cause beneath it: the size is not page-aligned.
+            assert!(reason.contains("building the destination VM"), "{reason}");
+            assert!(
+                reason.contains("16777316") || reason.to_lowercase().contains("multiple"),
+                "the refusal does not say what is wrong with the size: {reason}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_destination_never_resumed(&mut dst);
+}
+
 /// When to stop a peer.
 #[derive(Clone, Copy, Debug)]
 enum At {
