@@ -1,7 +1,8 @@
 //! The destination's handshake and session on arbitrary bytes from one peer over loopback:
-//! `receive` must refuse (or, for a well-formed session, finish) without panicking, and give
-//! up at its deadlines: a first frame that is not a `Hello` is a stray connection, refused
-//! while it keeps waiting until its accept deadline.
+//! the destination must refuse (or, for a well-formed session, finish) without panicking, and
+//! give up at its deadlines. It runs on the accepted connection (`receive_accepted`): the
+//! accept loop in front of it, which turns away connections without a `Hello`, would make
+//! every malformed input wait for the accept deadline.
 #![no_main]
 
 use std::io::Write;
@@ -9,7 +10,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use fastmig_migration::test_utils::SoftVm;
-use fastmig_migration::{receive, Conn, Endpoint, IncomingVm, Listener, ReceiveOptions};
+use fastmig_migration::test_utils::receive_accepted;
+use fastmig_migration::{Conn, Endpoint, IncomingVm, Listener, ReceiveOptions};
 use libfuzzer_sys::fuzz_target;
 
 struct Fixture {
@@ -43,6 +45,9 @@ fuzz_target!(|data: &[u8]| {
     if let Conn::Tcp(s) = &peer {
         let _ = s.shutdown(std::net::Shutdown::Write);
     }
-    let _ = receive(&f.listener, &opts, IncomingVm::Only(&f.vm));
+    let Ok(conn) = f.listener.accept(Some(Duration::from_secs(1))) else {
+        return;
+    };
+    let _ = receive_accepted(conn, &f.listener, &opts, IncomingVm::Only(&f.vm));
     drop(peer);
 });

@@ -268,6 +268,43 @@ pub fn receive<V: MigratableVm>(
     .map_err(|e| fail_incoming(&mut control, transport.as_mut(), e))
 }
 
+/// [`receive`] on a connection already accepted, whose first frame must be the `Hello`
+/// (no accept loop: a first frame that is not a `Hello` fails at once). For the fuzzer and
+/// tests that drive one connection; feature `test-utils`.
+#[cfg(any(test, feature = "test-utils"))]
+pub fn receive_accepted<V: MigratableVm>(
+    mut control: Conn,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    vm: IncomingVm<'_, V>,
+) -> Result<(V, ReceiveSummary), MigrationError> {
+    let t0 = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let hello = match crate::deadline::read_message_within(&mut control, opts.io_timeout)
+        .map_err(|e| wire("handshake", e))?
+    {
+        Message::Hello(h) => h,
+        other => {
+            return Err(MigrationError::Unexpected {
+                phase: "handshake",
+                got: other.name().into(),
+            })
+        }
+    };
+    let mut transport: Option<Box<dyn DestTransport>> = None;
+    run(
+        &mut control,
+        hello,
+        listener,
+        opts,
+        vm,
+        &mut transport,
+        t0,
+        cpu0,
+    )
+    .map_err(|e| fail_incoming(&mut control, transport.as_mut(), e))
+}
+
 /// Chooses (or builds) the VM for the source's `Hello`, refusing the source with a reason
 /// when it cannot, and accepts it. A transport that adopts memory is accepted first (the
 /// memory comes after the reply) and its VM is built on that memory.

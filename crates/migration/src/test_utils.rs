@@ -19,6 +19,8 @@ use crate::vm::{
     DirtyBitmap, MemoryRegion, MigratableVm, RegionLayout, VmError, VmLayout, PAGE_SIZE,
 };
 
+pub use crate::receive::receive_accepted;
+
 /// Which pages the scripted guest writes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum WritePattern {
