@@ -254,18 +254,7 @@ pub fn receive<V: MigratableVm>(
     let (mut control, t0, hello) = accept_source(listener, opts.accept_timeout, opts.io_timeout)?;
     // Setup is timed from the source's arrival (`t0`), not from when we started waiting.
     let cpu0 = thread_cpu_time();
-    let mut transport: Option<Box<dyn DestTransport>> = None;
-    run(
-        &mut control,
-        hello,
-        listener,
-        opts,
-        vm,
-        &mut transport,
-        t0,
-        cpu0,
-    )
-    .map_err(|e| fail_incoming(&mut control, transport.as_mut(), e))
+    run_then_report(&mut control, hello, listener, opts, vm, (t0, cpu0))
 }
 
 /// [`receive`] on a connection already accepted, whose first frame must be the `Hello`
@@ -291,18 +280,23 @@ pub fn receive_accepted<V: MigratableVm>(
             })
         }
     };
+    run_then_report(&mut control, hello, listener, opts, vm, (t0, cpu0))
+}
+
+/// The session after the `Hello` ([`run`]); on failure the transport is stopped and the
+/// source told why ([`fail_incoming`]). `start` is when the source arrived and the thread's
+/// CPU time then.
+fn run_then_report<V: MigratableVm>(
+    control: &mut Conn,
+    hello: Hello,
+    listener: &Listener,
+    opts: &ReceiveOptions,
+    vm: IncomingVm<'_, V>,
+    (t0, cpu0): (Instant, f64),
+) -> Result<(V, ReceiveSummary), MigrationError> {
     let mut transport: Option<Box<dyn DestTransport>> = None;
-    run(
-        &mut control,
-        hello,
-        listener,
-        opts,
-        vm,
-        &mut transport,
-        t0,
-        cpu0,
-    )
-    .map_err(|e| fail_incoming(&mut control, transport.as_mut(), e))
+    run(control, hello, listener, opts, vm, &mut transport, t0, cpu0)
+        .map_err(|e| fail_incoming(control, transport.as_mut(), e))
 }
 
 /// Chooses (or builds) the VM for the source's `Hello`, refusing the source with a reason
