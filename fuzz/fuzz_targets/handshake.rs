@@ -9,8 +9,8 @@ use std::io::Write;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use fastmig_migration::test_utils::SoftVm;
 use fastmig_migration::test_utils::receive_accepted;
+use fastmig_migration::test_utils::SoftVm;
 use fastmig_migration::{Conn, Endpoint, IncomingVm, Listener, ReceiveOptions};
 use libfuzzer_sys::fuzz_target;
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use fastmig_migration::protocol::decode;
 use fastmig_migration::test_utils::SoftVm;
 use fastmig_migration::{
-    migrate, receive, Endpoint, Listener, MigrateOptions, ReceiveOptions, TransportKind,
+    migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, ReceiveOptions, TransportKind,
 };
 
 /// Relays every connection to `target`, recording the first connection's client bytes.
@@ -63,7 +63,8 @@ fn session(transport: TransportKind) -> Vec<u8> {
     let dst = SoftVm::new_incoming(256 << 10).expect("destination");
     let ropts = ReceiveOptions::default();
     std::thread::scope(|s| {
-        let incoming = s.spawn(|| receive(&dst, &listener, &ropts));
+        let incoming =
+            s.spawn(|| receive(&listener, &ropts, IncomingVm::Only(&dst)).map(|(_, s)| s));
         let opts = MigrateOptions {
             transport,
             ..MigrateOptions::default()
