@@ -541,46 +541,40 @@ fn failed_row(p: &Point, e: &anyhow::Error) -> SweepRow {
     }
 }
 
-/// Copies the fields of `migrate --json`'s summary into the row.
-fn fill_summary(row: &mut SweepRow, s: &Value) -> Result<()> {
-    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
-    let u = |k: &str| s[k].as_u64().unwrap_or(0);
-    // The control API reports a forced stop-and-copy as `completed` with `forced: true`.
-    let forced = s["forced"].as_bool().unwrap_or(false);
-    row.status = match s["status"].as_str() {
-        Some("completed") if forced => RunStatus::CompletedForced,
-        Some("completed") => RunStatus::Completed,
-        Some("completed-forced") => RunStatus::CompletedForced,
-        _ => {
-            row.error = s["error"].as_str().unwrap_or("no summary").to_string();
-            return Ok(());
-        }
+/// Copies `migrate --json`'s line into the row: a failure (`status` other than `completed`,
+/// with its `error`), or the typed summary plus `forced` (a forced stop-and-copy is printed
+/// as `completed` with `forced: true`).
+fn fill_summary(row: &mut SweepRow, line: &Value) -> Result<()> {
+    if line["status"] != "completed" {
+        row.error = line["error"].as_str().unwrap_or("no summary").to_string();
+        return Ok(());
+    }
+    let forced = line["forced"].as_bool().unwrap_or(false);
+    let s: fastmig_migration::MigrationSummary =
+        serde_json::from_value(line.clone()).context("reading the summary of `migrate --json`")?;
+    row.status = if forced || s.status == fastmig_migration::MigrationStatus::CompletedForced {
+        RunStatus::CompletedForced
+    } else {
+        RunStatus::Completed
     };
     row.error.clear();
-    row.total_ms = f("total_ms");
-    row.downtime_ms = f("downtime_ms");
-    row.setup_ms = f("setup_ms");
-    row.dst_setup_ms = f("dst_setup_ms");
-    row.rounds = u("rounds") as u32;
-    row.bytes_sent = u("bytes_sent");
-    row.pages_sent = u("pages_sent");
-    row.zero_pages_skipped = u("zero_pages_skipped");
-    row.throughput_mib_s = f("throughput_mib_s");
-    row.src_cpu_s = f("src_cpu_s");
-    row.dst_cpu_s = f("dst_cpu_s");
-    row.digest_match = s["digest_match"].as_bool().unwrap_or(false);
-    let rounds = s["round_details"]
-        .as_array()
-        .context("summary without round_details")?;
-    let join = |k: &str| {
-        rounds
-            .iter()
-            .map(|r| r[k].to_string())
-            .collect::<Vec<_>>()
-            .join(";")
+    row.total_ms = s.total_ms;
+    row.downtime_ms = s.downtime_ms;
+    row.setup_ms = s.setup_ms;
+    row.dst_setup_ms = s.dst_setup_ms;
+    row.rounds = s.rounds;
+    row.bytes_sent = s.bytes_sent;
+    row.pages_sent = s.pages_sent;
+    row.zero_pages_skipped = s.zero_pages_skipped;
+    row.throughput_mib_s = s.throughput_mib_s;
+    row.src_cpu_s = s.src_cpu_s;
+    row.dst_cpu_s = s.dst_cpu_s;
+    row.digest_match = s.digest_match;
+    let join = |f: &dyn Fn(&fastmig_migration::RoundStats) -> String| {
+        s.round_details.iter().map(f).collect::<Vec<_>>().join(";")
     };
-    row.round_ms = join("ms");
-    row.round_bytes = join("bytes");
+    row.round_ms = join(&|r| r.ms.to_string());
+    row.round_bytes = join(&|r| r.bytes.to_string());
     Ok(())
 }
 
@@ -601,9 +595,38 @@ mod tests {
     fn a_forced_completion_is_recorded_as_forced() {
         let grid: Grid = serde_json::from_str(QUICK).expect("quick grid");
         let pts = points(&grid).expect("points");
+        let round = |round: u32, ms: f64, bytes: u64| fastmig_migration::RoundStats {
+            round,
+            pages: bytes / 4096,
+            zero_pages: 0,
+            bytes,
+            ms,
+            bandwidth_mib_s: 0.0,
+            dirty_rate_pages_s: 0.0,
+            stop_and_copy: round == 2,
+        };
+        // As `migrate --json` prints it: the summary, `status` "completed" and `forced`.
         let summary = |forced: bool| {
-            json!({"status": "completed", "forced": forced, "total_ms": 10.0,
-                   "round_details": [{"ms": 8.5, "bytes": 4096}, {"ms": 0.5, "bytes": 0}]})
+            let mut v = serde_json::to_value(fastmig_migration::MigrationSummary {
+                status: fastmig_migration::MigrationStatus::Completed,
+                transport: "classic".into(),
+                total_ms: 10.0,
+                downtime_ms: 0.5,
+                setup_ms: 0.2,
+                dst_setup_ms: 0.1,
+                rounds: 2,
+                bytes_sent: 4096,
+                pages_sent: 1,
+                zero_pages_skipped: 0,
+                throughput_mib_s: 0.4,
+                src_cpu_s: 0.01,
+                dst_cpu_s: 0.01,
+                digest_match: true,
+                round_details: vec![round(1, 8.5, 4096), round(2, 0.5, 0)],
+            })
+            .expect("summary");
+            v["forced"] = json!(forced);
+            v
         };
         let mut row = failed_row(&pts[0], &anyhow::anyhow!(""));
         fill_summary(&mut row, &summary(true)).expect("fill");
