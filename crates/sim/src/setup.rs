@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::power::{SpecPowerModel, HP_ML110_G4, HP_ML110_G5};
 
 /// A kind of physical host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HostType {
     /// Display name.
     pub name: String,
