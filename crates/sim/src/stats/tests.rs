@@ -39,6 +39,46 @@ fn integer_key_sort_gives_the_total_cmp_order_statistics_bit_for_bit() {
 }
 
 #[test]
+fn integer_keys_order_every_kind_of_f64_as_total_cmp_and_invert() {
+    // Negative values, infinities, subnormals and NaNs of both signs: the detectors' inputs are
+    // non-negative, but the keys promise `total_cmp`'s order for every f64.
+    let mut values = vec![
+        -f64::NAN,
+        f64::NEG_INFINITY,
+        -1e300,
+        -1.5,
+        -f64::MIN_POSITIVE,
+        -5e-324,
+        -0.0,
+        0.0,
+        5e-324,
+        f64::MIN_POSITIVE,
+        1.5,
+        1e300,
+        f64::INFINITY,
+        f64::NAN,
+    ];
+    values.sort_by(f64::total_cmp);
+    for pair in values.windows(2) {
+        assert!(
+            total_order_key(pair[0]) < total_order_key(pair[1]),
+            "{} {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    for &x in &values {
+        assert_eq!(
+            from_total_order_key(total_order_key(x)).to_bits(),
+            x.to_bits()
+        );
+    }
+    let mixed = [-3.0, 2.0, -1.0, 7.5, -0.5, 0.25];
+    assert_eq!(median(&mixed).to_bits(), median_by_sort(&mixed).to_bits());
+    assert_eq!(iqr(&mixed).to_bits(), iqr_by_sort(&mixed).to_bits());
+}
+
+#[test]
 fn median_and_percentile_follow_commons_math() {
     assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
     // Even count: mean of the two middle values.
