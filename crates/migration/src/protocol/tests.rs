@@ -327,13 +327,26 @@ fn a_run_may_hold_max_run_pages_and_no_more() {
 
 #[test]
 fn a_run_count_the_descriptor_cannot_hold_is_refused_before_allocating() {
-    // 4 billion runs announced in a 17-byte descriptor (room for one).
-    let mut p = u32::MAX.to_le_bytes().to_vec();
-    p.extend_from_slice(&[0u8; 13]);
-    assert!(matches!(
-        decode(&batch_frame(&p)),
-        Err(ProtocolError::Malformed { kind: "batch", reason }) if reason.contains("cannot fit")
-    ));
+    // 4 billion runs, or just two, announced in a 17-byte descriptor (room for one): refused
+    // by the bound, before any run is parsed (not as a truncated second run).
+    for n in [u32::MAX, 2] {
+        let mut p = n.to_le_bytes().to_vec();
+        p.extend_from_slice(
+            &encode_runs(&[Run {
+                gpa: 0,
+                pages: 1,
+                zero: vec![0],
+            }])[4..],
+        );
+        assert_eq!(p.len(), 17);
+        assert!(
+            matches!(
+                decode(&batch_frame(&p)),
+                Err(ProtocolError::Malformed { kind: "batch", reason }) if reason.contains("cannot fit")
+            ),
+            "{n} runs"
+        );
+    }
     // One run of eight pages takes exactly 4 + 13 bytes: the bound lets it through.
     let one = Run {
         gpa: 4096,
