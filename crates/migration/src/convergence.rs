@@ -190,6 +190,21 @@ mod tests {
         // Exactly half comes back (1000 pages/s × 1 s = 2000 / 2): still worth it.
         assert!(worth_another_round(2000, 1000.0, ms(1000), 2, max));
         assert!(!worth_another_round(2000, 1001.0, ms(1000), 2, max));
+        // Exactly the good-enough downtime counts as good enough; a microsecond more does not.
+        assert!(!worth_another_round(
+            9000,
+            17_000.0,
+            GOOD_ENOUGH_DOWNTIME,
+            2,
+            max
+        ));
+        assert!(worth_another_round(
+            9000,
+            17_000.0,
+            GOOD_ENOUGH_DOWNTIME + Duration::from_micros(1),
+            2,
+            max
+        ));
         // The round limit wins.
         assert!(!worth_another_round(9000, 17_000.0, ms(14), max - 1, max));
         assert!(worth_another_round(9000, 17_000.0, ms(14), max - 2, max));

@@ -78,4 +78,33 @@ mod tests {
         b.set(999, 42);
         assert_eq!(a.digest(), b.digest());
     }
+
+    #[test]
+    fn a_page_hash_sees_every_byte() {
+        let zero = [0u8; PAGE_SIZE];
+        for at in [0, 1, PAGE_SIZE / 2, PAGE_SIZE - 1] {
+            let mut p = zero;
+            p[at] = 1;
+            assert_ne!(hash_page_bytes(&p), hash_page_bytes(&zero), "byte {at}");
+        }
+        let mut a = zero;
+        let mut b = zero;
+        a[7] = 3;
+        b[8] = 3;
+        assert_ne!(hash_page_bytes(&a), hash_page_bytes(&b), "position");
+    }
+
+    #[test]
+    fn a_new_table_holds_the_zero_page_hash_and_keeps_what_is_set() {
+        let t = PageHashes::new(3);
+        assert_eq!(t.get(1), Some(hash_page_bytes(&[0u8; PAGE_SIZE])));
+        assert_eq!(zero_page_hash(), hash_page_bytes(&[0u8; PAGE_SIZE]));
+        t.set(2, 0xDEAD_BEEF);
+        assert_eq!(t.get(2), Some(0xDEAD_BEEF));
+        assert_eq!(t.get(3), None);
+        // Out of range: ignored, the table and its digest unchanged.
+        let d = t.digest();
+        t.set(3, 7);
+        assert_eq!(t.digest(), d);
+    }
 }

@@ -526,6 +526,9 @@ impl PabfdIndex {
 }
 
 #[cfg(test)]
+mod edge_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;

@@ -212,3 +212,151 @@ fn batch_run_zero_bits() {
     assert!(r.is_zero(0) && !r.is_zero(1) && r.is_zero(2) && r.is_zero(9));
     assert_eq!(r.data_pages(), 7);
 }
+
+#[test]
+fn every_message_has_its_own_name() {
+    // Names identify frames in errors and logs: one per kind, none empty.
+    let names: Vec<&str> = samples().iter().map(Message::name).collect();
+    let mut distinct = names.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    // The samples hold two `Hello`s and two `Page`s, and every other kind once.
+    assert_eq!(distinct.len(), names.len() - 2, "{names:?}");
+    assert!(names.iter().all(|n| !n.is_empty()), "{names:?}");
+}
+
+#[test]
+fn the_reusing_encoders_write_the_same_frames_as_encode() {
+    let data = [0x5Au8; PAGE_SIZE];
+    let mut out = vec![1, 2, 3];
+    encode_page(&mut out, 4096, Some(&data));
+    assert_eq!(
+        out,
+        encode(&Message::Page {
+            gpa: 4096,
+            data: Some(data.to_vec())
+        })
+    );
+    encode_page(&mut out, 8192, None);
+    assert_eq!(
+        out,
+        encode(&Message::Page {
+            gpa: 8192,
+            data: None
+        })
+    );
+    let runs = vec![Run {
+        gpa: 1 << 20,
+        pages: 9,
+        zero: vec![0, 1],
+    }];
+    encode_batch(&mut out, &runs);
+    assert_eq!(out, encode(&Message::Batch(runs)));
+}
+
+#[test]
+fn write_message_writes_what_read_message_reads() {
+    let mut wire = Vec::new();
+    for m in samples() {
+        write_message(&mut wire, &m).expect("write to a Vec");
+    }
+    let mut r = &wire[..];
+    for m in samples() {
+        assert_eq!(read_message(&mut r).expect("reads"), m);
+    }
+    assert!(r.is_empty());
+}
+
+/// A header announcing `len` payload bytes (checksum not filled in).
+fn header_with_len(len: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(&encode(&Message::Ready)[..HEADER_LEN]);
+    h[8..12].copy_from_slice(&len.to_le_bytes());
+    h
+}
+
+#[test]
+fn the_payload_cap_is_inclusive() {
+    let cap = u32::try_from(MAX_PAYLOAD).expect("cap fits u32");
+    assert_eq!(
+        decode_header(&header_with_len(cap))
+            .expect("at the cap")
+            .len,
+        MAX_PAYLOAD
+    );
+    assert!(matches!(
+        decode_header(&header_with_len(cap + 1)),
+        Err(ProtocolError::TooLarge { len, .. }) if len == MAX_PAYLOAD + 1
+    ));
+}
+
+/// A batch frame whose descriptor is `payload`, with a valid checksum.
+fn batch_frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    super::frame(&mut f, FRAME_VERSION, kind::BATCH, 0, payload);
+    f
+}
+
+#[test]
+fn a_run_may_hold_max_run_pages_and_no_more() {
+    let full = Run {
+        gpa: 0,
+        pages: MAX_RUN_PAGES,
+        zero: vec![0xFF; MAX_RUN_PAGES as usize / 8],
+    };
+    let m = Message::Batch(vec![full.clone()]);
+    assert_eq!(decode(&encode(&m)).expect("full run").0, m);
+    let over = Run {
+        pages: MAX_RUN_PAGES + 1,
+        ..full
+    };
+    assert!(matches!(
+        decode(&batch_frame(&encode_runs(&[over]))),
+        Err(ProtocolError::Malformed { kind: "batch", .. })
+    ));
+    let empty = Run {
+        gpa: 0,
+        pages: 0,
+        zero: vec![],
+    };
+    assert!(matches!(
+        decode(&batch_frame(&encode_runs(&[empty]))),
+        Err(ProtocolError::Malformed { kind: "batch", .. })
+    ));
+}
+
+#[test]
+fn a_run_count_the_descriptor_cannot_hold_is_refused_before_allocating() {
+    // 4 billion runs, or just two, announced in a 17-byte descriptor (room for one): refused
+    // by the bound, before any run is parsed (not as a truncated second run).
+    for n in [u32::MAX, 2] {
+        let mut p = n.to_le_bytes().to_vec();
+        p.extend_from_slice(
+            &encode_runs(&[Run {
+                gpa: 0,
+                pages: 1,
+                zero: vec![0],
+            }])[4..],
+        );
+        assert_eq!(p.len(), 17);
+        assert!(
+            matches!(
+                decode(&batch_frame(&p)),
+                Err(ProtocolError::Malformed { kind: "batch", reason }) if reason.contains("cannot fit")
+            ),
+            "{n} runs"
+        );
+    }
+    // One run of eight pages takes exactly 4 + 13 bytes: the bound lets it through.
+    let one = Run {
+        gpa: 4096,
+        pages: 8,
+        zero: vec![0b1000_0001],
+    };
+    let p = encode_runs(std::slice::from_ref(&one));
+    assert_eq!(p.len(), 17);
+    assert_eq!(
+        decode(&batch_frame(&p)).expect("one run").0,
+        Message::Batch(vec![one])
+    );
+}

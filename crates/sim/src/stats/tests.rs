@@ -39,6 +39,46 @@ fn integer_key_sort_gives_the_total_cmp_order_statistics_bit_for_bit() {
 }
 
 #[test]
+fn integer_keys_order_every_kind_of_f64_as_total_cmp_and_invert() {
+    // Negative values, infinities, subnormals and NaNs of both signs: the detectors' inputs are
+    // non-negative, but the keys promise `total_cmp`'s order for every f64.
+    let mut values = vec![
+        -f64::NAN,
+        f64::NEG_INFINITY,
+        -1e300,
+        -1.5,
+        -f64::MIN_POSITIVE,
+        -5e-324,
+        -0.0,
+        0.0,
+        5e-324,
+        f64::MIN_POSITIVE,
+        1.5,
+        1e300,
+        f64::INFINITY,
+        f64::NAN,
+    ];
+    values.sort_by(f64::total_cmp);
+    for pair in values.windows(2) {
+        assert!(
+            total_order_key(pair[0]) < total_order_key(pair[1]),
+            "{} {}",
+            pair[0],
+            pair[1]
+        );
+    }
+    for &x in &values {
+        assert_eq!(
+            from_total_order_key(total_order_key(x)).to_bits(),
+            x.to_bits()
+        );
+    }
+    let mixed = [-3.0, 2.0, -1.0, 7.5, -0.5, 0.25];
+    assert_eq!(median(&mixed).to_bits(), median_by_sort(&mixed).to_bits());
+    assert_eq!(iqr(&mixed).to_bits(), iqr_by_sort(&mixed).to_bits());
+}
+
+#[test]
 fn median_and_percentile_follow_commons_math() {
     assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
     // Even count: mean of the two middle values.
@@ -53,6 +93,26 @@ fn iqr_uses_rounded_quartile_indices() {
 }
 
 #[test]
+fn percentiles_outside_the_inner_positions_take_the_extremes() {
+    // Commons Math: pos = p (n + 1) / 100; pos < 1 gives the minimum, pos >= n the maximum,
+    // in between it interpolates. n = 3: p = 10 -> pos 0.4, p = 99 -> pos 3.96, p = 60 -> 2.4.
+    let v = [1.0, 2.0, 4.0];
+    assert_eq!(percentile_sorted(&v, 10.0), 1.0);
+    assert_eq!(percentile_sorted(&v, 99.0), 4.0);
+    assert_eq!(percentile_sorted(&v, 75.0), 4.0); // pos = 3 = n
+    let p60 = percentile_sorted(&v, 60.0);
+    assert!((p60 - 2.8).abs() < 1e-12, "{p60}"); // 2 + 0.4 (4 - 2)
+}
+
+#[test]
+fn iqr_rounds_quartile_positions_half_up_as_java_does() {
+    // n = 5: q1 = round(1.5) - 1 = 1, q3 = round(4.5) - 1 = 4 (Math.round rounds .5 up):
+    // 5 - 2 = 3. n = 6: q1 = round(1.75) - 1 = 1, q3 = round(5.25) - 1 = 4: 50 - 20 = 30.
+    assert_eq!(iqr(&[5.0, 3.0, 1.0, 4.0, 2.0]), 3.0);
+    assert_eq!(iqr(&[10.0, 20.0, 30.0, 40.0, 50.0, 60.0]), 30.0);
+}
+
+#[test]
 fn mad_of_known_series() {
     // median 3; deviations 2,1,0,1,2,3 -> median of {0,1,1,2,2,3} = 1.5.
     assert_eq!(mad(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), 1.5);
@@ -64,6 +124,32 @@ fn simple_regression_recovers_a_line() {
     let y: Vec<f64> = x.iter().map(|x| 0.5 + 0.1 * x).collect();
     let (a, b) = simple_regression(&x, &y).expect("fit");
     assert!((a - 0.5).abs() < 1e-12 && (b - 0.1).abs() < 1e-12);
+}
+
+#[test]
+fn simple_regression_of_scattered_points_is_the_least_squares_line() {
+    // x = 1..4, y = 1, 3, 2, 5: means 2.5 and 2.75, Sxx = 5, Sxy = 5.5, so the slope is 1.1
+    // and the intercept 2.75 - 1.1 * 2.5 = 0. (An exact line would not see wrong running
+    // means: they shift x and y alike.)
+    let (a, b) = simple_regression(&[1.0, 2.0, 3.0, 4.0], &[1.0, 3.0, 2.0, 5.0]).expect("fit");
+    assert!(a.abs() < 1e-12 && (b - 1.1).abs() < 1e-12, "{a} {b}");
+}
+
+#[test]
+fn simple_regression_needs_three_points_with_spread_in_x() {
+    // Three points is enough: y = 2x + 1 through (0, 1), (1, 3), (2, 5).
+    let (a, b) = simple_regression(&[0.0, 1.0, 2.0], &[1.0, 3.0, 5.0]).expect("three points");
+    assert!(
+        (a - 1.0).abs() < 1e-12 && (b - 2.0).abs() < 1e-12,
+        "{a} {b}"
+    );
+    // Two points define a line, but Commons Math (and CloudSim's LR) refuses them.
+    assert_eq!(simple_regression(&[0.0, 1.0], &[1.0, 3.0]), None);
+    // No spread in x: no slope.
+    assert_eq!(
+        simple_regression(&[2.0; 5], &[1.0, 2.0, 3.0, 4.0, 5.0]),
+        None
+    );
 }
 
 #[test]
