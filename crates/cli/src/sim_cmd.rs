@@ -278,7 +278,11 @@ fn resolve_days(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn load_trace(day: &Path) -> Result<Trace> {
-    Trace::load(day).map_err(|e| usage!("{e}"))
+    let trace = Trace::load(day).map_err(|e| usage!("{e}"))?;
+    if let Some(w) = fastmig_sim::trace_google::clamp_warning(&trace) {
+        eprintln!("fastmig: warning: {}: {w}", day.display());
+    }
+    Ok(trace)
 }
 
 /// The data centre for `--scale`, refused (a usage error) when its hosts and VMs alone would

@@ -360,3 +360,46 @@ fn migration_sweep_with_a_model_adds_its_rows() {
     let svg = std::fs::read_to_string(out_dir.join("migration-speed.svg")).expect("svg");
     assert!(svg.contains("model multi-tcp"), "legend missing");
 }
+
+/// The Google slice of the sim crate's tests (ten real VM files, two with memory samples
+/// above 100 %): `simulate` reads it, warns once about the clamped samples, and gives the
+/// same JSON twice with the fitted model (the memory series sets each VM's working set).
+#[test]
+fn google_trace_is_read_with_one_warning_and_is_deterministic() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let slice = root.join("crates/sim/tests/data/google-slice");
+    let model = root.join("bench/characterisation/model.json");
+    let run = || {
+        let out = fastmig()
+            .args(["simulate", "--trace"])
+            .arg(&slice)
+            .args(["--policy", "lr-mmt", "--json", "--migration"])
+            .arg(format!("model:{},link=1gbit", model.display()))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let a = run();
+    let stderr = String::from_utf8_lossy(&a.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("107 memory samples above 100 % in 2 files clamped to 100 %"),
+        "{stderr}"
+    );
+    // Everything but the wall time is the same on a second run.
+    let json = |o: &std::process::Output| {
+        let mut v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+        v.as_object_mut().expect("object").remove("wall_s");
+        v
+    };
+    let v = json(&a);
+    assert_eq!(v["vms"], 10);
+    assert!(v["migrations"].as_u64().expect("migrations") > 0, "{v}");
+    assert_eq!(v, json(&run()));
+}
