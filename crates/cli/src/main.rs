@@ -11,6 +11,7 @@ mod charts;
 mod daemon;
 mod error;
 mod migrate_cmd;
+mod migrate_predict;
 mod model_cmd;
 mod netns;
 mod procs;

@@ -17,6 +17,7 @@ use fastmig_migration::{Endpoint, MigrationStatus, MigrationSummary, OnNoConverg
 use serde_json::json;
 
 use crate::daemon::{self, Readiness};
+use crate::migrate_predict;
 use crate::units;
 use crate::vm_cmd::ApiTarget;
 
@@ -165,12 +166,32 @@ pub struct MigrateArgs {
     /// otherwise stay, paused in `postmigrate`, until `quit`).
     #[arg(long)]
     pub quit_source: bool,
-    /// Print one JSON object (the summary, or `{"status":"failed",...}`) on stdout.
+    /// Print one JSON object (the summary, or `{"status":"failed",...}`) on stdout. With
+    /// `--model`, the summary carries `prediction`: the model's prediction made at the start,
+    /// its measured inputs and its relative errors.
     #[arg(long)]
     pub json: bool,
     /// Mutual TLS 1.3 with the destination (classic and multi-tcp).
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Do not migrate: measure the VM (write rate, working set, memory) and print the
+    /// model's prediction for these settings. Needs `--model`.
+    #[arg(long, requires = "model")]
+    pub dry_run: bool,
+    /// The fitted model (`fastmig model fit`; the project's own is
+    /// bench/characterisation/model.json). With it, a migration is predicted before it starts
+    /// (shown with the summary; in `prediction` under `--json`). There is no default model:
+    /// one fitted on another machine would mislead.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The link's bandwidth between source and destination, for the prediction only
+    /// (bytes/s, `1G`, or bits/s, `10gbit`). Default: unlimited (the transport's CPU rate
+    /// bounds it).
+    #[arg(long, value_parser = units::parse_bandwidth, requires = "model")]
+    pub link: Option<u64>,
+    /// How long the VM is observed for its write rate before a prediction.
+    #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "model")]
+    pub sample: Duration,
 }
 
 impl MigrateArgs {
@@ -230,13 +251,41 @@ pub fn main(cmd: MigrateCommand) -> Result<()> {
         MigrateCommand::Incoming(args) => incoming(args),
         MigrateCommand::Migrate(args) => {
             let client = args.target.connect()?;
+            let model = args
+                .model
+                .as_deref()
+                .map(crate::model_cmd::load_model)
+                .transpose()?;
+            let forecast = match &model {
+                Some(m) => Some(migrate_predict::forecast(&client, m, &args)?),
+                None => None,
+            };
+            if args.dry_run {
+                let Some(f) = &forecast else {
+                    return Err(crate::usage!(
+                        "--dry-run needs --model FILE (fit one with `fastmig model fit SWEEP.csv`; the project's is bench/characterisation/model.json)"
+                    ));
+                };
+                return migrate_predict::print(f, args.json);
+            }
             let mem_pages = client
                 .query_vm()
                 .ok()
                 .map(|v| v.mem_size / fastmig_vmm::PAGE_SIZE as u64);
-            let summary = migrate(&client, &args)?;
+            let summary = migrate_with(&client, &args, forecast.as_ref())?;
             if !args.json {
                 print_summary(&summary, mem_pages);
+                if let Some(f) = &forecast {
+                    let p = &f.prediction;
+                    println!(
+                        "  predicted    {:>10.1} ms total, {:.1} ms downtime, {:.1} MiB, {} rounds ({})",
+                        p.total_ms,
+                        p.downtime_ms,
+                        p.bytes as f64 / (1u64 << 20) as f64,
+                        p.rounds,
+                        if p.converges { "converges" } else { "does not converge" }
+                    );
+                }
             }
             Ok(())
         }
@@ -288,6 +337,15 @@ fn incoming(args: IncomingArgs) -> Result<()> {
 /// Starts a migration on the source and follows it to the end; returns the summary of a
 /// completed migration, or an error saying what failed (the VM then runs on the source).
 pub fn migrate(client: &ControlClient, args: &MigrateArgs) -> Result<MigrationSummary> {
+    migrate_with(client, args, None)
+}
+
+/// [`migrate`], with the prediction made at the start added to `--json`'s summary.
+fn migrate_with(
+    client: &ControlClient,
+    args: &MigrateArgs,
+    forecast: Option<&migrate_predict::Forecast>,
+) -> Result<MigrationSummary> {
     let request = args.request()?;
     client.migrate(&request).map_err(|e| {
         // Refusals at this point (bad transport, VM not running) are the user's to fix.
@@ -342,7 +400,12 @@ pub fn migrate(client: &ControlClient, args: &MigrateArgs) -> Result<MigrationSu
     match result {
         Ok(summary) => {
             if args.json {
-                println!("{}", summary_json(&summary));
+                let v = summary_json(&summary);
+                let v = match forecast {
+                    Some(f) => migrate_predict::with_summary(v, f, &summary),
+                    None => v,
+                };
+                println!("{v}");
             }
             if args.quit_source {
                 client.quit().context("telling the source to quit")?;
@@ -517,6 +580,10 @@ fn demo(args: &DemoArgs) -> Result<()> {
             quit_source: false,
             json: args.json,
             tls: TlsArgs::default(),
+            dry_run: false,
+            model: None,
+            link: None,
+            sample: Duration::from_secs(1),
         },
     )?;
     let src_last = src.client.query_status()?;

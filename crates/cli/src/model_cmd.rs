@@ -204,7 +204,8 @@ pub struct PredictArgs {
     pub json: bool,
 }
 
-fn load_model(path: &Path) -> Result<Model> {
+/// Loads a model file; a missing or bad file is a usage error naming its cause.
+pub fn load_model(path: &Path) -> Result<Model> {
     Model::load(path).map_err(|e| {
         usage!(
             "{}",
@@ -371,6 +372,12 @@ pub fn predict_main(a: PredictArgs) -> Result<()> {
         println!("{v}");
         return Ok(());
     }
+    print_prediction(&p, hint.as_ref());
+    Ok(())
+}
+
+/// A prediction as `fastmig predict` prints it, with what would converge when it does not.
+pub fn print_prediction(p: &fastmig_model::Prediction, hint: Option<&fastmig_model::ConvergeHint>) {
     let gib = (1u64 << 30) as f64;
     println!(
         "predicted migration ({}, {:.0} MiB/s, bound by {:?})",
@@ -408,5 +415,4 @@ pub fn predict_main(a: PredictArgs) -> Result<()> {
             ),
         }
     }
-    Ok(())
 }

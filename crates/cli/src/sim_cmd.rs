@@ -1,5 +1,7 @@
-//! `fastmig simulate`: runs the consolidation simulator (crate `fastmig-sim`) on PlanetLab or
-//! CSV traces, one policy or a sweep, and writes tables, CSV and SVG charts.
+//! `fastmig simulate`: runs the consolidation simulator (crate `fastmig-sim`) on PlanetLab,
+//! Google cluster-data or CSV traces, one policy, a sweep (`--sweep`, `--migration-sweep`) or
+//! the energy/SLAV frontier (`--frontier`, in `frontier.rs`), and writes tables, CSV and SVG
+//! charts.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,11 +15,15 @@ use serde::Serialize;
 
 use crate::usage;
 
+mod frontier;
 mod model_spec;
 mod tables;
 use fastmig_model::Transport;
 use model_spec::{ModelRow, ModelSpec};
-use tables::{read_reference, write_csv, Fixed, PolicyCsvRow, Shown, SimResultRef, SpeedCsvRow};
+use tables::{
+    print_text, read_reference, rel, write_csv, Fixed, PolicyCsvRow, Shown, SimResultRef,
+    SpeedCsvRow,
+};
 
 /// Migration speeds of `--migration-sweep`, Gbit/s.
 const SWEEP_SPEEDS_GBIT: [f64; 4] = [0.25, 1.0, 10.0, 40.0];
@@ -25,8 +31,9 @@ const SWEEP_SPEEDS_GBIT: [f64; 4] = [0.25, 1.0, 10.0, 40.0];
 /// Arguments of `fastmig simulate`.
 #[derive(clap::Args, Debug)]
 pub struct SimulateArgs {
-    /// Trace: a PlanetLab day directory (one file per VM), a directory of such days, or a
-    /// `.csv` file (`name,u0,u1,...` in percent). Repeat for several days.
+    /// Trace: a PlanetLab day directory (one file per VM), a Google cluster-data directory
+    /// (`CPU MEMORY` percent per line; the memory sets the model's working set), a directory
+    /// of such days, or a `.csv` file (`name,u0,u1,...` in percent). Repeat for several days.
     #[arg(long, required = true)]
     trace: Vec<PathBuf>,
     /// Policy: `npa`, `dvfs` or DETECTOR-SELECTOR with DETECTOR in thr|iqr|mad|lr|lrr and
@@ -55,11 +62,21 @@ pub struct SimulateArgs {
     /// a chart into `--out`.
     #[arg(long)]
     migration_sweep: bool,
-    /// With `--migration-sweep`: a fitted model (`fastmig model fit`) whose rows are added:
-    /// classic at 32 MiB/s (2011's default cap), and classic, multi-tcp and shm-class rates
-    /// on 1 and 10 Gbit/s links (transports the model lacks are skipped).
+    /// With `--migration-sweep` or `--frontier`: a fitted model (`fastmig model fit`) whose
+    /// rows (curves) are added: classic at 32 MiB/s (2011's default cap), and classic,
+    /// multi-tcp and shm-class rates on 1 and 10 Gbit/s links (transports the model lacks are
+    /// skipped).
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Energy against SLAV for each migration cost (CloudSim's formula, and the `--model`
+    /// rows): every detector's safety parameter swept with `--policy`'s selector, one Pareto
+    /// curve per cost, and the energy each needs at the SLAV `--policy` reaches with
+    /// CloudSim's formula. Writes frontier.csv, frontier.md and frontier.svg into `--out`.
+    #[arg(long, conflicts_with_all = ["sweep", "migration_sweep"])]
+    frontier: bool,
+    /// Detectors whose parameter `--frontier` sweeps, comma-separated.
+    #[arg(long, default_value = "thr,iqr,mad,lr,lrr", requires = "frontier")]
+    frontier_detectors: String,
     /// Output directory for sweeps.
     #[arg(long, default_value = "sim-out")]
     out: PathBuf,
@@ -139,8 +156,14 @@ pub fn main(args: SimulateArgs) -> Result<()> {
         write_policy_sweep(&args.out, &rows, reference.as_deref())?;
         eprintln!("wrote {}", args.out.display());
     }
-    if args.model.is_some() && !args.migration_sweep {
-        return Err(usage!("--model applies to --migration-sweep only"));
+    if args.model.is_some() && !args.migration_sweep && !args.frontier {
+        return Err(usage!(
+            "--model applies to --migration-sweep and --frontier only"
+        ));
+    }
+    if args.frontier {
+        let detectors = frontier::parse_detectors(&args.frontier_detectors)?;
+        return frontier::run(&args, &days, &opts, &detectors);
     }
     if args.migration_sweep {
         let policy = parse_policy(&args.policy, args.param)?;
@@ -278,7 +301,11 @@ fn resolve_days(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn load_trace(day: &Path) -> Result<Trace> {
-    Trace::load(day).map_err(|e| usage!("{e}"))
+    let trace = Trace::load(day).map_err(|e| usage!("{e}"))?;
+    if let Some(w) = fastmig_sim::trace_google::clamp_warning(&trace) {
+        eprintln!("fastmig: warning: {}: {w}", day.display());
+    }
+    Ok(trace)
 }
 
 /// The data centre for `--scale`, refused (a usage error) when its hosts and VMs alone would
@@ -325,27 +352,6 @@ fn day_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| p.display().to_string())
-}
-
-fn print_text(row: &Row) {
-    let r = &row.result;
-    let param = r.param.map(|p| format!(" (param {p})")).unwrap_or_default();
-    println!("day              {}", row.day);
-    println!("policy           {}{param}", r.policy);
-    println!("hosts / VMs      {} / {}", r.hosts, r.vms);
-    println!("migration model  {}", r.migration_model);
-    println!("energy           {:.2} kWh", r.energy_kwh);
-    println!(
-        "SLATAH           {:.5} ({:.2} %)",
-        r.slatah,
-        r.slatah * 100.0
-    );
-    println!("PDM              {:.6} ({:.4} %)", r.pdm, r.pdm * 100.0);
-    println!("SLAV             {:.8}", r.slav);
-    println!("ESV              {:.8}", r.esv);
-    println!("migrations       {}", r.migrations);
-    println!("host shutdowns   {}", r.host_shutdowns);
-    println!("wall time        {:.3} s", row.wall_s);
 }
 
 struct Job {
@@ -430,18 +436,6 @@ fn run_jobs(
 
 /// Extracts one metric from a result (for charts).
 type MetricFn = dyn Fn(&SimResult) -> f64;
-
-fn rel(a: f64, b: f64) -> String {
-    if b == 0.0 {
-        if a == 0.0 {
-            "0.0%".into()
-        } else {
-            "n/a".into()
-        }
-    } else {
-        format!("{:+.1}%", (a - b) / b * 100.0)
-    }
-}
 
 fn write_policy_sweep(
     out: &Path,

@@ -440,9 +440,16 @@ fn one_run(
     dst.wait_status("listening", boot, |st| st.listening == Some(true))?;
     // The write rate the guest really reaches under this machine's load: the model's input.
     let st0 = src.client.query_status()?;
+    let cpu0 = cpu_times();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(args.warmup_s.max(0.2)));
     let st1 = src.client.query_status()?;
+    let cpu_idle = match (cpu0, cpu_times()) {
+        (Some((idle0, all0)), Some((idle1, all1))) if all1 > all0 => {
+            Some(idle1.saturating_sub(idle0) as f64 / (all1 - all0) as f64)
+        }
+        _ => None,
+    };
     let written = st1.pages_written.unwrap_or(0) as f64 - st0.pages_written.unwrap_or(0) as f64;
     let write_pps = written / t0.elapsed().as_secs_f64();
     let dirty_pps = st1.dirty_rate_pps;
@@ -481,8 +488,24 @@ fn one_run(
     row.guest_write_pps = write_pps;
     row.guest_dirty_pps = dirty_pps;
     row.load1 = load1;
+    row.cpu_idle = cpu_idle;
     fill_summary(&mut row, &summary)?;
     Ok(row)
+}
+
+/// Idle (idle + iowait) and total jiffies of all cores, from the first line of /proc/stat
+/// (`cpu  user nice system idle iowait irq softirq steal ...`); `None` where unreadable.
+fn cpu_times() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = v.get(3)? + v.get(4)?;
+    Some((idle, v.iter().sum()))
 }
 
 fn pattern_name(p: Pattern) -> &'static str {
@@ -519,6 +542,7 @@ fn failed_row(p: &Point, e: &anyhow::Error) -> SweepRow {
         streams: p.streams,
         cpu_share: 1.0,
         load1: 0.0,
+        cpu_idle: None,
         downtime_limit_ms: p.limit.as_secs_f64() * 1e3,
         max_rounds: p.max_rounds,
         on_no_converge: p.policy,

@@ -68,6 +68,11 @@ pub struct SweepRow {
     /// neighbours; 0 when not recorded).
     #[serde(default)]
     pub load1: f64,
+    /// Fraction of the machine's CPU time that was idle over the warm-up just before the
+    /// migration (`/proc/stat`, all cores): the CPU a migration could get, measured before
+    /// it starts (empty in sweeps that did not record it).
+    #[serde(default)]
+    pub cpu_idle: Option<f64>,
     /// Downtime limit, ms.
     pub downtime_limit_ms: f64,
     /// Round limit.
@@ -235,6 +240,7 @@ mod tests {
             streams: 2,
             cpu_share: 1.0,
             load1: 3.5,
+            cpu_idle: Some(0.25),
             downtime_limit_ms: 30.0,
             max_rounds: 30,
             on_no_converge: OnNoConverge::Force,

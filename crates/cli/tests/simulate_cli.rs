@@ -360,3 +360,134 @@ fn migration_sweep_with_a_model_adds_its_rows() {
     let svg = std::fs::read_to_string(out_dir.join("migration-speed.svg")).expect("svg");
     assert!(svg.contains("model multi-tcp"), "legend missing");
 }
+
+/// The Google slice of the sim crate's tests (ten real VM files, two with memory samples
+/// above 100 %): `simulate` reads it, warns once about the clamped samples, and gives the
+/// same JSON twice with the fitted model (the memory series sets each VM's working set).
+#[test]
+fn google_trace_is_read_with_one_warning_and_is_deterministic() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let slice = root.join("crates/sim/tests/data/google-slice");
+    let model = root.join("bench/characterisation/model.json");
+    let run = || {
+        let out = fastmig()
+            .args(["simulate", "--trace"])
+            .arg(&slice)
+            .args(["--policy", "lr-mmt", "--json", "--migration"])
+            .arg(format!("model:{},link=1gbit", model.display()))
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let a = run();
+    let stderr = String::from_utf8_lossy(&a.stderr);
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("107 memory samples above 100 % in 2 files clamped to 100 %"),
+        "{stderr}"
+    );
+    // Everything but the wall time is the same on a second run.
+    let json = |o: &std::process::Output| {
+        let mut v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+        v.as_object_mut().expect("object").remove("wall_s");
+        v
+    };
+    let v = json(&a);
+    assert_eq!(v["vms"], 10);
+    assert!(v["migrations"].as_u64().expect("migrations") > 0, "{v}");
+    assert_eq!(v, json(&run()));
+}
+
+/// `--frontier` on the Google slice with the LR detector: one curve per migration cost
+/// (CloudSim's and the fitted model's seven), six parameters each, Pareto frontiers sorted by
+/// SLAV with falling energy, and the files written.
+#[test]
+fn frontier_draws_one_curve_per_cost_and_reads_energy_at_the_target() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = fastmig()
+        .args([
+            "simulate",
+            "--frontier",
+            "--frontier-detectors",
+            "lr",
+            "--json",
+        ])
+        .arg("--trace")
+        .arg(root.join("crates/sim/tests/data/google-slice"))
+        .arg("--model")
+        .arg(root.join("bench/characterisation/model.json"))
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let target = &v["target"];
+    assert_eq!(target["policy"], "lr-mmt");
+    assert_eq!(target["param"], 1.2);
+    let (t_slav, t_energy) = (
+        target["slav"].as_f64().expect("slav"),
+        target["energy_kwh"].as_f64().expect("energy"),
+    );
+    let curves = v["curves"].as_array().expect("curves");
+    let names: Vec<&str> = curves
+        .iter()
+        .map(|c| c["migration"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "cloudsim",
+            "model classic 32mib",
+            "model classic 1gbit",
+            "model classic 10gbit",
+            "model multi-tcp 1gbit",
+            "model multi-tcp 10gbit",
+            "model shm 1gbit",
+            "model shm 10gbit"
+        ]
+    );
+    for c in curves {
+        assert_eq!(c["points"].as_array().expect("points").len(), 6, "{c}");
+        let f = c["frontier"].as_array().expect("frontier");
+        assert!(!f.is_empty());
+        for w in f.windows(2) {
+            assert!(w[0]["slav"].as_f64() <= w[1]["slav"].as_f64(), "{c}");
+            assert!(
+                w[0]["energy_kwh"].as_f64() > w[1]["energy_kwh"].as_f64(),
+                "{c}"
+            );
+        }
+    }
+    // CloudSim's curve contains the reference run itself (LR 1.2 is on the grid), so at the
+    // reference's SLAV it needs at most the reference's energy.
+    let cloudsim = &curves[0];
+    let (_, cloudsim_ref) = cloudsim["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| (p["param"].as_f64().expect("param"), p))
+        .find(|(param, _)| *param == 1.2)
+        .expect("the reference point");
+    assert_eq!(cloudsim_ref["slav"].as_f64(), Some(t_slav));
+    let at = cloudsim["energy_at_target_kwh"].as_f64().expect("reached");
+    assert!(at <= t_energy + 1e-9, "{at} vs {t_energy}");
+    assert_eq!(cloudsim["saved_vs_cloudsim_curve"].as_f64(), Some(0.0));
+    for f in ["frontier.csv", "frontier.md", "frontier.svg"] {
+        let p = dir.path().join(f);
+        assert!(std::fs::metadata(&p).is_ok_and(|m| m.len() > 0), "{f}");
+    }
+    let csv = std::fs::read_to_string(dir.path().join("frontier.csv")).expect("csv");
+    assert_eq!(csv.lines().count(), 1 + 8 * 6, "{csv}");
+}

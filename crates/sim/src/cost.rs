@@ -24,6 +24,10 @@ pub struct MigrationCostQuery {
     /// 1 = fully busy). The detector's look-ahead asks for the worst case, 1. Models that
     /// ignore activity (CloudSim's formula, profiles) ignore it.
     pub cpu_utilization: f64,
+    /// The VM's memory in use as a fraction of its RAM, when the trace has a memory series
+    /// (Google's); `None` otherwise and in the detector's look-ahead (the worst case: all of
+    /// its RAM). The model takes it as the working set; the others ignore it.
+    pub mem_utilization: Option<f64>,
 }
 
 /// Cost of one migration.
@@ -179,6 +183,7 @@ mod tests {
                 ram_mb: 870,
                 target_bw: 1_000_000,
                 cpu_utilization: 0.5,
+                mem_utilization: None,
             },
             1860.0,
         );
@@ -201,6 +206,7 @@ mod tests {
                 ram_mb: 1024,
                 target_bw: 1_000_000,
                 cpu_utilization: 0.5,
+                mem_utilization: None,
             },
             1000.0,
         );

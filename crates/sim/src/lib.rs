@@ -1,6 +1,6 @@
 //! fastmig-sim: a trace-driven data-centre simulator for dynamic VM consolidation.
 //!
-//! **Owns**: trace loading (PlanetLab directories, CSV), the host/VM model, SPECpower power
+//! **Owns**: trace loading (PlanetLab and Google cluster-data directories, CSV), the host/VM model, SPECpower power
 //! models, the consolidation policies of Beloglazov and Buyya (2012) as small side-effect-free
 //! traits (overload detectors THR/IQR/MAD/LR/LRR, VM selectors MMT/MU/MC/RS, PABFD placement,
 //! underload evacuation, NPA and DVFS baselines), a pluggable migration cost model, and the
@@ -36,6 +36,7 @@ pub mod setup;
 pub mod spec;
 pub mod stats;
 pub mod trace;
+pub mod trace_google;
 
 pub use cost::{CloudSimCost, MigrationCostModel, MigrationProfile};
 pub use engine::{memory_lower_bound, simulate, SimOptions, Simulation};

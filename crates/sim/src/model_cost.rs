@@ -9,7 +9,8 @@
 //!
 //! **Dirty rate from CPU.** PlanetLab traces have only CPU utilisation, so a VM's page-write
 //! rate is derived from it: `dirty_rate = utilisation × dirty_pps_at_full_cpu`, uniformly
-//! random over a working set of the whole RAM. Why: page writes are made by executing
+//! random over a working set of the whole RAM (for a trace with a memory series, Google's,
+//! over the memory in use at the migration's start: `mem_utilization × RAM`). Why: page writes are made by executing
 //! instructions, so to first order they scale with the CPU a VM uses, and an idle VM dirties
 //! nothing. The default, [`DEFAULT_DIRTY_PPS_AT_FULL_CPU`] = 10,000 pages/s (40 MB/s), is the
 //! order of what our guest writer reaches with one busy vCPU in the characterisation sweep
@@ -152,7 +153,11 @@ impl ModelCost {
             0.0
         };
         s.dirty_rate_pps = util * self.dirty_pps_at_full_cpu;
-        s.wss_bytes = mem_bytes;
+        // The memory in use, when the trace says (Google's), else all of RAM.
+        s.wss_bytes = match req.mem_utilization {
+            Some(m) if m.is_finite() => (m.clamp(0.0, 1.0) * mem_bytes as f64) as u64,
+            _ => mem_bytes,
+        };
         s.pattern = Pattern::Random;
         s.link_bytes_s = Some(match self.link {
             Link::Host => req.target_bw as f64 * BYTES_S_PER_BW_UNIT,
@@ -228,6 +233,7 @@ mod tests {
             ram_mb,
             target_bw,
             cpu_utilization,
+            mem_utilization: None,
         }
     }
 
@@ -301,6 +307,29 @@ mod tests {
         assert!(fast.duration_s < busy.duration_s / 5.0, "{fast:?} {busy:?}");
         // Deterministic: the same request gives the same bits.
         assert_eq!(slow.cost(&req(1000, 1_000_000, 1.0), 1000.0), busy);
+    }
+
+    #[test]
+    fn the_memory_in_use_sets_the_working_set() {
+        // 1000 MB, busy (10k writes/s) over 1 Gbit/s: round 1 takes 8 s, in which a random
+        // writer over all 1e9 bytes (244,140.6 pages) dirties 244,140.6 (1 - e^(-80000 /
+        // 244140.6)) = 68,578 pages, but over 10 % of it (24,414 pages) at most 24,414 pages
+        // (it saturates: 24,414 (1 - e^(-3.28)) = 23,500): less to send again, so faster.
+        let m = ModelCost::new(hand_model(), Transport::Classic, "1gbit".parse().unwrap()).unwrap();
+        let all = m.scenario(&req(1000, 1_000_000, 1.0));
+        assert_eq!(all.wss_bytes, 1_000_000_000);
+        let mut q = req(1000, 1_000_000, 1.0);
+        q.mem_utilization = Some(0.1);
+        let tenth = m.scenario(&q);
+        assert_eq!(tenth.wss_bytes, 100_000_000);
+        assert!(
+            m.cost(&q, 1000.0).duration_s < m.cost(&req(1000, 1_000_000, 1.0), 1000.0).duration_s
+        );
+        // Out-of-range fractions are clamped; a NaN means unknown (all of RAM).
+        q.mem_utilization = Some(2.15);
+        assert_eq!(m.scenario(&q).wss_bytes, 1_000_000_000);
+        q.mem_utilization = Some(f64::NAN);
+        assert_eq!(m.scenario(&q).wss_bytes, 1_000_000_000);
     }
 
     #[test]

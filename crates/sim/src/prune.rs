@@ -78,6 +78,7 @@ impl OverloadPrune {
                                     target_bw: t.bw as i64 as u64,
                                     // As the detector's look-ahead asks (engine/glue.rs).
                                     cpu_utilization: 1.0,
+                                    mem_utilization: None,
                                 },
                                 t.pe_mips,
                             )

@@ -9,6 +9,12 @@
 //! (decimals allowed, 0-100). Empty lines and lines starting with `#` are skipped; a first line
 //! whose second field is not a number is taken as a header. Every row must have the same number
 //! of samples (at least 2); the sampling interval is 300 s unless the caller overrides it.
+//!
+//! **Google cluster data 2011** (`google-gcd-2011/vms`): a directory like PlanetLab's whose
+//! lines hold two numbers, `CPU_PERCENT MEMORY_PERCENT`; [`Trace::load`] tells the two apart
+//! by the first line of the first file. It gives each VM a memory series as well
+//! ([`Trace::memory`]), read in [`crate::trace_google`], which also says how out-of-range
+//! samples are handled.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +43,24 @@ pub struct Trace {
     pub samples: Vec<Vec<f64>>,
     /// Seconds between samples.
     pub interval_s: f64,
+    /// Per VM, memory in use as a fraction 0..=1 of the VM's RAM per sample (with the same
+    /// repeated tail), when the trace has it (Google's does, PlanetLab's does not).
+    pub memory: Option<Vec<Vec<f64>>>,
+    /// Samples the reader changed to bring them in range (see [`crate::trace_google`]).
+    pub clamped: Vec<Clamped>,
+}
+
+/// Out-of-range samples of one file that the reader clamped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Clamped {
+    /// The file.
+    pub path: PathBuf,
+    /// How many samples were clamped.
+    pub samples: usize,
+    /// The first one: 1-based line and value as read.
+    pub first_line: usize,
+    /// The value read on `first_line`.
+    pub first_value: f64,
 }
 
 impl Trace {
@@ -112,6 +136,17 @@ impl Trace {
         u1 + delta * at.offset
     }
 
+    /// Memory in use by VM `vm` as a fraction of its RAM at a precomputed instant, when the
+    /// trace has a memory series (same interpolation as the CPU series).
+    pub fn memory_at(&self, vm: usize, at: &Instant) -> Option<f64> {
+        let data = self.memory.as_ref()?.get(vm)?;
+        let u1 = data[at.t1];
+        if at.denom == 0.0 {
+            return Some(u1);
+        }
+        Some(u1 + (data[at.t2] - u1) / at.denom * at.offset)
+    }
+
     /// Builds a trace from percent values (tests and generators). Each row gets the repeated
     /// tail sample appended.
     pub fn from_percent_rows(rows: Vec<(String, Vec<f64>)>, interval_s: f64) -> Self {
@@ -129,10 +164,13 @@ impl Trace {
             names,
             samples,
             interval_s,
+            memory: None,
+            clamped: Vec::new(),
         }
     }
 
-    /// Loads a PlanetLab directory or, when `path` is a file ending in `.csv`, a CSV trace.
+    /// Loads a PlanetLab or Google directory (told apart by the number of fields on the first
+    /// file's first line) or, when `path` is a file ending in `.csv`, a CSV trace.
     pub fn load(path: &Path) -> Result<Self, SimError> {
         if path.is_file()
             && path
@@ -141,13 +179,24 @@ impl Trace {
         {
             load_csv(path, 300.0)
         } else {
-            load_planetlab_dir(path)
+            let files = trace_files(path)?;
+            if crate::trace_google::is_google_file(&files[0])? {
+                crate::trace_google::load_files(&files)
+            } else {
+                load_planetlab_files(&files)
+            }
         }
     }
 }
 
 /// Loads a PlanetLab day directory (files in sorted name order).
 pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
+    load_planetlab_files(&trace_files(dir)?)
+}
+
+/// The VM files of a trace directory in sorted name order (READMEs and hidden files are
+/// documentation, not VMs); at least one.
+pub(crate) fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, SimError> {
     let io = |source| SimError::TraceIo {
         path: dir.to_path_buf(),
         source,
@@ -169,8 +218,12 @@ pub fn load_planetlab_dir(dir: &Path) -> Result<Trace, SimError> {
     if files.is_empty() {
         return Err(SimError::EmptyTrace(dir.to_path_buf()));
     }
+    Ok(files)
+}
+
+fn load_planetlab_files(files: &[PathBuf]) -> Result<Trace, SimError> {
     let mut rows = Vec::with_capacity(files.len());
-    for f in &files {
+    for f in files {
         let text = std::fs::read_to_string(f).map_err(|source| SimError::TraceIo {
             path: f.clone(),
             source,

@@ -122,6 +122,10 @@ pub struct VmStatus {
     pub heartbeats: u64,
     /// Distinct pages dirtied per second, measured over the last second from KVM's dirty log.
     pub dirty_rate_pps: f64,
+    /// Distinct pages dirtied over the last complete `WSS_WINDOW` (5 s): the working set.
+    /// `None` until a window has been measured (and while the VM does not run).
+    #[serde(default)]
+    pub working_set_pages: Option<u64>,
 }
 
 #[cfg(test)]

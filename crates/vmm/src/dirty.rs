@@ -59,6 +59,14 @@ impl KvmDirtyLog {
         })
     }
 
+    /// Adds `other`'s pages to these (growing to its length).
+    pub fn union(&mut self, other: &KvmDirtyLog) {
+        if self.words.len() < other.words.len() {
+            self.words.resize(other.words.len(), 0);
+        }
+        self.or_assign(&other.words);
+    }
+
     fn or_assign(&mut self, other: &[u64]) {
         for (a, b) in self.words.iter_mut().zip(other) {
             *a |= *b;

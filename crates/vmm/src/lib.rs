@@ -13,7 +13,7 @@
 //!        <──── waits for every VcpuResponse (Paused/Resumed/Finished, or Failed) ────┘
 //!  vCPU thread (vcpu.rs): KVM_RUN ─exit─> mailbox `in` (pacing.rs) | hlt (heartbeat)
 //!                                         | anything else -> Failed
-//!  monitor thread: every 1 s, DirtyLogHandle::fetch -> dirty_rate_pps
+//!  monitor thread: every 1 s, DirtyLogHandle::fetch -> dirty_rate_pps; ORed over 5 s -> working_set_pages
 //! ```
 //!
 //! Modules: `config` (VmConfig, status types), `vm` (the `Vm` and its lifecycle), `vcpu`
@@ -46,7 +46,7 @@ pub use state::{
     VcpuState, VmState, WorkloadVcpuState, STATE_MAGIC, STATE_MAX_BYTES, STATE_VERSION,
 };
 pub use verify::VerifyReport;
-pub use vm::Vm;
+pub use vm::{Vm, WSS_WINDOW};
 pub use workload::{format_size, parse_size, Pattern, WorkloadKind, WorkloadSpec};
 
 /// Guest page size used by the dirty log and the workloads.

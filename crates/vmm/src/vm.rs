@@ -16,7 +16,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot;
 use crate::config::{VmConfig, VmRunState, VmStatus};
-use crate::dirty::{DirtyLogHandle, DirtyLogSource};
+use crate::dirty::{DirtyLogHandle, DirtyLogSource, KvmDirtyLog};
 use crate::error::StateError;
 use crate::guest;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -80,6 +80,8 @@ pub struct Vm {
     ctl: Mutex<Control>,
     shared: Arc<VcpuShared>,
     dirty_rate_bits: Arc<AtomicU64>,
+    /// Distinct pages dirtied over the last complete [`WSS_WINDOW`]; `u64::MAX` until one is.
+    working_set_pages: Arc<AtomicU64>,
     dirty: Arc<DirtyLogSource>,
     vm_fd: Arc<VmFd>,
     saveable_msrs: Vec<u32>,
@@ -183,6 +185,7 @@ impl Vm {
             }),
             shared,
             dirty_rate_bits: Arc::new(AtomicU64::new(0)),
+            working_set_pages: Arc::new(AtomicU64::new(u64::MAX)),
             vm_fd,
             mem: Arc::new(mem),
             dirty,
@@ -253,9 +256,10 @@ impl Vm {
         let handle = self.dirty.subscribe()?;
         let (quit, quit_rx) = mpsc::channel();
         let rate = Arc::clone(&self.dirty_rate_bits);
+        let wss = Arc::clone(&self.working_set_pages);
         let thread = std::thread::Builder::new()
             .name("dirty-rate".into())
-            .spawn(move || dirty_rate_monitor(&quit_rx, &handle, &rate))
+            .spawn(move || dirty_rate_monitor(&quit_rx, &handle, &rate, &wss))
             .map_err(|source| VmmError::Thread {
                 what: "dirty-rate monitor",
                 source,
@@ -397,10 +401,15 @@ impl Vm {
             pages += w.pages_done;
             beats += w.heartbeats;
         }
-        let rate = if state == VmRunState::Running {
+        let running = state == VmRunState::Running;
+        let rate = if running {
             f64::from_bits(self.dirty_rate_bits.load(Ordering::Relaxed))
         } else {
             0.0
+        };
+        let working_set_pages = match self.working_set_pages.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            n => running.then_some(n),
         };
         VmStatus {
             state,
@@ -408,6 +417,7 @@ impl Vm {
             pages_written: pages,
             heartbeats: beats,
             dirty_rate_pps: rate,
+            working_set_pages,
         }
     }
 
@@ -616,9 +626,21 @@ impl Drop for Vm {
     }
 }
 
-/// Measures the dirty rate once a second until `quit` is dropped.
-fn dirty_rate_monitor(quit: &Receiver<()>, handle: &DirtyLogHandle, rate_bits: &AtomicU64) {
+/// Window over which the monitor counts distinct dirtied pages: the working set a pre-copy
+/// round of a few seconds meets (the migration model's `wss`).
+pub const WSS_WINDOW: Duration = Duration::from_secs(5);
+
+/// Measures the dirty rate once a second, and the distinct pages dirtied over each
+/// [`WSS_WINDOW`], until `quit` is dropped.
+fn dirty_rate_monitor(
+    quit: &Receiver<()>,
+    handle: &DirtyLogHandle,
+    rate_bits: &AtomicU64,
+    wss_pages: &AtomicU64,
+) {
     let mut last = Instant::now();
+    // One bitmap ORed over the window (not one per second: a 64 GiB VM's is 2 MiB).
+    let mut window: Option<(Instant, KvmDirtyLog)> = None;
     loop {
         let wait = (last + Duration::from_secs(1)).saturating_duration_since(Instant::now());
         if !matches!(quit.recv_timeout(wait), Err(RecvTimeoutError::Timeout)) {
@@ -630,10 +652,17 @@ fn dirty_rate_monitor(quit: &Receiver<()>, handle: &DirtyLogHandle, rate_bits: &
                 let rate = bitmap.count() as f64 / (now - last).as_secs_f64();
                 last = now;
                 rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+                let (start, acc) = window.get_or_insert_with(|| (now, KvmDirtyLog::default()));
+                acc.union(&bitmap);
+                if now - *start >= WSS_WINDOW {
+                    wss_pages.store(acc.count(), Ordering::Relaxed);
+                    window = None;
+                }
             }
             Err(e) => {
                 tracing::warn!("dirty-rate monitor: {e}");
                 last = Instant::now();
+                window = None;
             }
         }
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::Row;
 use crate::usage;
 
 /// Reference rows keyed by (day, policy).
@@ -123,6 +124,41 @@ pub(super) fn write_csv<T: Serialize>(
     w.flush()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// One run as text (`fastmig simulate` without `--json`).
+pub(super) fn print_text(row: &Row) {
+    let r = &row.result;
+    let param = r.param.map(|p| format!(" (param {p})")).unwrap_or_default();
+    println!("day              {}", row.day);
+    println!("policy           {}{param}", r.policy);
+    println!("hosts / VMs      {} / {}", r.hosts, r.vms);
+    println!("migration model  {}", r.migration_model);
+    println!("energy           {:.2} kWh", r.energy_kwh);
+    println!(
+        "SLATAH           {:.5} ({:.2} %)",
+        r.slatah,
+        r.slatah * 100.0
+    );
+    println!("PDM              {:.6} ({:.4} %)", r.pdm, r.pdm * 100.0);
+    println!("SLAV             {:.8}", r.slav);
+    println!("ESV              {:.8}", r.esv);
+    println!("migrations       {}", r.migrations);
+    println!("host shutdowns   {}", r.host_shutdowns);
+    println!("wall time        {:.3} s", row.wall_s);
+}
+
+/// `a` relative to `b` as a signed percentage (`n/a` against 0).
+pub(super) fn rel(a: f64, b: f64) -> String {
+    if b == 0.0 {
+        if a == 0.0 {
+            "0.0%".into()
+        } else {
+            "n/a".into()
+        }
+    } else {
+        format!("{:+.1}%", (a - b) / b * 100.0)
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ impl<'a> Simulation<'a> {
                     // The look-ahead is CloudSim's longest migration off the host: the largest
                     // RAM, at full activity (the prune bound assumes the same).
                     cpu_utilization: 1.0,
+                    mem_utilization: None,
                 },
                 host.pe_mips,
             )

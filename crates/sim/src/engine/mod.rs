@@ -436,6 +436,9 @@ impl<'a> Simulation<'a> {
                 ram_mb: self.vms[v.idx()].ram_mb,
                 target_bw: self.hosts[target.idx()].bw as u64,
                 cpu_utilization: self.vm_activity(v),
+                mem_utilization: self
+                    .trace
+                    .memory_at(self.vms[v.idx()].trace, &self.trace.instant(t)),
             },
             self.hosts[target.idx()].pe_mips,
         );
