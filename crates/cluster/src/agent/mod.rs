@@ -281,16 +281,44 @@ async fn monitor(agent: Arc<Agent>) {
     }
 }
 
-/// Sets a running paced VM's dirty rate to follow its demand (see [`demand`]); returns the
-/// rate set, if one was.
+/// Sets a running paced VM's dirty rate to follow its demand (`pages/s = demand × 10,000`,
+/// see [`demand`]); returns the rate set, if one was. Left alone during a migration (the
+/// rate in force travels with the VM; the destination's agent sets the trace's rate once
+/// the VM runs there) and for `idle`/`fill` guests, which have no rate.
 async fn follow_demand(
     entry: &VmEntry,
     status: &RunStatus,
     migrating: bool,
     now: u64,
 ) -> Option<u64> {
-    let _ = (entry, status, migrating, now);
-    None
+    if *status != RunStatus::Running || migrating || entry.meta.incoming.is_some() {
+        return None;
+    }
+    let paced = entry
+        .meta
+        .vm
+        .workload
+        .parse::<WorkloadSpec>()
+        .is_ok_and(|w| matches!(w.kind, WorkloadKind::Dirty | WorkloadKind::Verify));
+    if !paced {
+        return None;
+    }
+    let rate = demand::dirty_rate_for(
+        entry
+            .demand
+            .at(now.saturating_sub(entry.meta.demand_epoch_ms)),
+    );
+    if entry.rate_set == Some(rate) {
+        return None;
+    }
+    let c = entry.client.clone();
+    match blocking(move || c.set_dirty_rate(rate)).await {
+        Ok(()) => Some(rate),
+        Err(e) => {
+            tracing::warn!(vm = %entry.meta.vm.vm, "set-dirty-rate {rate}: {e}");
+            None
+        }
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.
