@@ -6,6 +6,7 @@
 //! while running (no VM answers at the socket, a failed migration, a failed guest). Every
 //! error is one line on stderr, clap's own included.
 
+mod agent_cmd;
 mod bench_cmd;
 mod charts;
 mod daemon;
@@ -66,6 +67,8 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Predict a migration's time, downtime, bytes and CPU, and whether it converges.
     Predict(model_cmd::PredictArgs),
+    /// Run the host agent of the consolidation system.
+    Agent(agent_cmd::AgentArgs),
 }
 
 /// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
@@ -126,6 +129,7 @@ fn main() {
         Command::Shell(cmd) => shell_cmd::main(cmd),
         Command::Model(cmd) => model_cmd::main(cmd),
         Command::Predict(args) => model_cmd::predict_main(args),
+        Command::Agent(args) => agent_cmd::main(args),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));

@@ -17,7 +17,10 @@
 //! protocol (`fastmig-migration`), the policies (`fastmig-sim`) or the cost model
 //! (`fastmig-model`); it only drives them.
 
+pub mod agent;
 pub mod agent_api;
+pub mod auth;
+pub mod http_client;
 pub mod proto;
 
 pub use agent_api::{AgentApi, AgentError};

@@ -36,7 +36,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::command::{
-    Command, CommandError, Empty, MigrateState, MigrationRequest, Reply, StatusInfo, VmInfo,
+    Command, CommandError, Empty, MigrateState, MigrationRequest, Reply, SetDirtyRate, StatusInfo,
+    VmInfo,
 };
 
 /// Longest reply line read.
@@ -240,6 +241,12 @@ impl ControlClient {
     /// `query-migrate`.
     pub fn query_migrate(&self) -> Result<MigrateState, ClientError> {
         self.call(&Command::QueryMigrate)
+    }
+
+    /// `set-dirty-rate`: the workload's page writes per second (above 0).
+    pub fn set_dirty_rate(&self, pages_per_s: u64) -> Result<(), ClientError> {
+        self.call::<Empty>(&Command::SetDirtyRate(SetDirtyRate { pages_per_s }))
+            .map(drop)
     }
 
     /// `migrate-cancel`.

@@ -54,6 +54,17 @@ pub enum Command {
     QueryMigrate,
     /// `migrate-cancel`: cancel the outgoing migration → `{}`; the VM keeps running here.
     MigrateCancel,
+    /// `set-dirty-rate`: change the write rate of a `dirty`/`verify` workload → `{}` (what
+    /// the host agent does to make a guest's load follow its CPU demand).
+    SetDirtyRate(SetDirtyRate),
+}
+
+/// Arguments of `set-dirty-rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetDirtyRate {
+    /// Page writes per second over all vCPUs, above 0.
+    pub pages_per_s: u64,
 }
 
 impl Command {
@@ -498,6 +509,8 @@ mod tests {
         for name in Command::names() {
             let cmd = if *name == "migrate" {
                 Command::Migrate(MigrationRequest::to("127.0.0.1:1"))
+            } else if *name == "set-dirty-rate" {
+                Command::SetDirtyRate(SetDirtyRate { pages_per_s: 100 })
             } else {
                 Command::from_parts(name, None).expect(name)
             };
@@ -505,7 +518,7 @@ mod tests {
             let line = serde_json::to_string(&cmd).expect("serialises");
             assert_eq!(Request::parse(&line).expect("parses").command, cmd);
         }
-        assert_eq!(Command::names().len(), 9);
+        assert_eq!(Command::names().len(), 10);
     }
 
     #[test]
@@ -549,6 +562,22 @@ mod tests {
             class(Request::parse("nope").map(|r| r.command)),
             ErrorClass::GenericError
         );
+    }
+
+    #[test]
+    fn set_dirty_rate_takes_its_rate_and_nothing_else() {
+        assert_eq!(
+            parse(json!({"execute": "set-dirty-rate", "arguments": {"pages_per_s": 500}})).ok(),
+            Some(Command::SetDirtyRate(SetDirtyRate { pages_per_s: 500 }))
+        );
+        for bad in [
+            json!({"execute": "set-dirty-rate"}),
+            json!({"execute": "set-dirty-rate", "arguments": {}}),
+            json!({"execute": "set-dirty-rate", "arguments": {"pages_per_s": -1}}),
+            json!({"execute": "set-dirty-rate", "arguments": {"pages_per_s": 5, "x": 1}}),
+        ] {
+            assert_eq!(class(parse(bad.clone())), ErrorClass::GenericError, "{bad}");
+        }
     }
 
     #[test]

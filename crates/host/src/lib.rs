@@ -29,7 +29,7 @@ pub mod server;
 pub use client::{ClientError, ControlClient};
 pub use command::{
     Command, CommandError, ErrorClass, MigrateState, MigrationRequest, Reply, Request, RunStatus,
-    StatusInfo, VmInfo,
+    SetDirtyRate, StatusInfo, VmInfo,
 };
 pub use error::HostError;
 pub use process::{error_line, Handler, VmProcess};

@@ -22,8 +22,8 @@ use fastmig_migration::{
 use fastmig_vmm::{Vm, VmRunState};
 
 use crate::command::{
-    Command, CommandError, Empty, MigrateState, MigrationRequest, Return, RunStatus, StatusInfo,
-    VmInfo,
+    Command, CommandError, Empty, MigrateState, MigrationRequest, Return, RunStatus, SetDirtyRate,
+    StatusInfo, VmInfo,
 };
 use crate::kvm_adapter::KvmMigratable;
 
@@ -375,6 +375,12 @@ impl Handler for VmProcess {
                 Ok(empty)
             }
             Command::QueryMigrate => Ok(Return::Migrate(Box::new(self.query_migrate()))),
+            Command::SetDirtyRate(SetDirtyRate { pages_per_s }) => {
+                self.need_vm()?
+                    .set_workload_rate(pages_per_s)
+                    .map_err(failed)?;
+                Ok(empty)
+            }
             Command::MigrateCancel => match &*lock(&self.outgoing) {
                 Outgoing::Active { cancel, .. } => {
                     cancel.cancel();

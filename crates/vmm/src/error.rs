@@ -62,6 +62,9 @@ pub enum VmmError {
     /// A vCPU thread ended without saying why (it panicked).
     #[error("a vCPU thread ended unexpectedly")]
     VcpuThreadLost,
+    /// `set_workload_rate` on a workload without a paced rate, or a rate of 0.
+    #[error("a write rate applies to the paced `dirty` and `verify` workloads, with a rate above 0 (this VM runs `{0}`)")]
+    NotPaced(WorkloadSpec),
     /// `verify_memory` on a workload that does not stamp pages.
     #[error("verify-memory needs the `verify` workload (this VM runs `{0}`)")]
     NotVerifiable(WorkloadSpec),

@@ -73,7 +73,8 @@ impl Grant {
 /// A vCPU's pacing schedule: page `issued` is due `(issued - base) / rate` after the anchor.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Pacer {
-    anchor: Option<(Instant, u64)>,
+    /// When, at which page count and at which rate the schedule started.
+    anchor: Option<(Instant, u64, f64)>,
 }
 
 impl Pacer {
@@ -81,10 +82,15 @@ impl Pacer {
     /// fell more than [`MAX_LAG`] behind is due at once and does not build up credit for a
     /// later burst.
     pub(crate) fn due(&mut self, now: Instant, issued: u64, rate: f64) -> Instant {
-        let (t0, base) = *self.anchor.get_or_insert((now, issued));
+        // A new rate (`set_workload_rate`) starts a new schedule: the old one's pages at the
+        // new rate would stall a slowed guest for long or let a sped-up one burst.
+        if self.anchor.is_some_and(|(_, _, r)| r != rate) {
+            self.anchor = None;
+        }
+        let (t0, base, _) = *self.anchor.get_or_insert((now, issued, rate));
         let due = t0 + Duration::from_secs_f64(issued.saturating_sub(base) as f64 / rate);
         if now > due + MAX_LAG {
-            self.anchor = Some((now, issued));
+            self.anchor = Some((now, issued, rate));
             now
         } else {
             due
@@ -221,6 +227,19 @@ mod tests {
         // Asked later, the schedule keeps its anchor.
         let later = t0 + Duration::from_millis(5);
         assert_eq!(p.due(later, 20, 1000.0), t0 + Duration::from_millis(20));
+    }
+
+    #[test]
+    fn a_new_rate_starts_a_new_schedule() {
+        let t0 = Instant::now();
+        let mut p = Pacer::default();
+        assert_eq!(p.due(t0, 0, 1000.0), t0);
+        assert_eq!(p.due(t0, 50, 1000.0), t0 + Duration::from_millis(50));
+        // Slowed to 10 pages/s at page 50, 50 ms in: page 50 is due now, page 51 100 ms
+        // later (on the old anchor it would be 5.1 s away).
+        let t1 = t0 + Duration::from_millis(50);
+        assert_eq!(p.due(t1, 50, 10.0), t1);
+        assert_eq!(p.due(t1, 51, 10.0), t1 + Duration::from_millis(100));
     }
 
     #[test]

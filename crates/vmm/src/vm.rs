@@ -421,7 +421,31 @@ impl Vm {
         }
     }
 
-    /// The configuration the VM was built with.
+    /// Changes the write rate of a `dirty`/`verify` workload (pages/s over all vCPUs, above
+    /// 0), running or not: the vCPUs pace their next batch at it, and a saved state carries
+    /// it (so a migrated VM keeps it). What the guest writes is unchanged, so `verify` still
+    /// checks.
+    pub fn set_workload_rate(&self, rate: u64) -> Result<(), VmmError> {
+        let spec = self.cfg().workload.clone();
+        if rate == 0 || !matches!(spec.kind, WorkloadKind::Dirty | WorkloadKind::Verify) {
+            return Err(VmmError::NotPaced(spec));
+        }
+        // The layout the vCPUs read and the configuration a saved state carries.
+        self.shared
+            .workload
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .spec
+            .rate = rate;
+        self.cfg
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .workload
+            .rate = rate;
+        Ok(())
+    }
+
+    /// The configuration the VM was built with (with the rate last set).
     pub fn config(&self) -> VmConfig {
         self.cfg().clone()
     }

@@ -114,6 +114,34 @@ fn dirty_rate_measured_by_the_dirty_log_is_near_the_target() {
 }
 
 #[test]
+fn a_new_workload_rate_is_followed_carried_in_the_state_and_still_verifies() {
+    // seq over 4096 pages: distinct dirty pages/s equal the write rate, as above.
+    let vm = started(config(32, 1, "verify:rate=2000,wss=16M,pattern=seq"));
+    wait_for("the first rate", || {
+        (vm.status().dirty_rate_pps - 2000.0).abs() < 400.0
+    });
+    vm.set_workload_rate(500)
+        .expect("a paced workload takes a new rate");
+    assert_eq!(vm.config().workload.rate, 500);
+    // A whole second at the new rate, not a burst or a stall.
+    wait_for("the monitor to see the new rate", || {
+        (vm.status().dirty_rate_pps - 500.0).abs() < 100.0
+    });
+    vm.pause().expect("pause");
+    assert_eq!(vm.save_state().expect("save").workload.rate, 500);
+    assert!(vm.verify_memory().expect("verify").is_clean());
+    assert!(matches!(
+        vm.set_workload_rate(0),
+        Err(VmmError::NotPaced(_))
+    ));
+    let idle = started(config(16, 1, "idle"));
+    assert!(matches!(
+        idle.set_workload_rate(100),
+        Err(VmmError::NotPaced(_))
+    ));
+}
+
+#[test]
 fn two_dirty_log_subscribers_each_see_every_page() {
     let vm = started(config(16, 1, "dirty:rate=3000,wss=4M,pattern=random"));
     let a = vm.dirty_log().expect("a");
