@@ -19,5 +19,6 @@
 
 pub mod agent_api;
 pub mod proto;
+pub mod store;
 
 pub use agent_api::{AgentApi, AgentError};
