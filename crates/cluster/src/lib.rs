@@ -18,6 +18,8 @@
 //! (`fastmig-model`); it only drives them.
 
 pub mod agent_api;
+pub mod controller;
+pub mod fake_agent;
 pub mod proto;
 pub mod store;
 

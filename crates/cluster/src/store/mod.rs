@@ -755,4 +755,4 @@ impl<B: Backend> Store for SqlStore<B> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
