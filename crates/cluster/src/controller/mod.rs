@@ -15,6 +15,7 @@
 //! It does not own the agents (the [`AgentApi`] seam), the policies (`fastmig_sim`), or
 //! the HTTP API (`api`).
 
+pub mod api;
 pub mod reconcile;
 pub mod round;
 
@@ -209,6 +210,31 @@ pub struct Controller {
     open: BTreeMap<MigrationId, MigrationRow>,
 }
 
+/// Each agent's report (or why it did not come), by host.
+pub type Reports = Vec<(HostName, Result<HostReport, AgentError>)>;
+
+/// Asks every agent for its report, on `threads` threads.
+pub fn gather(agents: &[Arc<dyn AgentApi>], threads: usize) -> Reports {
+    let threads = threads.clamp(1, agents.len().max(1));
+    let chunk = agents.len().div_ceil(threads).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = agents
+            .chunks(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|a| (a.host().clone(), a.report()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
 fn ram_mb(bytes: u64) -> u32 {
     u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX)
 }
@@ -335,33 +361,16 @@ impl Controller {
         id
     }
 
-    /// Asks every agent for its report, `gather_threads` at a time.
-    fn gather(&self) -> Vec<(HostName, Result<HostReport, AgentError>)> {
-        let agents: Vec<&Arc<dyn AgentApi>> = self.agents.values().collect();
-        let threads = self.cfg.gather_threads.clamp(1, agents.len().max(1));
-        let chunk = agents.len().div_ceil(threads).max(1);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = agents
-                .chunks(chunk)
-                .map(|part| {
-                    s.spawn(move || {
-                        part.iter()
-                            .map(|a| (a.host().clone(), a.report()))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_default())
-                .collect()
-        })
+    /// The agents, to gather reports without holding the controller (the API stays
+    /// responsive while an agent times out).
+    pub fn agents(&self) -> Vec<Arc<dyn AgentApi>> {
+        self.agents.values().cloned().collect()
     }
 
     /// Takes fresh reports in: hosts, VMs, and the end of open migrations.
-    fn refresh(&mut self, decision: &mut Decision) -> Result<(), StoreError> {
+    fn refresh(&mut self, gathered: Reports, decision: &mut Decision) -> Result<(), StoreError> {
         let mut reports = BTreeMap::new();
-        for (name, r) in self.gather() {
+        for (name, r) in gathered {
             match r {
                 Ok(rep) if rep.host == name => {
                     reports.insert(name, rep);
@@ -563,12 +572,18 @@ impl Controller {
 
     /// One interval: reports, migrations ended, the policy round, orders, the store.
     pub fn tick(&mut self) -> Result<Decision, ControllerError> {
+        let reports = gather(&self.agents(), self.cfg.gather_threads);
+        self.tick_with(reports)
+    }
+
+    /// [`Controller::tick`] with reports gathered by [`gather`] beforehand.
+    pub fn tick_with(&mut self, reports: Reports) -> Result<Decision, ControllerError> {
         self.interval_no += 1;
         let mut d = Decision {
             interval: self.interval_no,
             ..Decision::default()
         };
-        self.refresh(&mut d)?;
+        self.refresh(reports, &mut d)?;
         let (hosts, vms) = self.round_input();
         let t0 = Instant::now();
         let policies = Policies {
@@ -601,7 +616,8 @@ impl Controller {
                 d.deferred.push(mv.clone());
                 continue;
             }
-            match self.order(&mv.vm, &mv.destination, mv.origin, Some(self.interval_no)) {
+            let (t, i) = (self.cfg.transport, self.interval_no);
+            match self.order(&mv.vm, &mv.destination, t, mv.origin, Some(i)) {
                 Ok(row) => {
                     *in_flight.entry(mv.source.clone()).or_default() += 1;
                     *in_flight.entry(mv.destination.clone()).or_default() += 1;
@@ -767,6 +783,7 @@ impl Controller {
         &mut self,
         vm: &VmName,
         dst: &HostName,
+        transport: TransportKind,
         origin: Origin,
         decision: Option<i64>,
     ) -> Result<MigrationRow, OrderError> {
@@ -812,7 +829,7 @@ impl Controller {
             vm: vm.clone(),
             source: st.host.clone(),
             destination: dst.clone(),
-            transport: serde_json::to_string(&self.cfg.transport).unwrap_or_default(),
+            transport: serde_json::to_string(&transport).unwrap_or_default(),
             state: MigrationState::Ordered,
             origin,
             decision,
@@ -842,7 +859,7 @@ impl Controller {
         let ready = match dst_agent.prepare_incoming(&PrepareIncoming {
             migration: id,
             vm: spec,
-            transport: self.cfg.transport,
+            transport,
             source: st.host.clone(),
         }) {
             Ok(r) => r,
@@ -850,7 +867,7 @@ impl Controller {
         };
         let request = MigrationRequest {
             uri: ready.uri,
-            transport: self.cfg.transport,
+            transport,
             ..MigrationRequest::default()
         };
         if let Err(e) = src_agent.start_outgoing(&StartOutgoing {
@@ -874,13 +891,84 @@ impl Controller {
         Ok(row)
     }
 
+    /// Starts a new VM: on `host`, or where PABFD puts it (its demand taken as its constant
+    /// demand, or 1 for a trace). Refused with nothing changed when the name exists or the
+    /// host cannot take it.
+    pub fn place_vm(
+        &mut self,
+        spec: &StartVm,
+        host: Option<&HostName>,
+    ) -> Result<(HostName, VmReport), OrderError> {
+        if self.vms.contains_key(&spec.vm) {
+            return Err(OrderError::Exists(spec.vm.clone()));
+        }
+        let demand = match &spec.demand {
+            crate::proto::DemandSource::Constant { utilization } => utilization.clamp(0.0, 1.0),
+            crate::proto::DemandSource::Trace { .. } => 1.0,
+        };
+        let dst = match host {
+            Some(h) => h.clone(),
+            None => {
+                let (hosts, vms) = self.round_input();
+                let new = RoundVm {
+                    name: spec.vm.clone(),
+                    host: 0,
+                    mips: spec.mips,
+                    ram_mb: ram_mb(spec.mem_bytes),
+                    requested_mips: demand * spec.mips,
+                    history: Vec::new(),
+                    movable: false,
+                };
+                let p = Policies {
+                    detector: self.detector.as_ref(),
+                    selector: self.selector.as_ref(),
+                    placement: &Pabfd,
+                    cost: self.cfg.cost.model(),
+                    interval_s: self.cfg.interval.as_secs_f64(),
+                    max_in_flight: self.cfg.max_in_flight,
+                };
+                let i = round::place_new(&hosts, &vms, &new, &p).ok_or_else(|| {
+                    OrderError::NoRoom(HostName("any active host".into()), spec.vm.clone())
+                })?;
+                hosts[i].name.clone()
+            }
+        };
+        self.check_destination(spec, demand, &dst)?;
+        let agent = Arc::clone(self.agent(&dst)?);
+        let rep = agent.start_vm(spec)?;
+        self.vms.insert(
+            spec.vm.clone(),
+            VmStatus {
+                host: dst.clone(),
+                report: rep.clone(),
+            },
+        );
+        if let Some(r) = self.reports.get_mut(&dst) {
+            r.vms.push(rep.clone());
+        }
+        if let Some(h) = self.hosts.get_mut(&dst) {
+            h.vms.push(spec.vm.clone());
+        }
+        self.store.put_vm(&VmRow {
+            name: spec.vm.clone(),
+            host: Some(dst.clone()),
+            spec: serde_json::to_string(spec).unwrap_or_default(),
+            status: rep.status.to_string(),
+            demand: rep.demand,
+            updated_ms: now_ms(),
+        })?;
+        tracing::info!(vm = %spec.vm, host = %dst, "VM placed");
+        Ok((dst, rep))
+    }
+
     /// Follows the open migrations until they end or `timeout` passes, then cancels those
     /// still running (the source keeps the VM) and follows them once more. For shutdown.
     pub fn drain(&mut self, timeout: Duration, poll: Duration) -> Result<usize, ControllerError> {
         let deadline = Instant::now() + timeout;
         let mut d = Decision::default();
         while !self.open.is_empty() && Instant::now() < deadline {
-            self.refresh(&mut d)?;
+            let r = gather(&self.agents(), self.cfg.gather_threads);
+            self.refresh(r, &mut d)?;
             if self.open.is_empty() {
                 break;
             }
@@ -893,7 +981,8 @@ impl Controller {
             }
         }
         if !left.is_empty() {
-            self.refresh(&mut d)?;
+            let r = gather(&self.agents(), self.cfg.gather_threads);
+            self.refresh(r, &mut d)?;
         }
         Ok(self.open.len())
     }

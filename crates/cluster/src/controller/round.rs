@@ -238,6 +238,44 @@ impl PlacementContext for Ctx<'_, '_> {
     }
 }
 
+impl<'a> Work<'a> {
+    /// The hosts with the first `placed` VMs on them.
+    fn new(hosts: &'a [RoundHost], vms: &'a [RoundVm], placed: usize, p: &'a Policies<'a>) -> Self {
+        let n = hosts.len();
+        let mut w = Work {
+            hosts,
+            vms,
+            on: vec![Vec::new(); n],
+            alloc: vec![0.0; n],
+            ram_used: vec![0; n],
+            power_now: vec![0.0; n],
+            p,
+        };
+        for (i, v) in vms.iter().enumerate().take(placed) {
+            w.add(v.host, i);
+        }
+        w.power_now = (0..n)
+            .map(|h| hosts[h].host_type.power.power(w.utilization(h)))
+            .collect();
+        w
+    }
+}
+
+/// PABFD for one new VM on the active hosts as they are (`POST /vms` without a host). The
+/// new VM's `host` is ignored.
+pub fn place_new(
+    hosts: &[RoundHost],
+    vms: &[RoundVm],
+    new: &RoundVm,
+    p: &Policies<'_>,
+) -> Option<usize> {
+    let mut all = vms.to_vec();
+    all.push(new.clone());
+    let w = Work::new(hosts, &all, vms.len(), p);
+    let excluded: Vec<bool> = hosts.iter().map(|h| !h.active).collect();
+    w.place(vms.len(), &excluded)
+}
+
 fn sort_by_request_desc(vms: &[RoundVm], list: &mut [usize]) {
     list.sort_by(|&a, &b| vms[b].requested_mips.total_cmp(&vms[a].requested_mips));
 }
@@ -245,21 +283,7 @@ fn sort_by_request_desc(vms: &[RoundVm], list: &mut [usize]) {
 /// Runs one round. `rng` feeds the random selector.
 pub fn plan(hosts: &[RoundHost], vms: &[RoundVm], p: &Policies<'_>, rng: &mut SplitMix64) -> Plan {
     let n = hosts.len();
-    let mut w = Work {
-        hosts,
-        vms,
-        on: vec![Vec::new(); n],
-        alloc: vec![0.0; n],
-        ram_used: vec![0; n],
-        power_now: vec![0.0; n],
-        p,
-    };
-    for (i, v) in vms.iter().enumerate() {
-        w.add(v.host, i);
-    }
-    w.power_now = (0..n)
-        .map(|h| hosts[h].host_type.power.power(w.utilization(h)))
-        .collect();
+    let mut w = Work::new(hosts, vms, vms.len(), p);
     let mut out = Plan::default();
     // Never a destination: standby, unreachable, or at the in-flight cap.
     let unusable: Vec<bool> = hosts
