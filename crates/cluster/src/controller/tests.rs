@@ -181,8 +181,16 @@ fn standby_hosts_are_woken_when_capacity_runs_short() {
 
 #[test]
 fn a_restarted_controller_ends_the_migration_it_left_in_flight() {
+    restart_ends_the_migration_left_in_flight(TestDb::sqlite());
+}
+
+#[test]
+fn a_restarted_controller_on_postgres_ends_the_migration_it_left_in_flight() {
+    restart_ends_the_migration_left_in_flight(TestDb::pg("ctl_restart"));
+}
+
+fn restart_ends_the_migration_left_in_flight(db: TestDb) {
     let c = cluster();
-    let db = TestDb::sqlite();
     let mut ctl = controller(&c, &db, 1);
     let id = ctl.tick().unwrap().ordered[0].0;
     drop(ctl);
