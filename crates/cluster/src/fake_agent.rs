@@ -63,6 +63,7 @@ pub fn test_vm(name: &str, mem_mb: u64, mips: f64, demand: f64) -> StartVm {
         demand: DemandSource::Constant {
             utilization: demand,
         },
+        demand_epoch_ms: None,
     }
 }
 
@@ -82,6 +83,7 @@ fn vm_report(spec: &StartVm, status: RunStatus) -> VmReport {
         working_set_bytes: 0,
         workload: spec.workload.clone(),
         demand_source: spec.demand.clone(),
+        demand_epoch_ms: spec.demand_epoch_ms,
     }
 }
 
@@ -94,6 +96,7 @@ pub fn spec_of(vm: &VmReport) -> StartVm {
         mips: vm.mips,
         workload: vm.workload.clone(),
         demand: vm.demand_source.clone(),
+        demand_epoch_ms: vm.demand_epoch_ms,
     }
 }
 

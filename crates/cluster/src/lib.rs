@@ -20,9 +20,9 @@
 pub mod agent;
 pub mod agent_api;
 pub mod auth;
-pub mod http_client;
 pub mod controller;
 pub mod fake_agent;
+pub mod http_client;
 pub mod proto;
 pub mod store;
 

@@ -818,6 +818,9 @@ impl Controller {
                     ram_mb: ram_mb(spec.mem_bytes),
                     target_bw: t.bw,
                     cpu_utilization: st.report.demand,
+                    // Unmeasured (0) means unknown: the model then takes all of its RAM.
+                    mem_utilization: (st.report.mem_bytes > 0 && st.report.working_set_bytes > 0)
+                        .then(|| st.report.working_set_bytes as f64 / st.report.mem_bytes as f64),
                 },
                 t.pe_mips,
             )

@@ -153,6 +153,8 @@ impl Work<'_> {
                     ram_mb: max_ram.unwrap_or(0),
                     target_bw: host.host_type.bw,
                     cpu_utilization: 1.0,
+                    // The detector's look-ahead takes the worst case, as the simulator does.
+                    mem_utilization: None,
                 },
                 host.host_type.pe_mips,
             )
