@@ -278,3 +278,45 @@ fn a_cancelled_migration_leaves_the_vm_on_its_source() {
     assert!(vm_names(&dst.api().report().expect("report")).is_empty());
     assert_eq!(vm_names(&src.api().report().expect("report")), ["vm1"]);
 }
+
+#[test]
+fn a_source_agent_killed_mid_way_ends_with_the_vm_on_exactly_one_host() {
+    let mut src = TestAgent::start("src");
+    let dst = TestAgent::start("dst");
+    src.api().start_vm(&slow_vm()).expect("start");
+    order(
+        &src,
+        &dst,
+        7,
+        &slow_vm(),
+        TransportKind::Classic,
+        Some(4_000_000),
+    );
+    wait_sending(&src, 7);
+    // The source's agent dies; its VM process migrates on, and the restarted agent takes
+    // the migration up again from vm.json.
+    src.kill();
+    src.spawn();
+    let s = wait_ended(&src.api(), MigrationId(7), Duration::from_secs(60));
+    let d = wait_ended(&dst.api(), MigrationId(7), Duration::from_secs(30));
+    assert!(
+        matches!(s.phase, MigrationPhase::Completed { .. }),
+        "source: {:?}\n{}",
+        s.phase,
+        src.log()
+    );
+    assert!(
+        matches!(d.phase, MigrationPhase::Completed { .. }),
+        "{:?}",
+        d.phase
+    );
+    assert!(
+        src.vm_client("vm1").is_none(),
+        "the source process has quit"
+    );
+    let c = dst.vm_client("vm1").expect("on the destination");
+    assert_eq!(c.query_status().expect("status").status, RunStatus::Running);
+    assert!(c.verify_memory().expect("verify").is_clean());
+    assert!(vm_names(&src.api().report().expect("report")).is_empty());
+    assert_eq!(vm_names(&dst.api().report().expect("report")), ["vm1"]);
+}

@@ -144,8 +144,11 @@ fn check_vm(vm: &StartVm) -> Result<Demand, ApiFail> {
     Demand::load(&vm.demand).map_err(|e| ApiFail::bad(format!("demand: {}", chain(&e))))
 }
 
-/// Reserves a VM name on an active host: refuses standby, shutdown and names in use.
-fn reserve(agent: &Agent, vm: &VmName) -> Result<(), ApiFail> {
+/// Reserves a VM on an active host: refuses standby, shutdown, names in use and a VM that
+/// does not fit in the host's declared capacity (RAM and MIPS, as CloudSim allocates them)
+/// next to the VMs already here.
+fn reserve(agent: &Agent, new: &StartVm) -> Result<(), ApiFail> {
+    let vm = &new.vm;
     refuse_if_shutting_down(agent)?;
     let mut inner = agent.lock();
     if inner.state == HostState::Standby {
@@ -154,12 +157,35 @@ fn reserve(agent: &Agent, vm: &VmName) -> Result<(), ApiFail> {
             agent.cfg.host
         )));
     }
-    if inner.vms.contains_key(vm) || inner.starting.contains(vm) {
+    if inner.vms.contains_key(vm) || inner.starting.contains_key(vm) {
         return Err(ApiFail::conflict(format!(
             "a VM named {vm} is already here"
         )));
     }
-    inner.starting.insert(vm.clone());
+    let host = &agent.cfg.host_type;
+    let (mut mem, mut mips) = (new.mem_bytes, new.mips);
+    for v in inner
+        .vms
+        .values()
+        .map(|e| &e.meta.vm)
+        .chain(inner.starting.values())
+    {
+        mem += v.mem_bytes;
+        mips += v.mips;
+    }
+    let (host_mem, host_mips) = (
+        u64::from(host.ram_mb) << 20,
+        host.pe_mips * f64::from(host.pes),
+    );
+    if mem > host_mem || mips > host_mips {
+        return Err(ApiFail::conflict(format!(
+            "no room for {vm} on {}: it would need {} MiB and {mips} MIPS of {} MiB and {host_mips} MIPS",
+            agent.cfg.host,
+            mem >> 20,
+            host_mem >> 20
+        )));
+    }
+    inner.starting.insert(vm.clone(), new.clone());
     Ok(())
 }
 
@@ -170,7 +196,7 @@ async fn report(State(agent): State<Arc<Agent>>) -> Json<HostReport> {
 async fn start_vm(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<VmReport> {
     let mut vm: StartVm = parse(&body)?;
     let demand = check_vm(&vm)?;
-    reserve(&agent, &vm.vm)?;
+    reserve(&agent, &vm)?;
     let epoch = *vm.demand_epoch_ms.get_or_insert_with(now_ms);
     let meta = VmMeta {
         vm: vm.clone(),
@@ -254,7 +280,7 @@ async fn prepare_incoming(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply
             order.migration
         )));
     }
-    reserve(&agent, &order.vm.vm)?;
+    reserve(&agent, &order.vm)?;
     let vm = order.vm.vm.clone();
     let dir = VmDir::new(&agent.cfg.data_dir, &vm);
     // shm and handover pass memory through a unix socket: both agents share a machine.

@@ -1,7 +1,7 @@
 //! The agent's state: its host state, its VMs and its migrations, behind one mutex that is
 //! never held across a call to a VM process (those run on blocking threads, on clones).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -14,7 +14,9 @@ use fastmig_sim::setup::HostType;
 use crate::agent::demand::Demand;
 use crate::agent::vmproc::{VmDir, VmMeta};
 use crate::auth::Token;
-use crate::proto::{HostName, HostState, MigrationId, MigrationPhase, MigrationRecord, VmName};
+use crate::proto::{
+    HostName, HostState, MigrationId, MigrationPhase, MigrationRecord, StartVm, VmName,
+};
 
 /// How an agent is configured (`fastmig agent` flags).
 #[derive(Debug, Clone)]
@@ -96,8 +98,9 @@ pub struct Inner {
     pub state: HostState,
     /// Running VMs (and incoming ones).
     pub vms: BTreeMap<VmName, VmEntry>,
-    /// Names being started (reserved so that two requests cannot start the same VM).
-    pub starting: BTreeSet<VmName>,
+    /// VMs being started (reserved so that two requests cannot start the same VM, and
+    /// counted against the host's capacity).
+    pub starting: BTreeMap<VmName, StartVm>,
     /// Migrations.
     pub migrations: BTreeMap<MigrationId, MigEntry>,
 }
@@ -145,7 +148,7 @@ impl Agent {
             inner: Mutex::new(Inner {
                 state,
                 vms: BTreeMap::new(),
-                starting: BTreeSet::new(),
+                starting: BTreeMap::new(),
                 migrations: BTreeMap::new(),
             }),
             shutting_down: AtomicBool::new(false),
