@@ -421,26 +421,22 @@ async fn start_outgoing(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<M
         );
         client
     };
+    // Written before the VM process is asked, so that an agent killed in between finds the
+    // migration on restart (a process that never started it says so, and it ends failed).
+    let outgoing = Some(MigrationMeta {
+        migration: order.migration,
+        peer: order.destination.clone(),
+        transport: order.request.transport,
+    });
+    set_outgoing(&agent, &order.vm, outgoing);
     let (c, req) = (client.clone(), order.request.clone());
     if let Err(e) = blocking(move || c.migrate(&req)).await {
         agent.lock().migrations.remove(&order.migration);
+        set_outgoing(&agent, &order.vm, None);
         return Err(match e {
             fastmig_host::ClientError::Refused(r) => ApiFail::conflict(r.desc),
             other => ApiFail::internal(chain(&other)),
         });
-    }
-    {
-        let mut inner = agent.lock();
-        if let Some(entry) = inner.vms.get_mut(&order.vm) {
-            entry.meta.outgoing = Some(MigrationMeta {
-                migration: order.migration,
-                peer: order.destination.clone(),
-                transport: order.request.transport,
-            });
-            if let Err(e) = entry.dir.write_meta(&entry.meta) {
-                tracing::warn!(vm = %order.vm, "{e}");
-            }
-        }
     }
     tracing::info!(migration = %order.migration, vm = %order.vm, to = %order.destination, "migration started");
     tokio::spawn(watch_outgoing(
@@ -450,6 +446,17 @@ async fn start_outgoing(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<M
         client,
     ));
     Ok(Json(record))
+}
+
+/// Records (or forgets) a VM's outgoing migration in its `vm.json`.
+fn set_outgoing(agent: &Agent, vm: &VmName, outgoing: Option<MigrationMeta>) {
+    let mut inner = agent.lock();
+    if let Some(entry) = inner.vms.get_mut(vm) {
+        entry.meta.outgoing = outgoing;
+        if let Err(e) = entry.dir.write_meta(&entry.meta) {
+            tracing::warn!(vm = %vm, "{e}");
+        }
+    }
 }
 
 fn migration_id(id: &str) -> Result<MigrationId, ApiFail> {

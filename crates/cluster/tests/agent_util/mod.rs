@@ -109,7 +109,7 @@ impl TestAgent {
             .arg(self.data_dir())
             .arg("--token-file")
             .arg(self.dir.path().join("token"))
-            .args(["--shutdown-grace", "5s", "--accept-timeout", "20s"])
+            .args(["--shutdown-grace", "10s", "--accept-timeout", "20s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
