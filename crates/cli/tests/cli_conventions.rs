@@ -143,6 +143,12 @@ fn every_subcommand_follows_the_exit_code_rule() {
         case("status: usage", &["status"], 2, "--api"),
         // agent
         case("agent: usage", &["agent", "--bogus"], 2, "bogus"),
+        case(
+            "testbed: usage",
+            &["testbed", "up", "--hosts", "0", "--link", "1gbit"],
+            2,
+            "hosts",
+        ),
         case("agent: bad input", &agent_open, 2, "group or others"),
         case(
             "agent: runtime",
