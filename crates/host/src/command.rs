@@ -287,6 +287,10 @@ pub struct StatusInfo {
     /// Lower than a workload's requested write `rate` when writes hit the same pages again
     /// (it is capped by the working set); 0 until a second of running has been measured.
     pub dirty_rate_pps: f64,
+    /// Working set: distinct guest pages dirtied over the last 10 s of running, from KVM's
+    /// dirty log (absent before a VM exists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_set_pages: Option<u64>,
     /// Pages the guest's workload has written (re-writes counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages_written: Option<u64>,

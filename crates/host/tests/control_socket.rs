@@ -29,6 +29,7 @@ impl Handler for Scripted {
                 status: RunStatus::Running,
                 progress: n,
                 dirty_rate_pps: 0.0,
+                working_set_pages: None,
                 pages_written: None,
                 heartbeats: None,
                 migrating: false,

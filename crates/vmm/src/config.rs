@@ -122,6 +122,8 @@ pub struct VmStatus {
     pub heartbeats: u64,
     /// Distinct pages dirtied per second, measured over the last second from KVM's dirty log.
     pub dirty_rate_pps: f64,
+    /// Working set: distinct pages dirtied over the last 10 s of running, from the same log.
+    pub working_set_pages: u64,
 }
 
 #[cfg(test)]

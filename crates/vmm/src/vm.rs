@@ -16,7 +16,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot;
 use crate::config::{VmConfig, VmRunState, VmStatus};
-use crate::dirty::{DirtyLogHandle, DirtyLogSource};
+use crate::dirty::{DirtyLogHandle, DirtyLogSource, KvmDirtyLog};
 use crate::error::StateError;
 use crate::guest;
 use crate::memory::{GuestMemory, GuestRegion};
@@ -80,6 +80,8 @@ pub struct Vm {
     ctl: Mutex<Control>,
     shared: Arc<VcpuShared>,
     dirty_rate_bits: Arc<AtomicU64>,
+    /// Distinct pages dirtied over the last [`WORKING_SET_WINDOW_S`] seconds.
+    working_set_pages: Arc<AtomicU64>,
     dirty: Arc<DirtyLogSource>,
     vm_fd: Arc<VmFd>,
     saveable_msrs: Vec<u32>,
@@ -183,6 +185,7 @@ impl Vm {
             }),
             shared,
             dirty_rate_bits: Arc::new(AtomicU64::new(0)),
+            working_set_pages: Arc::new(AtomicU64::new(0)),
             vm_fd,
             mem: Arc::new(mem),
             dirty,
@@ -253,9 +256,10 @@ impl Vm {
         let handle = self.dirty.subscribe()?;
         let (quit, quit_rx) = mpsc::channel();
         let rate = Arc::clone(&self.dirty_rate_bits);
+        let wss = Arc::clone(&self.working_set_pages);
         let thread = std::thread::Builder::new()
             .name("dirty-rate".into())
-            .spawn(move || dirty_rate_monitor(&quit_rx, &handle, &rate))
+            .spawn(move || dirty_rate_monitor(&quit_rx, &handle, &rate, &wss))
             .map_err(|source| VmmError::Thread {
                 what: "dirty-rate monitor",
                 source,
@@ -408,6 +412,7 @@ impl Vm {
             pages_written: pages,
             heartbeats: beats,
             dirty_rate_pps: rate,
+            working_set_pages: self.working_set_pages.load(Ordering::Relaxed),
         }
     }
 
@@ -640,9 +645,21 @@ impl Drop for Vm {
     }
 }
 
-/// Measures the dirty rate once a second until `quit` is dropped.
-fn dirty_rate_monitor(quit: &Receiver<()>, handle: &DirtyLogHandle, rate_bits: &AtomicU64) {
+/// Seconds of dirty logs the working set is the union of.
+pub const WORKING_SET_WINDOW_S: usize = 10;
+
+/// Measures, once a second until `quit` is dropped, the dirty rate (distinct pages of the
+/// last second) and the working set (distinct pages of the last [`WORKING_SET_WINDOW_S`]
+/// seconds).
+fn dirty_rate_monitor(
+    quit: &Receiver<()>,
+    handle: &DirtyLogHandle,
+    rate_bits: &AtomicU64,
+    working_set: &AtomicU64,
+) {
     let mut last = Instant::now();
+    let mut window: std::collections::VecDeque<KvmDirtyLog> =
+        std::collections::VecDeque::with_capacity(WORKING_SET_WINDOW_S);
     loop {
         let wait = (last + Duration::from_secs(1)).saturating_duration_since(Instant::now());
         if !matches!(quit.recv_timeout(wait), Err(RecvTimeoutError::Timeout)) {
@@ -654,6 +671,11 @@ fn dirty_rate_monitor(quit: &Receiver<()>, handle: &DirtyLogHandle, rate_bits: &
                 let rate = bitmap.count() as f64 / (now - last).as_secs_f64();
                 last = now;
                 rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+                if window.len() == WORKING_SET_WINDOW_S {
+                    window.pop_front();
+                }
+                window.push_back(bitmap);
+                working_set.store(union_count(&window), Ordering::Relaxed);
             }
             Err(e) => {
                 tracing::warn!("dirty-rate monitor: {e}");
@@ -661,4 +683,17 @@ fn dirty_rate_monitor(quit: &Receiver<()>, handle: &DirtyLogHandle, rate_bits: &
             }
         }
     }
+}
+
+/// Pages set in any of the bitmaps.
+fn union_count(bitmaps: &std::collections::VecDeque<KvmDirtyLog>) -> u64 {
+    let words = bitmaps.iter().map(|b| b.words.len()).max().unwrap_or(0);
+    (0..words)
+        .map(|i| {
+            let w = bitmaps
+                .iter()
+                .fold(0u64, |acc, b| acc | b.words.get(i).copied().unwrap_or(0));
+            u64::from(w.count_ones())
+        })
+        .sum()
 }
