@@ -345,3 +345,11 @@ fn sigterm_lets_an_outgoing_migration_finish_first() {
     let c = dst.vm_client("vm1").expect("on the destination");
     assert_eq!(c.query_status().expect("status").status, RunStatus::Running);
 }
+
+/// shm and handover pass memory through a unix socket: they work between two agents that
+/// share a machine, as here.
+#[test]
+fn shm_and_handover_migrations_between_agents_on_one_machine_complete() {
+    migrate_and_check(TransportKind::Shm);
+    migrate_and_check(TransportKind::Handover);
+}
