@@ -34,6 +34,14 @@ fn order(
             source: src.host.clone(),
         })
         .expect("prepare incoming");
+    // The destination lists the VM as arriving, and nothing runs yet.
+    let arriving = dst.api().report().expect("report");
+    let v = arriving
+        .vms
+        .iter()
+        .find(|v| v.vm == vm.vm)
+        .expect("listed while it arrives");
+    assert_eq!(v.status, RunStatus::Inmigrate);
     let rec = src
         .api()
         .start_outgoing(&StartOutgoing {

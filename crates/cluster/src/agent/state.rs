@@ -60,12 +60,14 @@ pub struct VmEntry {
 }
 
 impl VmEntry {
-    /// The last known run state (`created` before the first answer).
+    /// The last known run state (before the first answer: `inmigrate` for an incoming VM,
+    /// `created` otherwise).
     pub fn status(&self) -> RunStatus {
-        self.last
-            .as_ref()
-            .map(|s| s.status)
-            .unwrap_or(RunStatus::Created)
+        match (&self.last, &self.meta.incoming) {
+            (Some(s), _) => s.status,
+            (None, Some(_)) => RunStatus::Inmigrate,
+            (None, None) => RunStatus::Created,
+        }
     }
 }
 

@@ -39,6 +39,9 @@ pub fn fastmig_bin() -> PathBuf {
                 .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
             target.join("debug/fastmig")
         });
+    if std::env::var_os("FASTMIG_BIN").is_none() {
+        assert_fresh(&bin);
+    }
     let ok = Command::new(&bin)
         .args(["agent", "--help"])
         .stdout(Stdio::null())
@@ -51,6 +54,40 @@ pub fn fastmig_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Fails when a source file of the crates the binary is built from is newer than the binary:
+/// `cargo test -p fastmig-cluster` does not rebuild another package's binary, and a stale
+/// one would test old code.
+fn assert_fresh(bin: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut best = None;
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            let t = if p.is_dir() {
+                newest(&p)
+            } else {
+                e.metadata().and_then(|m| m.modified()).ok()
+            };
+            best = best.max(t);
+        }
+        best
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for c in ["cluster", "host", "vmm", "migration", "cli"] {
+        let src = crates.join(c).join("src");
+        if let Some(t) = newest(&src) {
+            assert!(
+                t <= built,
+                "{} is older than {}: run `cargo build -p fastmig-cli` first",
+                bin.display(),
+                src.display()
+            );
+        }
+    }
 }
 
 fn free_port() -> u16 {
