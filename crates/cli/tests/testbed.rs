@@ -1,6 +1,6 @@
 //! `fastmig testbed up|down`: agents in network namespaces behind shaped links carry out a
-//! migration ordered through `HttpAgent`, and `down` removes everything, also after `up` was
-//! killed half-way. Needs root (namespaces, a bridge, `tc`) and `/dev/kvm`; without them the
+//! migration ordered through `HttpAgent`; a host's link cut during another leaves that VM on
+//! its source; `down` removes everything, also after `up` was killed half-way. Needs root (namespaces, a bridge, `tc`) and `/dev/kvm`; without them the
 //! test says so and returns. One test: a testbed uses fixed names (bridge `fmtb0`).
 
 mod common;
@@ -155,6 +155,93 @@ fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
         s.throughput_mib_s
     );
     assert_eq!((vm_count(&h1), vm_count(&h2)), (0, 2));
+
+    // h1's link cut while vm2 moves from h2 to h1: the migration fails on both sides and
+    // vm2 runs on h2 only. Capped below its dirty rate, it is still copying when the link
+    // goes down.
+    let v2 = h2
+        .report()
+        .expect("report")
+        .vms
+        .into_iter()
+        .find(|v| v.vm.0 == "vm2")
+        .expect("vm2 on h2");
+    let ready = h1
+        .prepare_incoming(&PrepareIncoming {
+            migration: MigrationId(2),
+            vm: fastmig_cluster::proto::StartVm {
+                vm: v2.vm.clone(),
+                mem_bytes: v2.mem_bytes,
+                vcpus: v2.vcpus,
+                mips: v2.mips,
+                workload: v2.workload.clone(),
+                demand: v2.demand_source.clone(),
+                demand_epoch_ms: v2.demand_epoch_ms,
+            },
+            transport: TransportKind::Classic,
+            source: HostName("h2".into()),
+        })
+        .expect("prepare");
+    h2.start_outgoing(&StartOutgoing {
+        migration: MigrationId(2),
+        vm: VmName("vm2".into()),
+        destination: HostName("h1".into()),
+        request: MigrationRequest {
+            max_bandwidth: Some(2_000_000),
+            timeout: Duration::from_secs(3),
+            ..MigrationRequest::to(&ready.uri)
+        },
+    })
+    .expect("start");
+    let start = Instant::now();
+    while !matches!(
+        h2.migration(MigrationId(2)).expect("record").phase,
+        MigrationPhase::Running { progress: Some(_) }
+    ) {
+        assert!(start.elapsed() < Duration::from_secs(20), "not sending");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let link = |state: &str| {
+        let st = Command::new("ip")
+            .args(["-n", "fmtb-h1", "link", "set", "fmtbh1", state])
+            .status()
+            .expect("ip");
+        assert!(st.success());
+    };
+    link("down");
+    let ended = |a: &HttpAgent| {
+        let start = Instant::now();
+        loop {
+            let r = a.migration(MigrationId(2)).expect("record");
+            if !matches!(
+                r.phase,
+                MigrationPhase::Running { .. } | MigrationPhase::Prepared
+            ) {
+                break r.phase;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{:?}", r.phase);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let on_src = ended(&h2);
+    assert!(
+        matches!(on_src, MigrationPhase::Failed { .. }),
+        "{on_src:?}"
+    );
+    link("up");
+    let on_dst = ended(&h1);
+    assert!(
+        matches!(on_dst, MigrationPhase::Failed { .. }),
+        "{on_dst:?}"
+    );
+    let r2 = h2.report().expect("report");
+    let vm2 = r2
+        .vms
+        .iter()
+        .find(|v| v.vm.0 == "vm2")
+        .expect("vm2 still on h2");
+    assert_eq!(vm2.status, fastmig_host::RunStatus::Running);
+    assert_eq!(vm_count(&h1), 0);
 
     let out = testbed(&["down", "--dir", d]);
     assert!(
