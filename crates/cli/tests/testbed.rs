@@ -1,7 +1,8 @@
 //! `fastmig testbed up|down`: agents in network namespaces behind shaped links carry out a
 //! migration ordered through `HttpAgent`; a host's link cut during another leaves that VM on
-//! its source; `down` removes everything, also after `up` was killed half-way. Needs root (namespaces, a bridge, `tc`) and `/dev/kvm`; without them the
-//! test says so and returns. One test: a testbed uses fixed names (bridge `fmtb0`).
+//! its source; `down` removes everything, also after `up` was killed half-way. Needs root
+//! (namespaces, a bridge, `tc`) and `/dev/kvm`; without them the test says so and returns.
+//! One test: a testbed uses fixed names (bridge `fmtb0`).
 
 mod common;
 
