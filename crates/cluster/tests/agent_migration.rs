@@ -361,3 +361,40 @@ fn shm_and_handover_migrations_between_agents_on_one_machine_complete() {
     migrate_and_check(TransportKind::Shm);
     migrate_and_check(TransportKind::Handover);
 }
+
+#[test]
+fn sigterm_cancels_a_migration_that_outlasts_the_grace_period() {
+    let mut src = TestAgent::start_with_grace("src", "1s");
+    let dst = TestAgent::start("dst");
+    src.api().start_vm(&slow_vm()).expect("start");
+    // 16 MiB at 1 MB/s: far longer than the 1 s of grace.
+    order(
+        &src,
+        &dst,
+        9,
+        &slow_vm(),
+        TransportKind::Classic,
+        Some(1_000_000),
+    );
+    wait_sending(&src, 9);
+    let status = src.terminate();
+    assert!(status.success(), "{status:?}\n{}", src.log());
+    assert!(
+        src.log().contains("cancelling the migration"),
+        "{}",
+        src.log()
+    );
+    // Cancelled: the VM runs on the source, and the destination gives its VM up.
+    let c = src.vm_client("vm1").expect("the VM stays on the source");
+    assert_eq!(c.query_status().expect("status").status, RunStatus::Running);
+    let d = wait_ended(&dst.api(), MigrationId(9), Duration::from_secs(30));
+    assert!(
+        matches!(d.phase, MigrationPhase::Failed { .. }),
+        "{:?}",
+        d.phase
+    );
+    assert!(vm_names(&dst.api().report().expect("report")).is_empty());
+    // The restarted source agent still has it.
+    src.spawn();
+    assert_eq!(vm_names(&src.api().report().expect("report")), ["vm1"]);
+}

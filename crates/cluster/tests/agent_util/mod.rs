@@ -104,11 +104,18 @@ pub struct TestAgent {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     bin: PathBuf,
+    /// `--shutdown-grace`.
+    grace: &'static str,
 }
 
 impl TestAgent {
     /// Starts an agent and waits until it answers.
     pub fn start(name: &str) -> TestAgent {
+        Self::start_with_grace(name, "10s")
+    }
+
+    /// Starts an agent with this `--shutdown-grace`.
+    pub fn start_with_grace(name: &str, grace: &'static str) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = dir.path().join("token");
         std::fs::write(&token, TOKEN).expect("token");
@@ -119,6 +126,7 @@ impl TestAgent {
             dir,
             child: None,
             bin: fastmig_bin(),
+            grace,
         };
         a.spawn();
         a
@@ -146,7 +154,7 @@ impl TestAgent {
             .arg(self.data_dir())
             .arg("--token-file")
             .arg(self.dir.path().join("token"))
-            .args(["--shutdown-grace", "10s", "--accept-timeout", "20s"])
+            .args(["--shutdown-grace", self.grace, "--accept-timeout", "20s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
