@@ -116,6 +116,21 @@ fn up(a: &UpArgs) -> Result<()> {
             a.dir.display()
         );
     }
+    // The names are fixed: one testbed per machine. Checked before anything is recorded, so
+    // that cleaning up after a failure never removes another testbed's resources.
+    let bridge_exists = Command::new("ip")
+        .args(["link", "show", BRIDGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if bridge_exists
+        || Path::new("/run/netns")
+            .join(format!("{PREFIX}-h1"))
+            .exists()
+    {
+        bail!("a testbed is already up on this machine (bridge {BRIDGE}); `fastmig testbed down --dir DIR` it first");
+    }
     std::fs::create_dir_all(&a.dir).context("creating the testbed directory")?;
     let mut st = State::default();
     save(&a.dir, &st)?;
@@ -139,10 +154,12 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
     let token = Token::new(&token_text)?;
 
-    run(&["ip", "link", "add", BRIDGE, "type", "bridge"])
-        .context("creating the bridge (root needed)")?;
+    // Each resource is recorded before it is created: a kill in between leaves a name that
+    // `down` finds missing, never a resource it does not know.
     st.bridge = Some(BRIDGE.into());
     save(dir, st)?;
+    run(&["ip", "link", "add", BRIDGE, "type", "bridge"])
+        .context("creating the bridge (root needed)")?;
     run(&["ip", "addr", "add", "10.232.0.1/24", "dev", BRIDGE])?;
     run(&["ip", "link", "set", BRIDGE, "up"])?;
 
@@ -154,14 +171,14 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
         let (root_if, ns_if) = (format!("{PREFIX}r{i}"), format!("{PREFIX}h{i}"));
         // Hosts 10.232.0.11 to .210.
         let addr = format!("10.232.0.{}", 10 + i);
-        run(&["ip", "netns", "add", &ns])?;
         st.namespaces.push(ns.clone());
+        save(dir, st)?;
+        run(&["ip", "netns", "add", &ns])?;
+        st.links.push(root_if.clone());
         save(dir, st)?;
         run(&[
             "ip", "link", "add", &root_if, "type", "veth", "peer", "name", &ns_if,
         ])?;
-        st.links.push(root_if.clone());
-        save(dir, st)?;
         run(&["ip", "link", "set", &ns_if, "netns", &ns])?;
         run(&["ip", "link", "set", &root_if, "master", BRIDGE])?;
         run(&["ip", "link", "set", &root_if, "up"])?;
@@ -334,6 +351,9 @@ fn down(dir: &Path) -> Result<()> {
         }
     }
     for ns in st.namespaces.iter().rev() {
+        if !Path::new("/run/netns").join(ns).exists() {
+            continue;
+        }
         if let Err(e) = run(&["ip", "netns", "del", ns]) {
             failures.push(format!("{e:#}"));
         }
@@ -343,8 +363,16 @@ fn down(dir: &Path) -> Result<()> {
         let _ = run(&["ip", "link", "del", link]);
     }
     if let Some(b) = &st.bridge {
-        if let Err(e) = run(&["ip", "link", "del", b]) {
-            failures.push(format!("{e:#}"));
+        let exists = Command::new("ip")
+            .args(["link", "show", b])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if exists {
+            if let Err(e) = run(&["ip", "link", "del", b]) {
+                failures.push(format!("{e:#}"));
+            }
         }
     }
     if !failures.is_empty() {

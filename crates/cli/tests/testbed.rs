@@ -104,20 +104,25 @@ fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
         agent(&dir, "h2", "10.232.0.12"),
     );
     assert_eq!((vm_count(&h1), vm_count(&h2)), (1, 1));
+    // A second testbed is refused and leaves the first alone.
+    let other = tmp.path().join("other");
+    let out = testbed(&[
+        "up",
+        "--hosts",
+        "1",
+        "--link",
+        "1gbit",
+        "--dir",
+        other.to_str().expect("utf-8"),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already up"));
+    assert_eq!((vm_count(&h1), vm_count(&h2)), (1, 1));
 
     // vm1 from h1 to h2 over the shaped links (100 Mbit/s = 11.9 MiB/s).
     let report = h1.report().expect("report");
-    let v = &report.vms[0];
-    let mut vm = fastmig_cluster::proto::StartVm {
-        vm: v.vm.clone(),
-        mem_bytes: v.mem_bytes,
-        vcpus: v.vcpus,
-        mips: v.mips,
-        workload: v.workload.clone(),
-        demand: v.demand_source.clone(),
-        demand_epoch_ms: v.demand_epoch_ms,
-    };
-    vm.vm = VmName("vm1".into());
+    let vm = report.vms[0].start_vm();
+    assert_eq!(vm.vm, VmName("vm1".into()));
     let ready = h2
         .prepare_incoming(&PrepareIncoming {
             migration: MigrationId(1),
@@ -170,15 +175,7 @@ fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
     let ready = h1
         .prepare_incoming(&PrepareIncoming {
             migration: MigrationId(2),
-            vm: fastmig_cluster::proto::StartVm {
-                vm: v2.vm.clone(),
-                mem_bytes: v2.mem_bytes,
-                vcpus: v2.vcpus,
-                mips: v2.mips,
-                workload: v2.workload.clone(),
-                demand: v2.demand_source.clone(),
-                demand_epoch_ms: v2.demand_epoch_ms,
-            },
+            vm: v2.start_vm(),
             transport: TransportKind::Classic,
             source: HostName("h2".into()),
         })

@@ -62,9 +62,10 @@ fn migrate_and_check(transport: TransportKind) {
     let src = TestAgent::start("src");
     let dst = TestAgent::start("dst");
     let report = src.api().start_vm(&small_vm("vm1")).expect("start");
-    // The controller carries the trace position over.
-    let mut vm = small_vm("vm1");
-    vm.demand_epoch_ms = report.demand_epoch_ms;
+    // The controller carries the trace position over (VmReport::start_vm copies it).
+    let vm = report.start_vm();
+    assert_eq!(vm.demand_epoch_ms, report.demand_epoch_ms);
+    assert!(vm.demand_epoch_ms.is_some());
     order(&src, &dst, 1, &vm, transport, None);
 
     let s = wait_ended(&src.api(), MigrationId(1), Duration::from_secs(60));
