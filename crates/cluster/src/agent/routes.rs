@@ -361,7 +361,7 @@ async fn prepare_incoming(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply
     ));
     Ok(Json(IncomingReady {
         migration: order.migration,
-        uri: listen.strip_prefix("tcp:").unwrap_or(&listen).to_string(),
+        uri: listen,
     }))
 }
 
