@@ -1,8 +1,9 @@
 //! Shared fixtures of the agent tests: real `fastmig agent` processes on loopback, each with
 //! its own data directory, and the VM processes they start.
 //!
-//! These tests need `/dev/kvm` and the `fastmig` binary built from this tree
-//! (`cargo build -p fastmig-cli`; `FASTMIG_BIN` names another one). Without either they fail
+//! These tests need `/dev/kvm` and the `fastmig` binary built from this tree, of the same
+//! profile (`cargo test --workspace` builds it; alone, `cargo build -p fastmig-cli` first;
+//! `FASTMIG_BIN` names another one). Without either they fail
 //! at once, saying so, rather than pass without testing anything.
 
 #![allow(dead_code)]
@@ -31,13 +32,16 @@ pub fn fastmig_bin() -> PathBuf {
         Path::new("/dev/kvm").exists(),
         "these tests run real VMs and need /dev/kvm"
     );
+    // The test executable is target/PROFILE/deps/NAME: the binary of the same profile sits
+    // in target/PROFILE (`cargo test --workspace [--release]` builds it).
     let bin = std::env::var_os("FASTMIG_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-            target.join("debug/fastmig")
+            let exe = std::env::current_exe().expect("the test executable");
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|profile| profile.join("fastmig"))
+                .expect("target/PROFILE")
         });
     if std::env::var_os("FASTMIG_BIN").is_none() {
         assert_fresh(&bin);
@@ -50,7 +54,7 @@ pub fn fastmig_bin() -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "{} is missing or has no `agent` subcommand: run `cargo build -p fastmig-cli` first",
+        "{} is missing or has no `agent` subcommand: run `cargo build -p fastmig-cli` (with --release for a release test run) first",
         bin.display()
     );
     bin
