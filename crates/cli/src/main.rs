@@ -21,6 +21,7 @@ mod sim_cmd;
 mod sweep_charts;
 mod sweep_cmd;
 mod sweep_row;
+mod testbed_cmd;
 mod units;
 mod vm_cmd;
 
@@ -69,6 +70,9 @@ enum Command {
     Predict(model_cmd::PredictArgs),
     /// Run the host agent of the consolidation system.
     Agent(agent_cmd::AgentArgs),
+    /// An emulated cluster: network namespaces, shaped links, an agent in each.
+    #[command(subcommand)]
+    Testbed(testbed_cmd::TestbedCommand),
 }
 
 /// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
@@ -130,6 +134,7 @@ fn main() {
         Command::Model(cmd) => model_cmd::main(cmd),
         Command::Predict(args) => model_cmd::predict_main(args),
         Command::Agent(args) => agent_cmd::main(args),
+        Command::Testbed(cmd) => testbed_cmd::main(cmd),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));

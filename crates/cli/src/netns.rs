@@ -35,7 +35,8 @@ pub struct Link {
     created: Vec<String>,
 }
 
-fn run(args: &[&str]) -> Result<()> {
+/// Runs a command (`ip`, `tc`), failing with its stderr.
+pub fn run(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .stdin(Stdio::null())

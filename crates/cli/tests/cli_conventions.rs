@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -96,6 +97,38 @@ fn every_subcommand_follows_the_exit_code_rule() {
     std::fs::write(&trace, "vm0,10,20,30\nvm1,50,50,50\n").expect("trace");
     let chart_out = d.join("no-such-dir").join("chart.svg");
     let bench_out = "/proc/fastmig-not-writable";
+    let open_token = d.join("open-token");
+    std::fs::write(&open_token, "t0ken").expect("token");
+    std::fs::set_permissions(&open_token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let token = d.join("token");
+    std::fs::write(&token, "t0ken").expect("token");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let agent_data = d.join("agent-data");
+    let agent = |listen: &'static str, token: &Path| -> Vec<String> {
+        [
+            "agent",
+            "--listen",
+            listen,
+            "--host-id",
+            "h1",
+            "--host-type",
+            "G4",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            agent_data.display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+        ])
+        .collect()
+    };
+    let agent_open = agent("127.0.0.1:0", &open_token);
+    // 192.0.2.0/24 is reserved for documentation: no interface has it.
+    let agent_unbindable = agent("192.0.2.1:7070", &token);
+    let agent_open: Vec<&str> = agent_open.iter().map(String::as_str).collect();
+    let agent_unbindable: Vec<&str> = agent_unbindable.iter().map(String::as_str).collect();
     let cases = vec![
         // run
         case("run: usage", &["run", "--bogus"], 2, "bogus"),
@@ -108,6 +141,21 @@ fn every_subcommand_follows_the_exit_code_rule() {
         ),
         // status
         case("status: usage", &["status"], 2, "--api"),
+        // agent
+        case("agent: usage", &["agent", "--bogus"], 2, "bogus"),
+        case(
+            "testbed: usage",
+            &["testbed", "up", "--hosts", "0", "--link", "1gbit"],
+            2,
+            "hosts",
+        ),
+        case("agent: bad input", &agent_open, 2, "group or others"),
+        case(
+            "agent: runtime",
+            &agent_unbindable,
+            1,
+            "listening on 192.0.2.1:7070",
+        ),
         case(
             "status: bad input",
             &["status", "--api", missing, "--wait", "soon"],

@@ -172,3 +172,89 @@ impl AgentApi for HttpAgent {
         self.post::<(), _>("/wake", None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+
+    /// A server that answers one request with `status` and `body`, and records the request.
+    fn canned(status: u16, body: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            let mut req = vec![0u8; 8192];
+            let n = s.read(&mut req).expect("read");
+            let reply = format!(
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(reply.as_bytes()).expect("write");
+            String::from_utf8_lossy(&req[..n]).into_owned()
+        });
+        (url, h)
+    }
+
+    fn client(url: &str) -> HttpAgent {
+        HttpAgent::new(
+            HostName("h1".into()),
+            url,
+            &Token::new("tok").expect("token"),
+            Duration::from_secs(5),
+        )
+    }
+
+    #[test]
+    fn statuses_map_to_refused_failed_and_bad_reply() {
+        let (url, h) = canned(409, r#"{"error":"in standby"}"#);
+        match client(&url).standby() {
+            Err(AgentError::Refused {
+                status: 409, error, ..
+            }) => assert_eq!(error, "in standby"),
+            other => panic!("{other:?}"),
+        }
+        let req = h.join().expect("server");
+        assert!(req.starts_with("POST /standby "), "{req}");
+        assert!(
+            req.contains("authorization: Bearer tok") || req.contains("Authorization: Bearer tok"),
+            "{req}"
+        );
+
+        let (url, h) = canned(500, r#"{"error":"boom"}"#);
+        assert!(matches!(
+            client(&url).wake(),
+            Err(AgentError::Failed { status: 500, .. })
+        ));
+        h.join().expect("server");
+
+        let (url, h) = canned(200, "not json");
+        assert!(matches!(
+            client(&url).report(),
+            Err(AgentError::BadReply { .. })
+        ));
+        h.join().expect("server");
+
+        let (url, h) = canned(200, r#"{"migration": 3}"#);
+        assert!(matches!(
+            client(&url).migration(MigrationId(3)),
+            Err(AgentError::BadReply { .. })
+        ));
+        let req = h.join().expect("server");
+        assert!(req.starts_with("GET /migrations/3 "), "{req}");
+    }
+
+    #[test]
+    fn a_closed_port_is_unreachable() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        assert!(matches!(
+            client(&format!("http://127.0.0.1:{port}")).report(),
+            Err(AgentError::Unreachable { .. })
+        ));
+    }
+}

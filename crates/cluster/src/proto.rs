@@ -124,7 +124,7 @@ pub struct StartVm {
     /// When its demand trace started, ms since the Unix epoch: a migrated VM goes on at the
     /// same position of its trace. Absent for a new VM (the agent takes its start time); the
     /// controller copies [`VmReport::demand_epoch_ms`] into the `StartVm` of a
-    /// [`PrepareIncoming`].
+    /// [`PrepareIncoming`] ([`VmReport::start_vm`] does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub demand_epoch_ms: Option<u64>,
 }
@@ -156,6 +156,23 @@ pub struct VmReport {
     /// [`StartVm::demand_epoch_ms`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub demand_epoch_ms: Option<u64>,
+}
+
+impl VmReport {
+    /// The `StartVm` that recreates this VM elsewhere, for a [`PrepareIncoming`]: same size,
+    /// workload and demand source, and the same demand epoch, so that its trace goes on
+    /// where it is.
+    pub fn start_vm(&self) -> StartVm {
+        StartVm {
+            vm: self.vm.clone(),
+            mem_bytes: self.mem_bytes,
+            vcpus: self.vcpus,
+            mips: self.mips,
+            workload: self.workload.clone(),
+            demand: self.demand_source.clone(),
+            demand_epoch_ms: self.demand_epoch_ms,
+        }
+    }
 }
 
 /// `GET /report`: the host, its VMs and its migrations.

@@ -195,3 +195,39 @@ fn sigterm_stops_the_agent_and_leaves_its_vms_running() {
     a.spawn();
     assert_eq!(vm_names(&a.api().report().expect("report")), ["vm1"]);
 }
+
+#[test]
+fn a_vm_or_a_migration_without_room_is_refused() {
+    // G4: 2 x 1860 MIPS, 4096 MB.
+    let a = TestAgent::start("h1");
+    let api = a.api();
+    let big = |name: &str| {
+        let mut vm = small_vm(name);
+        vm.mips = 2500.0;
+        vm
+    };
+    api.start_vm(&big("vm1")).expect("the first fits");
+    let refused = |r: Result<_, AgentError>| match r {
+        Err(AgentError::Refused { status, error, .. }) => {
+            assert!(error.contains("no room"), "{error}");
+            status
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(refused(api.start_vm(&big("vm2")).map(drop)), 409);
+    let order = PrepareIncoming {
+        migration: MigrationId(1),
+        vm: big("vm3"),
+        transport: TransportKind::Classic,
+        source: fastmig_cluster::proto::HostName("h0".into()),
+    };
+    assert_eq!(refused(api.prepare_incoming(&order).map(drop)), 409);
+    let mut huge = small_vm("vm4");
+    huge.mem_bytes = 5 << 30;
+    assert_eq!(refused(api.start_vm(&huge).map(drop)), 409);
+    let report = api.report().expect("report");
+    assert_eq!(vm_names(&report), ["vm1"]);
+    assert!(report.migrations.is_empty());
+    // A smaller one still fits.
+    api.start_vm(&small_vm("vm5")).expect("500 MIPS more fits");
+}

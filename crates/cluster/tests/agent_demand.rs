@@ -49,6 +49,13 @@ fn the_dirty_rate_follows_a_planetlab_trace() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The working set is measured: the pages swept, at most the 16 MiB of `wss` and a few of
+    // the guest's own.
+    let ws = a.api().report().expect("report").vms[0].working_set_bytes;
+    assert!(
+        ws > 0 && ws <= (16 << 20) + (256 << 10),
+        "working set {ws} bytes"
+    );
     let c = a.vm_client("vm1").expect("vm1");
     assert!(c.verify_memory().expect("verify").is_clean());
 }

@@ -142,6 +142,23 @@ fn a_new_workload_rate_is_followed_carried_in_the_state_and_still_verifies() {
 }
 
 #[test]
+fn the_working_set_is_the_distinct_pages_of_the_last_seconds() {
+    // 1,024 pages written in order at 2,000 pages/s: every page within a second, again and
+    // again. The rate stays near 2,000/s while the working set stops at the 1,024 pages
+    // (plus the few the guest's own code touches).
+    let vm = started(config(32, 1, "dirty:rate=2000,wss=4M,pattern=seq"));
+    wait_for("the working set to cover the 1,024 pages", || {
+        vm.status().working_set_pages.is_some_and(|w| w >= 1024)
+    });
+    let ws = vm.status().working_set_pages.unwrap_or(0);
+    assert!(
+        ws <= 1024 + 64,
+        "working set {ws} pages of a 1,024-page sweep"
+    );
+    assert!(vm.status().dirty_rate_pps > 1.2 * 1024.0 / 2.0);
+}
+
+#[test]
 fn two_dirty_log_subscribers_each_see_every_page() {
     let vm = started(config(16, 1, "dirty:rate=3000,wss=4M,pattern=random"));
     let a = vm.dirty_log().expect("a");

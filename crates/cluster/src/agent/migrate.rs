@@ -52,14 +52,19 @@ pub async fn watch_outgoing(agent: Arc<Agent>, id: MigrationId, vm: VmName, clie
         };
         silent = 0;
         match state {
-            MigrateState::None | MigrateState::Active { .. } => {
-                let progress = match state {
-                    MigrateState::Active { progress } => progress,
-                    _ => None,
-                };
+            MigrateState::Active { progress } => {
                 agent
                     .lock()
                     .set_phase(id, MigrationPhase::Running { progress });
+            }
+            // `migrate` makes the migration active before it answers: none means it was never
+            // started (the agent died between recording it and asking).
+            MigrateState::None => {
+                clear_outgoing(&agent, &vm);
+                let error = "the VM process never started this migration".to_string();
+                tracing::warn!(migration = %id, vm = %vm, "{error}");
+                agent.lock().set_phase(id, MigrationPhase::Failed { error });
+                return;
             }
             MigrateState::Completed { summary } => {
                 // The destination runs the VM: the paused source process goes.

@@ -107,15 +107,13 @@ pub(crate) fn vm_report(entry: &VmEntry, now: u64) -> VmReport {
     let demand = entry
         .demand
         .at(now.saturating_sub(entry.meta.demand_epoch_ms));
-    // The declared working set of a paced workload (the pages it writes); idle and fill
-    // guests have none to speak of once running.
-    let working_set_bytes = spec
-        .workload
-        .parse::<WorkloadSpec>()
-        .ok()
-        .filter(|w| matches!(w.kind, WorkloadKind::Dirty | WorkloadKind::Verify))
-        .map(|w| w.wss)
-        .unwrap_or(0);
+    // Measured by the VM process (distinct pages dirtied over its last complete 5 s window).
+    let working_set_bytes = entry
+        .last
+        .as_ref()
+        .and_then(|s| s.working_set_pages)
+        .unwrap_or(0)
+        * fastmig_vmm::PAGE_SIZE as u64;
     VmReport {
         vm: spec.vm.clone(),
         status: entry.status(),

@@ -144,8 +144,11 @@ fn check_vm(vm: &StartVm) -> Result<Demand, ApiFail> {
     Demand::load(&vm.demand).map_err(|e| ApiFail::bad(format!("demand: {}", chain(&e))))
 }
 
-/// Reserves a VM name on an active host: refuses standby, shutdown and names in use.
-fn reserve(agent: &Agent, vm: &VmName) -> Result<(), ApiFail> {
+/// Reserves a VM on an active host: refuses standby, shutdown, names in use and a VM that
+/// does not fit in the host's declared capacity (RAM and MIPS, as CloudSim allocates them)
+/// next to the VMs already here.
+fn reserve(agent: &Agent, new: &StartVm) -> Result<(), ApiFail> {
+    let vm = &new.vm;
     refuse_if_shutting_down(agent)?;
     let mut inner = agent.lock();
     if inner.state == HostState::Standby {
@@ -154,12 +157,35 @@ fn reserve(agent: &Agent, vm: &VmName) -> Result<(), ApiFail> {
             agent.cfg.host
         )));
     }
-    if inner.vms.contains_key(vm) || inner.starting.contains(vm) {
+    if inner.vms.contains_key(vm) || inner.starting.contains_key(vm) {
         return Err(ApiFail::conflict(format!(
             "a VM named {vm} is already here"
         )));
     }
-    inner.starting.insert(vm.clone());
+    let host = &agent.cfg.host_type;
+    let (mut mem, mut mips) = (new.mem_bytes, new.mips);
+    for v in inner
+        .vms
+        .values()
+        .map(|e| &e.meta.vm)
+        .chain(inner.starting.values())
+    {
+        mem += v.mem_bytes;
+        mips += v.mips;
+    }
+    let (host_mem, host_mips) = (
+        u64::from(host.ram_mb) << 20,
+        host.pe_mips * f64::from(host.pes),
+    );
+    if mem > host_mem || mips > host_mips {
+        return Err(ApiFail::conflict(format!(
+            "no room for {vm} on {}: it would need {} MiB and {mips} MIPS of {} MiB and {host_mips} MIPS",
+            agent.cfg.host,
+            mem >> 20,
+            host_mem >> 20
+        )));
+    }
+    inner.starting.insert(vm.clone(), new.clone());
     Ok(())
 }
 
@@ -170,7 +196,7 @@ async fn report(State(agent): State<Arc<Agent>>) -> Json<HostReport> {
 async fn start_vm(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<VmReport> {
     let mut vm: StartVm = parse(&body)?;
     let demand = check_vm(&vm)?;
-    reserve(&agent, &vm.vm)?;
+    reserve(&agent, &vm)?;
     let epoch = *vm.demand_epoch_ms.get_or_insert_with(now_ms);
     let meta = VmMeta {
         vm: vm.clone(),
@@ -254,7 +280,7 @@ async fn prepare_incoming(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply
             order.migration
         )));
     }
-    reserve(&agent, &order.vm.vm)?;
+    reserve(&agent, &order.vm)?;
     let vm = order.vm.vm.clone();
     let dir = VmDir::new(&agent.cfg.data_dir, &vm);
     // shm and handover pass memory through a unix socket: both agents share a machine.
@@ -335,7 +361,7 @@ async fn prepare_incoming(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply
     ));
     Ok(Json(IncomingReady {
         migration: order.migration,
-        uri: listen.strip_prefix("tcp:").unwrap_or(&listen).to_string(),
+        uri: listen,
     }))
 }
 
@@ -395,26 +421,22 @@ async fn start_outgoing(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<M
         );
         client
     };
+    // Written before the VM process is asked, so that an agent killed in between finds the
+    // migration on restart (a process that never started it says so, and it ends failed).
+    let outgoing = Some(MigrationMeta {
+        migration: order.migration,
+        peer: order.destination.clone(),
+        transport: order.request.transport,
+    });
+    set_outgoing(&agent, &order.vm, outgoing);
     let (c, req) = (client.clone(), order.request.clone());
     if let Err(e) = blocking(move || c.migrate(&req)).await {
         agent.lock().migrations.remove(&order.migration);
+        set_outgoing(&agent, &order.vm, None);
         return Err(match e {
             fastmig_host::ClientError::Refused(r) => ApiFail::conflict(r.desc),
             other => ApiFail::internal(chain(&other)),
         });
-    }
-    {
-        let mut inner = agent.lock();
-        if let Some(entry) = inner.vms.get_mut(&order.vm) {
-            entry.meta.outgoing = Some(MigrationMeta {
-                migration: order.migration,
-                peer: order.destination.clone(),
-                transport: order.request.transport,
-            });
-            if let Err(e) = entry.dir.write_meta(&entry.meta) {
-                tracing::warn!(vm = %order.vm, "{e}");
-            }
-        }
     }
     tracing::info!(migration = %order.migration, vm = %order.vm, to = %order.destination, "migration started");
     tokio::spawn(watch_outgoing(
@@ -424,6 +446,17 @@ async fn start_outgoing(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<M
         client,
     ));
     Ok(Json(record))
+}
+
+/// Records (or forgets) a VM's outgoing migration in its `vm.json`.
+fn set_outgoing(agent: &Agent, vm: &VmName, outgoing: Option<MigrationMeta>) {
+    let mut inner = agent.lock();
+    if let Some(entry) = inner.vms.get_mut(vm) {
+        entry.meta.outgoing = outgoing;
+        if let Err(e) = entry.dir.write_meta(&entry.meta) {
+            tracing::warn!(vm = %vm, "{e}");
+        }
+    }
 }
 
 fn migration_id(id: &str) -> Result<MigrationId, ApiFail> {

@@ -1,7 +1,7 @@
 //! The agent's state: its host state, its VMs and its migrations, behind one mutex that is
 //! never held across a call to a VM process (those run on blocking threads, on clones).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -14,7 +14,9 @@ use fastmig_sim::setup::HostType;
 use crate::agent::demand::Demand;
 use crate::agent::vmproc::{VmDir, VmMeta};
 use crate::auth::Token;
-use crate::proto::{HostName, HostState, MigrationId, MigrationPhase, MigrationRecord, VmName};
+use crate::proto::{
+    HostName, HostState, MigrationId, MigrationPhase, MigrationRecord, StartVm, VmName,
+};
 
 /// How an agent is configured (`fastmig agent` flags).
 #[derive(Debug, Clone)]
@@ -58,12 +60,14 @@ pub struct VmEntry {
 }
 
 impl VmEntry {
-    /// The last known run state (`created` before the first answer).
+    /// The last known run state (before the first answer: `inmigrate` for an incoming VM,
+    /// `created` otherwise).
     pub fn status(&self) -> RunStatus {
-        self.last
-            .as_ref()
-            .map(|s| s.status)
-            .unwrap_or(RunStatus::Created)
+        match (&self.last, &self.meta.incoming) {
+            (Some(s), _) => s.status,
+            (None, Some(_)) => RunStatus::Inmigrate,
+            (None, None) => RunStatus::Created,
+        }
     }
 }
 
@@ -96,8 +100,9 @@ pub struct Inner {
     pub state: HostState,
     /// Running VMs (and incoming ones).
     pub vms: BTreeMap<VmName, VmEntry>,
-    /// Names being started (reserved so that two requests cannot start the same VM).
-    pub starting: BTreeSet<VmName>,
+    /// VMs being started (reserved so that two requests cannot start the same VM, and
+    /// counted against the host's capacity).
+    pub starting: BTreeMap<VmName, StartVm>,
     /// Migrations.
     pub migrations: BTreeMap<MigrationId, MigEntry>,
 }
@@ -145,7 +150,7 @@ impl Agent {
             inner: Mutex::new(Inner {
                 state,
                 vms: BTreeMap::new(),
-                starting: BTreeSet::new(),
+                starting: BTreeMap::new(),
                 migrations: BTreeMap::new(),
             }),
             shutting_down: AtomicBool::new(false),

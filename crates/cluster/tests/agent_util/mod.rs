@@ -1,8 +1,9 @@
 //! Shared fixtures of the agent tests: real `fastmig agent` processes on loopback, each with
 //! its own data directory, and the VM processes they start.
 //!
-//! These tests need `/dev/kvm` and the `fastmig` binary built from this tree
-//! (`cargo build -p fastmig-cli`; `FASTMIG_BIN` names another one). Without either they fail
+//! These tests need `/dev/kvm` and the `fastmig` binary built from this tree, of the same
+//! profile (`cargo test --workspace` builds it; alone, `cargo build -p fastmig-cli` first;
+//! `FASTMIG_BIN` names another one). Without either they fail
 //! at once, saying so, rather than pass without testing anything.
 
 #![allow(dead_code)]
@@ -31,14 +32,20 @@ pub fn fastmig_bin() -> PathBuf {
         Path::new("/dev/kvm").exists(),
         "these tests run real VMs and need /dev/kvm"
     );
+    // The test executable is target/PROFILE/deps/NAME: the binary of the same profile sits
+    // in target/PROFILE (`cargo test --workspace [--release]` builds it).
     let bin = std::env::var_os("FASTMIG_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-            target.join("debug/fastmig")
+            let exe = std::env::current_exe().expect("the test executable");
+            exe.parent()
+                .and_then(Path::parent)
+                .map(|profile| profile.join("fastmig"))
+                .expect("target/PROFILE")
         });
+    if std::env::var_os("FASTMIG_BIN").is_none() {
+        assert_fresh(&bin);
+    }
     let ok = Command::new(&bin)
         .args(["agent", "--help"])
         .stdout(Stdio::null())
@@ -47,10 +54,44 @@ pub fn fastmig_bin() -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "{} is missing or has no `agent` subcommand: run `cargo build -p fastmig-cli` first",
+        "{} is missing or has no `agent` subcommand: run `cargo build -p fastmig-cli` (with --release for a release test run) first",
         bin.display()
     );
     bin
+}
+
+/// Fails when a source file of the crates the binary is built from is newer than the binary:
+/// `cargo test -p fastmig-cluster` does not rebuild another package's binary, and a stale
+/// one would test old code.
+fn assert_fresh(bin: &Path) {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut best = None;
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            let t = if p.is_dir() {
+                newest(&p)
+            } else {
+                e.metadata().and_then(|m| m.modified()).ok()
+            };
+            best = best.max(t);
+        }
+        best
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for c in ["cluster", "host", "vmm", "migration", "cli"] {
+        let src = crates.join(c).join("src");
+        if let Some(t) = newest(&src) {
+            assert!(
+                t <= built,
+                "{} is older than {}: run `cargo build -p fastmig-cli` first",
+                bin.display(),
+                src.display()
+            );
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -67,11 +108,18 @@ pub struct TestAgent {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     bin: PathBuf,
+    /// `--shutdown-grace`.
+    grace: &'static str,
 }
 
 impl TestAgent {
     /// Starts an agent and waits until it answers.
     pub fn start(name: &str) -> TestAgent {
+        Self::start_with_grace(name, "10s")
+    }
+
+    /// Starts an agent with this `--shutdown-grace`.
+    pub fn start_with_grace(name: &str, grace: &'static str) -> TestAgent {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = dir.path().join("token");
         std::fs::write(&token, TOKEN).expect("token");
@@ -82,6 +130,7 @@ impl TestAgent {
             dir,
             child: None,
             bin: fastmig_bin(),
+            grace,
         };
         a.spawn();
         a
@@ -109,7 +158,7 @@ impl TestAgent {
             .arg(self.data_dir())
             .arg("--token-file")
             .arg(self.dir.path().join("token"))
-            .args(["--shutdown-grace", "5s", "--accept-timeout", "20s"])
+            .args(["--shutdown-grace", self.grace, "--accept-timeout", "20s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,0 +1,384 @@
+//! `fastmig testbed up|down`: an emulated cluster on one machine. One network namespace per
+//! host, each joined to a bridge by a veth pair whose host side is shaped with `tc tbf`, and a
+//! `fastmig agent` in each.
+//!
+//! ```text
+//!  root namespace: bridge fmtb0 10.232.0.1/24 (the controller and tests reach agents here)
+//!    ├─ veth fmtbr1 ── netns fmtb-h1: veth fmtbh1 10.232.0.11, tbf, agent :7070
+//!    ├─ veth fmtbr2 ── netns fmtb-h2: veth fmtbh2 10.232.0.12, tbf, agent :7070
+//!    ...
+//! ```
+//!
+//! Every resource is written to the state file (`DIR/testbed.json`) as soon as it exists, so
+//! `down` removes exactly what `up` created, also after `up` crashed half-way. Traffic only
+//! goes between these namespaces and the bridge.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use fastmig_cluster::auth::Token;
+use fastmig_cluster::http_client::HttpAgent;
+use fastmig_cluster::proto::{DemandSource, HostName, StartVm, TraceFormat, VmName};
+use fastmig_cluster::AgentApi;
+use serde::{Deserialize, Serialize};
+
+use crate::netns::run;
+use crate::units;
+
+/// Prefix of every namespace and interface a testbed creates.
+const PREFIX: &str = "fmtb";
+/// The bridge.
+const BRIDGE: &str = "fmtb0";
+/// The agents' API port in every namespace.
+const AGENT_PORT: u16 = 7070;
+
+/// An emulated cluster: network namespaces, a bridge, shaped links and one agent per host.
+#[derive(clap::Subcommand, Debug)]
+pub enum TestbedCommand {
+    /// Create the namespaces, the bridge and the shaped links, and start an agent in each.
+    Up(UpArgs),
+    /// Remove everything `up` created (also after `up` crashed), VM processes included.
+    Down {
+        /// The testbed's directory.
+        #[arg(long, default_value = "/tmp/fastmig-testbed")]
+        dir: PathBuf,
+    },
+}
+
+/// `testbed up` flags.
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Number of hosts, 1..=200.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=200))]
+    hosts: u16,
+    /// Each host's link rate, bytes/s (`125M`) or bits/s (`1gbit`).
+    #[arg(long, value_parser = units::parse_bandwidth)]
+    link: u64,
+    /// VMs started on every host (16 MiB, `dirty` workload).
+    #[arg(long, default_value_t = 0)]
+    vms_per_host: u16,
+    /// PlanetLab trace directory: VM `i` follows file `i` (in name order), one sample every
+    /// 2 s. Without it, VMs demand a constant 20 %.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Host type of every host: `G4`, `G5` or a JSON file.
+    #[arg(long, default_value = "G4")]
+    host_type: String,
+    /// The testbed's directory (state file, token, agents' data and logs).
+    #[arg(long, default_value = "/tmp/fastmig-testbed")]
+    dir: PathBuf,
+}
+
+/// What `up` created, in order (written after every step).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    /// The bridge, once created.
+    bridge: Option<String>,
+    /// Namespaces.
+    namespaces: Vec<String>,
+    /// Root-side veth ends.
+    links: Vec<String>,
+    /// Agent process ids.
+    agents: Vec<u32>,
+    /// Agents' data directories (their VM processes are found there).
+    data_dirs: Vec<PathBuf>,
+    /// Agents: host name and URL.
+    urls: Vec<(String, String)>,
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("testbed.json")
+}
+
+fn save(dir: &Path, st: &State) -> Result<()> {
+    let tmp = dir.join("testbed.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(st)?).context("writing the state file")?;
+    std::fs::rename(&tmp, state_path(dir)).context("writing the state file")
+}
+
+/// Runs `testbed up` or `testbed down`.
+pub fn main(cmd: TestbedCommand) -> Result<()> {
+    match cmd {
+        TestbedCommand::Up(a) => up(&a),
+        TestbedCommand::Down { dir } => down(&dir),
+    }
+}
+
+fn up(a: &UpArgs) -> Result<()> {
+    if state_path(&a.dir).exists() {
+        bail!(
+            "{} exists: a testbed is up (or crashed); run `fastmig testbed down --dir {}` first",
+            state_path(&a.dir).display(),
+            a.dir.display()
+        );
+    }
+    // The names are fixed: one testbed per machine. Checked before anything is recorded, so
+    // that cleaning up after a failure never removes another testbed's resources.
+    let bridge_exists = Command::new("ip")
+        .args(["link", "show", BRIDGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if bridge_exists
+        || Path::new("/run/netns")
+            .join(format!("{PREFIX}-h1"))
+            .exists()
+    {
+        bail!("a testbed is already up on this machine (bridge {BRIDGE}); `fastmig testbed down --dir DIR` it first");
+    }
+    std::fs::create_dir_all(&a.dir).context("creating the testbed directory")?;
+    let mut st = State::default();
+    save(&a.dir, &st)?;
+    let result = build(a, &mut st);
+    if result.is_err() {
+        eprintln!("fastmig: testbed up failed; removing what it created");
+        let _ = down(&a.dir);
+    }
+    result
+}
+
+fn build(a: &UpArgs, st: &mut State) -> Result<()> {
+    let dir = &a.dir;
+    let token_file = dir.join("token");
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut raw))
+        .context("reading /dev/urandom for the token")?;
+    let token_text: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&token_file, &token_text).context("writing the token")?;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    let token = Token::new(&token_text)?;
+
+    // Each resource is recorded before it is created: a kill in between leaves a name that
+    // `down` finds missing, never a resource it does not know.
+    st.bridge = Some(BRIDGE.into());
+    save(dir, st)?;
+    run(&["ip", "link", "add", BRIDGE, "type", "bridge"])
+        .context("creating the bridge (root needed)")?;
+    run(&["ip", "addr", "add", "10.232.0.1/24", "dev", BRIDGE])?;
+    run(&["ip", "link", "set", BRIDGE, "up"])?;
+
+    let bin = std::env::current_exe().context("locating the fastmig binary")?;
+    let rate_bits = (a.link as f64 * 8.0).round() as u64;
+    let burst = ((a.link as f64 / 250.0) as u64).max(64 << 10);
+    for i in 1..=a.hosts {
+        let ns = format!("{PREFIX}-h{i}");
+        let (root_if, ns_if) = (format!("{PREFIX}r{i}"), format!("{PREFIX}h{i}"));
+        // Hosts 10.232.0.11 to .210.
+        let addr = format!("10.232.0.{}", 10 + i);
+        st.namespaces.push(ns.clone());
+        save(dir, st)?;
+        run(&["ip", "netns", "add", &ns])?;
+        st.links.push(root_if.clone());
+        save(dir, st)?;
+        run(&[
+            "ip", "link", "add", &root_if, "type", "veth", "peer", "name", &ns_if,
+        ])?;
+        run(&["ip", "link", "set", &ns_if, "netns", &ns])?;
+        run(&["ip", "link", "set", &root_if, "master", BRIDGE])?;
+        run(&["ip", "link", "set", &root_if, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            &ns_if,
+        ])?;
+        run(&["ip", "-n", &ns, "link", "set", &ns_if, "up"])?;
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        // The host's uplink (what it sends) and downlink (what the bridge sends it).
+        for (netns, dev) in [
+            (Some(ns.as_str()), ns_if.as_str()),
+            (None, root_if.as_str()),
+        ] {
+            let mut args: Vec<&str> = Vec::new();
+            if let Some(n) = netns {
+                args.extend(["ip", "netns", "exec", n]);
+            }
+            let rate = format!("{rate_bits}bit");
+            let burst = burst.to_string();
+            args.extend([
+                "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst,
+                "latency", "100ms",
+            ]);
+            run(&args)?;
+        }
+        let data = dir.join(format!("h{i}"));
+        std::fs::create_dir_all(&data)?;
+        let log = std::fs::File::create(data.join("agent.log"))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&bin)
+            .args(["--log", "info", "agent", "--listen"])
+            .arg(format!("{addr}:{AGENT_PORT}"))
+            .args(["--host-id", &format!("h{i}"), "--host-type", &a.host_type])
+            .arg("--data-dir")
+            .arg(data.join("data"))
+            .arg("--token-file")
+            .arg(&token_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting an agent")?;
+        st.agents.push(child.id());
+        st.data_dirs.push(data.join("data"));
+        st.urls
+            .push((format!("h{i}"), format!("http://{addr}:{AGENT_PORT}")));
+        save(dir, st)?;
+    }
+    let agents: Vec<HttpAgent> = st
+        .urls
+        .iter()
+        .map(|(h, u)| HttpAgent::new(HostName(h.clone()), u, &token, Duration::from_secs(20)))
+        .collect();
+    for agent in &agents {
+        let start = Instant::now();
+        while let Err(e) = agent.report() {
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("agent {} did not answer: {e}", agent.host());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let traces = match &a.trace {
+        Some(d) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(d)
+                .with_context(|| format!("reading {}", d.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            files.sort();
+            files
+        }
+        None => Vec::new(),
+    };
+    let mut n = 0;
+    for agent in &agents {
+        for _ in 0..a.vms_per_host {
+            let demand = match traces.get(n % traces.len().max(1)) {
+                Some(path) => DemandSource::Trace {
+                    path: path.clone(),
+                    format: TraceFormat::Planetlab,
+                    sample_period_ms: 2000,
+                },
+                None => DemandSource::Constant { utilization: 0.2 },
+            };
+            n += 1;
+            agent
+                .start_vm(&StartVm {
+                    vm: VmName(format!("vm{n}")),
+                    mem_bytes: 16 << 20,
+                    vcpus: 1,
+                    mips: 500.0,
+                    workload: "dirty:rate=1000,wss=8M".into(),
+                    demand,
+                    demand_epoch_ms: None,
+                })
+                .with_context(|| format!("starting vm{n} on {}", agent.host()))?;
+        }
+    }
+    println!(
+        "testbed up: {} hosts, links of {} bit/s",
+        a.hosts, rate_bits
+    );
+    for (h, u) in &st.urls {
+        println!("  {h}  {u}");
+    }
+    println!("token: {}", token_file.display());
+    println!(
+        "state: {} (fastmig testbed down --dir {})",
+        state_path(dir).display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn down(dir: &Path) -> Result<()> {
+    let path = state_path(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no testbed in {}", dir.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("reading the state file"),
+    };
+    let st: State = serde_json::from_str(&text).context("the state file")?;
+    let mut failures = Vec::new();
+    // Agents first (so that they adopt nothing), then their VM processes, which outlive
+    // them by design, then the network.
+    for pid in &st.agents {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    // An agent started just before `up` died, not yet in the state file: its command line
+    // names this directory.
+    let stray = Command::new("pgrep")
+        .args(["-f", "--", &format!("--data-dir {}/h", dir.display())])
+        .output();
+    if let Ok(o) = stray {
+        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+    let mut data_dirs = st.data_dirs.clone();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        data_dirs.extend(entries.flatten().map(|e| e.path().join("data")));
+    }
+    data_dirs.sort();
+    data_dirs.dedup();
+    for data in &data_dirs {
+        let Ok(entries) = std::fs::read_dir(data.join("vms")) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if let Ok(c) =
+                fastmig_host::ControlClient::connect(e.path().join("api.sock"), Duration::ZERO)
+            {
+                let _ = c.quit();
+            }
+        }
+    }
+    for ns in st.namespaces.iter().rev() {
+        if !Path::new("/run/netns").join(ns).exists() {
+            continue;
+        }
+        if let Err(e) = run(&["ip", "netns", "del", ns]) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    for link in st.links.iter().rev() {
+        // Gone with its namespace's peer, unless the move into the namespace never happened.
+        let _ = run(&["ip", "link", "del", link]);
+    }
+    if let Some(b) = &st.bridge {
+        let exists = Command::new("ip")
+            .args(["link", "show", b])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if exists {
+            if let Err(e) = run(&["ip", "link", "del", b]) {
+                failures.push(format!("{e:#}"));
+            }
+        }
+    }
+    if !failures.is_empty() {
+        bail!("testbed down left some things: {}", failures.join("; "));
+    }
+    std::fs::remove_dir_all(dir).context("removing the testbed directory")?;
+    println!("testbed down: removed {} hosts", st.namespaces.len());
+    Ok(())
+}
