@@ -106,7 +106,8 @@ pub fn dirty_rate_for(demand: f64) -> u64 {
 }
 
 /// Reads a trace as fractions: PlanetLab files hold one percentage per line; a Google file
-/// is the simulator's CSV trace format, whose first VM row is used.
+/// (`google-gcd-2011/vms/*`) holds a CPU and a memory percentage per line, read by the
+/// simulator's own reader (the CPU column is the demand).
 fn read_trace(path: &Path, format: TraceFormat) -> Result<Vec<f64>, DemandError> {
     let samples = match format {
         TraceFormat::Planetlab => {
@@ -138,10 +139,12 @@ fn read_trace(path: &Path, format: TraceFormat) -> Result<Vec<f64>, DemandError>
         }
         TraceFormat::Google => {
             let trace =
-                fastmig_sim::trace::load_csv(path, 300.0).map_err(|e| DemandError::Format {
-                    path: path.to_path_buf(),
-                    line: 0,
-                    msg: e.to_string(),
+                fastmig_sim::trace_google::load_files(&[path.to_path_buf()]).map_err(|e| {
+                    DemandError::Format {
+                        path: path.to_path_buf(),
+                        line: 0,
+                        msg: e.to_string(),
+                    }
                 })?;
             let n = trace.sample_count();
             (0..n)
@@ -180,6 +183,27 @@ mod tests {
         assert_eq!(d.at(2000), 0.5);
         assert_eq!(d.at(4500), 1.0);
         assert_eq!(d.at(6000), 0.1);
+    }
+
+    #[test]
+    fn a_google_file_gives_its_cpu_column() {
+        // google-gcd-2011/vms/*: "CPU% MEM%" per line, a day of 288 samples; the demand is
+        // the CPU column.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("vm_1_1");
+        let day: String = (0..288)
+            .map(|i| if i % 2 == 0 { "25 5.1\n" } else { "50 20\n" })
+            .collect();
+        std::fs::write(&p, day).expect("write");
+        let d = Demand::load(&DemandSource::Trace {
+            path: p,
+            format: TraceFormat::Google,
+            sample_period_ms: 1000,
+        })
+        .expect("loads");
+        assert_eq!(d.at(0), 0.25);
+        assert_eq!(d.at(1000), 0.5);
+        assert_eq!(d.at(2000), 0.25);
     }
 
     #[test]
