@@ -192,6 +192,10 @@ pub struct MigrateArgs {
     /// How long the VM is observed for its write rate before a prediction.
     #[arg(long, default_value = "1s", value_parser = units::parse_duration, requires = "model")]
     pub sample: Duration,
+    /// Fraction of the CPU the migration will get, in (0, 1], for the prediction only (as
+    /// `fastmig predict --cpu-share`; the model's CPU-bound rate is scaled by it).
+    #[arg(long, default_value = "1", value_parser = crate::model_cmd::share_arg, requires = "model")]
+    pub cpu_share: f64,
 }
 
 impl MigrateArgs {
@@ -584,6 +588,7 @@ fn demo(args: &DemoArgs) -> Result<()> {
             model: None,
             link: None,
             sample: Duration::from_secs(1),
+            cpu_share: 1.0,
         },
     )?;
     let src_last = src.client.query_status()?;

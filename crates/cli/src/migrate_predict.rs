@@ -9,7 +9,7 @@
 //!  query-status  ×2, `--sample` apart: pages_written → write rate (the model's D);
 //!                working_set_pages (distinct pages dirtied over the last 5 s) → wss
 //!  migrate flags transport, streams, --max-bandwidth, --downtime-limit, --max-rounds,
-//!                --on-no-converge; --link (the link's bandwidth, for the prediction only)
+//!                --on-no-converge; --link and --cpu-share (for the prediction only)
 //! ```
 //!
 //! A guest that reports no page writes (not a fastmig workload guest) has its write rate
@@ -173,6 +173,7 @@ fn scenario(m: &Measured, args: &MigrateArgs) -> Result<MigrationScenario> {
     s.downtime_limit_s = req.downtime_limit.as_secs_f64();
     s.max_rounds = req.max_rounds;
     s.on_no_converge = policy(req.on_no_converge);
+    s.cpu_share = args.cpu_share;
     Ok(s)
 }
 

@@ -147,7 +147,8 @@ fn rate_arg(s: &str) -> Result<f64> {
     }
 }
 
-fn share_arg(s: &str) -> Result<f64> {
+/// A CPU share in (0, 1] (`predict --cpu-share`, `migrate --cpu-share`).
+pub fn share_arg(s: &str) -> Result<f64> {
     match s.trim().parse::<f64>() {
         Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
         _ => Err(usage!("bad CPU share `{s}`: a number in (0, 1]")),

@@ -97,6 +97,40 @@ fn dry_run_predicts_from_the_running_vm_and_migrates_nothing() {
     let q = api(&src.api, "query-migrate", serde_json::json!({})).expect("query-migrate");
     assert_eq!(q["status"], "none", "{q}");
 
+    // Half the CPU, no link: bound by the transport's CPU rate, halved, so the first pass
+    // alone (32 MiB at half the fitted multi-tcp rate) takes twice as long as at full share.
+    let half = |share: &str| {
+        let out = migrate(
+            dir.path(),
+            &src,
+            &to,
+            &[
+                "--dry-run",
+                "--model",
+                &m,
+                "--transport",
+                "multi-tcp",
+                "--cpu-share",
+                share,
+                "--json",
+            ],
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        one_json(&out)
+    };
+    let (full, halved) = (half("1"), half("0.5"));
+    assert_eq!(halved["prediction"]["bound"], "cpu");
+    let rate = |v: &Value| v["prediction"]["rate_bytes_s"].as_f64().expect("rate");
+    assert!((rate(&halved) * 2.0 - rate(&full)).abs() < 1e-6 * rate(&full));
+    assert!(halved["prediction"]["total_ms"].as_f64() > full["prediction"]["total_ms"].as_f64());
+    migrate(
+        dir.path(),
+        &src,
+        &to,
+        &["--dry-run", "--model", &m, "--cpu-share", "0"],
+    )
+    .assert_one_line_exit(2, &["cpu share"]);
+
     // The text form names the measured inputs and the prediction.
     let text = migrate(
         dir.path(),

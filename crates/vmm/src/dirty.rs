@@ -161,4 +161,19 @@ mod tests {
         assert_eq!(b.iter_set().collect::<Vec<_>>(), vec![0, 2, 129]);
         assert!(b.is_set(129) && !b.is_set(1) && !b.is_set(10_000));
     }
+
+    #[test]
+    fn union_counts_a_page_dirtied_in_two_windows_once() {
+        // The working-set window ORs each second's log: pages 0 and 2, then 2 and 129, are
+        // three distinct pages; an empty accumulator grows to the log's length.
+        let mut acc = KvmDirtyLog::default();
+        let mut a = KvmDirtyLog::new(130);
+        a.or_assign(&[0b101, 0, 0]);
+        let mut b = KvmDirtyLog::new(130);
+        b.or_assign(&[0b100, 0, 1 << 1]);
+        acc.union(&a);
+        acc.union(&b);
+        assert_eq!(acc.words.len(), 3);
+        assert_eq!(acc.iter_set().collect::<Vec<_>>(), vec![0, 2, 129]);
+    }
 }
