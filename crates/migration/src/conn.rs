@@ -122,6 +122,14 @@ impl Conn {
         }
     }
 
+    /// Sets the write timeout only (`None`: block forever); the read timeout is left alone.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_write_timeout(t),
+            Conn::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// The socket's write timeout (`None`: none set, or unreadable).
     pub fn write_timeout(&self) -> Option<Duration> {
         match self {

@@ -71,6 +71,11 @@ impl Write for Until<'_> {
 /// A writer whose every `write_all` of one buffer is due within `within` of its first call
 /// ([`std::io::BufWriter`] hands over one buffer per flush, in as many calls as the kernel
 /// needs): progress is a whole buffer taken, not a few bytes.
+///
+/// `within` must be the socket's write timeout when the `Paced` is made
+/// ([`Conn::write_timeout`]): the first call of a buffer then runs under exactly that
+/// timeout and needs no system call; only the tail of a buffer the kernel took in part gets
+/// a shorter timeout (what is left of its deadline), restored on drop.
 pub(crate) struct Paced<'a> {
     conn: &'a mut Conn,
     within: Option<Duration>,
@@ -78,16 +83,20 @@ pub(crate) struct Paced<'a> {
     due: Option<Instant>,
     /// Bytes of that buffer still expected.
     left: usize,
+    /// The socket's write timeout as we last set it.
+    timeout: Option<Duration>,
 }
 
 impl<'a> Paced<'a> {
-    /// Paces writes on `conn` (`within`: `None` keeps the socket's own per-call timeout).
+    /// Paces writes on `conn` (`within`: its write timeout; `None` keeps the socket's own
+    /// per-call behaviour).
     pub(crate) fn new(conn: &'a mut Conn, within: Option<Duration>) -> Self {
         Self {
             conn,
             within,
             due: None,
             left: 0,
+            timeout: within,
         }
     }
 }
@@ -97,18 +106,25 @@ impl Write for Paced<'_> {
         let Some(within) = self.within else {
             return self.conn.write(buf);
         };
-        // A call that is not the tail of the previous buffer starts a new one.
-        if self.left == 0 || buf.len() != self.left {
+        // A call that is not the tail of the previous buffer starts a new one, due `within`
+        // from now: the socket's own timeout is that already.
+        let timeout = if self.left == 0 || buf.len() != self.left {
             self.due = Some(Instant::now() + within);
             self.left = buf.len();
+            within
+        } else {
+            let due = self.due.unwrap_or_else(Instant::now);
+            let left = due.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+            }
+            // A zero socket timeout would mean "block forever".
+            left.max(Duration::from_millis(1))
+        };
+        if self.timeout != Some(timeout) {
+            self.conn.set_write_timeout(Some(timeout))?;
+            self.timeout = Some(timeout);
         }
-        let due = self.due.unwrap_or_else(Instant::now);
-        let left = due.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
-        }
-        self.conn
-            .set_timeouts(Some(left.max(Duration::from_millis(1))))?;
         let r = self.conn.write(buf);
         if let Ok(n) = r {
             self.left -= n.min(self.left);
@@ -122,8 +138,8 @@ impl Write for Paced<'_> {
 
 impl Drop for Paced<'_> {
     fn drop(&mut self) {
-        if let Some(w) = self.within {
-            let _ = self.conn.set_timeouts(Some(w));
+        if self.timeout != self.within {
+            let _ = self.conn.set_write_timeout(self.within);
         }
     }
 }

@@ -76,9 +76,6 @@ pub unsafe fn send_all_until(
         None => libc::MSG_NOSIGNAL,
     };
     while start < iovs.len() {
-        if let Some(d) = deadline {
-            wait_writable(fd, d)?;
-        }
         let n = (iovs.len() - start).min(MAX_IOV);
         // SAFETY: an all-zero msghdr is valid (null name, no control data).
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -89,14 +86,17 @@ pub unsafe fn send_all_until(
         let r = unsafe { libc::sendmsg(fd, &msg, flags) };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-            ) && (deadline.is_some() || e.kind() == io::ErrorKind::Interrupted)
-            {
-                continue;
+            match (e.kind(), deadline) {
+                (io::ErrorKind::Interrupted, _) => continue,
+                // Wait only when the socket is full (not before every send: a poll per
+                // batch is a system call the common case does not need); every wait checks
+                // the deadline, so a peer that takes a byte now and then still ends by it.
+                (io::ErrorKind::WouldBlock, Some(d)) => {
+                    wait_writable(fd, d)?;
+                    continue;
+                }
+                _ => return Err(e),
             }
-            return Err(e);
         }
         advance(iovs, &mut start, r as usize);
     }

@@ -22,6 +22,7 @@
 //! said `Commit` (it has given the VM up). Any failure before that returns an error, tells
 //! the source `Failed`, and leaves the VM paused for the caller to discard.
 
+use std::io::{BufReader, Read};
 use std::os::fd::AsFd;
 
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
@@ -163,10 +164,12 @@ fn verify_memory(ctx: &RecvCtx) -> Result<(), MigrationError> {
 }
 
 /// The two-phase end shared by every transport: restore the state, say `Ready`, wait for the
-/// source's `Commit` (it has given the VM up), and only then resume.
+/// source's `Commit` (it has given the VM up), and only then resume. `leftover`: bytes of the
+/// control stream already read past `Complete`, read before the socket.
 fn restore_commit_resume<V: MigratableVm + ?Sized>(
     vm: &V,
     control: &mut Conn,
+    leftover: &[u8],
     opts: &ReceiveOptions,
     state: Option<Vec<u8>>,
 ) -> Result<(), MigrationError> {
@@ -178,7 +181,7 @@ fn restore_commit_resume<V: MigratableVm + ?Sized>(
         .map_err(MigrationError::RestoreState)?;
     write_message(control, &Message::Ready).map_err(|e| wire("ready", e))?;
     let _ = control.set_timeouts(Some(opts.commit_timeout));
-    match read_message(control).map_err(|e| wire("commit", e))? {
+    match read_message(&mut leftover.chain(&mut *control)).map_err(|e| wire("commit", e))? {
         Message::Commit => {}
         Message::Failed { reason } => return Err(MigrationError::PeerFailed { reason }),
         other => {
@@ -392,9 +395,28 @@ fn run<V: MigratableVm>(
 
     let mut state = None;
     let mut rounds = 0;
+    // Frames are read through a buffer: a classic page is one frame, and reading each
+    // header and payload with its own system call (and a poll before it) cost more than the
+    // page itself. No descriptor travels inside this loop (fd passing is part of setup), and
+    // the source writes nothing after `Complete` until it has our `Ready`, so what the
+    // buffer holds past `Complete` can only be an abort (`Failed`), read on below.
+    let mut rd = BufReader::with_capacity(
+        256 * 1024,
+        control
+            .try_clone()
+            .map_err(|e| MigrationError::TransportSetup {
+                reason: "cloning the control stream".into(),
+                source: Some(e),
+            })?,
+    );
     let complete = loop {
-        wait_for_control(control, t.as_mut(), opts.io_timeout)?;
-        let msg = read_message(control).map_err(|e| wire("receiving pages", e))?;
+        if rd.buffer().is_empty() {
+            wait_for_control(control, t.as_mut(), opts.io_timeout)?;
+        } else {
+            // What the poll would have surfaced: a data stream that failed meanwhile.
+            t.check()?;
+        }
+        let msg = read_message(&mut rd).map_err(|e| wire("receiving pages", e))?;
         let Some(msg) = t.on_control(msg, &ctx)? else {
             continue;
         };
@@ -417,6 +439,8 @@ fn run<V: MigratableVm>(
             }
         }
     };
+    let leftover = rd.buffer().to_vec();
+    drop(rd);
     let stats: PageStats = t.finish()?;
     // For adopted memory nothing was copied: both tables still hold only zero-page hashes,
     // and the comparison proves only that both sides count the same pages.
@@ -431,7 +455,7 @@ fn run<V: MigratableVm>(
     if opts.verify_memory && t.copies_pages() {
         verify_memory(&ctx)?;
     }
-    restore_commit_resume(&vm, control, opts, state)?;
+    restore_commit_resume(&vm, control, &leftover, opts, state)?;
     let dst_cpu_s = thread_cpu_time() - cpu0 + t.worker_cpu_s();
     acknowledge_resume(control, dst_cpu_s, setup_ms, digest_match);
     let summary = ReceiveSummary {
