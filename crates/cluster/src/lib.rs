@@ -23,6 +23,7 @@ pub mod auth;
 pub mod controller;
 pub mod fake_agent;
 pub mod http_client;
+pub mod metrics;
 pub mod proto;
 pub mod store;
 

@@ -16,6 +16,7 @@
 //! the HTTP API (`api`).
 
 pub mod api;
+pub mod dashboard;
 pub mod reconcile;
 pub mod round;
 
@@ -993,6 +994,11 @@ impl Controller {
     /// Interval number of the last tick.
     pub fn interval_no(&self) -> i64 {
         self.interval_no
+    }
+
+    /// Each host's last report (the dashboard reads migrations' progress from it).
+    pub fn reports(&self) -> &BTreeMap<HostName, HostReport> {
+        &self.reports
     }
 }
 
