@@ -7,6 +7,7 @@ mod prom_text;
 use std::io::{BufRead, BufReader};
 
 use controller_common::{start, Server, TOKEN};
+use fastmig_cluster::metrics::EXPORTED;
 use fastmig_sim::setup::reference_host_types;
 use serde_json::Value;
 
@@ -190,6 +191,12 @@ fn metrics_need_the_token_and_show_every_host_as_the_api_does() {
         0.5
     );
     assert!(m2.value("fastmig_cluster_energy_joules_total", &[]) >= 0.0);
+    // Every family the controller owns is in its exposition (deploy/ is checked against this
+    // list).
+    for f in EXPORTED.iter().filter(|f| !f.starts_with("fastmig_agent_")) {
+        let base = f.strip_suffix("_total").unwrap_or(f);
+        assert!(m2.types.contains_key(base), "{f} not exported");
+    }
 }
 
 #[test]
