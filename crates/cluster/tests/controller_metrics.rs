@@ -256,25 +256,9 @@ fn events_stream_the_state_with_every_host() {
     let mut lines = BufReader::new(resp.body_mut().as_reader()).lines();
     let (hosts, vms, _) = s.snapshot();
     // Two events: the first (whole history) and the next sample.
+    let mut energy = Vec::new();
     for n in 0..2 {
-        let mut event = None;
-        let mut data = String::new();
-        for line in lines.by_ref() {
-            let line = line.expect("line");
-            if line.is_empty() && !data.is_empty() {
-                break;
-            }
-            if let Some(e) = line.strip_prefix("event: ") {
-                event = Some(e.to_owned());
-            } else if let Some(d) = line.strip_prefix("data: ") {
-                data.push_str(d);
-            } else {
-                // Keep-alive comments (":") only.
-                assert!(line.is_empty() || line.starts_with(':'), "{line:?}");
-            }
-        }
-        assert_eq!(event.as_deref(), Some("state"), "event {n}");
-        let v: Value = serde_json::from_str(&data).expect("event data is JSON");
+        let v = next_event(&mut lines);
         let names: Vec<&str> = arr(&v["hosts"])
             .iter()
             .map(|x| x["name"].as_str().expect("name"))
@@ -283,7 +267,7 @@ fn events_stream_the_state_with_every_host() {
             .iter()
             .map(|x| x["name"].as_str().expect("name"))
             .collect();
-        assert_eq!(names, want);
+        assert_eq!(names, want, "event {n}");
         for (a, b) in arr(&v["hosts"]).iter().zip(arr(&hosts)) {
             assert_eq!(a["state"], b["state"]);
             assert_eq!(a["utilization"], b["utilization"]);
@@ -296,10 +280,69 @@ fn events_stream_the_state_with_every_host() {
             p["active_hosts"].as_u64(),
             Some(s.hosts_in("active").len() as u64)
         );
-        assert!(
-            (v["power_w"].as_f64().expect("power") - p["power_w"].as_f64().expect("p")).abs()
-                < 1e-9
-        );
-        assert!(v["energy_j"].as_f64().expect("energy") >= 0.0);
+        let power = v["power_w"].as_f64().expect("power");
+        assert!(power > 0.0);
+        assert!((power - p["power_w"].as_f64().expect("p")).abs() < 1e-9);
+        energy.push(v["energy_j"].as_f64().expect("energy"));
     }
+    // Active hosts draw power: energy grows from one sample to the next.
+    assert!(energy[1] > energy[0], "{energy:?}");
+
+    // An order shows up in flight, then done, without a new connection.
+    let vm = "v3";
+    let from = s.host_of(vm);
+    let to = s
+        .hosts_in("active")
+        .into_iter()
+        .find(|x| *x != from)
+        .expect("another active host");
+    let (st, row) = s.call(
+        "POST",
+        "/migrations",
+        Some(&format!(r#"{{"vm":"{vm}","destination":"{to}"}}"#)),
+    );
+    assert_eq!(st, 201, "{row}");
+    let id = row["id"].clone();
+    let seen = (0..10).map(|_| next_event(&mut lines)).find(|v| {
+        arr(&v["in_flight"])
+            .iter()
+            .any(|m| m["id"] == id && m["vm"] == vm && m["destination"] == to.as_str())
+    });
+    assert!(seen.is_some(), "the migration never showed in flight");
+    s.fake.step();
+    s.ctl.lock().expect("ctl").tick().expect("tick");
+    let ended = (0..10).map(|_| next_event(&mut lines)).find(|v| {
+        arr(&v["in_flight"]).is_empty()
+            && arr(&v["done"])
+                .iter()
+                .any(|m| m["id"] == id && m["state"] == "done")
+    });
+    let ended = ended.expect("the migration never showed done");
+    let on = arr(&ended["vms"])
+        .iter()
+        .find(|x| x["vm"] == vm)
+        .expect("listed");
+    assert_eq!(on["host"], to.as_str());
+    assert!(ended["point"]["migrations"].as_u64().is_some());
+}
+
+/// The next `state` event's JSON (keep-alive comments skipped).
+fn next_event(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Value {
+    let mut event = None;
+    let mut data = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if line.is_empty() && !data.is_empty() {
+            break;
+        }
+        if let Some(e) = line.strip_prefix("event: ") {
+            event = Some(e.to_owned());
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            data.push_str(d);
+        } else {
+            assert!(line.is_empty() || line.starts_with(':'), "{line:?}");
+        }
+    }
+    assert_eq!(event.as_deref(), Some("state"));
+    serde_json::from_str(&data).expect("event data is JSON")
 }

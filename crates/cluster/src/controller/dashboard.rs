@@ -327,12 +327,13 @@ fn event(snap: &Snapshot, history: &[Point]) -> Event {
 
 async fn events(d: Dashboard) -> Response {
     let mut rx = d.0.tx.subscribe();
-    // The first event comes at once, with the whole history.
-    let current = rx.borrow_and_update().clone();
-    let first = match current {
-        Some(s) => Some(s),
-        None => d.sample().await,
-    };
+    // The first event comes at once, with the whole history; it marks the current sample
+    // seen, so that the next event is a newer one.
+    let empty = rx.borrow().is_none();
+    if empty {
+        d.sample().await;
+    }
+    let first = rx.borrow_and_update().clone();
     let history: Vec<Point> = lock(&d.0.integ).history.iter().copied().collect();
     let first = first.map(|s| event(&s, &history));
     let stream = futures_util::stream::unfold((rx, first), |(mut rx, first)| async move {
