@@ -350,6 +350,11 @@ impl Controller {
         self.open.values().cloned().collect()
     }
 
+    /// Each host's last report (the dashboard reads migrations' progress from it).
+    pub fn reports(&self) -> &BTreeMap<HostName, HostReport> {
+        &self.reports
+    }
+
     /// The store (the API reads migrations and decisions from it).
     pub fn store(&mut self) -> &mut dyn Store {
         self.store.as_mut()
@@ -994,11 +999,6 @@ impl Controller {
     /// Interval number of the last tick.
     pub fn interval_no(&self) -> i64 {
         self.interval_no
-    }
-
-    /// Each host's last report (the dashboard reads migrations' progress from it).
-    pub fn reports(&self) -> &BTreeMap<HostName, HostReport> {
-        &self.reports
     }
 }
 
