@@ -7,7 +7,7 @@ mod prom_text;
 use std::io::{BufRead, BufReader};
 
 use controller_common::{start, Server, TOKEN};
-use fastmig_cluster::metrics::EXPORTED;
+use fastmig_cluster::metrics::{ControllerMetrics, EXPORTED};
 use fastmig_sim::setup::reference_host_types;
 use serde_json::Value;
 
@@ -345,4 +345,32 @@ fn next_event(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Valu
     }
     assert_eq!(event.as_deref(), Some("state"));
     serde_json::from_str(&data).expect("event data is JSON")
+}
+
+#[test]
+fn a_migration_is_counted_once_and_a_new_reader_counts_the_store_again() {
+    let s = start();
+    let (_, migrations) = s.call("GET", "/migrations", None);
+    let done = arr(&migrations)
+        .iter()
+        .filter(|r| r["state"] == "done")
+        .count();
+    let (_, decisions) = s.call("GET", "/decisions?limit=1000", None);
+    let mut ctl = s.ctl.lock().expect("ctl");
+    // A reader started afresh (as after a restart of the controller) counts every ended
+    // migration in the store once, and nothing more on the next sync.
+    let m = ControllerMetrics::new(0.0);
+    assert_eq!(m.sync(&mut ctl).expect("sync"), done);
+    assert_eq!(m.sync(&mut ctl).expect("sync"), 0);
+    let text = m.render(&ctl.hosts(), ctl.vms(), 0, None);
+    let e = prom_text::parse(&text).expect("parses");
+    let l = [("transport", "classic"), ("result", "done")];
+    assert_eq!(e.value("fastmig_migrations_total", &l), done as f64);
+    assert_eq!(
+        e.value("fastmig_decision_seconds_count", &[]),
+        arr(&decisions).len() as f64
+    );
+    // Without an energy figure, no energy family.
+    assert!(!e.types.contains_key("fastmig_cluster_energy_joules"));
+    assert_eq!(m.recent().len(), done);
 }
