@@ -66,7 +66,7 @@ pub fn report_utilization(rep: &HostReport) -> f64 {
         .map(|v| v.demand * v.mips)
         .sum();
     if total > 0.0 {
-        req / total
+        req / total + 0.0
     } else {
         0.0
     }
@@ -163,7 +163,8 @@ impl HostGauges {
 
     fn host(&self, host: &str, state: HostState, util: f64, vms: usize) {
         let h = HostLabel { host: host.into() };
-        self.util.get_or_create(&h).set(util);
+        // `+ 0.0` turns the -0.0 of an empty float sum into 0.
+        self.util.get_or_create(&h).set(util + 0.0);
         self.vms.get_or_create(&h).set(vms as i64);
         for s in [HostState::Active, HostState::Standby] {
             let l = HostStateLabels {

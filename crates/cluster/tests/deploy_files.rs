@@ -65,6 +65,20 @@ fn every_grafana_query_names_an_exported_metric() {
         }
     }
     let unused: Vec<_> = EXPORTED.iter().filter(|f| !used.contains(*f)).collect();
+    // A job named in a query is a job of deploy/prometheus.yml.
+    let cfg = deploy("prometheus.yml");
+    for p in panels {
+        for t in p["targets"].as_array().expect("targets") {
+            let expr = t["expr"].as_str().expect("expr");
+            for part in expr.split("job=\"").skip(1) {
+                let job = part.split('"').next().unwrap_or_default();
+                assert!(
+                    cfg.contains(&format!("job_name: {job}\n")),
+                    "{expr}: no job {job}"
+                );
+            }
+        }
+    }
     assert!(unused.is_empty(), "no panel shows {unused:?}");
 }
 
