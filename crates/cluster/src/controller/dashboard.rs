@@ -106,6 +106,8 @@ pub struct Point {
     pub utilization: f64,
     /// Migrations that ended since the previous point.
     pub migrations: usize,
+    /// The controller's interval at this point (the page sums migrations per interval).
+    pub interval: i64,
 }
 
 /// The cluster as one event of `/events` shows it.
@@ -239,7 +241,7 @@ impl Inner {
                     name: h.name,
                     state: h.state,
                     reachable: h.reachable,
-                    utilization: h.utilization,
+                    utilization: h.utilization + 0.0,
                     vms: h.vms.into_iter().map(|v| v.0).collect(),
                     in_flight: h.in_flight,
                 }
@@ -283,12 +285,16 @@ impl Inner {
             integ.energy_j += (p0 + power_w) / 2.0 * now.duration_since(t0).as_secs_f64();
         }
         integ.last = Some((now, power_w));
+        // The first sample counts every migration the store holds: none of them ended in
+        // its interval.
+        let first = integ.history.is_empty();
         let point = Point {
             t_ms: now_ms(),
             active_hosts: active.len(),
             power_w,
             utilization,
-            migrations: ended,
+            migrations: if first { 0 } else { ended },
+            interval,
         };
         integ.history.push_back(point);
         if integ.history.len() > HISTORY_KEPT {
