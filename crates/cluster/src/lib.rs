@@ -13,6 +13,9 @@
 //! between the controller and the agents: the HTTP client implements it, and so do the test
 //! doubles that stand in for thousands of hosts in the scale benchmark.
 //!
+//! [`metrics`] renders both sides' Prometheus `/metrics`; the controller's dashboard (`/`,
+//! `/events`) is `controller::dashboard`.
+//!
 //! This crate does not own the VM (that is `fastmig-vmm` and `fastmig-host`), the migration
 //! protocol (`fastmig-migration`), the policies (`fastmig-sim`) or the cost model
 //! (`fastmig-model`); it only drives them.
@@ -23,6 +26,7 @@ pub mod auth;
 pub mod controller;
 pub mod fake_agent;
 pub mod http_client;
+pub mod metrics;
 pub mod proto;
 pub mod store;
 

@@ -84,6 +84,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/migrations/{id}/cancel", post(cancel))
         .route("/standby", post(standby))
         .route("/wake", post(wake))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiFail::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&agent),
@@ -187,6 +188,13 @@ fn reserve(agent: &Agent, new: &StartVm) -> Result<(), ApiFail> {
     }
     inner.starting.insert(vm.clone(), new.clone());
     Ok(())
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    let rep = build_report(&agent);
+    let counts = agent.lock().ended.clone();
+    let body = crate::metrics::render_agent(&rep, &counts);
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn report(State(agent): State<Arc<Agent>>) -> Json<HostReport> {

@@ -105,6 +105,8 @@ pub struct Inner {
     pub starting: BTreeMap<VmName, StartVm>,
     /// Migrations.
     pub migrations: BTreeMap<MigrationId, MigEntry>,
+    /// Migrations that ended since the agent started (for `/metrics`).
+    pub ended: crate::metrics::MigrationCounts,
 }
 
 impl Inner {
@@ -113,6 +115,7 @@ impl Inner {
         if let Some(m) = self.migrations.get_mut(&id) {
             if is_final(&phase) && m.ended.is_none() {
                 m.ended = Some(Instant::now());
+                self.ended.ended(&m.record, &phase);
             }
             m.record.phase = phase;
         }
@@ -152,6 +155,7 @@ impl Agent {
                 vms: BTreeMap::new(),
                 starting: BTreeMap::new(),
                 migrations: BTreeMap::new(),
+                ended: Default::default(),
             }),
             shutting_down: AtomicBool::new(false),
         }

@@ -333,7 +333,9 @@ async fn not_found() -> Refusal {
 
 /// The API's routes.
 pub fn router(st: ApiState) -> Router {
+    let dash = super::dashboard::Dashboard::new(Arc::clone(&st.ctl));
     Router::new()
+        .merge(dash.private_routes())
         .route("/hosts", get(hosts))
         .route("/vms", get(vms).post(place_vm))
         .route("/migrations", get(migrations).post(order_migration))
@@ -343,6 +345,7 @@ pub fn router(st: ApiState) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(st.clone(), auth))
         .with_state(st)
+        .merge(dash.public_routes())
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

@@ -16,6 +16,7 @@
 //! the HTTP API (`api`).
 
 pub mod api;
+pub mod dashboard;
 pub mod reconcile;
 pub mod round;
 
@@ -347,6 +348,11 @@ impl Controller {
     /// Migrations not ended.
     pub fn open_migrations(&self) -> Vec<MigrationRow> {
         self.open.values().cloned().collect()
+    }
+
+    /// Each host's last report (the dashboard reads migrations' progress from it).
+    pub fn reports(&self) -> &BTreeMap<HostName, HostReport> {
+        &self.reports
     }
 
     /// The store (the API reads migrations and decisions from it).
