@@ -8,6 +8,8 @@
 
 mod bench_cmd;
 mod charts;
+mod cluster_cmd;
+mod controller_cmd;
 mod daemon;
 mod error;
 mod migrate_cmd;
@@ -65,6 +67,11 @@ enum Command {
     Model(model_cmd::ModelCommand),
     /// Predict a migration's time, downtime, bytes and CPU, and whether it converges.
     Predict(model_cmd::PredictArgs),
+    /// Run the consolidation controller over a cluster's agents (serves an HTTP API).
+    Controller(controller_cmd::ControllerArgs),
+    /// Look at a running cluster through its controller.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
 }
 
 /// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
@@ -125,6 +132,8 @@ fn main() {
         Command::Shell(cmd) => shell_cmd::main(cmd),
         Command::Model(cmd) => model_cmd::main(cmd),
         Command::Predict(args) => model_cmd::predict_main(args),
+        Command::Controller(args) => controller_cmd::main(args),
+        Command::Cluster(cmd) => cluster_cmd::main(cmd),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));

@@ -16,6 +16,7 @@ use fastmig_migration::{MigrationStatus, MigrationSummary};
 use fastmig_sim::setup::HostType;
 
 use crate::agent_api::{AgentApi, AgentError};
+pub use crate::controller::spec_of;
 use crate::proto::{
     DemandSource, HostName, HostReport, HostState, IncomingReady, MigrationId, MigrationPhase,
     MigrationRecord, PrepareIncoming, Side, StartOutgoing, StartVm, VmName, VmReport,
@@ -63,6 +64,7 @@ pub fn test_vm(name: &str, mem_mb: u64, mips: f64, demand: f64) -> StartVm {
         demand: DemandSource::Constant {
             utilization: demand,
         },
+        demand_epoch_ms: None,
     }
 }
 
@@ -82,18 +84,7 @@ fn vm_report(spec: &StartVm, status: RunStatus) -> VmReport {
         working_set_bytes: 0,
         workload: spec.workload.clone(),
         demand_source: spec.demand.clone(),
-    }
-}
-
-/// The spec a VM report describes (what a destination needs to receive it).
-pub fn spec_of(vm: &VmReport) -> StartVm {
-    StartVm {
-        vm: vm.vm.clone(),
-        mem_bytes: vm.mem_bytes,
-        vcpus: vm.vcpus,
-        mips: vm.mips,
-        workload: vm.workload.clone(),
-        demand: vm.demand_source.clone(),
+        demand_epoch_ms: spec.demand_epoch_ms,
     }
 }
 

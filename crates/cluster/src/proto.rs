@@ -121,6 +121,12 @@ pub struct StartVm {
     pub workload: String,
     /// Where its CPU demand comes from.
     pub demand: DemandSource,
+    /// When its demand trace started, ms since the Unix epoch: a migrated VM goes on at the
+    /// same position of its trace. Absent for a new VM (the agent takes its start time); the
+    /// controller copies [`VmReport::demand_epoch_ms`] into the `StartVm` of a
+    /// [`PrepareIncoming`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand_epoch_ms: Option<u64>,
 }
 
 /// One VM as its host's agent reports it.
@@ -146,6 +152,10 @@ pub struct VmReport {
     pub workload: String,
     /// Where its demand comes from.
     pub demand_source: DemandSource,
+    /// When its demand trace started, ms since the Unix epoch (see
+    /// [`StartVm::demand_epoch_ms`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand_epoch_ms: Option<u64>,
 }
 
 /// `GET /report`: the host, its VMs and its migrations.

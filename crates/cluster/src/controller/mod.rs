@@ -34,7 +34,6 @@ use fastmig_sim::{ModelCost, PolicySpec};
 use serde::{Deserialize, Serialize};
 
 use crate::agent_api::{AgentApi, AgentError};
-use crate::fake_agent::spec_of;
 use crate::proto::{
     HostName, HostReport, HostState, MigrationId, PrepareIncoming, StartOutgoing, StartVm, VmName,
     VmReport,
@@ -233,6 +232,21 @@ pub fn gather(agents: &[Arc<dyn AgentApi>], threads: usize) -> Reports {
             .flat_map(|h| h.join().unwrap_or_default())
             .collect()
     })
+}
+
+/// The spec a VM report describes (what a destination needs to receive it, the controller's
+/// `PrepareIncoming` included).
+pub fn spec_of(vm: &VmReport) -> StartVm {
+    StartVm {
+        vm: vm.vm.clone(),
+        mem_bytes: vm.mem_bytes,
+        vcpus: vm.vcpus,
+        mips: vm.mips,
+        workload: vm.workload.clone(),
+        demand: vm.demand_source.clone(),
+        // A migrated VM goes on at the same position of its demand trace.
+        demand_epoch_ms: vm.demand_epoch_ms,
+    }
 }
 
 fn ram_mb(bytes: u64) -> u32 {
