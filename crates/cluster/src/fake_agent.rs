@@ -182,6 +182,15 @@ impl FakeCluster {
         }
     }
 
+    /// Sets every VM's demand at once (`f` gets the VM's name; thousands of hosts).
+    pub fn update_demands(&self, f: impl Fn(&VmName) -> f64) {
+        for h in &self.hosts {
+            for v in lock(h).report.vms.iter_mut() {
+                v.demand = f(&v.vm);
+            }
+        }
+    }
+
     /// Makes a host's agent (un)reachable.
     pub fn set_reachable(&self, host: &HostName, reachable: bool) {
         lock(self.host(host)).reachable = reachable;
