@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::fake_agent::{test_vm, FakeCluster};
+use crate::proto::PrepareIncoming;
 use crate::store::tests::TestDb;
+use crate::store::Origin;
 use fastmig_sim::setup::reference_host_types;
 
 fn h(n: &str) -> HostName {
