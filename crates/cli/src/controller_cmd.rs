@@ -71,6 +71,10 @@ pub struct ControllerArgs {
     /// Transport of the migrations the controller orders.
     #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
     pub transport: TransportKind,
+    /// Keep the host and VM samples of this many intervals (at least 30), deleting older
+    /// ones; all are kept when absent. Decisions and migrations are always kept.
+    #[arg(long)]
+    pub keep_intervals: Option<u32>,
     /// On shutdown, how long migrations in flight may take to finish before they are
     /// cancelled (the VM then stays on its source).
     #[arg(long, default_value = "60s", value_parser = units::parse_duration)]
@@ -182,6 +186,7 @@ pub fn main(args: ControllerArgs) -> anyhow::Result<()> {
     cfg.interval = args.interval;
     cfg.max_in_flight = args.max_in_flight;
     cfg.transport = args.transport;
+    cfg.keep_intervals = args.keep_intervals;
     cfg.cost = cost_model(&args)?;
     let ctl = Controller::new(cfg, agents, store).map_err(|e| match e {
         fastmig_cluster::controller::ControllerError::Config(m) => usage!("{m}"),

@@ -122,6 +122,9 @@ pub struct ControllerConfig {
     pub gather_threads: usize,
     /// Seed of the random selector.
     pub seed: u64,
+    /// Keep the host and VM samples of this many intervals (at least the 30 the histories
+    /// need); `None`: keep all.
+    pub keep_intervals: Option<u32>,
 }
 
 impl ControllerConfig {
@@ -135,6 +138,7 @@ impl ControllerConfig {
             cost: CostModel::CloudSim,
             gather_threads: 16,
             seed: 42,
+            keep_intervals: None,
         }
     }
 }
@@ -227,7 +231,23 @@ pub fn gather(agents: &[Arc<dyn AgentApi>], threads: usize) -> Reports {
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .zip(agents.chunks(chunk))
+            .flat_map(|(h, part)| {
+                // A thread that panicked answers for none of its hosts: each is recorded as
+                // unreachable rather than silently missing.
+                h.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|a| {
+                            let host = a.host().clone();
+                            let e = AgentError::Unreachable {
+                                host: host.clone(),
+                                reason: "report thread panicked".into(),
+                            };
+                            (host, Err(e))
+                        })
+                        .collect()
+                })
+            })
             .collect()
     })
 }
@@ -277,6 +297,14 @@ impl Controller {
                 cfg.policy
             )));
         };
+        if cfg
+            .keep_intervals
+            .is_some_and(|k| (k as usize) < VM_HISTORY)
+        {
+            return Err(ControllerError::Config(format!(
+                "keep at least {VM_HISTORY} intervals of samples (the histories' length)"
+            )));
+        }
         if cfg.max_in_flight == 0 {
             return Err(ControllerError::Config(
                 "max in flight must be at least 1".into(),
@@ -706,7 +734,12 @@ impl Controller {
             migrations_ordered: d.ordered.len() as i64,
             summary: serde_json::to_string(d).unwrap_or_default(),
         });
-        self.store.write_interval(&w)
+        self.store.write_interval(&w)?;
+        if let Some(k) = self.cfg.keep_intervals {
+            self.store
+                .prune_samples(self.interval_no - i64::from(k) + 1)?;
+        }
+        Ok(())
     }
 
     fn agent(&self, h: &HostName) -> Result<&Arc<dyn AgentApi>, OrderError> {

@@ -338,3 +338,36 @@ fn policies_that_never_migrate_are_refused() {
         assert!(matches!(r, Err(ControllerError::Config(_))), "{p}");
     }
 }
+
+#[test]
+fn samples_older_than_the_kept_intervals_are_pruned() {
+    let c = cluster();
+    let db = TestDb::sqlite();
+    let mut cfg = ControllerConfig::new("thr-mmt");
+    assert!(matches!(
+        Controller::new(
+            ControllerConfig {
+                keep_intervals: Some(29),
+                ..ControllerConfig::new("thr-mmt")
+            },
+            vec![],
+            db.open()
+        ),
+        Err(ControllerError::Config(_))
+    ));
+    cfg.keep_intervals = Some(30);
+    let agents = c
+        .agents()
+        .into_iter()
+        .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
+        .collect();
+    let mut ctl = Controller::new(cfg, agents, db.open()).unwrap();
+    for _ in 0..35 {
+        ctl.tick().unwrap();
+        c.step();
+    }
+    // Intervals 6..=35 remain: 30 samples, newest first.
+    let hist = ctl.store().host_histories(1000).unwrap();
+    assert_eq!(hist[&h("b")].len(), 30);
+    assert_eq!(ctl.store().decisions(1000).unwrap().len(), 35);
+}

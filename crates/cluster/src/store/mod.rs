@@ -23,7 +23,10 @@ pub use self::postgres::PgBackend;
 pub use self::sqlite::SqliteBackend;
 
 /// The schema migrations, in order: (version, SQL).
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_sample_pruning.sql")),
+];
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -319,6 +322,8 @@ pub trait Store: Send {
     fn host_histories(&mut self, n: i64) -> Result<HashMap<HostName, Vec<f64>>, StoreError>;
     /// The last `n` demand samples of every VM, most recent first.
     fn vm_histories(&mut self, n: i64) -> Result<HashMap<VmName, Vec<f64>>, StoreError>;
+    /// Deletes the host and VM samples of intervals before `interval_no`.
+    fn prune_samples(&mut self, interval_no: i64) -> Result<(), StoreError>;
     /// The largest ids used: (interval, migration, order); 0 when none.
     fn max_ids(&mut self) -> Result<(i64, u64, i64), StoreError>;
     /// The schema version in the database.
@@ -730,6 +735,14 @@ impl<B: Backend> Store for SqlStore<B> {
             .into_iter()
             .map(|(k, v)| (VmName(k), v))
             .collect())
+    }
+
+    fn prune_samples(&mut self, interval_no: i64) -> Result<(), StoreError> {
+        let p = vec![Value::Int(Some(interval_no))];
+        self.db.batch(&[
+            ("DELETE FROM host_samples WHERE interval_no < $1", p.clone()),
+            ("DELETE FROM vm_samples WHERE interval_no < $1", p),
+        ])
     }
 
     fn max_ids(&mut self) -> Result<(i64, u64, i64), StoreError> {

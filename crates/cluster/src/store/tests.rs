@@ -95,7 +95,7 @@ fn schema_is_versioned(db: TestDb) {
     drop(s);
     // Opening again applies nothing twice (a second CREATE TABLE would fail).
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), 2);
     assert_eq!(s.max_ids().unwrap(), (0, 0, 0));
 }
 
@@ -195,6 +195,17 @@ fn intervals_and_histories(db: TestDb) {
     assert_eq!(d.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5, 4]);
     assert_eq!(d[0].decision_us, 45);
     assert_eq!(s.max_ids().unwrap().0, 5);
+    // Pruning keeps intervals 4 and 5 only.
+    s.prune_samples(4).unwrap();
+    assert_eq!(
+        s.host_histories(30).unwrap()[&HostName("a".into())],
+        vec![0.5, 0.4]
+    );
+    assert_eq!(
+        s.vm_histories(30).unwrap()[&VmName("vm1".into())],
+        vec![0.25, 0.2]
+    );
+    assert_eq!(s.decisions(10).unwrap().len(), 5, "decisions are kept");
 }
 
 fn orders_are_kept(db: TestDb) {
@@ -231,6 +242,32 @@ both_backends!(
 );
 
 #[test]
+fn a_version_1_database_is_brought_to_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    // A database made by a build that knew only version 1.
+    let mut b = SqliteBackend::open(path.to_str().unwrap()).unwrap();
+    b.batch(&[(
+        "CREATE TABLE schema_version (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+        vec![],
+    )])
+    .unwrap();
+    b.apply_script(MIGRATIONS[0].1, 1, 0).unwrap();
+    b.batch(&[(
+        "INSERT INTO host_samples VALUES ('a', 1, 0, 0.5, 1)",
+        vec![],
+    )])
+    .unwrap();
+    drop(b);
+    let mut s = open(&format!("sqlite:{}", path.display())).unwrap();
+    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(
+        s.host_histories(30).unwrap()[&HostName("a".into())],
+        vec![0.5]
+    );
+}
+
+#[test]
 fn bad_urls_are_refused() {
     assert!(matches!(open("mysql://x"), Err(StoreError::BadUrl(_))));
     assert!(matches!(open("sqlite:"), Err(StoreError::BadUrl(_))));
@@ -250,7 +287,7 @@ fn a_newer_schema_is_refused() {
         open(&url),
         Err(StoreError::TooNew {
             found: 99,
-            known: 1
+            known: 2
         })
     ));
 }
