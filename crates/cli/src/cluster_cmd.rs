@@ -66,14 +66,19 @@ fn s(v: &Value) -> String {
     }
 }
 
-/// Prints the three tables.
-fn print_tables(hosts: &Value, vms: &Value, migrations: &Value) {
-    println!(
+/// The three tables.
+fn tables(hosts: &Value, vms: &Value, migrations: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // `writeln!` to a String cannot fail.
+    let _ = writeln!(
+        out,
         "{:<16} {:<8} {:<9} {:>6} {:>4} {:>9}",
         "HOST", "STATE", "REACHABLE", "UTIL%", "VMS", "IN-FLIGHT"
     );
     for h in rows(hosts) {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<16} {:<8} {:<9} {:>6.1} {:>4} {:>9}",
             s(&h["name"]),
             s(&h["state"]),
@@ -83,14 +88,16 @@ fn print_tables(hosts: &Value, vms: &Value, migrations: &Value) {
             s(&h["in_flight"]),
         );
     }
-    println!();
-    println!(
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
         "{:<16} {:<16} {:<12} {:>7} {:>8}",
         "VM", "HOST", "STATUS", "DEMAND%", "MEM MiB"
     );
     for v in rows(vms) {
         let r = &v["report"];
-        println!(
+        let _ = writeln!(
+            out,
             "{:<16} {:<16} {:<12} {:>7.1} {:>8}",
             s(&v["vm"]),
             s(&v["host"]),
@@ -99,18 +106,20 @@ fn print_tables(hosts: &Value, vms: &Value, migrations: &Value) {
             r["mem_bytes"].as_u64().unwrap_or(0) >> 20,
         );
     }
-    println!();
+    let _ = writeln!(out);
     let open = rows(migrations);
     if open.is_empty() {
-        println!("no migration in flight");
-        return;
+        let _ = writeln!(out, "no migration in flight");
+        return out;
     }
-    println!(
+    let _ = writeln!(
+        out,
         "{:>6} {:<16} {:<16} {:<16} {:<9} {:>11}",
         "ID", "VM", "SOURCE", "DESTINATION", "STATE", "PREDICTED s"
     );
     for m in open {
-        println!(
+        let _ = writeln!(
+            out,
             "{:>6} {:<16} {:<16} {:<16} {:<9} {:>11}",
             s(&m["id"]),
             s(&m["vm"]),
@@ -121,6 +130,16 @@ fn print_tables(hosts: &Value, vms: &Value, migrations: &Value) {
                 .as_f64()
                 .map_or("-".into(), |p| format!("{p:.2}")),
         );
+    }
+    out
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
     }
 }
 
@@ -140,9 +159,9 @@ pub fn main(cmd: ClusterCommand) -> anyhow::Result<()> {
             let migrations = get(&http, &args.controller, "/migrations?open=true", &token)?;
             if args.json {
                 let all = json!({"hosts": hosts, "vms": vms, "migrations": migrations});
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&all)?))?;
             } else {
-                print_tables(&hosts, &vms, &migrations);
+                emit(&tables(&hosts, &vms, &migrations))?;
             }
             Ok(())
         }

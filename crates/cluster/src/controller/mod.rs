@@ -538,7 +538,8 @@ impl Controller {
                 .iter()
                 .filter(|v| !matches!(v.status, RunStatus::Postmigrate | RunStatus::Stopped))
                 .map(|v| v.demand * v.mips)
-                .sum();
+                // Not `sum()`: an empty float sum is -0.0.
+                .fold(0.0, |a, b| a + b);
             let reachable = fresh.contains_key(name);
             let util = if total > 0.0 { req / total } else { 0.0 };
             self.hosts.insert(

@@ -81,7 +81,11 @@ impl Controller {
             .get(dst)
             .ok_or_else(|| OrderError::Unreachable(dst.clone()))?;
         let t = &rep.host_type;
-        let used_mips: f64 = rep.vms.iter().map(|v| v.demand * v.mips).sum();
+        let used_mips: f64 = rep
+            .vms
+            .iter()
+            .map(|v| v.demand * v.mips)
+            .fold(0.0, |a, b| a + b);
         let used_ram: u64 = rep.vms.iter().map(|v| u64::from(ram_mb(v.mem_bytes))).sum();
         let want = demand * vm.mips;
         if t.total_mips() - used_mips < want
@@ -207,8 +211,8 @@ impl Controller {
         Ok(row)
     }
 
-    /// Starts a new VM: on `host`, or where PABFD puts it (its demand taken as its constant
-    /// demand, or 1 for a trace). Refused with nothing changed when the name exists or the
+    /// Starts a new VM: on `host`, or where PABFD puts it among the active hosts (its demand
+    /// taken as its constant demand, or 1 for a trace), or else on a standby host it wakes. Refused with nothing changed when the name exists or the
     /// host cannot take it.
     pub fn place_vm(
         &mut self,
@@ -243,10 +247,27 @@ impl Controller {
                     interval_s: self.cfg.interval.as_secs_f64(),
                     max_in_flight: self.cfg.max_in_flight,
                 };
-                let i = round::place_new(&hosts, &vms, &new, &p).ok_or_else(|| {
-                    OrderError::NoRoom(HostName("any active host".into()), spec.vm.clone())
-                })?;
-                hosts[i].name.clone()
+                match round::place_new(&hosts, &vms, &new, &p) {
+                    Some(i) => hosts[i].name.clone(),
+                    None => {
+                        // No active host has room: wake the first standby host that can
+                        // hold the VM (capacity runs short).
+                        let fits = |h: &round::RoundHost| {
+                            let t = &h.host_type;
+                            let want = demand * spec.mips;
+                            h.standby
+                                && t.pe_mips >= want
+                                && t.total_mips() >= want
+                                && u64::from(t.ram_mb) >= u64::from(ram_mb(spec.mem_bytes))
+                        };
+                        let h = hosts.iter().find(|h| fits(h)).ok_or_else(|| {
+                            OrderError::NoRoom(HostName("any host".into()), spec.vm.clone())
+                        })?;
+                        let name = h.name.clone();
+                        self.set_power(&name, true)?;
+                        name
+                    }
+                }
             }
         };
         self.check_destination(spec, demand, &dst, false)?;
