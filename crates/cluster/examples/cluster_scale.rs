@@ -5,6 +5,7 @@
 //! ```text
 //! bench/cluster-scale.sh            # builds with opt-level 3 and runs 100, 1,000, 10,000 hosts
 //! cluster_scale --hosts 100,1000 --intervals 20 --trace DIR --db-dir DIR
+//! cluster_scale --hosts 100,1000 --postgres postgres://fastmig:fastmig@127.0.0.1/fastmig_test
 //! ```
 //!
 //! Per size: hosts alternate G4/G5, three VMs per host (CloudSim's VM types, chosen so each
@@ -23,6 +24,7 @@ use std::time::Instant;
 use fastmig_cluster::controller::{Controller, ControllerConfig};
 use fastmig_cluster::fake_agent::{test_vm, FakeCluster};
 use fastmig_cluster::proto::HostName;
+use fastmig_cluster::store::{PgBackend, SqlStore};
 use fastmig_cluster::AgentApi;
 use fastmig_sim::setup::{reference_host_types, reference_vm_types};
 
@@ -31,6 +33,8 @@ struct Args {
     intervals: usize,
     trace: PathBuf,
     db_dir: PathBuf,
+    /// A PostgreSQL URL: the database is PostgreSQL (a schema per size) instead of SQLite.
+    postgres: Option<String>,
 }
 
 fn args() -> Result<Args, String> {
@@ -39,6 +43,7 @@ fn args() -> Result<Args, String> {
         intervals: 16,
         trace: PathBuf::from("../shared/data/planetlab/20110303"),
         db_dir: std::env::temp_dir(),
+        postgres: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +58,7 @@ fn args() -> Result<Args, String> {
             "--intervals" => a.intervals = v.parse().map_err(|e| format!("--intervals: {e}"))?,
             "--trace" => a.trace = v.into(),
             "--db-dir" => a.db_dir = v.into(),
+            "--postgres" => a.postgres = Some(v),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -70,13 +76,64 @@ fn file_size(p: &std::path::Path) -> u64 {
         .sum()
 }
 
-fn controller(fake: &Arc<FakeCluster>, url: &str) -> Controller {
+/// Where the bench's database is.
+enum Db {
+    Sqlite(PathBuf),
+    Postgres { url: String, schema: String },
+}
+
+impl Db {
+    fn open(&self) -> Box<dyn fastmig_cluster::store::Store> {
+        match self {
+            Db::Sqlite(p) => {
+                fastmig_cluster::store::open(&format!("sqlite:{}", p.display())).expect("store")
+            }
+            Db::Postgres { url, schema } => Box::new(
+                SqlStore::new(PgBackend::connect(url, Some(schema)).expect("connect"))
+                    .expect("schema"),
+            ),
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Db::Sqlite(p) => file_size(p),
+            Db::Postgres { url, schema } => {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+                let row = c
+                    .query_one(
+                        "SELECT COALESCE(SUM(pg_total_relation_size(c.oid)), 0)::BIGINT FROM pg_class c \
+                         JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE n.nspname = $1 AND c.relkind = 'r'",
+                        &[schema],
+                    )
+                    .expect("size");
+                row.get::<_, i64>(0) as u64
+            }
+        }
+    }
+
+    fn remove(&self) {
+        match self {
+            Db::Sqlite(p) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", p.display()));
+                }
+            }
+            Db::Postgres { url, schema } => {
+                let _ = PgBackend::drop_schema(url, schema);
+            }
+        }
+    }
+}
+
+fn controller(fake: &Arc<FakeCluster>, db: &Db) -> Controller {
     let agents = fake
         .agents()
         .into_iter()
         .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
         .collect();
-    let store = fastmig_cluster::store::open(url).expect("store");
+    let store = db.open();
     Controller::new(ControllerConfig::new("lr-mmt"), agents, store).expect("controller")
 }
 
@@ -116,22 +173,25 @@ fn main() {
             }
         }
         let index: std::collections::HashMap<String, usize> = rows.into_iter().collect();
-        let db = a.db_dir.join(format!("cluster-scale-{n}.db"));
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-        }
-        let url = format!("sqlite:{}", db.display());
+        let db = match &a.postgres {
+            Some(url) => Db::Postgres {
+                url: url.clone(),
+                schema: format!("cluster_scale_{n}"),
+            },
+            None => Db::Sqlite(a.db_dir.join(format!("cluster-scale-{n}.db"))),
+        };
+        db.remove();
         let split = a.intervals / 2;
         let mut decision = Vec::new();
         let mut tick = Vec::new();
         let mut migrations = 0;
-        let mut ctl = controller(&fake, &url);
+        let mut ctl = controller(&fake, &db);
         let mut size_at_split = 0;
         for t in 0..a.intervals {
             if t == split {
                 drop(ctl);
-                size_at_split = file_size(&db);
-                ctl = controller(&fake, &url);
+                size_at_split = db.size();
+                ctl = controller(&fake, &db);
             }
             let sample = t % trace.sample_count().max(1);
             fake.update_demands(|vm| {
@@ -151,7 +211,7 @@ fn main() {
         }
         drop(ctl);
         let per_interval =
-            (file_size(&db).saturating_sub(size_at_split)) as f64 / (a.intervals - split) as f64;
+            (db.size().saturating_sub(size_at_split)) as f64 / (a.intervals - split) as f64;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         let max = decision.iter().copied().fold(0.0, f64::max);
         println!(
@@ -164,8 +224,6 @@ fn main() {
             per_interval,
             per_interval * 8640.0 / 1e6
         );
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-        }
+        db.remove();
     }
 }
