@@ -222,6 +222,51 @@ fn orders_are_kept(db: TestDb) {
     assert_eq!(s.max_ids().unwrap().2, 1);
 }
 
+fn many_rows_in_one_interval(db: TestDb) {
+    // 1,001 hosts and VMs: three multi-row statements each (400 + 400 + 201 rows).
+    let mut s = db.open();
+    let n = 1001;
+    let mut w = IntervalWrite::default();
+    for i in 0..n {
+        let name = format!("h{i:04}");
+        w.hosts.push(host(&name, HostState::Active));
+        w.host_samples.push(HostSample {
+            host: HostName(name.clone()),
+            interval_no: 1,
+            time_ms: 1,
+            utilization: i as f64 / 1000.0,
+            vm_count: 1,
+        });
+        w.vms.push(VmRow {
+            name: VmName(format!("v{i:04}")),
+            host: Some(HostName(name.clone())),
+            spec: "{}".into(),
+            status: "running".into(),
+            demand: 0.5,
+            updated_ms: 1,
+        });
+        w.vm_samples.push(VmSample {
+            vm: VmName(format!("v{i:04}")),
+            interval_no: 1,
+            host: HostName(name),
+            demand: i as f64 / 2000.0,
+            dirty_rate_pps: 0.0,
+        });
+    }
+    s.write_interval(&w).unwrap();
+    // Written again (a retried interval): upserts replace, samples are not doubled.
+    s.write_interval(&w).unwrap();
+    assert_eq!(s.hosts().unwrap().len(), n);
+    assert_eq!(s.vms().unwrap().len(), n);
+    let h = s.host_histories(30).unwrap();
+    assert_eq!(h.len(), n);
+    assert_eq!(h[&HostName("h1000".into())], vec![1.0]);
+    assert_eq!(
+        s.vm_histories(30).unwrap()[&VmName("v0400".into())],
+        vec![0.2]
+    );
+}
+
 macro_rules! both_backends {
     ($($name:ident),*) => {
         mod sqlite_backend {
@@ -238,7 +283,8 @@ both_backends!(
     hosts_and_vms_round_trip,
     migrations_update_in_place,
     intervals_and_histories,
-    orders_are_kept
+    orders_are_kept,
+    many_rows_in_one_interval
 );
 
 #[test]
