@@ -9,6 +9,8 @@
 mod agent_cmd;
 mod bench_cmd;
 mod charts;
+mod cluster_cmd;
+mod controller_cmd;
 mod daemon;
 mod error;
 mod migrate_cmd;
@@ -73,6 +75,11 @@ enum Command {
     /// An emulated cluster: network namespaces, shaped links, an agent in each.
     #[command(subcommand)]
     Testbed(testbed_cmd::TestbedCommand),
+    /// Run the consolidation controller over a cluster's agents (serves an HTTP API).
+    Controller(controller_cmd::ControllerArgs),
+    /// Look at a running cluster through its controller.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
 }
 
 /// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
@@ -135,6 +142,8 @@ fn main() {
         Command::Predict(args) => model_cmd::predict_main(args),
         Command::Agent(args) => agent_cmd::main(args),
         Command::Testbed(cmd) => testbed_cmd::main(cmd),
+        Command::Controller(args) => controller_cmd::main(args),
+        Command::Cluster(cmd) => cluster_cmd::main(cmd),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));

@@ -16,6 +16,7 @@ use fastmig_migration::{MigrationStatus, MigrationSummary};
 use fastmig_sim::setup::HostType;
 
 use crate::agent_api::{AgentApi, AgentError};
+pub use crate::controller::spec_of;
 use crate::proto::{
     DemandSource, HostName, HostReport, HostState, IncomingReady, MigrationId, MigrationPhase,
     MigrationRecord, PrepareIncoming, Side, StartOutgoing, StartVm, VmName, VmReport,
@@ -84,19 +85,6 @@ fn vm_report(spec: &StartVm, status: RunStatus) -> VmReport {
         workload: spec.workload.clone(),
         demand_source: spec.demand.clone(),
         demand_epoch_ms: spec.demand_epoch_ms,
-    }
-}
-
-/// The spec a VM report describes (what a destination needs to receive it).
-pub fn spec_of(vm: &VmReport) -> StartVm {
-    StartVm {
-        vm: vm.vm.clone(),
-        mem_bytes: vm.mem_bytes,
-        vcpus: vm.vcpus,
-        mips: vm.mips,
-        workload: vm.workload.clone(),
-        demand: vm.demand_source.clone(),
-        demand_epoch_ms: vm.demand_epoch_ms,
     }
 }
 
@@ -190,6 +178,15 @@ impl FakeCluster {
         for h in &self.hosts {
             for v in lock(h).report.vms.iter_mut().filter(|v| &v.vm == vm) {
                 v.demand = demand;
+            }
+        }
+    }
+
+    /// Sets every VM's demand at once (`f` gets the VM's name; thousands of hosts).
+    pub fn update_demands(&self, f: impl Fn(&VmName) -> f64) {
+        for h in &self.hosts {
+            for v in lock(h).report.vms.iter_mut() {
+                v.demand = f(&v.vm);
             }
         }
     }

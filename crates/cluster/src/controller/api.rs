@@ -22,6 +22,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::auth::Token;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -31,7 +32,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fastmig_migration::TransportKind;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 
 use super::{Controller, HostStatus, OrderError};
 use crate::agent_api::AgentError;
@@ -97,15 +97,15 @@ struct DecisionsQuery {
 #[derive(Clone)]
 pub struct ApiState {
     ctl: Arc<Mutex<Controller>>,
-    token: Arc<Vec<u8>>,
+    token: Arc<Token>,
 }
 
 impl ApiState {
     /// The controller behind the API and the bearer token it requires.
-    pub fn new(ctl: Arc<Mutex<Controller>>, token: &str) -> Self {
+    pub fn new(ctl: Arc<Mutex<Controller>>, token: Token) -> Self {
         Self {
             ctl,
-            token: Arc::new(token.trim().as_bytes().to_vec()),
+            token: Arc::new(token),
         }
     }
 }
@@ -164,11 +164,8 @@ async fn auth(State(st): State<ApiState>, req: Request, next: Next) -> Response 
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().as_bytes().to_vec())
-        .unwrap_or_default();
-    if given.is_empty() || !bool::from(given.ct_eq(st.token.as_slice())) {
+        .map(|v| v.as_bytes());
+    if !st.token.accepts(given) {
         return Refusal(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),

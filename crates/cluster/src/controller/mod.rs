@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod dashboard;
+mod orders;
 pub mod reconcile;
 pub mod round;
 
@@ -24,9 +25,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fastmig_host::{MigrationRequest, RunStatus};
+use fastmig_host::RunStatus;
 use fastmig_migration::TransportKind;
-use fastmig_sim::cost::{CloudSimCost, MigrationCostModel, MigrationCostQuery};
+use fastmig_sim::cost::{CloudSimCost, MigrationCostModel};
 use fastmig_sim::engine::VM_HISTORY;
 use fastmig_sim::policy::{OverloadDetector, Pabfd, VmSelector};
 use fastmig_sim::rng::SplitMix64;
@@ -35,14 +36,10 @@ use fastmig_sim::{ModelCost, PolicySpec};
 use serde::{Deserialize, Serialize};
 
 use crate::agent_api::{AgentApi, AgentError};
-use crate::fake_agent::spec_of;
-use crate::proto::{
-    HostName, HostReport, HostState, MigrationId, PrepareIncoming, StartOutgoing, StartVm, VmName,
-    VmReport,
-};
+use crate::proto::{HostName, HostReport, HostState, MigrationId, StartVm, VmName, VmReport};
 use crate::store::{
-    now_ms, DecisionRow, HostRow, HostSample, IntervalWrite, MigrationRow, MigrationState, Origin,
-    Store, StoreError, VmRow, VmSample,
+    now_ms, DecisionRow, HostRow, HostSample, IntervalWrite, MigrationRow, MigrationState, Store,
+    StoreError, VmRow, VmSample,
 };
 use reconcile::Resolution;
 use round::{Plan, PlannedMove, Policies, RoundHost, RoundVm};
@@ -126,6 +123,9 @@ pub struct ControllerConfig {
     pub gather_threads: usize,
     /// Seed of the random selector.
     pub seed: u64,
+    /// Keep the host and VM samples of this many intervals (at least the 30 the histories
+    /// need); `None`: keep all.
+    pub keep_intervals: Option<u32>,
 }
 
 impl ControllerConfig {
@@ -139,6 +139,7 @@ impl ControllerConfig {
             cost: CostModel::CloudSim,
             gather_threads: 16,
             seed: 42,
+            keep_intervals: None,
         }
     }
 }
@@ -231,9 +232,31 @@ pub fn gather(agents: &[Arc<dyn AgentApi>], threads: usize) -> Reports {
             .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .zip(agents.chunks(chunk))
+            .flat_map(|(h, part)| {
+                // A thread that panicked answers for none of its hosts: each is recorded as
+                // unreachable rather than silently missing.
+                h.join().unwrap_or_else(|_| {
+                    part.iter()
+                        .map(|a| {
+                            let host = a.host().clone();
+                            let e = AgentError::Unreachable {
+                                host: host.clone(),
+                                reason: "report thread panicked".into(),
+                            };
+                            (host, Err(e))
+                        })
+                        .collect()
+                })
+            })
             .collect()
     })
+}
+
+/// The spec a VM report describes (what a destination needs to receive it, the controller's
+/// `PrepareIncoming` included): [`VmReport::start_vm`].
+pub fn spec_of(vm: &VmReport) -> StartVm {
+    vm.start_vm()
 }
 
 fn ram_mb(bytes: u64) -> u32 {
@@ -266,6 +289,14 @@ impl Controller {
                 cfg.policy
             )));
         };
+        if cfg
+            .keep_intervals
+            .is_some_and(|k| (k as usize) < VM_HISTORY)
+        {
+            return Err(ControllerError::Config(format!(
+                "keep at least {VM_HISTORY} intervals of samples (the histories' length)"
+            )));
+        }
         if cfg.max_in_flight == 0 {
             return Err(ControllerError::Config(
                 "max in flight must be at least 1".into(),
@@ -504,7 +535,8 @@ impl Controller {
                 .iter()
                 .filter(|v| !matches!(v.status, RunStatus::Postmigrate | RunStatus::Stopped))
                 .map(|v| v.demand * v.mips)
-                .sum();
+                // Not `sum()`: an empty float sum is -0.0.
+                .fold(0.0, |a, b| a + b);
             let reachable = fresh.contains_key(name);
             let util = if total > 0.0 { req / total } else { 0.0 };
             self.hosts.insert(
@@ -700,300 +732,18 @@ impl Controller {
             migrations_ordered: d.ordered.len() as i64,
             summary: serde_json::to_string(d).unwrap_or_default(),
         });
-        self.store.write_interval(&w)
+        self.store.write_interval(&w)?;
+        if let Some(k) = self.cfg.keep_intervals {
+            self.store
+                .prune_samples(self.interval_no - i64::from(k) + 1)?;
+        }
+        Ok(())
     }
 
     fn agent(&self, h: &HostName) -> Result<&Arc<dyn AgentApi>, OrderError> {
         self.agents
             .get(h)
             .ok_or_else(|| OrderError::UnknownHost(h.clone()))
-    }
-
-    /// Puts a host into standby (`active: false`) or wakes it.
-    pub fn set_power(&mut self, h: &HostName, active: bool) -> Result<HostState, OrderError> {
-        let agent = Arc::clone(self.agent(h)?);
-        let rep = if active {
-            agent.wake()?
-        } else {
-            agent.standby()?
-        };
-        let state = rep.state;
-        if let Some(st) = self.hosts.get_mut(h) {
-            st.state = state;
-        }
-        if let Some(r) = self.reports.get_mut(h) {
-            r.state = state;
-        }
-        if let Some(st) = self.hosts.get(h) {
-            let row = HostRow {
-                name: h.clone(),
-                state,
-                reachable: st.reachable,
-                host_type: serde_json::to_string(&rep.host_type).unwrap_or_default(),
-                migration_address: rep.migration_address.clone(),
-                last_report_ms: rep.time_ms as i64,
-            };
-            self.store.put_host(&row)?;
-        }
-        tracing::info!(host = %h, ?state, "host power state");
-        Ok(state)
-    }
-
-    /// Whether `dst` can take `vm` now: known, reachable, active, not at its in-flight
-    /// limit, with free MIPS and RAM.
-    pub fn check_destination(
-        &self,
-        vm: &StartVm,
-        demand: f64,
-        dst: &HostName,
-    ) -> Result<(), OrderError> {
-        self.agent(dst)?;
-        let st = self
-            .hosts
-            .get(dst)
-            .ok_or_else(|| OrderError::Unreachable(dst.clone()))?;
-        if !st.reachable {
-            return Err(OrderError::Unreachable(dst.clone()));
-        }
-        if st.state == HostState::Standby {
-            return Err(OrderError::Standby(dst.clone()));
-        }
-        if st.in_flight >= self.cfg.max_in_flight
-            || self.in_flight().get(dst).copied().unwrap_or(0) >= self.cfg.max_in_flight
-        {
-            return Err(OrderError::Busy(format!(
-                "host {dst} has {} migrations in flight",
-                self.cfg.max_in_flight
-            )));
-        }
-        let rep = self
-            .reports
-            .get(dst)
-            .ok_or_else(|| OrderError::Unreachable(dst.clone()))?;
-        let t = &rep.host_type;
-        let used_mips: f64 = rep.vms.iter().map(|v| v.demand * v.mips).sum();
-        let used_ram: u64 = rep.vms.iter().map(|v| u64::from(ram_mb(v.mem_bytes))).sum();
-        let want = demand * vm.mips;
-        if t.total_mips() - used_mips < want
-            || t.pe_mips < want
-            || u64::from(t.ram_mb).saturating_sub(used_ram) < u64::from(ram_mb(vm.mem_bytes))
-        {
-            return Err(OrderError::NoRoom(dst.clone(), vm.vm.clone()));
-        }
-        Ok(())
-    }
-
-    /// Orders one migration: recorded first, then the destination prepares, then the source
-    /// starts. Refused (nothing changed but a `failed` row) when an agent refuses.
-    pub fn order(
-        &mut self,
-        vm: &VmName,
-        dst: &HostName,
-        transport: TransportKind,
-        origin: Origin,
-        decision: Option<i64>,
-    ) -> Result<MigrationRow, OrderError> {
-        let st = self
-            .vms
-            .get(vm)
-            .cloned()
-            .ok_or_else(|| OrderError::UnknownVm(vm.clone()))?;
-        if &st.host == dst {
-            return Err(OrderError::SameHost(vm.clone(), dst.clone()));
-        }
-        if st.report.status != RunStatus::Running || self.open.values().any(|m| &m.vm == vm) {
-            return Err(OrderError::Busy(format!(
-                "VM {vm} is {} or migrating",
-                st.report.status
-            )));
-        }
-        let spec = spec_of(&st.report);
-        self.check_destination(&spec, st.report.demand, dst)?;
-        if self.in_flight().get(&st.host).copied().unwrap_or(0) >= self.cfg.max_in_flight {
-            return Err(OrderError::Busy(format!(
-                "host {} is at its in-flight limit",
-                st.host
-            )));
-        }
-        let src_agent = Arc::clone(self.agent(&st.host)?);
-        let dst_agent = Arc::clone(self.agent(dst)?);
-        let dst_type = self.reports.get(dst).map(|r| r.host_type.clone());
-        let predicted = dst_type.map(|t| {
-            self.cfg.cost.model().cost(
-                &MigrationCostQuery {
-                    ram_mb: ram_mb(spec.mem_bytes),
-                    target_bw: t.bw,
-                    cpu_utilization: st.report.demand,
-                    // Unmeasured (0) means unknown: the model then takes all of its RAM.
-                    mem_utilization: (st.report.mem_bytes > 0 && st.report.working_set_bytes > 0)
-                        .then(|| st.report.working_set_bytes as f64 / st.report.mem_bytes as f64),
-                },
-                t.pe_mips,
-            )
-        });
-        let id = MigrationId(self.next_migration);
-        self.next_migration += 1;
-        let mut row = MigrationRow {
-            id,
-            vm: vm.clone(),
-            source: st.host.clone(),
-            destination: dst.clone(),
-            transport: serde_json::to_string(&transport).unwrap_or_default(),
-            state: MigrationState::Ordered,
-            origin,
-            decision,
-            predicted_s: predicted.map(|c| c.duration_s),
-            predicted_downtime_s: match self.cfg.cost {
-                CostModel::Model(_) => predicted.map(|c| c.downtime_s),
-                CostModel::CloudSim => None,
-            },
-            measured_s: None,
-            measured_downtime_s: None,
-            summary: None,
-            error: None,
-            started_ms: now_ms(),
-            ended_ms: None,
-        };
-        // Written before any agent hears of it: a restart finds it whatever happens next.
-        self.store.put_migration(&row)?;
-        let fail = |this: &mut Self, mut row: MigrationRow, e: AgentError| {
-            row.state = MigrationState::Failed;
-            row.error = Some(e.to_string());
-            row.ended_ms = Some(now_ms());
-            match this.store.put_migration(&row) {
-                Ok(()) => OrderError::Agent(e),
-                Err(se) => OrderError::Store(se),
-            }
-        };
-        let ready = match dst_agent.prepare_incoming(&PrepareIncoming {
-            migration: id,
-            vm: spec,
-            transport,
-            source: st.host.clone(),
-        }) {
-            Ok(r) => r,
-            Err(e) => return Err(fail(self, row, e)),
-        };
-        let request = MigrationRequest {
-            uri: ready.uri,
-            transport,
-            ..MigrationRequest::default()
-        };
-        if let Err(e) = src_agent.start_outgoing(&StartOutgoing {
-            migration: id,
-            vm: vm.clone(),
-            destination: dst.clone(),
-            request,
-        }) {
-            let _ = dst_agent.cancel_migration(id);
-            return Err(fail(self, row, e));
-        }
-        row.state = MigrationState::Running;
-        self.store.put_migration(&row)?;
-        for h in [&row.source, &row.destination] {
-            if let Some(s) = self.hosts.get_mut(h) {
-                s.in_flight += 1;
-            }
-        }
-        tracing::info!(migration = %id, vm = %vm, source = %row.source, destination = %dst, "migration ordered");
-        self.open.insert(id, row.clone());
-        Ok(row)
-    }
-
-    /// Starts a new VM: on `host`, or where PABFD puts it (its demand taken as its constant
-    /// demand, or 1 for a trace). Refused with nothing changed when the name exists or the
-    /// host cannot take it.
-    pub fn place_vm(
-        &mut self,
-        spec: &StartVm,
-        host: Option<&HostName>,
-    ) -> Result<(HostName, VmReport), OrderError> {
-        if self.vms.contains_key(&spec.vm) {
-            return Err(OrderError::Exists(spec.vm.clone()));
-        }
-        let demand = match &spec.demand {
-            crate::proto::DemandSource::Constant { utilization } => utilization.clamp(0.0, 1.0),
-            crate::proto::DemandSource::Trace { .. } => 1.0,
-        };
-        let dst = match host {
-            Some(h) => h.clone(),
-            None => {
-                let (hosts, vms) = self.round_input();
-                let new = RoundVm {
-                    name: spec.vm.clone(),
-                    host: 0,
-                    mips: spec.mips,
-                    ram_mb: ram_mb(spec.mem_bytes),
-                    requested_mips: demand * spec.mips,
-                    history: Vec::new(),
-                    movable: false,
-                };
-                let p = Policies {
-                    detector: self.detector.as_ref(),
-                    selector: self.selector.as_ref(),
-                    placement: &Pabfd,
-                    cost: self.cfg.cost.model(),
-                    interval_s: self.cfg.interval.as_secs_f64(),
-                    max_in_flight: self.cfg.max_in_flight,
-                };
-                let i = round::place_new(&hosts, &vms, &new, &p).ok_or_else(|| {
-                    OrderError::NoRoom(HostName("any active host".into()), spec.vm.clone())
-                })?;
-                hosts[i].name.clone()
-            }
-        };
-        self.check_destination(spec, demand, &dst)?;
-        let agent = Arc::clone(self.agent(&dst)?);
-        let rep = agent.start_vm(spec)?;
-        self.vms.insert(
-            spec.vm.clone(),
-            VmStatus {
-                host: dst.clone(),
-                report: rep.clone(),
-            },
-        );
-        if let Some(r) = self.reports.get_mut(&dst) {
-            r.vms.push(rep.clone());
-        }
-        if let Some(h) = self.hosts.get_mut(&dst) {
-            h.vms.push(spec.vm.clone());
-        }
-        self.store.put_vm(&VmRow {
-            name: spec.vm.clone(),
-            host: Some(dst.clone()),
-            spec: serde_json::to_string(spec).unwrap_or_default(),
-            status: rep.status.to_string(),
-            demand: rep.demand,
-            updated_ms: now_ms(),
-        })?;
-        tracing::info!(vm = %spec.vm, host = %dst, "VM placed");
-        Ok((dst, rep))
-    }
-
-    /// Follows the open migrations until they end or `timeout` passes, then cancels those
-    /// still running (the source keeps the VM) and follows them once more. For shutdown.
-    pub fn drain(&mut self, timeout: Duration, poll: Duration) -> Result<usize, ControllerError> {
-        let deadline = Instant::now() + timeout;
-        let mut d = Decision::default();
-        while !self.open.is_empty() && Instant::now() < deadline {
-            let r = gather(&self.agents(), self.cfg.gather_threads);
-            self.refresh(r, &mut d)?;
-            if self.open.is_empty() {
-                break;
-            }
-            std::thread::sleep(poll);
-        }
-        let left: Vec<MigrationRow> = self.open.values().cloned().collect();
-        for m in &left {
-            if let Some(a) = self.agents.get(&m.source) {
-                let _ = a.cancel_migration(m.id);
-            }
-        }
-        if !left.is_empty() {
-            let r = gather(&self.agents(), self.cfg.gather_threads);
-            self.refresh(r, &mut d)?;
-        }
-        Ok(self.open.len())
     }
 
     /// Interval number of the last tick.

@@ -90,3 +90,161 @@ pub fn resolve(m: &MigrationRow, src: Option<&HostReport>, dst: Option<&HostRepo
         _ => Resolution::Pending,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake_agent::test_vm;
+    use crate::proto::{HostName, HostState, MigrationId, Side};
+    use crate::store::{MigrationState, Origin};
+    use fastmig_migration::TransportKind;
+    use fastmig_sim::setup::reference_host_types;
+
+    fn row() -> MigrationRow {
+        MigrationRow {
+            id: MigrationId(7),
+            vm: VmName("v".into()),
+            source: HostName("s".into()),
+            destination: HostName("d".into()),
+            transport: "{}".into(),
+            state: MigrationState::Running,
+            origin: Origin::Policy,
+            decision: None,
+            predicted_s: None,
+            predicted_downtime_s: None,
+            measured_s: None,
+            measured_downtime_s: None,
+            summary: None,
+            error: None,
+            started_ms: 0,
+            ended_ms: None,
+        }
+    }
+
+    /// A report of `host` with the VM in `status` (if any) and the migration in `phase` (if
+    /// any).
+    fn report(host: &str, vm: Option<RunStatus>, phase: Option<MigrationPhase>) -> HostReport {
+        let spec = test_vm("v", 64, 500.0, 0.5);
+        HostReport {
+            host: HostName(host.into()),
+            host_type: reference_host_types()[0].clone(),
+            state: HostState::Active,
+            migration_address: String::new(),
+            vms: vm
+                .map(|status| crate::proto::VmReport {
+                    vm: spec.vm.clone(),
+                    status,
+                    mem_bytes: spec.mem_bytes,
+                    vcpus: 1,
+                    mips: 500.0,
+                    demand: 0.5,
+                    dirty_rate_pps: 0.0,
+                    working_set_bytes: 0,
+                    workload: "idle".into(),
+                    demand_source: spec.demand.clone(),
+                    demand_epoch_ms: None,
+                })
+                .into_iter()
+                .collect(),
+            migrations: phase
+                .map(|phase| MigrationRecord {
+                    migration: MigrationId(7),
+                    vm: VmName("v".into()),
+                    side: if host == "s" {
+                        Side::Source
+                    } else {
+                        Side::Destination
+                    },
+                    peer: HostName(if host == "s" { "d" } else { "s" }.into()),
+                    transport: TransportKind::Classic,
+                    phase,
+                })
+                .into_iter()
+                .collect(),
+            time_ms: 0,
+        }
+    }
+
+    fn failed(r: &Resolution) -> bool {
+        matches!(r, Resolution::Failed { .. })
+    }
+
+    #[test]
+    fn the_sources_record_decides() {
+        let running = MigrationPhase::Running { progress: None };
+        let s = report("s", Some(RunStatus::Running), Some(running.clone()));
+        let d = report("d", Some(RunStatus::Inmigrate), Some(running));
+        assert_eq!(resolve(&row(), Some(&s), Some(&d)), Resolution::Pending);
+        let s = report("s", None, Some(MigrationPhase::Completed { summary: None }));
+        assert_eq!(resolve(&row(), Some(&s), None), Resolution::Done(None));
+        let s = report(
+            "s",
+            Some(RunStatus::Running),
+            Some(MigrationPhase::Failed { error: "x".into() }),
+        );
+        assert!(failed(&resolve(&row(), Some(&s), None)));
+    }
+
+    #[test]
+    fn an_unreachable_source_leaves_it_to_the_destinations_end() {
+        let d = report(
+            "d",
+            Some(RunStatus::Running),
+            Some(MigrationPhase::Completed { summary: None }),
+        );
+        assert_eq!(resolve(&row(), None, Some(&d)), Resolution::Done(None));
+        let d = report(
+            "d",
+            Some(RunStatus::Inmigrate),
+            Some(MigrationPhase::Running { progress: None }),
+        );
+        assert_eq!(resolve(&row(), None, Some(&d)), Resolution::Pending);
+        assert_eq!(resolve(&row(), None, None), Resolution::Pending);
+    }
+
+    #[test]
+    fn in_doubt_is_resolved_by_where_the_vm_runs() {
+        let doubt = MigrationPhase::InDoubt {
+            error: "no Resumed".into(),
+        };
+        let s = report("s", Some(RunStatus::Postmigrate), Some(doubt.clone()));
+        // The destination has not been seen running it: in doubt, never guessed.
+        let d = report("d", Some(RunStatus::Inmigrate), None);
+        assert!(matches!(
+            resolve(&row(), Some(&s), Some(&d)),
+            Resolution::InDoubt(_)
+        ));
+        assert!(matches!(
+            resolve(&row(), Some(&s), None),
+            Resolution::InDoubt(_)
+        ));
+        // It runs there: done.
+        let d = report("d", Some(RunStatus::Running), None);
+        assert_eq!(resolve(&row(), Some(&s), Some(&d)), Resolution::Done(None));
+        // The source runs it again and the destination does not have it: still in doubt as
+        // long as the source's record says so (the operator who resumed it ends it).
+        let s = report("s", Some(RunStatus::Running), Some(doubt));
+        let d = report("d", None, None);
+        assert!(matches!(
+            resolve(&row(), Some(&s), Some(&d)),
+            Resolution::InDoubt(_)
+        ));
+    }
+
+    #[test]
+    fn without_records_the_vms_place_decides() {
+        let s = report("s", None, None);
+        let d = report("d", Some(RunStatus::Running), None);
+        assert_eq!(resolve(&row(), Some(&s), Some(&d)), Resolution::Done(None));
+        let s = report("s", Some(RunStatus::Running), None);
+        let d = report(
+            "d",
+            Some(RunStatus::Inmigrate),
+            Some(MigrationPhase::Prepared),
+        );
+        assert!(failed(&resolve(&row(), Some(&s), Some(&d))));
+        // Running on both (cannot happen with the protocol): wait, never pick one.
+        let d = report("d", Some(RunStatus::Running), None);
+        assert_eq!(resolve(&row(), Some(&s), Some(&d)), Resolution::Pending);
+    }
+}

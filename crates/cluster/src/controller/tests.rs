@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::fake_agent::{test_vm, FakeCluster};
+use crate::proto::PrepareIncoming;
 use crate::store::tests::TestDb;
+use crate::store::Origin;
 use fastmig_sim::setup::reference_host_types;
 
 fn h(n: &str) -> HostName {
@@ -335,4 +337,60 @@ fn policies_that_never_migrate_are_refused() {
         let r = Controller::new(ControllerConfig::new(p), agents.clone(), db.open());
         assert!(matches!(r, Err(ControllerError::Config(_))), "{p}");
     }
+}
+
+#[test]
+fn samples_older_than_the_kept_intervals_are_pruned() {
+    let c = cluster();
+    let db = TestDb::sqlite();
+    let mut cfg = ControllerConfig::new("thr-mmt");
+    assert!(matches!(
+        Controller::new(
+            ControllerConfig {
+                keep_intervals: Some(29),
+                ..ControllerConfig::new("thr-mmt")
+            },
+            vec![],
+            db.open()
+        ),
+        Err(ControllerError::Config(_))
+    ));
+    cfg.keep_intervals = Some(30);
+    let agents = c
+        .agents()
+        .into_iter()
+        .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
+        .collect();
+    let mut ctl = Controller::new(cfg, agents, db.open()).unwrap();
+    for _ in 0..35 {
+        ctl.tick().unwrap();
+        c.step();
+    }
+    // Intervals 6..=35 remain: 30 samples, newest first.
+    let hist = ctl.store().host_histories(1000).unwrap();
+    assert_eq!(hist[&h("b")].len(), 30);
+    assert_eq!(ctl.store().decisions(1000).unwrap().len(), 35);
+}
+
+#[test]
+fn a_new_vm_wakes_a_standby_host_when_no_active_host_has_room() {
+    let g4 = reference_host_types()[0].clone();
+    let c = FakeCluster::new(vec![(h("a"), g4.clone()), (h("b"), g4)]);
+    let db = TestDb::sqlite();
+    let mut ctl = controller(&c, &db, 1);
+    ctl.tick().unwrap();
+    assert_eq!(c.state(&h("a")), HostState::Standby);
+    assert_eq!(
+        ctl.hosts()[0].utilization.to_bits(),
+        0.0f64.to_bits(),
+        "+0, not -0"
+    );
+    let (host, _) = ctl.place_vm(&test_vm("n1", 64, 500.0, 0.2), None).unwrap();
+    assert_eq!(host, h("a"));
+    assert_eq!(c.state(&h("a")), HostState::Active);
+    assert_eq!(c.running_on(&v("n1")), vec![h("a")]);
+    // A VM no host type can hold wakes nothing.
+    let r = ctl.place_vm(&test_vm("big", 64, 2500.0, 1.0), None);
+    assert!(matches!(r, Err(OrderError::NoRoom(..))), "{r:?}");
+    assert_eq!(c.state(&h("b")), HostState::Standby);
 }

@@ -95,7 +95,7 @@ fn schema_is_versioned(db: TestDb) {
     drop(s);
     // Opening again applies nothing twice (a second CREATE TABLE would fail).
     let mut s = db.open();
-    assert_eq!(s.schema_version().unwrap(), 1);
+    assert_eq!(s.schema_version().unwrap(), 2);
     assert_eq!(s.max_ids().unwrap(), (0, 0, 0));
 }
 
@@ -195,6 +195,17 @@ fn intervals_and_histories(db: TestDb) {
     assert_eq!(d.iter().map(|d| d.id).collect::<Vec<_>>(), vec![5, 4]);
     assert_eq!(d[0].decision_us, 45);
     assert_eq!(s.max_ids().unwrap().0, 5);
+    // Pruning keeps intervals 4 and 5 only.
+    s.prune_samples(4).unwrap();
+    assert_eq!(
+        s.host_histories(30).unwrap()[&HostName("a".into())],
+        vec![0.5, 0.4]
+    );
+    assert_eq!(
+        s.vm_histories(30).unwrap()[&VmName("vm1".into())],
+        vec![0.25, 0.2]
+    );
+    assert_eq!(s.decisions(10).unwrap().len(), 5, "decisions are kept");
 }
 
 fn orders_are_kept(db: TestDb) {
@@ -209,6 +220,51 @@ fn orders_are_kept(db: TestDb) {
     s.put_order(&o).unwrap();
     assert!(s.put_order(&o).is_err(), "order ids are unique");
     assert_eq!(s.max_ids().unwrap().2, 1);
+}
+
+fn many_rows_in_one_interval(db: TestDb) {
+    // 1,001 hosts and VMs: three multi-row statements each (400 + 400 + 201 rows).
+    let mut s = db.open();
+    let n = 1001;
+    let mut w = IntervalWrite::default();
+    for i in 0..n {
+        let name = format!("h{i:04}");
+        w.hosts.push(host(&name, HostState::Active));
+        w.host_samples.push(HostSample {
+            host: HostName(name.clone()),
+            interval_no: 1,
+            time_ms: 1,
+            utilization: i as f64 / 1000.0,
+            vm_count: 1,
+        });
+        w.vms.push(VmRow {
+            name: VmName(format!("v{i:04}")),
+            host: Some(HostName(name.clone())),
+            spec: "{}".into(),
+            status: "running".into(),
+            demand: 0.5,
+            updated_ms: 1,
+        });
+        w.vm_samples.push(VmSample {
+            vm: VmName(format!("v{i:04}")),
+            interval_no: 1,
+            host: HostName(name),
+            demand: i as f64 / 2000.0,
+            dirty_rate_pps: 0.0,
+        });
+    }
+    s.write_interval(&w).unwrap();
+    // Written again (a retried interval): upserts replace, samples are not doubled.
+    s.write_interval(&w).unwrap();
+    assert_eq!(s.hosts().unwrap().len(), n);
+    assert_eq!(s.vms().unwrap().len(), n);
+    let h = s.host_histories(30).unwrap();
+    assert_eq!(h.len(), n);
+    assert_eq!(h[&HostName("h1000".into())], vec![1.0]);
+    assert_eq!(
+        s.vm_histories(30).unwrap()[&VmName("v0400".into())],
+        vec![0.2]
+    );
 }
 
 macro_rules! both_backends {
@@ -227,8 +283,35 @@ both_backends!(
     hosts_and_vms_round_trip,
     migrations_update_in_place,
     intervals_and_histories,
-    orders_are_kept
+    orders_are_kept,
+    many_rows_in_one_interval
 );
+
+#[test]
+fn a_version_1_database_is_brought_to_version_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    // A database made by a build that knew only version 1.
+    let mut b = SqliteBackend::open(path.to_str().unwrap()).unwrap();
+    b.batch(&[(
+        "CREATE TABLE schema_version (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)",
+        vec![],
+    )])
+    .unwrap();
+    b.apply_script(MIGRATIONS[0].1, 1, 0).unwrap();
+    b.batch(&[(
+        "INSERT INTO host_samples VALUES ('a', 1, 0, 0.5, 1)",
+        vec![],
+    )])
+    .unwrap();
+    drop(b);
+    let mut s = open(&format!("sqlite:{}", path.display())).unwrap();
+    assert_eq!(s.schema_version().unwrap(), 2);
+    assert_eq!(
+        s.host_histories(30).unwrap()[&HostName("a".into())],
+        vec![0.5]
+    );
+}
 
 #[test]
 fn bad_urls_are_refused() {
@@ -250,7 +333,7 @@ fn a_newer_schema_is_refused() {
         open(&url),
         Err(StoreError::TooNew {
             found: 99,
-            known: 1
+            known: 2
         })
     ));
 }

@@ -68,7 +68,10 @@ pub fn start() -> Server {
     let addr = std_listener.local_addr().expect("addr");
     std_listener.set_nonblocking(true).expect("nonblocking");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let st = ApiState::new(Arc::clone(&ctl), TOKEN);
+    let st = ApiState::new(
+        Arc::clone(&ctl),
+        fastmig_cluster::auth::Token::new(TOKEN).expect("token"),
+    );
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
