@@ -45,3 +45,86 @@ fn search_takes_an_empty_one_core_host_a_vm_fills_exactly() {
         assert_eq!(found, Some(HostId(0)), "budget {budget}");
     }
 }
+
+#[test]
+fn search_bounds_the_last_bucket_by_the_power_at_full_load() {
+    // A VM asking for nothing (x = 0, so the limit is 1.0) and a host in the last bucket
+    // (99.8 % allocated): the bucket's upper bound is the power at 100 %, the last bucket
+    // edge. The index must find the host, as the full scan does.
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let alloc = 0.998 * total;
+    let power = |mips: f64| tables.power[0].power(mips / total);
+    let entry = Entry {
+        key: f64::NEG_INFINITY,
+        host: HostId(0),
+        alloc_mips: alloc,
+        power_now: power(alloc),
+    };
+    let index = PabfdIndex::from_hosts(types.len(), 1, [(0, total, entry, false)].into_iter());
+    let ctx = FakeCtx(vec![(
+        false,
+        true,
+        power(alloc),
+        Some(power(alloc)),
+        alloc,
+        false,
+    )]);
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: 0.0,
+    };
+    assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(0)));
+    for budget in [0, 10] {
+        let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+        assert_eq!(found, Some(HostId(0)), "budget {budget}");
+    }
+}
+
+#[test]
+fn search_bounds_a_bucket_by_its_upper_edge_where_the_increase_falls() {
+    // On the G4 table (..., 102, 106, 107 at 65 %, 108, 112, ...) a VM of 5 % sees the
+    // increase D(f) = P(f + 0.05) - P(f) fall across 55-60 % (P(f) climbs 4 W per 10 %,
+    // P(f + 0.05) only 2 W), so in bucket 119 (59.5-60 %) D is least at the upper edge:
+    // D(0.595) = 1.1 W, D(0.6) = 1.0 W. Host 0 sits at 59.99 % (D = 1.002 W); host 1 at
+    // 65.25 % (D = 1.05 W, bucket 130, whose bound is D(0.65) = 1.0 W). A bound of bucket 119
+    // that missed its upper edge would be 1.1 W and the search would stop at host 1.
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let x = 0.05;
+    let p = |f: f64| tables.power[0].power(f);
+    let inc = |f: f64| p(f + x) - p(f);
+    let fracs = [0.5999, 0.6525];
+    assert_eq!(
+        fracs.map(PabfdIndex::bucket_of),
+        [119, 130],
+        "the hosts' buckets"
+    );
+    let (lo, _) = PabfdIndex::bucket_bounds(119);
+    assert!(inc(fracs[0]) < inc(fracs[1]) && inc(fracs[1]) < inc(lo));
+    let items = fracs.iter().enumerate().map(|(h, &f)| {
+        let entry = Entry {
+            key: f64::NEG_INFINITY,
+            host: HostId(h as u32),
+            alloc_mips: f * total,
+            power_now: p(f),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), 2, items);
+    let ctx = FakeCtx(
+        fracs
+            .iter()
+            .map(|&f| (false, true, p(f), Some(p(f + x)), f * total, false))
+            .collect(),
+    );
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: x * total,
+    };
+    assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(0)));
+    let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+    assert_eq!(found, Some(HostId(0)));
+}
