@@ -128,3 +128,52 @@ fn search_bounds_a_bucket_by_its_upper_edge_where_the_increase_falls() {
     let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
     assert_eq!(found, Some(HostId(0)));
 }
+
+#[test]
+fn search_walks_only_the_hosts_keyed_below_a_negative_threshold() {
+    // LR's overload keys and thresholds are linear forms with signed weights, so both may be
+    // negative. One bucket: hosts 0-2 keyed -3, -2.9, -2.8 (below the VM's threshold -2: they
+    // may take the VM), host 3 keyed 5 (at or above it: certainly over-utilised after, as its
+    // context says). The index must walk hosts 0-2, may skip host 3, and agrees with the full
+    // scan: host 0 (equal increases, lowest id).
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let alloc = 0.3 * total;
+    let p = |mips: f64| tables.power[0].power(mips / total);
+    let req = 500.0;
+    let keys = [-3.0, -2.9, -2.8, 5.0];
+    let items = keys.iter().enumerate().map(|(h, &key)| {
+        let entry = Entry {
+            key,
+            host: HostId(h as u32),
+            alloc_mips: alloc,
+            power_now: p(alloc),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), keys.len(), items);
+    let ctx = FakeCtx(
+        keys.iter()
+            .map(|&key| {
+                (
+                    false,
+                    true,
+                    p(alloc),
+                    Some(p(alloc + req)),
+                    alloc,
+                    key >= -2.0,
+                )
+            })
+            .collect(),
+    );
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: req,
+    };
+    assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(0)));
+    for budget in [0, 10] {
+        let found = index.search(&tables, &vm, &ctx, |_| -2.0, false, budget);
+        assert_eq!(found, Some(HostId(0)), "budget {budget}");
+    }
+}
