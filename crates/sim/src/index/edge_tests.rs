@@ -177,3 +177,93 @@ fn search_walks_only_the_hosts_keyed_below_a_negative_threshold() {
         assert_eq!(found, Some(HostId(0)), "budget {budget}");
     }
 }
+
+#[test]
+fn search_bounds_a_bucket_by_the_breakpoint_inside_it() {
+    // G4 table, a VM of 12.34 %: at f = 0.5 - x = 0.3766, inside bucket 75 (37.5-38 %), the
+    // increase D(f) = P(f + x) - P(f) stops falling (P(f + x) climbs 2.5 W per 10 % below 50 %)
+    // and starts rising (4 W above), while P(f) climbs 3.5 W: D is least at that breakpoint,
+    // 3.319 W, and 1.6 W per 100 % higher at the bucket's edges (3.335 and 3.336 W). Host 0
+    // sits at 37.67 % (D = 3.3195 W); host 1 at 55.67 % (bucket 111, D = 3.334 W, its bucket
+    // bounded at 3.268 W, so walked first). A bound of bucket 75 from its edges alone (3.335 W)
+    // exceeds host 1's increase and the search would stop at host 1.
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let x = 0.1234;
+    let p = |f: f64| tables.power[0].power(f);
+    let inc = |f: f64| p(f + x) - p(f);
+    let fracs = [0.3767, 0.5567];
+    assert_eq!(
+        fracs.map(PabfdIndex::bucket_of),
+        [75, 111],
+        "the hosts' buckets"
+    );
+    let (lo, hi) = PabfdIndex::bucket_bounds(75);
+    assert!(inc(fracs[0]) < inc(fracs[1]), "host 0 is the better one");
+    assert!(
+        inc(fracs[1]) + 1e-6 < inc(lo).min(inc(hi)),
+        "the edges alone over-bound"
+    );
+    let items = fracs.iter().enumerate().map(|(h, &f)| {
+        let entry = Entry {
+            key: f64::NEG_INFINITY,
+            host: HostId(h as u32),
+            alloc_mips: f * total,
+            power_now: p(f),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), 2, items);
+    let ctx = FakeCtx(
+        fracs
+            .iter()
+            .map(|&f| (false, true, p(f), Some(p(f + x)), f * total, false))
+            .collect(),
+    );
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: x * total,
+    };
+    assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(0)));
+    let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+    assert_eq!(found, Some(HostId(0)));
+}
+
+#[test]
+fn search_passes_over_excluded_or_unsuitable_empty_hosts_to_the_next_of_their_group() {
+    // Three empty hosts of one type at the same power: one group, interchangeable, so only
+    // the lowest eligible id is considered. Host 0 is excluded (but would fit), host 1 does
+    // not suit the VM (but is not excluded): host 2 must be taken, as the full scan takes it.
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let p = |mips: f64| tables.power[0].power(mips / total);
+    let req = 500.0;
+    let items = (0..3).map(|h| {
+        let entry = Entry {
+            key: f64::NEG_INFINITY,
+            host: HostId(h),
+            alloc_mips: 0.0,
+            power_now: p(0.0),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), 3, items);
+    let host =
+        |excluded: bool, suitable: bool| (excluded, suitable, p(0.0), Some(p(req)), 0.0, false);
+    let ctx = FakeCtx(vec![
+        host(true, true),
+        host(false, false),
+        host(false, true),
+    ]);
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: req,
+    };
+    assert_eq!(Pabfd.find_host(&vm, &ctx), Some(HostId(2)));
+    for budget in [0, 10] {
+        let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+        assert_eq!(found, Some(HostId(2)), "budget {budget}");
+    }
+}
