@@ -267,3 +267,59 @@ fn search_passes_over_excluded_or_unsuitable_empty_hosts_to_the_next_of_their_gr
         assert_eq!(found, Some(HostId(2)), "budget {budget}");
     }
 }
+
+/// PABFD over hosts of reference type 0 at the given allocated fractions (power now = power
+/// at the allocation, none over-utilised) for a VM of `x` of the type's capacity: the index's
+/// exact answer and the full scan's.
+fn index_and_full_scan(fracs: &[f64], x: f64) -> (Option<HostId>, Option<HostId>) {
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let p = |f: f64| tables.power[0].power(f);
+    let items = fracs.iter().enumerate().map(|(h, &f)| {
+        let entry = Entry {
+            key: f64::NEG_INFINITY,
+            host: HostId(h as u32),
+            alloc_mips: f * total,
+            power_now: p(f),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), fracs.len(), items);
+    let ctx = FakeCtx(
+        fracs
+            .iter()
+            .map(|&f| (false, true, p(f), Some(p(f + x)), f * total, false))
+            .collect(),
+    );
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: x * total,
+    };
+    let indexed = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
+    (indexed, Pabfd.find_host(&vm, &ctx))
+}
+
+#[test]
+fn search_ranks_the_hosts_of_one_bucket_by_their_exact_increase() {
+    let x = 0.1234;
+    // Bucket 82 (41-41.5 %): f + x stays inside one power segment (53.3-53.8 %, 4 W per
+    // 10 %) while P(f) climbs 2.5 W per 10 %, so the increase grows with f: the host at
+    // 41.1 % beats the one at 41.4 %, by 0.045 W. (The bucket's fast path, one linear formula.)
+    assert_eq!(
+        [0.414, 0.411].map(PabfdIndex::bucket_of),
+        [82, 82],
+        "one bucket"
+    );
+    assert_eq!(
+        index_and_full_scan(&[0.414, 0.411], x),
+        (Some(HostId(1)), Some(HostId(1)))
+    );
+    // Bucket 75 (37.5-38 %): f + x crosses 50 %, so each host's increase comes from the table.
+    // The increase is least at 37.66 % (see the breakpoint test): 37.67 % beats 37.95 %.
+    assert_eq!([0.3795, 0.3767].map(PabfdIndex::bucket_of), [75, 75]);
+    assert_eq!(
+        index_and_full_scan(&[0.3795, 0.3767], x),
+        (Some(HostId(1)), Some(HostId(1)))
+    );
+}
