@@ -431,3 +431,41 @@ fn a_full_bucket_walk_skips_only_hosts_that_cannot_beat_the_best() {
     let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, 0);
     assert_eq!(found, Some(HostId(1)), "after an in-place refresh");
 }
+
+#[test]
+fn a_budgeted_search_stops_after_that_many_candidates() {
+    // Bucket 82 as in the ranking test: the host at 41.4 % gives a larger increase than the
+    // one at 41.1 %. Within a bucket hosts are walked by key, then id: host 0 (41.4 %) first.
+    // A budget of one candidate takes it; two candidates find the better host 1; the exact
+    // search (budget 0) finds host 1 too.
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let x = 0.1234;
+    let p = |f: f64| tables.power[0].power(f);
+    let fracs = [0.414, 0.411];
+    let items = fracs.iter().enumerate().map(|(h, &f)| {
+        let entry = Entry {
+            key: f64::NEG_INFINITY,
+            host: HostId(h as u32),
+            alloc_mips: f * total,
+            power_now: p(f),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), 2, items);
+    let ctx = FakeCtx(
+        fracs
+            .iter()
+            .map(|&f| (false, true, p(f), Some(p(f + x)), f * total, false))
+            .collect(),
+    );
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: x * total,
+    };
+    let search = |budget| index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+    assert_eq!(search(1), Some(HostId(0)));
+    assert_eq!(search(2), Some(HostId(1)));
+    assert_eq!(search(0), Some(HostId(1)));
+}
