@@ -490,3 +490,32 @@ fn round_times_run_until_the_destination_acknowledged_them() {
         s.throughput_mib_s
     );
 }
+
+/// CPU figures are CPU seconds of the threads that did the work: never more than the wall time
+/// of the migration times the number of those threads (the main thread and one worker per
+/// stream on each side), and not zero. A worker whose CPU was taken as a ratio, or summed
+/// wrongly, breaks the bound.
+#[test]
+fn cpu_figures_fit_in_the_wall_time_of_the_threads_that_did_the_work() {
+    let streams = 3;
+    for transport in [TransportKind::MultiTcp { streams }, TransportKind::Classic] {
+        let src = SoftVm::new(16 * MIB).expect("src");
+        src.fill(0.5);
+        let dst = SoftVm::new_incoming(16 * MIB).expect("dst");
+        let opts = MigrateOptions {
+            transport,
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        let (r, d) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+        let wall = t0.elapsed().as_secs_f64();
+        let (s, d) = (r.expect("migration"), d.expect("receive"));
+        let threads = f64::from(1 + streams);
+        for (side, cpu) in [("source", s.src_cpu_s), ("destination", d.dst_cpu_s)] {
+            assert!(
+                cpu > 0.0 && cpu <= wall * threads,
+                "{transport:?}: {side} CPU {cpu} s, wall {wall} s"
+            );
+        }
+    }
+}
