@@ -469,3 +469,18 @@ fn a_budgeted_search_stops_after_that_many_candidates() {
     assert_eq!(search(2), Some(HostId(1)));
     assert_eq!(search(0), Some(HostId(1)));
 }
+
+#[test]
+fn search_bounds_each_bucket_by_its_own_lower_edge() {
+    // G4 table, a VM of 5 %: hosts at 9.55 % (bucket 19, +1.609 W), 15.25 % (bucket 30,
+    // +1.605 W) and 47.02 % (bucket 94, +1.553 W, the least). Bucket 94's increase is least at
+    // its lower edge (1.550 W); the upper edge of bucket 30, the non-empty bucket before it,
+    // gives 1.610 W. A bound that carried that value over to a bucket it does not touch would
+    // exceed the other hosts' increases and the search would stop before bucket 94.
+    let fracs = [0.0955, 0.1525, 0.4702];
+    assert_eq!(fracs.map(PabfdIndex::bucket_of), [19, 30, 94]);
+    assert_eq!(
+        index_and_full_scan(&fracs, 0.05),
+        (Some(HostId(2)), Some(HostId(2)))
+    );
+}
