@@ -174,9 +174,20 @@ fn progress_reports_every_phase_in_order() {
         progress_interval: Duration::ZERO,
         ..Default::default()
     };
+    let t0 = std::time::Instant::now();
     let (r, _) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
     let s = r.expect("migration");
     let seen = seen.lock().expect("lock");
+    // Elapsed time in milliseconds: it never goes back, and the last report comes after the
+    // pause ended and within the call.
+    assert!(seen.windows(2).all(|w| w[0].elapsed_ms <= w[1].elapsed_ms));
+    let last_ms = seen.last().map_or(0.0, |p| p.elapsed_ms);
+    assert!(
+        last_ms >= s.downtime_ms && last_ms <= wall_ms,
+        "last report at {last_ms} ms, downtime {} ms, call {wall_ms} ms",
+        s.downtime_ms
+    );
     let phases: Vec<Phase> = seen.iter().map(|p| p.phase).collect();
     assert_eq!(phases.first(), Some(&Phase::Setup));
     assert_eq!(phases.last(), Some(&Phase::Done));
