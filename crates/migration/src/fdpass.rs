@@ -207,4 +207,50 @@ mod tests {
         assert_eq!(s, "hello");
         let _ = std::fs::remove_file(&path);
     }
+
+    #[test]
+    fn a_memory_offer_must_match_the_layout_region_for_region() {
+        use crate::vm::RegionLayout;
+        use std::os::fd::AsRawFd;
+        let memfd = rustix::fs::memfd_create("fdpass-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd");
+        rustix::fs::ftruncate(&memfd, 8192).expect("size");
+        let offer = [MemoryRegion {
+            gpa: 0,
+            size: 8192,
+            host_addr: 0,
+            fd: Some(memfd.as_raw_fd()),
+            fd_offset: 0,
+        }];
+        let layout = |regions: &[(u64, u64)]| VmLayout {
+            regions: regions
+                .iter()
+                .map(|&(gpa, size)| RegionLayout { gpa, size })
+                .collect(),
+            vcpus: 1,
+            features: 0,
+        };
+        let exchange = |expected: VmLayout| {
+            let (a, b) = UnixStream::pair().expect("pair");
+            send_memory(&a, &offer).expect("send");
+            recv_memory(&b, &expected, "test")
+        };
+        let got = exchange(layout(&[(0, 8192)])).expect("the announced layout");
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].0.gpa, got[0].0.size), (0, 8192));
+        // Another address, another size, or another number of regions: refused.
+        for other in [
+            layout(&[(4096, 8192)]),
+            layout(&[(0, 4096)]),
+            layout(&[(0, 8192), (1 << 20, 4096)]),
+        ] {
+            assert!(
+                matches!(
+                    exchange(other.clone()),
+                    Err(MigrationError::TransportSetup { .. })
+                ),
+                "{other:?}"
+            );
+        }
+    }
 }

@@ -174,9 +174,20 @@ fn progress_reports_every_phase_in_order() {
         progress_interval: Duration::ZERO,
         ..Default::default()
     };
+    let t0 = std::time::Instant::now();
     let (r, _) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+    let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
     let s = r.expect("migration");
     let seen = seen.lock().expect("lock");
+    // Elapsed time in milliseconds: it never goes back, and the last report comes after the
+    // pause ended and within the call.
+    assert!(seen.windows(2).all(|w| w[0].elapsed_ms <= w[1].elapsed_ms));
+    let last_ms = seen.last().map_or(0.0, |p| p.elapsed_ms);
+    assert!(
+        last_ms >= s.downtime_ms && last_ms <= wall_ms,
+        "last report at {last_ms} ms, downtime {} ms, call {wall_ms} ms",
+        s.downtime_ms
+    );
     let phases: Vec<Phase> = seen.iter().map(|p| p.phase).collect();
     assert_eq!(phases.first(), Some(&Phase::Setup));
     assert_eq!(phases.last(), Some(&Phase::Done));
@@ -489,4 +500,33 @@ fn round_times_run_until_the_destination_acknowledged_them() {
         "{} vs {expected}: {s:?}",
         s.throughput_mib_s
     );
+}
+
+/// CPU figures are CPU seconds of the threads that did the work: never more than the wall time
+/// of the migration times the number of those threads (the main thread and one worker per
+/// stream on each side), and not zero. A worker whose CPU was taken as a ratio, or summed
+/// wrongly, breaks the bound.
+#[test]
+fn cpu_figures_fit_in_the_wall_time_of_the_threads_that_did_the_work() {
+    let streams = 3;
+    for transport in [TransportKind::MultiTcp { streams }, TransportKind::Classic] {
+        let src = SoftVm::new(16 * MIB).expect("src");
+        src.fill(0.5);
+        let dst = SoftVm::new_incoming(16 * MIB).expect("dst");
+        let opts = MigrateOptions {
+            transport,
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        let (r, d) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+        let wall = t0.elapsed().as_secs_f64();
+        let (s, d) = (r.expect("migration"), d.expect("receive"));
+        let threads = f64::from(1 + streams);
+        for (side, cpu) in [("source", s.src_cpu_s), ("destination", d.dst_cpu_s)] {
+            assert!(
+                cpu > 0.0 && cpu <= wall * threads,
+                "{transport:?}: {side} CPU {cpu} s, wall {wall} s"
+            );
+        }
+    }
 }

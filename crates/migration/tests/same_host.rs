@@ -118,6 +118,36 @@ fn handover_adopts_memory_without_copying() {
     assert!(dst.stamp(7).is_some_and(|(seq, page)| seq > 0 && page == 7));
 }
 
+/// A handover destination listening on TCP, which cannot carry the memory descriptors, says
+/// so before it accepts (not with a failure once the source has committed to a handover).
+#[test]
+fn handover_over_tcp_is_refused() {
+    let src = SoftVm::new(4 * MIB).expect("src");
+    let l = common::loopback();
+    let ep = l.endpoint().expect("ep");
+    let opts = MigrateOptions {
+        transport: TransportKind::Handover,
+        ..Default::default()
+    };
+    let (r, d) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            receive(
+                &l,
+                &ReceiveOptions::default(),
+                IncomingVm::OnDemand(Box::new(SoftVm::incoming)),
+            )
+        });
+        (migrate(&src, &ep, &opts), h.join().expect("join"))
+    });
+    match r {
+        Err(MigrationError::PeerRefused { reason }) => assert!(reason.contains("unix"), "{reason}"),
+        other => panic!("expected refusal, got {other:?}"),
+    }
+    assert!(d.is_err());
+    common::assert_source_intact(&src);
+    assert_eq!(src.resume_count(), 0, "never paused, so never resumed");
+}
+
 #[test]
 fn handover_to_a_copying_destination_is_refused() {
     let src = SoftVm::new(4 * MIB).expect("src");

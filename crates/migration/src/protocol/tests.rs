@@ -360,3 +360,22 @@ fn a_run_count_the_descriptor_cannot_hold_is_refused_before_allocating() {
         Message::Batch(vec![one])
     );
 }
+
+#[test]
+fn reported_figures_read_back_bit_for_bit() {
+    // The source reports the destination's `Resumed` figures as its own: a float must come
+    // back with the bits it was sent with (this one came back one unit in the last place
+    // off before serde_json's `float_roundtrip`).
+    for dst_cpu_s in [0.011_718_149_000_000_013, 0.1 + 0.2, 1e-300, 123_456.789] {
+        let m = Message::Resumed(Resumed {
+            dst_cpu_s,
+            dst_setup_ms: dst_cpu_s * 7.0,
+            digest_match: true,
+        });
+        let Message::Resumed(r) = decode(&encode(&m)).expect("decodes").0 else {
+            panic!("not a Resumed")
+        };
+        assert_eq!(r.dst_cpu_s.to_bits(), dst_cpu_s.to_bits(), "{dst_cpu_s}");
+        assert_eq!(r.dst_setup_ms.to_bits(), (dst_cpu_s * 7.0).to_bits());
+    }
+}
