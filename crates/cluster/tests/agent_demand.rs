@@ -14,8 +14,12 @@ use fastmig_cluster::AgentApi;
 fn the_dirty_rate_follows_a_planetlab_trace() {
     let a = TestAgent::start("h1");
     let trace = a.dir.path().join("trace");
-    // 5 % then 20 %: 500 then 2,000 pages/s, each for 4 s, repeating.
-    std::fs::write(&trace, "5\n20\n").expect("trace");
+    // A PlanetLab day (288 samples) alternating 5 % and 20 %: 500 then 2,000 pages/s, each
+    // for 4 s.
+    let day: String = (0..288)
+        .map(|i| if i % 2 == 0 { "5\n" } else { "20\n" })
+        .collect();
+    std::fs::write(&trace, day).expect("trace");
     let vm = StartVm {
         vm: VmName("vm1".into()),
         mem_bytes: 32 << 20,

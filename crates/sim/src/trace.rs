@@ -221,7 +221,9 @@ pub(crate) fn trace_files(dir: &Path) -> Result<Vec<PathBuf>, SimError> {
     Ok(files)
 }
 
-fn load_planetlab_files(files: &[PathBuf]) -> Result<Trace, SimError> {
+/// Loads the given PlanetLab VM files (in this order): one CPU percentage per line, the first
+/// 288 lines (one day) of each.
+pub fn load_planetlab_files(files: &[PathBuf]) -> Result<Trace, SimError> {
     let mut rows = Vec::with_capacity(files.len());
     for f in files {
         let text = std::fs::read_to_string(f).map_err(|source| SimError::TraceIo {

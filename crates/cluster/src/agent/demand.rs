@@ -8,7 +8,7 @@
 //! The guest dirties memory in proportion: `pages/s = demand × 10,000`, the rule the
 //! simulator's fitted cost model uses (`fastmig_sim::model_cost::DEFAULT_DIRTY_PPS_AT_FULL_CPU`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::proto::{DemandSource, TraceFormat};
 
@@ -24,25 +24,10 @@ pub enum DemandError {
     /// The sample period is zero.
     #[error("a trace's sample_period_ms must be positive")]
     Period,
-    /// The trace could not be read.
-    #[error("reading the trace {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The trace is not in its format.
-    #[error("the trace {path}, line {line}: {msg}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// What was wrong.
-        msg: String,
-    },
+    /// The trace could not be read or is not in its format (read by the simulator's own
+    /// readers, so that the agent and `fastmig simulate` agree on every file).
+    #[error("the demand trace")]
+    Trace(#[source] fastmig_sim::error::SimError),
 }
 
 /// A demand source ready to be evaluated.
@@ -105,84 +90,51 @@ pub fn dirty_rate_for(demand: f64) -> u64 {
     ((demand.clamp(0.0, 1.0) * DIRTY_PPS_AT_FULL_CPU).round() as u64).max(1)
 }
 
-/// Reads a trace as fractions: PlanetLab files hold one percentage per line; a Google file
-/// (`google-gcd-2011/vms/*`) holds a CPU and a memory percentage per line, read by the
-/// simulator's own reader (the CPU column is the demand).
+/// Reads a trace as fractions of the VM's MIPS, one per 300 s sample of a day: a PlanetLab
+/// file (one CPU percentage per line) or a Google file (`google-gcd-2011/vms/*`: a CPU and a
+/// memory percentage per line; the CPU column is the demand), both read by the simulator's
+/// own readers.
 fn read_trace(path: &Path, format: TraceFormat) -> Result<Vec<f64>, DemandError> {
-    let samples = match format {
-        TraceFormat::Planetlab => {
-            let text = std::fs::read_to_string(path).map_err(|source| DemandError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let mut v = Vec::new();
-            for (i, line) in text.lines().enumerate() {
-                let t = line.trim();
-                if t.is_empty() {
-                    continue;
-                }
-                let p: f64 = t.parse().map_err(|_| DemandError::Format {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    msg: format!("not a number: {t:?}"),
-                })?;
-                if !(0.0..=100.0).contains(&p) {
-                    return Err(DemandError::Format {
-                        path: path.to_path_buf(),
-                        line: i + 1,
-                        msg: format!("utilisation {p} outside 0..=100"),
-                    });
-                }
-                v.push(p / 100.0);
-            }
-            v
-        }
-        TraceFormat::Google => {
-            let trace =
-                fastmig_sim::trace_google::load_files(&[path.to_path_buf()]).map_err(|e| {
-                    DemandError::Format {
-                        path: path.to_path_buf(),
-                        line: 0,
-                        msg: e.to_string(),
-                    }
-                })?;
-            let n = trace.sample_count();
-            (0..n)
-                .map(|i| trace.utilization(0, i as f64 * 300.0))
-                .collect()
-        }
-    };
-    if samples.is_empty() {
-        return Err(DemandError::Format {
-            path: path.to_path_buf(),
-            line: 1,
-            msg: "no samples".into(),
-        });
+    let files = [path.to_path_buf()];
+    let trace = match format {
+        TraceFormat::Planetlab => fastmig_sim::trace::load_planetlab_files(&files),
+        TraceFormat::Google => fastmig_sim::trace_google::load_files(&files),
     }
-    Ok(samples)
+    .map_err(DemandError::Trace)?;
+    Ok((0..trace.sample_count())
+        .map(|i| trace.utilization(0, i as f64 * SAMPLE_S))
+        .collect())
 }
+
+/// A trace sample's length in the trace's own time (5 minutes).
+const SAMPLE_S: f64 = 300.0;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fastmig_sim::error::SimError;
 
     #[test]
     fn a_trace_is_time_compressed_and_wraps() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("vm1");
-        std::fs::write(&p, "10\n50\n100\n").expect("write");
+        // A PlanetLab day: 288 samples, here 10, 50, 100 % over and over.
+        let day: String = (0..288).map(|i| ["10\n", "50\n", "100\n"][i % 3]).collect();
+        std::fs::write(&p, day).expect("write");
         let d = Demand::load(&DemandSource::Trace {
             path: p,
             format: TraceFormat::Planetlab,
             sample_period_ms: 2000,
         })
         .expect("loads");
-        // Sample i covers [2000 i, 2000 (i + 1)) ms; after 3 samples it starts again.
+        // Sample i covers [2000 i, 2000 (i + 1)) ms; after the day's 288 it starts again.
         assert_eq!(d.at(0), 0.1);
         assert_eq!(d.at(1999), 0.1);
         assert_eq!(d.at(2000), 0.5);
         assert_eq!(d.at(4500), 1.0);
-        assert_eq!(d.at(6000), 0.1);
+        assert_eq!(d.at(287 * 2000), 1.0);
+        assert_eq!(d.at(288 * 2000), 0.1);
+        assert_eq!(d.at(289 * 2000), 0.5);
     }
 
     #[test]
@@ -213,14 +165,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("bad");
         std::fs::write(&p, "10\n250\n").expect("write");
-        let trace = |path: PathBuf, ms| DemandSource::Trace {
+        let trace = |path: std::path::PathBuf, ms| DemandSource::Trace {
             path,
             format: TraceFormat::Planetlab,
             sample_period_ms: ms,
         };
         assert!(matches!(
             Demand::load(&trace(p.clone(), 1000)),
-            Err(DemandError::Format { line: 2, .. })
+            Err(DemandError::Trace(SimError::TraceFormat { line: 2, .. }))
         ));
         assert!(matches!(
             Demand::load(&trace(p, 0)),
@@ -228,7 +180,7 @@ mod tests {
         ));
         assert!(matches!(
             Demand::load(&trace(dir.path().join("none"), 1000)),
-            Err(DemandError::Read { .. })
+            Err(DemandError::Trace(SimError::TraceIo { .. }))
         ));
     }
 

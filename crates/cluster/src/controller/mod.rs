@@ -381,6 +381,18 @@ impl Controller {
         self.open.values().cloned().collect()
     }
 
+    /// The simulator's policies as this controller is configured to run them.
+    fn policies(&self) -> Policies<'_> {
+        Policies {
+            detector: self.detector.as_ref(),
+            selector: self.selector.as_ref(),
+            placement: &Pabfd,
+            cost: self.cfg.cost.model(),
+            interval_s: self.cfg.interval.as_secs_f64(),
+            max_in_flight: self.cfg.max_in_flight,
+        }
+    }
+
     /// Each host's last report (the dashboard reads migrations' progress from it).
     pub fn reports(&self) -> &BTreeMap<HostName, HostReport> {
         &self.reports
@@ -624,15 +636,11 @@ impl Controller {
         self.refresh(reports, &mut d)?;
         let (hosts, vms) = self.round_input();
         let t0 = Instant::now();
-        let policies = Policies {
-            detector: self.detector.as_ref(),
-            selector: self.selector.as_ref(),
-            placement: &Pabfd,
-            cost: self.cfg.cost.model(),
-            interval_s: self.cfg.interval.as_secs_f64(),
-            max_in_flight: self.cfg.max_in_flight,
-        };
-        let plan = round::plan(&hosts, &vms, &policies, &mut self.rng);
+        // The round draws from the controller's generator (RS selection) while the policies
+        // borrow the controller: it works on a copy that then replaces the original.
+        let mut rng = self.rng.clone();
+        let plan = round::plan(&hosts, &vms, &self.policies(), &mut rng);
+        self.rng = rng;
         d.decision_us = t0.elapsed().as_micros() as u64;
         self.apply(&plan, &mut d)?;
         d.plan = plan;

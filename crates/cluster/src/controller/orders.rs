@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use fastmig_host::{MigrationRequest, RunStatus};
 use fastmig_migration::TransportKind;
 use fastmig_sim::cost::MigrationCostQuery;
-use fastmig_sim::policy::Pabfd;
 
-use super::round::{self, Policies, RoundVm};
+use super::round::{self, RoundVm};
 use super::{
     gather, ram_mb, spec_of, Controller, ControllerError, CostModel, Decision, OrderError, VmStatus,
 };
@@ -242,14 +241,7 @@ impl Controller {
                     history: Vec::new(),
                     movable: false,
                 };
-                let p = Policies {
-                    detector: self.detector.as_ref(),
-                    selector: self.selector.as_ref(),
-                    placement: &Pabfd,
-                    cost: self.cfg.cost.model(),
-                    interval_s: self.cfg.interval.as_secs_f64(),
-                    max_in_flight: self.cfg.max_in_flight,
-                };
+                let p = self.policies();
                 match round::place_new(&hosts, &vms, &new, &p) {
                     Some(i) => hosts[i].name.clone(),
                     None => {
