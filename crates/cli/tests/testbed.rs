@@ -89,6 +89,9 @@ fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
         "100mbit",
         "--vms-per-host",
         "1",
+        // The agents alone: this test orders migrations itself (the controller's part is in
+        // `testbed_reliability.rs`).
+        "--no-controller",
         "--dir",
         d,
     ]);
