@@ -1,7 +1,7 @@
 //! Reliability of the consolidation system on a testbed with its controller (issue 12): the
 //! controller SIGKILLed right after it ordered a migration, and an agent SIGKILLed while it
 //! sends one and while it receives one, each restarted with the same database or data
-//! directory. Afterwards every VM runs on exactly one host (by every agent's report), every
+//! directory; the destination's link cut during one and brought back. Afterwards every VM runs on exactly one host (by every agent's report), every
 //! `verify` VM's memory checks clean (through its VM process's control socket), and the
 //! controller's `/vms` and `/migrations` agree with the agents: the migration ended as done
 //! (the VM on its destination) or failed (on its source), once.
@@ -303,13 +303,21 @@ impl Testbed {
         let new = self.kill_and_restart(pid, None, &self.dir.join("controller.log"));
         self.set_state("controller", None, new);
         let start = Instant::now();
-        while self
-            .http
-            .get(format!("{CONTROLLER}/hosts"))
-            .header("Authorization", &self.token.bearer())
-            .call()
-            .map_or(true, |r| r.status() != 200)
-        {
+        loop {
+            let answers = self
+                .http
+                .get(format!("{CONTROLLER}/hosts"))
+                .header("Authorization", &self.token.bearer())
+                .call()
+                .is_ok_and(|r| r.status() == 200);
+            if answers {
+                return;
+            }
+            // Its waiter thread reaps it: an exited controller leaves no /proc entry.
+            assert!(
+                Path::new(&format!("/proc/{new}")).exists(),
+                "the restarted controller exited"
+            );
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "the restarted controller does not answer"
@@ -509,6 +517,50 @@ fn agent_killed(tb: &Testbed, kill_source: bool) {
     tb.check(&row);
 }
 
+/// The destination's link cut (`ip link set down` in its namespace) while a migration the
+/// controller ordered copies, and brought back once the source gave up: the migration fails
+/// and the VM stays on its source.
+fn link_cut(tb: &Testbed) {
+    let src = vm_host(tb, "vm3");
+    let dst = if src == 1 { 2 } else { 1 };
+    let row = tb.order("vm3", HOSTS[dst]);
+    tb.wait_sending(src, "vm3");
+    let link = |state: &str| {
+        let ns = format!("fmtb-{}", HOSTS[dst]);
+        let dev = format!("fmtb{}", HOSTS[dst]);
+        let st = Command::new("ip")
+            .args(["-n", &ns, "link", "set", &dev, state])
+            .status()
+            .expect("ip");
+        assert!(st.success());
+    };
+    link("down");
+    let start = Instant::now();
+    loop {
+        let r = tb.agent(src).report().expect("report");
+        let running = r.migrations.iter().any(|m| {
+            m.migration == row.id
+                && matches!(
+                    m.phase,
+                    MigrationPhase::Running { .. } | MigrationPhase::Prepared
+                )
+        });
+        if !running {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the source still sends over a cut link"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    link("up");
+    assert!(
+        !tb.check(&row),
+        "a migration over a cut link cannot be done"
+    );
+}
+
 #[test]
 fn no_vm_is_lost_or_doubled_when_the_controller_or_an_agent_dies_mid_migration() {
     require_root_kvm_netns();
@@ -523,6 +575,7 @@ fn no_vm_is_lost_or_doubled_when_the_controller_or_an_agent_dies_mid_migration()
     tb.place();
     agent_killed(&tb, true);
     agent_killed(&tb, false);
+    link_cut(&tb);
     drop(tb);
 
     // `down` stopped the controllers and agents and removed the network.
