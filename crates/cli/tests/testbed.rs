@@ -5,6 +5,7 @@
 //! One test: a testbed uses fixed names (bridge `fmtb0`).
 
 mod common;
+mod testbed_lock;
 
 use std::path::Path;
 use std::process::Command;
@@ -72,6 +73,7 @@ fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
     if !can_run() {
         return;
     }
+    let _lock = testbed_lock::lock();
     assert!(
         leftovers().is_empty(),
         "a testbed is already up: {:?}",

@@ -8,8 +8,7 @@
 //!
 //! Needs root, `/dev/kvm` and `ip netns`, and fails loudly without them. A testbed's names
 //! are fixed (bridge `fmtb0`), so the scenarios run one after another in one test, each on its
-//! own testbed directory; cargo runs test binaries one at a time, so `tests/testbed.rs` never
-//! overlaps.
+//! own testbed directory, under the lock `tests/testbed.rs` takes too (`testbed_lock`).
 //!
 //! The cluster: 3 hosts whose declared RAM (40 MB) holds two 16 MiB VMs, linked at 4 Mbit/s so
 //! that a migration lasts long enough to be killed in the middle. `vm1`, `vm2` on `h1` and
@@ -18,6 +17,7 @@
 //! the ones the test orders.
 
 mod common;
+mod testbed_lock;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -564,6 +564,7 @@ fn link_cut(tb: &Testbed) {
 #[test]
 fn no_vm_is_lost_or_doubled_when_the_controller_or_an_agent_dies_mid_migration() {
     require_root_kvm_netns();
+    let _lock = testbed_lock::lock();
     let tmp = tempfile::tempdir().expect("tempdir");
 
     let tb = Testbed::up(tmp.path().join("controller-killed"));
