@@ -126,12 +126,13 @@ fn save(dir: &Path, st: &State) -> Result<()> {
 /// Runs `testbed up` or `testbed down`.
 pub fn main(cmd: TestbedCommand) -> Result<()> {
     match cmd {
-        TestbedCommand::Up(a) => up(&a),
-        TestbedCommand::Down { dir } => down(&dir),
+        TestbedCommand::Up(a) => up(a),
+        // The processes' command lines name the directory as `up` resolved it.
+        TestbedCommand::Down { dir } => down(&std::fs::canonicalize(&dir).unwrap_or(dir)),
     }
 }
 
-fn up(a: &UpArgs) -> Result<()> {
+fn up(mut a: UpArgs) -> Result<()> {
     if state_path(&a.dir).exists() {
         bail!(
             "{} exists: a testbed is up (or crashed); run `fastmig testbed down --dir {}` first",
@@ -155,9 +156,12 @@ fn up(a: &UpArgs) -> Result<()> {
         bail!("a testbed is already up on this machine (bridge {BRIDGE}); `fastmig testbed down --dir DIR` it first");
     }
     std::fs::create_dir_all(&a.dir).context("creating the testbed directory")?;
+    // Absolute from here on: the agents' and the controller's command lines name it, and
+    // `down` finds stray processes by it.
+    a.dir = std::fs::canonicalize(&a.dir).context("resolving the testbed directory")?;
     let mut st = State::default();
     save(&a.dir, &st)?;
-    let result = build(a, &mut st);
+    let result = build(&a, &mut st);
     if result.is_err() {
         eprintln!("fastmig: testbed up failed; removing what it created");
         let _ = down(&a.dir);
