@@ -1,9 +1,9 @@
 //! `fastmig testbed up|down`: an emulated cluster on one machine. One network namespace per
-//! host, each joined to a bridge by a veth pair whose host side is shaped with `tc tbf`, and a
-//! `fastmig agent` in each.
+//! host, each joined to a bridge by a veth pair whose host side is shaped with `tc tbf`, a
+//! `fastmig agent` in each, and a `fastmig controller` on the bridge.
 //!
 //! ```text
-//!  root namespace: bridge fmtb0 10.232.0.1/24 (the controller and tests reach agents here)
+//!  root namespace: bridge fmtb0 10.232.0.1/24, controller :7400 (tests reach agents here)
 //!    ├─ veth fmtbr1 ── netns fmtb-h1: veth fmtbh1 10.232.0.11, tbf, agent :7070
 //!    ├─ veth fmtbr2 ── netns fmtb-h2: veth fmtbh2 10.232.0.12, tbf, agent :7070
 //!    ...
@@ -35,6 +35,10 @@ const PREFIX: &str = "fmtb";
 const BRIDGE: &str = "fmtb0";
 /// The agents' API port in every namespace.
 const AGENT_PORT: u16 = 7070;
+/// The controller's API, on the bridge (`deploy/prometheus.yml` scrapes it there).
+const CONTROLLER_LISTEN: &str = "10.232.0.1:7400";
+/// How long `down` lets the controller stop after SIGTERM before it is killed.
+const CONTROLLER_GRACE: Duration = Duration::from_secs(5);
 
 /// An emulated cluster: network namespaces, a bridge, shaped links and one agent per host.
 #[derive(clap::Subcommand, Debug)]
@@ -61,6 +65,12 @@ pub struct UpArgs {
     /// VMs started on every host (16 MiB, `dirty` workload).
     #[arg(long, default_value_t = 0)]
     vms_per_host: u16,
+    /// Workload of those VMs (`dirty:...`, `verify:...`, as `fastmig run --workload`).
+    #[arg(long, default_value = "dirty:rate=1000,wss=8M")]
+    workload: String,
+    /// Constant CPU demand of those VMs (fraction of their MIPS) when there is no `--trace`.
+    #[arg(long, default_value_t = 0.2)]
+    demand: f64,
     /// PlanetLab trace directory: VM `i` follows file `i` (in name order), one sample every
     /// 2 s. Without it, VMs demand a constant 20 %.
     #[arg(long)]
@@ -68,9 +78,19 @@ pub struct UpArgs {
     /// Host type of every host: `G4`, `G5` or a JSON file.
     #[arg(long, default_value = "G4")]
     host_type: String,
-    /// The testbed's directory (state file, token, agents' data and logs).
+    /// The testbed's directory (state file, token, agents' data and logs, the controller's
+    /// database and log).
     #[arg(long, default_value = "/tmp/fastmig-testbed")]
     dir: PathBuf,
+    /// The controller's policy, as `fastmig controller --policy` takes it.
+    #[arg(long, default_value = "lr-mmt")]
+    policy: String,
+    /// The controller's interval.
+    #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
+    interval: Duration,
+    /// Start no controller (only the namespaces, links and agents).
+    #[arg(long)]
+    no_controller: bool,
 }
 
 /// What `up` created, in order (written after every step).
@@ -88,6 +108,9 @@ struct State {
     data_dirs: Vec<PathBuf>,
     /// Agents: host name and URL.
     urls: Vec<(String, String)>,
+    /// The controller's process id, once started.
+    #[serde(default)]
+    controller: Option<u32>,
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -103,12 +126,13 @@ fn save(dir: &Path, st: &State) -> Result<()> {
 /// Runs `testbed up` or `testbed down`.
 pub fn main(cmd: TestbedCommand) -> Result<()> {
     match cmd {
-        TestbedCommand::Up(a) => up(&a),
-        TestbedCommand::Down { dir } => down(&dir),
+        TestbedCommand::Up(a) => up(a),
+        // The processes' command lines name the directory as `up` resolved it.
+        TestbedCommand::Down { dir } => down(&std::fs::canonicalize(&dir).unwrap_or(dir)),
     }
 }
 
-fn up(a: &UpArgs) -> Result<()> {
+fn up(mut a: UpArgs) -> Result<()> {
     if state_path(&a.dir).exists() {
         bail!(
             "{} exists: a testbed is up (or crashed); run `fastmig testbed down --dir {}` first",
@@ -132,9 +156,12 @@ fn up(a: &UpArgs) -> Result<()> {
         bail!("a testbed is already up on this machine (bridge {BRIDGE}); `fastmig testbed down --dir DIR` it first");
     }
     std::fs::create_dir_all(&a.dir).context("creating the testbed directory")?;
+    // Absolute from here on: the agents' and the controller's command lines name it, and
+    // `down` finds stray processes by it.
+    a.dir = std::fs::canonicalize(&a.dir).context("resolving the testbed directory")?;
     let mut st = State::default();
     save(&a.dir, &st)?;
-    let result = build(a, &mut st);
+    let result = build(&a, &mut st);
     if result.is_err() {
         eprintln!("fastmig: testbed up failed; removing what it created");
         let _ = down(&a.dir);
@@ -250,6 +277,37 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // VMs are started before the controller, so that its first round sees them.
+    start_vms(a, &agents)?;
+    let controller = if a.no_controller {
+        None
+    } else {
+        Some(start_controller(a, st, &bin, &token_file, &token)?)
+    };
+    println!(
+        "testbed up: {} hosts, links of {} bit/s",
+        a.hosts, rate_bits
+    );
+    for (h, u) in &st.urls {
+        println!("  {h}  {u}");
+    }
+    if let Some(url) = controller {
+        println!(
+            "controller: {url} (log {})",
+            dir.join("controller.log").display()
+        );
+    }
+    println!("token: {}", token_file.display());
+    println!(
+        "state: {} (fastmig testbed down --dir {})",
+        state_path(dir).display(),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Starts `vms_per_host` VMs on every agent.
+fn start_vms(a: &UpArgs, agents: &[HttpAgent]) -> Result<()> {
     let traces = match &a.trace {
         Some(d) => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(d)
@@ -263,7 +321,7 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
         None => Vec::new(),
     };
     let mut n = 0;
-    for agent in &agents {
+    for agent in agents {
         for _ in 0..a.vms_per_host {
             let demand = match traces.get(n % traces.len().max(1)) {
                 Some(path) => DemandSource::Trace {
@@ -271,7 +329,9 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
                     format: TraceFormat::Planetlab,
                     sample_period_ms: 2000,
                 },
-                None => DemandSource::Constant { utilization: 0.2 },
+                None => DemandSource::Constant {
+                    utilization: a.demand,
+                },
             };
             n += 1;
             agent
@@ -280,27 +340,113 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
                     mem_bytes: 16 << 20,
                     vcpus: 1,
                     mips: 500.0,
-                    workload: "dirty:rate=1000,wss=8M".into(),
+                    workload: a.workload.clone(),
                     demand,
                     demand_epoch_ms: None,
                 })
                 .with_context(|| format!("starting vm{n} on {}", agent.host()))?;
         }
     }
-    println!(
-        "testbed up: {} hosts, links of {} bit/s",
-        a.hosts, rate_bits
-    );
-    for (h, u) in &st.urls {
-        println!("  {h}  {u}");
-    }
-    println!("token: {}", token_file.display());
-    println!(
-        "state: {} (fastmig testbed down --dir {})",
-        state_path(dir).display(),
-        dir.display()
-    );
     Ok(())
+}
+
+/// Starts the controller in the root namespace, on the bridge, and waits until its API
+/// answers with the token. Returns its URL.
+fn start_controller(
+    a: &UpArgs,
+    st: &mut State,
+    bin: &Path,
+    token_file: &Path,
+    token: &Token,
+) -> Result<String> {
+    let dir = &a.dir;
+    let agents: Vec<String> = st.urls.iter().map(|(h, u)| format!("{h}={u}")).collect();
+    let log = std::fs::File::create(dir.join("controller.log"))?;
+    let child = Command::new(bin)
+        .args(["--log", "info", "controller", "--listen", CONTROLLER_LISTEN])
+        .arg("--agents")
+        .arg(agents.join(","))
+        .args(["--policy", &a.policy])
+        .arg("--interval")
+        .arg(format!("{}ms", a.interval.as_millis()))
+        .arg("--db")
+        .arg(format!("sqlite:{}", dir.join("controller.db").display()))
+        .arg("--token-file")
+        .arg(token_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the controller")?;
+    let pid = child.id();
+    st.controller = Some(pid);
+    save(dir, st)?;
+    let url = format!("http://{CONTROLLER_LISTEN}");
+    let http = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build(),
+    );
+    let start = Instant::now();
+    loop {
+        let answer = http
+            .get(format!("{url}/hosts"))
+            .header("Authorization", &token.bearer())
+            .call();
+        match answer {
+            Ok(r) if r.status().is_success() => return Ok(url),
+            Ok(r) => bail!(
+                "the controller answered GET /hosts with {} (see {})",
+                r.status(),
+                dir.join("controller.log").display()
+            ),
+            Err(_) if alive(pid) && start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => bail!(
+                "the controller did not answer on {url}: {e} (see {})",
+                dir.join("controller.log").display()
+            ),
+        }
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Stops the controller: SIGTERM (it finishes its round and lets migrations end), SIGKILL
+/// after [`CONTROLLER_GRACE`]. Only a process whose command line is a fastmig controller of
+/// this testbed is signalled (the pid may have been reused after a crash).
+fn stop_controller(dir: &Path, pid: u32) {
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let c = String::from_utf8_lossy(&c);
+        c.contains("controller") && c.contains(&dir.join("controller.db").display().to_string())
+    });
+    if !ours {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let start = Instant::now();
+    while alive(pid) && start.elapsed() < CONTROLLER_GRACE {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(pid) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
 }
 
 fn down(dir: &Path) -> Result<()> {
@@ -315,21 +461,27 @@ fn down(dir: &Path) -> Result<()> {
     };
     let st: State = serde_json::from_str(&text).context("the state file")?;
     let mut failures = Vec::new();
-    // Agents first (so that they adopt nothing), then their VM processes, which outlive
-    // them by design, then the network.
+    // The controller first (so that it orders nothing more), then the agents (so that they
+    // adopt nothing), then their VM processes, which outlive them by design, then the
+    // network.
+    if let Some(pid) = st.controller {
+        stop_controller(dir, pid);
+    }
     for pid in &st.agents {
         let _ = Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .status();
     }
-    // An agent started just before `up` died, not yet in the state file: its command line
-    // names this directory.
-    let stray = Command::new("pgrep")
-        .args(["-f", "--", &format!("--data-dir {}/h", dir.display())])
-        .output();
-    if let Ok(o) = stray {
-        for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
+    // An agent or controller started just before `up` died, not yet in the state file: its
+    // command line names this directory.
+    for pattern in [
+        format!("--data-dir {}/h", dir.display()),
+        format!("--db sqlite:{}", dir.join("controller.db").display()),
+    ] {
+        if let Ok(o) = Command::new("pgrep").args(["-f", "--", &pattern]).output() {
+            for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
         }
     }
     let mut data_dirs = st.data_dirs.clone();
