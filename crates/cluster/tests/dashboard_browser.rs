@@ -425,6 +425,13 @@ fn assert_no_console_error(b: &Browser, seen: &mut Vec<Value>, when: &str) {
     );
 }
 
+/// A value the page does not know yet shows as "-", never as JavaScript's NaN or undefined.
+fn assert_all_shown(text: &str) {
+    for bad in ["NaN", "undefined", "null"] {
+        assert!(!text.contains(bad), "the page shows {bad}: {text}");
+    }
+}
+
 #[test]
 fn the_dashboard_shows_the_cluster_follows_migrations_and_orders_one() {
     // The browser is dropped first: the server's graceful shutdown waits for the page's open
@@ -476,7 +483,8 @@ fn the_dashboard_shows_the_cluster_follows_migrations_and_orders_one() {
     );
     assert_eq!(st, 201, "{row}");
     let id = row["id"].as_u64().expect("id");
-    browser.text(&format!("#in-flight #migration-{id}"));
+    let row = browser.text(&format!("#in-flight #migration-{id}"));
+    assert_all_shown(&row);
     c.settle();
     browser.text(&format!("#done #migration-{id}"));
     assert!(browser
@@ -513,7 +521,7 @@ fn the_dashboard_shows_the_cluster_follows_migrations_and_orders_one() {
     assert_eq!(row["vm"], vm, "{row}");
     assert_eq!(row["destination"], to.as_str(), "{row}");
     assert!(row["transport"].to_string().contains("classic"), "{row}");
-    browser.text(&format!("#in-flight #migration-{ordered}"));
+    assert_all_shown(&browser.text(&format!("#in-flight #migration-{ordered}")));
     c.settle();
     browser.text(&format!("#done #migration-{ordered}"));
     assert_eq!(c.host_of(vm), to);
@@ -522,6 +530,7 @@ fn the_dashboard_shows_the_cluster_follows_migrations_and_orders_one() {
     });
 
     assert_no_console_error(&browser, &mut console, "after the orders");
+    assert_all_shown(&browser.body_text());
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard-screenshot.png");
     let png = browser.screenshot(&out);
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
