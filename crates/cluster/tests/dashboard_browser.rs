@@ -407,8 +407,17 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // Ends the session (Chromium exits), then the driver.
+        // Ends the session (Chromium exits), then the driver: asked first, so that it reaps
+        // Chromium; killed if it does not exit.
         let _ = request(&self.http, &self.session, None, true, None);
+        if let Some(base) = self.session.split("/session/").next() {
+            let _ = self.http.get(format!("{base}/shutdown")).call();
+        }
+        let start = Instant::now();
+        while matches!(self.driver.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(3)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
