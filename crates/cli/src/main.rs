@@ -47,8 +47,21 @@ struct Cli {
     /// `RUST_LOG` is used when this is not given.
     #[arg(long, global = true)]
     log: Option<String>,
+    /// Log lines as text, or as one JSON object per line (for log collectors; the agent and
+    /// the controller's fields, such as `host`, `vm` and `migration`, become JSON fields).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands: one variant and one dispatch arm each.
@@ -131,7 +144,7 @@ fn parse() -> Cli {
 
 fn main() {
     let cli = parse();
-    init_logging(cli.log.as_deref());
+    init_logging(cli.log.as_deref(), cli.log_format);
     let result = match cli.command {
         Command::Vm(cmd) => vm_cmd::main(cmd),
         Command::Migrate(cmd) => migrate_cmd::main(cmd),
@@ -151,15 +164,19 @@ fn main() {
     }
 }
 
-fn init_logging(filter: Option<&str>) {
+fn init_logging(filter: Option<&str>, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = match filter {
         Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("warn")),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
     };
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(!no_color() && std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt
+            .with_ansi(!no_color() && std::io::stderr().is_terminal())
+            .init(),
+        LogFormat::Json => fmt.json().init(),
+    }
 }

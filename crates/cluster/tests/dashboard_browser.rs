@@ -119,7 +119,10 @@ impl Cluster {
         let addr = listener.local_addr().expect("addr");
         listener.set_nonblocking(true).expect("nonblocking");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let st = ApiState::new(Arc::clone(&ctl), TOKEN);
+        let st = ApiState::new(
+            Arc::clone(&ctl),
+            fastmig_cluster::auth::Token::new(TOKEN).expect("token"),
+        );
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
