@@ -219,6 +219,10 @@ impl Dashboard {
 
 impl Inner {
     fn sample(&self) -> Option<Snapshot> {
+        // Samples run one at a time, whole (the sampler and a new stream may both ask for
+        // one): the sample that syncs the store first is also the one that makes the first
+        // chart point, so the migrations ended before the dashboard started land in no point.
+        let mut integ = lock(&self.integ);
         let mut ctl = lock(&self.ctl);
         let ended = match self.metrics.sync(&mut ctl) {
             Ok(n) => n,
@@ -280,7 +284,6 @@ impl Inner {
             active.iter().map(|h| h.utilization).sum::<f64>() / active.len() as f64
         };
         let now = Instant::now();
-        let mut integ = lock(&self.integ);
         if let Some((t0, p0)) = integ.last {
             integ.energy_j += (p0 + power_w) / 2.0 * now.duration_since(t0).as_secs_f64();
         }
