@@ -1,6 +1,7 @@
 //! The classic transport inside one round: a cancel lands within a round, not at its end, and
-//! the in-round progress ticks count its pages (`transport/classic.rs`, found by mutation
-//! testing: see TESTING.md).
+//! the in-round progress ticks count its pages; and both ends of a socket transport count the
+//! same pages and bytes (`transport/classic.rs` and `multi_tcp.rs`, found by mutation testing:
+//! see TESTING.md).
 
 mod common;
 
@@ -11,10 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{assert_source_intact, loopback, receive_into, MIB};
-use fastmig_migration::test_utils::SoftVm;
+use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, CancelToken, Endpoint, MigrateOptions, MigrationError, Phase, Progress,
-    ReceiveOptions, PAGE_SIZE,
+    migrate, CancelToken, Endpoint, MigrateOptions, MigrationError, MigrationSummary, Phase,
+    Progress, ReceiveOptions, ReceiveSummary, TransportKind, PAGE_SIZE,
 };
 
 /// A TCP proxy for one connection to `target` that cancels `cancel` once it has forwarded
@@ -140,5 +141,39 @@ fn progress_ticks_count_the_pages_of_a_long_classic_round() {
         assert_eq!(p.pages_sent % 64, 0, "{p:?}");
         assert_eq!(p.pages_sent + p.remaining_pages, 2048, "{p:?}");
         assert_eq!(p.bytes_sent, p.pages_sent * PAGE_SIZE as u64, "{p:?}");
+    }
+}
+
+/// Migrates a half-filled VM with a guest writing, and returns both sides' summaries.
+fn counted(kind: TransportKind) -> (MigrationSummary, ReceiveSummary) {
+    let src = SoftVm::new(16 * MIB).expect("src");
+    src.fill(0.5);
+    src.start_writer(WriterConfig {
+        pages_per_sec: 3000,
+        pattern: WritePattern::Random { seed: 9 },
+    });
+    let dst = SoftVm::new_incoming(16 * MIB).expect("dst");
+    let opts = MigrateOptions {
+        transport: kind,
+        ..Default::default()
+    };
+    let (r, d) = common::pair(&src, &dst, &opts, &ReceiveOptions::default());
+    src.stop_writer();
+    (r.expect("migration"), d.expect("receive"))
+}
+
+#[test]
+fn both_sides_count_the_same_pages_zero_pages_and_bytes() {
+    // What the source put on the wire is what the destination took off it, page for page and
+    // byte for byte (headers included), for the transports that copy pages over sockets.
+    for kind in [
+        TransportKind::Classic,
+        TransportKind::MultiTcp { streams: 2 },
+    ] {
+        let (s, d) = counted(kind);
+        assert!(s.zero_pages_skipped >= 2048 / 2, "{kind:?}: {s:?}");
+        assert_eq!(d.pages_received, s.pages_sent, "{kind:?}");
+        assert_eq!(d.zero_pages, s.zero_pages_skipped, "{kind:?}");
+        assert_eq!(d.bytes_received, s.bytes_sent, "{kind:?}");
     }
 }
