@@ -1,7 +1,7 @@
-//! The classic transport inside one round: a cancel lands within a round, not at its end, and
-//! the in-round progress ticks count its pages; and both ends of a socket transport count the
-//! same pages and bytes (`transport/classic.rs` and `multi_tcp.rs`, found by mutation testing:
-//! see TESTING.md).
+//! The socket transports inside a round: a cancel lands within a round, not at its end
+//! (classic and multi-tcp), the in-round progress ticks count a classic round's pages, and
+//! both ends count the same pages and bytes. Written for mutants of `transport/classic.rs`
+//! and `multi_tcp.rs` (see TESTING.md).
 
 mod common;
 
@@ -18,9 +18,9 @@ use fastmig_migration::{
     Progress, ReceiveOptions, ReceiveSummary, TransportKind, PAGE_SIZE,
 };
 
-/// A TCP proxy for one connection to `target` that cancels `cancel` once it has forwarded
-/// `after` bytes from the source, and goes on forwarding. Returns its endpoint and the bytes
-/// it forwarded from the source in all.
+/// A TCP proxy to `target` (every connection: multi-tcp's data streams too) that cancels
+/// `cancel` once it has forwarded `after` bytes from the source over all connections, and goes
+/// on forwarding. Returns its endpoint and the bytes it forwarded from the source in all.
 fn cancelling_proxy(
     target: Endpoint,
     after: u64,
@@ -34,34 +34,37 @@ fn cancelling_proxy(
     let forwarded = Arc::new(AtomicU64::new(0));
     let count = Arc::clone(&forwarded);
     std::thread::spawn(move || {
-        let Ok((mut inbound, _)) = l.accept() else {
-            return;
-        };
-        let Ok(mut outbound) = TcpStream::connect(target) else {
-            return;
-        };
-        let (mut i2, mut o2) = (
-            inbound.try_clone().expect("clone"),
-            outbound.try_clone().expect("clone"),
-        );
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut o2, &mut i2);
-            let _ = i2.shutdown(std::net::Shutdown::Both);
-        });
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match inbound.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
+        for inbound in l.incoming() {
+            let Ok(mut inbound) = inbound else { return };
+            let Ok(mut outbound) = TcpStream::connect(target) else {
+                return;
             };
-            if outbound.write_all(&buf[..n]).is_err() {
-                break;
-            }
-            if count.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= after {
-                cancel.cancel();
-            }
+            let (mut i2, mut o2) = (
+                inbound.try_clone().expect("clone"),
+                outbound.try_clone().expect("clone"),
+            );
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut o2, &mut i2);
+                let _ = i2.shutdown(std::net::Shutdown::Both);
+            });
+            let (count, cancel) = (Arc::clone(&count), cancel.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match inbound.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if outbound.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    if count.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= after {
+                        cancel.cancel();
+                    }
+                }
+                let _ = outbound.shutdown(std::net::Shutdown::Both);
+            });
         }
-        let _ = outbound.shutdown(std::net::Shutdown::Both);
     });
     (Endpoint::Tcp(addr), forwarded)
 }
@@ -72,6 +75,17 @@ fn a_cancel_stops_a_classic_round_in_its_course() {
     // 4 MiB. The sender looks at the token every 64 pages, so it stops within 64 pages (plus
     // its 256 KiB buffer and what the sockets hold): far from the 64 MiB a sender that only
     // looked between rounds would send.
+    cancel_in_the_full_pass(TransportKind::Classic);
+}
+
+#[test]
+fn a_cancel_stops_a_multi_tcp_round_in_its_course() {
+    // The same with two data streams: each sender looks at the token before each batch
+    // (1 MiB at most).
+    cancel_in_the_full_pass(TransportKind::MultiTcp { streams: 2 });
+}
+
+fn cancel_in_the_full_pass(kind: TransportKind) {
     let src = SoftVm::new(64 * MIB).expect("src");
     src.fill(1.0);
     let dst = SoftVm::new_incoming(64 * MIB).expect("dst");
@@ -79,6 +93,7 @@ fn a_cancel_stops_a_classic_round_in_its_course() {
     let cancel = CancelToken::new();
     let (ep, forwarded) = cancelling_proxy(l.endpoint().expect("ep"), 4 * MIB, cancel.clone());
     let opts = MigrateOptions {
+        transport: kind,
         cancel,
         io_timeout: Duration::from_secs(5),
         ..Default::default()
@@ -88,14 +103,17 @@ fn a_cancel_stops_a_classic_round_in_its_course() {
         let r = migrate(&src, &ep, &opts);
         (r, h.join().expect("receiver thread"))
     });
-    assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+    assert!(
+        matches!(r, Err(MigrationError::Cancelled)),
+        "{kind:?}: {r:?}"
+    );
     assert_source_intact(&src);
     assert!(!dst.is_running());
     let sent = forwarded.load(Ordering::SeqCst);
     assert!(sent >= 4 * MIB, "the proxy cancelled after 4 MiB: {sent}");
     assert!(
         sent < 32 * MIB,
-        "{sent} bytes left the source after a cancel at 4 MiB of a 64 MiB round"
+        "{kind:?}: {sent} bytes left the source after a cancel at 4 MiB of a 64 MiB round"
     );
 }
 
