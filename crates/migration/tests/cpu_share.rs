@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{pair, MIB};
+use common::{loopback, pair_on, MIB};
 use fastmig_migration::test_utils::SoftVm;
-use fastmig_migration::{MigrateOptions, ReceiveOptions, TransportKind};
+use fastmig_migration::{Endpoint, Listener, MigrateOptions, ReceiveOptions, TransportKind};
 
 fn process_cpu_s() -> f64 {
     let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
@@ -19,6 +19,7 @@ fn source_and_destination_cpu_add_up_to_what_the_process_used() {
     for kind in [
         TransportKind::Classic,
         TransportKind::MultiTcp { streams: 2 },
+        TransportKind::Shm,
     ] {
         let src = SoftVm::new(64 * MIB).expect("src");
         src.fill(1.0);
@@ -27,8 +28,18 @@ fn source_and_destination_cpu_add_up_to_what_the_process_used() {
             transport: kind,
             ..Default::default()
         };
+        // shm: about 8 % of the process CPU goes outside both sides' measurement (measured
+        // 91-92 % accounted for), so a looser floor.
+        let floor = if kind == TransportKind::Shm { 0.7 } else { 0.9 };
+        // shm needs both sides on one host: a Unix socket.
+        let l = if kind == TransportKind::Shm {
+            let p = std::env::temp_dir().join(format!("fastmig-cpu-{}.sock", std::process::id()));
+            Listener::bind(&Endpoint::Unix(p)).expect("bind")
+        } else {
+            loopback()
+        };
         let before = process_cpu_s();
-        let (r, d) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+        let (r, d) = pair_on(&l, &src, &dst, &opts, &ReceiveOptions::default());
         let used = process_cpu_s() - before;
         let s = r.expect("migration");
         d.expect("receive");
@@ -40,7 +51,7 @@ fn source_and_destination_cpu_add_up_to_what_the_process_used() {
         // Not counted: thread start-up and the few instructions around each side's own
         // measurement; the sending workers alone are a fifth of the total or more.
         assert!(
-            reported >= 0.9 * used,
+            reported >= floor * used,
             "{kind:?}: src {} s + dst {} s of {used} s used by the process",
             s.src_cpu_s,
             s.dst_cpu_s
