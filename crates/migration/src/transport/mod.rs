@@ -454,6 +454,9 @@ pub(crate) fn merge_worker_results(
 }
 
 #[cfg(test)]
+mod worker_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::vm::PAGE_SIZE;

@@ -489,3 +489,6 @@ impl Drop for MultiTcpDest {
         }
     }
 }
+
+#[cfg(test)]
+mod stream_tests;

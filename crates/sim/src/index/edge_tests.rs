@@ -484,3 +484,69 @@ fn search_bounds_each_bucket_by_its_own_lower_edge() {
         (Some(HostId(2)), Some(HostId(2)))
     );
 }
+
+/// The budgeted search over hosts of type 0 (G4) at the given allocated fractions, for a VM of
+/// `x` of a host, with budget `budget`; and each host's exact increase.
+fn budgeted(fracs: &[f64], x: f64, budget: usize) -> (Option<HostId>, Vec<f64>) {
+    let types = crate::setup::reference_host_types();
+    let tables = HostTypeTables::new(&types);
+    let total = types[0].total_mips();
+    let p = |f: f64| tables.power[0].power(f);
+    let items = fracs.iter().enumerate().map(|(h, &f)| {
+        let entry = Entry {
+            key: f64::NEG_INFINITY,
+            host: HostId(h as u32),
+            alloc_mips: f * total,
+            power_now: p(f),
+        };
+        (0, total, entry, false)
+    });
+    let index = PabfdIndex::from_hosts(types.len(), fracs.len(), items);
+    let ctx = FakeCtx(
+        fracs
+            .iter()
+            .map(|&f| (false, true, p(f), Some(p(f + x)), f * total, false))
+            .collect(),
+    );
+    let vm = PlacementVm {
+        id: VmId(0),
+        requested_mips: x * total,
+    };
+    let found = index.search(&tables, &vm, &ctx, |_| f64::INFINITY, false, budget);
+    (found, fracs.iter().map(|&f| p(f + x) - p(f)).collect())
+}
+
+#[test]
+fn a_budget_counts_every_candidate_examined_even_one_that_cannot_win() {
+    // One bucket (82), walked by id: host 0 (41.2 %), then host 1 (41.4 %, a larger increase
+    // than host 0's), then host 2 (41.1 %, the least). A budget of two examines hosts 0 and 1
+    // and answers host 0: host 1, which cannot beat it, still uses up a candidate. A search
+    // that skipped such hosts without counting them would go on to host 2.
+    let fracs = [0.412, 0.414, 0.411];
+    assert_eq!(fracs.map(PabfdIndex::bucket_of), [82, 82, 82], "one bucket");
+    let x = 0.1234;
+    let (_, inc) = budgeted(&fracs, x, 0);
+    assert!(inc[1] > inc[0] && inc[0] > inc[2], "{inc:?}");
+    assert_eq!(budgeted(&fracs, x, 1).0, Some(HostId(0)));
+    assert_eq!(budgeted(&fracs, x, 2).0, Some(HostId(0)));
+    assert_eq!(budgeted(&fracs, x, 3).0, Some(HostId(2)));
+    assert_eq!(budgeted(&fracs, x, 0).0, Some(HostId(2)));
+}
+
+#[test]
+fn a_budget_spent_in_the_first_bucket_ends_the_search_there() {
+    // G4, a VM of 5 %. Bucket 130 (65-65.5 %) lies where the increase climbs 20 W per unit of
+    // load (P(f + 5 %) in the 4 W-per-10 % segment, P(f) in the 2 W one): its bound, 1.0 W at
+    // its lower edge, is the least, so it is walked first; its host at 65.49 % costs 1.098 W.
+    // Bucket 171 (85.5-86 %) climbs only 10 W per unit: bound 1.05 W, and its host at
+    // 85.5 % costs 1.05 W, the least of the two. A budget of one candidate is spent on bucket
+    // 130's host; a search that went on to the next bucket would answer host 1.
+    let fracs = [0.6549, 0.855];
+    assert_eq!(fracs.map(PabfdIndex::bucket_of), [130, 171]);
+    let x = 0.05;
+    let (_, inc) = budgeted(&fracs, x, 0);
+    assert!(inc[1] < inc[0], "{inc:?}");
+    assert_eq!(budgeted(&fracs, x, 1).0, Some(HostId(0)));
+    assert_eq!(budgeted(&fracs, x, 2).0, Some(HostId(1)));
+    assert_eq!(budgeted(&fracs, x, 0).0, Some(HostId(1)));
+}
