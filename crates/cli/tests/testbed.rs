@@ -20,16 +20,30 @@ use fastmig_cluster::AgentApi;
 use fastmig_host::MigrationRequest;
 use fastmig_migration::TransportKind;
 
-fn can_run() -> bool {
+/// The testbed needs root (namespaces, a bridge, `tc`) and `/dev/kvm`: without them this test
+/// fails, loudly, rather than skip.
+fn require_root_and_kvm() {
     let root = Command::new("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     let kvm = Path::new("/dev/kvm").exists();
-    if !root || !kvm {
-        eprintln!("skipped: needs root and /dev/kvm (root {root}, kvm {kvm})");
+    assert!(
+        root && kvm,
+        "the testbed test needs root and /dev/kvm (root {root}, kvm {kvm})"
+    );
+}
+
+/// Brings the testbed down when the test ends, also when an assertion failed half-way (a
+/// testbed left up would make every later testbed test fail).
+struct DownOnDrop(std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if self.0.join("testbed.json").exists() {
+            let _ = testbed(&["down", "--dir", &self.0.to_string_lossy()]);
+        }
     }
-    root && kvm
 }
 
 /// Namespaces and links named like a testbed's.
@@ -70,9 +84,7 @@ fn vm_count(a: &HttpAgent) -> usize {
 
 #[test]
 fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
-    if !can_run() {
-        return;
-    }
+    require_root_and_kvm();
     let _lock = testbed_lock::lock();
     assert!(
         leftovers().is_empty(),
@@ -82,6 +94,7 @@ fn a_testbed_migrates_over_its_shaped_links_and_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("tb");
     let d = dir.to_str().expect("utf-8 path");
+    let _down = DownOnDrop(dir.clone());
 
     let out = testbed(&[
         "up",

@@ -418,14 +418,7 @@ impl AgentApi for FakeAgent {
             if vm.status != RunStatus::Running {
                 return Err(self.refused(409, format!("VM {} is {}", order.vm, vm.status)));
             }
-            let rec = MigrationRecord {
-                migration: order.migration,
-                vm: order.vm.clone(),
-                side: Side::Source,
-                peer: order.destination.clone(),
-                transport: order.request.transport,
-                phase: MigrationPhase::Running { progress: None },
-            };
+            let rec = order.source_record();
             h.report.migrations.push(rec.clone());
             Ok(rec)
         })?;

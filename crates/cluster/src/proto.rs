@@ -234,6 +234,20 @@ pub struct StartOutgoing {
     pub request: MigrationRequest,
 }
 
+impl StartOutgoing {
+    /// The source's record of this migration as it starts: running, no progress yet.
+    pub fn source_record(&self) -> MigrationRecord {
+        MigrationRecord {
+            migration: self.migration,
+            vm: self.vm.clone(),
+            side: Side::Source,
+            peer: self.destination.clone(),
+            transport: self.request.transport,
+            phase: MigrationPhase::Running { progress: None },
+        }
+    }
+}
+
 /// Which side of a migration a record describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

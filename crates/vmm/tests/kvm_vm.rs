@@ -166,6 +166,8 @@ fn two_dirty_log_subscribers_each_see_every_page() {
     std::thread::sleep(Duration::from_millis(300));
     let a1 = a.fetch().expect("a fetch");
     std::thread::sleep(Duration::from_millis(200));
+    // Paused, so that no page is written between a's second fetch and b's.
+    vm.pause().expect("pause");
     let a2 = a.fetch().expect("a fetch");
     let b_all = b.fetch().expect("b fetch");
     assert!(a1.count() > 0 && a2.count() > 0);
@@ -177,7 +179,6 @@ fn two_dirty_log_subscribers_each_see_every_page() {
         *u |= *w;
     }
     assert_eq!(b_all, union);
-    vm.pause().expect("pause");
     let _ = a.fetch().expect("drain");
     assert_eq!(
         a.fetch().expect("paused fetch").count(),

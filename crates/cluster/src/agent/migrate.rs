@@ -87,12 +87,20 @@ pub async fn watch_outgoing(agent: Arc<Agent>, id: MigrationId, vm: VmName, clie
             }
             MigrateState::Failed { error } | MigrateState::Cancelled { error } => {
                 let c = client.clone();
-                match blocking(move || c.query_status()).await {
+                let status = blocking(move || c.query_status()).await;
+                match &status {
                     Ok(st) if st.status == RunStatus::Running => {}
                     other => tracing::error!(
                         vm = %vm,
                         "after a failed migration the VM does not run on the source: {other:?}"
                     ),
+                }
+                // The report shows the VM as it is now, not as the monitor last saw it
+                // (paused for the stop-and-copy round).
+                if let Ok(st) = status {
+                    if let Some(entry) = agent.lock().vms.get_mut(&vm) {
+                        entry.last = Some(st);
+                    }
                 }
                 clear_outgoing(&agent, &vm);
                 tracing::warn!(migration = %id, vm = %vm, "migration failed: {error}");

@@ -385,14 +385,7 @@ async fn start_outgoing(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply<M
         .request
         .validate()
         .map_err(|e| ApiFail::bad(format!("migration request: {e}")))?;
-    let record = MigrationRecord {
-        migration: order.migration,
-        vm: order.vm.clone(),
-        side: Side::Source,
-        peer: order.destination.clone(),
-        transport: order.request.transport,
-        phase: MigrationPhase::Running { progress: None },
-    };
+    let record = order.source_record();
     let client = {
         let mut inner = agent.lock();
         if inner.migrations.contains_key(&order.migration) {
