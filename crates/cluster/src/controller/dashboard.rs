@@ -195,12 +195,9 @@ impl Dashboard {
     /// power into energy, appends a chart point and sends the snapshot to every stream.
     pub async fn sample(&self) -> Option<Arc<Snapshot>> {
         let inner = Arc::clone(&self.0);
-        let snap = tokio::task::spawn_blocking(move || inner.sample())
+        tokio::task::spawn_blocking(move || inner.sample())
             .await
-            .ok()??;
-        let snap = Arc::new(snap);
-        self.0.tx.send_replace(Some(Arc::clone(&snap)));
-        Some(snap)
+            .ok()?
     }
 
     /// The routes behind the API's token: `/events`, `/metrics`.
@@ -218,7 +215,9 @@ impl Dashboard {
 }
 
 impl Inner {
-    fn sample(&self) -> Option<Snapshot> {
+    /// Takes a sample and publishes it to the streams before the next sample can start, so
+    /// that streams see samples in the order they were taken.
+    fn sample(&self) -> Option<Arc<Snapshot>> {
         // Samples run one at a time, whole (the sampler and a new stream may both ask for
         // one): the sample that syncs the store first is also the one that makes the first
         // chart point, so the migrations ended before the dashboard started land in no point.
@@ -303,7 +302,7 @@ impl Inner {
         if integ.history.len() > HISTORY_KEPT {
             integ.history.pop_front();
         }
-        Some(Snapshot {
+        let snap = Arc::new(Snapshot {
             time_ms: point.t_ms,
             interval,
             hosts,
@@ -313,7 +312,10 @@ impl Inner {
             power_w,
             energy_j: integ.energy_j,
             point,
-        })
+        });
+        // Still holding `integ`: published in the order taken.
+        self.tx.send_replace(Some(Arc::clone(&snap)));
+        Some(snap)
     }
 }
 
