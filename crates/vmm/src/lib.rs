@@ -10,7 +10,7 @@
 //!
 //! ```text
 //!  caller ──Vm::pause/resume/shutdown──> VcpuEvent per vCPU channel ──> vCPU thread
-//!        <──── waits for every VcpuResponse (Paused/Resumed/Finished, or Failed) ────┘
+//!        <──── waits for every VcpuResponse (Paused/Finished, or Failed; not Resumed) ┘
 //!  vCPU thread (vcpu.rs): KVM_RUN ─exit─> mailbox `in` (pacing.rs) | hlt (heartbeat)
 //!                                         | anything else -> Failed
 //!  monitor thread: every 1 s, DirtyLogHandle::fetch -> dirty_rate_pps; ORed over 5 s -> working_set_pages

@@ -271,23 +271,31 @@ impl Vm {
         Ok(())
     }
 
-    /// Sends `event` to every vCPU and waits until each acknowledged it, re-kicking running
-    /// ones. A failed vCPU ends the wait with its error.
+    /// Sends `event` to every vCPU. For `Pause` and `Finish`, waits until each acknowledged
+    /// it, re-kicking running ones; a failed vCPU ends the wait with its error.
+    ///
+    /// `Resume` is not waited for: nothing depends on a vCPU having re-entered `KVM_RUN`
+    /// (memory is safe to read only while paused, and that is what `Pause` acknowledges), and
+    /// on a destination the wait lies inside the migration's downtime: it costs a scheduler
+    /// wake-up of every new vCPU thread, milliseconds on a busy host. Its `Resumed` answers
+    /// are left in the channel and skipped by the next command; a vCPU that fails after the
+    /// resume is reported by `status` and by that next command.
     fn command(&self, ctl: &mut Control, event: VcpuEvent) -> Result<(), VmmError> {
         for h in &ctl.vcpus {
             // A thread that already ended is accounted for by its Failed/Finished response.
             let _ = h.events.send(event);
+        }
+        if event == VcpuEvent::Resume {
+            return Ok(());
         }
         let Some(responses) = &ctl.responses else {
             return Ok(());
         };
         let mut acked = vec![false; ctl.vcpus.len()];
         while acked.contains(&false) {
-            if event != VcpuEvent::Resume {
-                for (h, _) in ctl.vcpus.iter().zip(&acked).filter(|(_, a)| !**a) {
-                    // Fails only for a thread that already ended, which answers anyway.
-                    let _ = h.thread.kill(kick_signal());
-                }
+            for (h, _) in ctl.vcpus.iter().zip(&acked).filter(|(_, a)| !**a) {
+                // Fails only for a thread that already ended, which answers anyway.
+                let _ = h.thread.kill(kick_signal());
             }
             match responses.recv_timeout(REKICK) {
                 Ok(answer) => self.take_answer(event, answer, &mut acked)?,
@@ -376,7 +384,7 @@ impl Vm {
         Ok(())
     }
 
-    /// Lets parked vCPUs run again; returns once all of them acknowledged.
+    /// Lets parked vCPUs run again; returns once each was told (see `command`).
     pub fn resume(&self) -> Result<(), VmmError> {
         let mut ctl = self.started_control("resume")?;
         if ctl.paused {
