@@ -6,7 +6,7 @@
 //! | parameter | from |
 //! |---|---|
 //! | `header_bytes_per_page`, `zero_page_bytes` | bytes − 4096 × pages = h × pages + z × zero pages |
-//! | `cpu_rate_bytes_s` | median over runs with neither link nor cap of the full pass's bytes / (s − c) |
+//! | `cpu_rate_bytes_s`, `guest_write_slowdown` | Theil–Sen line over runs with neither link nor cap of the full pass's (s − c) / bytes against the guest's write rate D: 1 / rate = (1 + k D) / r0 |
 //! | `link_efficiency` | median over link-bound runs of the full pass's bytes / link / (s − c) |
 //! | `round_s` (c) | median over later rounds of s − bytes / rate (the three iterated) |
 //! | `setup_s`, `setup_s_per_byte`, per-round sync (added to `round_s`) | total − downtime − Σ round s = setup + per-byte × memory + sync × pre-copy rounds |
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::dirty::distinct_pages;
 use crate::error::ModelError;
 use crate::file::{Model, TransportParams};
-use crate::predict::{predict, Outcome};
+use crate::predict::{cpu_rate, predict, Outcome};
 use crate::scenario::{MigrationScenario, Transport, PAGE_SIZE};
 
 /// What a real migration measured (the fields of the engine's summary that the model
@@ -188,7 +188,7 @@ fn line_nonneg(pts: &[(f64, f64)]) -> (f64, f64) {
 
 /// The page rate `p` gives scenario `s`: the smallest of CPU, link and cap.
 fn rate_of(s: &MigrationScenario, p: &TransportParams) -> f64 {
-    let mut r = p.cpu_rate_bytes_s * s.cpu_share;
+    let mut r = cpu_rate(s, p);
     if let (Some(l), true) = (s.link_bytes_s, s.transport.uses_link()) {
         r = r.min(l * p.link_efficiency);
     }
@@ -196,6 +196,23 @@ fn rate_of(s: &MigrationScenario, p: &TransportParams) -> f64 {
         r = r.min(cap);
     }
     r
+}
+
+/// Theil–Sen line `y = a + b x`: `b` the median of the slopes of all pairs with different
+/// xs, `a` the median of `y − b x`. A few runs slowed by a neighbour on a shared machine pull
+/// a least-squares line; they hardly move these medians. `None` when the xs do not vary.
+fn theil_sen(pts: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let mut slopes = Vec::new();
+    for (i, (x1, y1)) in pts.iter().enumerate() {
+        for (x2, y2) in &pts[i + 1..] {
+            if (x2 - x1).abs() > 1e-9 * x1.abs().max(x2.abs()).max(1.0) {
+                slopes.push((y2 - y1) / (x2 - x1));
+            }
+        }
+    }
+    let b = median(slopes)?;
+    let a = median(pts.iter().map(|(x, y)| y - b * x).collect())?;
+    Some((a, b))
 }
 
 /// Median (mean of the middle two for an even count); `None` for no values.
@@ -268,9 +285,10 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         .max(0.0);
     } else {
         // CPU-bound rate, link efficiency and per-round cost, in turn, three times over:
-        // - the rate: median over runs nothing else limits of the full pass's
-        //   bytes / (time − c) (the full passes carry most bytes; on a shared machine their
-        //   rates scatter, and a median resists a run slowed by a neighbour);
+        // - the rate and how the guest's writing slows it: a Theil–Sen line, over runs
+        //   nothing else limits, of the full pass's (time − c) / bytes against the guest's
+        //   write rate (the full passes carry most bytes; on a shared machine their rates
+        //   scatter, and medians resist a run slowed by a neighbour);
         // - the link efficiency: the same over link-bound runs, against the link;
         // - c: median over the later (small) rounds of time − bytes / rate, which a
         //   least-squares intercept under the full passes' scatter does not give.
@@ -280,37 +298,51 @@ fn fit_transport(t: Transport, rows: &[&Observation]) -> Result<TransportParams,
         };
         let mut c = 0.0;
         for _ in 0..3 {
-            let passes: Vec<f64> = rows
+            // Seconds per byte of each unlimited full pass against the guest's write rate:
+            // 1 / rate = (1 + k D) / r0 is a line in D.
+            let passes: Vec<(f64, f64)> = rows
                 .iter()
                 .filter(free)
                 .filter_map(|o| {
                     let (b, s) = o.precopy_rounds().next()?;
-                    (b > 0.0 && s > c).then(|| b / o.scenario.cpu_share / (s - c))
+                    (b > 0.0 && s > c).then(|| {
+                        let inv = (s - c) * o.scenario.cpu_share / b;
+                        (o.scenario.dirty_rate_pps, inv)
+                    })
                 })
                 .collect();
-            p.cpu_rate_bytes_s = match median(passes) {
-                Some(r) => r,
-                None => {
-                    // No unlimited runs: the fastest round seen bounds the CPU rate below.
-                    let best = rows
-                        .iter()
-                        .flat_map(|o| o.precopy_rounds())
-                        .filter(|(b, s)| *b > 0.0 && *s > 0.0)
-                        .map(|(b, s)| b / s)
-                        .fold(0.0, f64::max);
-                    if best <= 0.0 {
-                        return Err(err("no pre-copy round with bytes and time"));
-                    }
-                    best
+            match theil_sen(&passes) {
+                Some((a, slope)) if a > 0.0 => {
+                    p.cpu_rate_bytes_s = 1.0 / a;
+                    p.guest_write_slowdown = (slope / a).max(0.0);
                 }
-            };
+                _ => match median(passes.iter().map(|(_, inv)| *inv).collect()) {
+                    Some(inv) if inv > 0.0 => {
+                        p.cpu_rate_bytes_s = 1.0 / inv;
+                        p.guest_write_slowdown = 0.0;
+                    }
+                    _ => {
+                        // No unlimited runs: the fastest round seen bounds the CPU rate below.
+                        let best = rows
+                            .iter()
+                            .flat_map(|o| o.precopy_rounds())
+                            .filter(|(b, s)| *b > 0.0 && *s > 0.0)
+                            .map(|(b, s)| b / s)
+                            .fold(0.0, f64::max);
+                        if best <= 0.0 {
+                            return Err(err("no pre-copy round with bytes and time"));
+                        }
+                        p.cpu_rate_bytes_s = best;
+                    }
+                },
+            }
             if t.uses_link() {
                 let linked: Vec<f64> = rows
                     .iter()
                     .filter_map(|o| {
                         let l = o.scenario.link_bytes_s?;
                         let cap = o.scenario.bandwidth_cap_bytes_s.unwrap_or(f64::INFINITY);
-                        let bound = l < p.cpu_rate_bytes_s * o.scenario.cpu_share && l < cap;
+                        let bound = l < cpu_rate(&o.scenario, &p) && l < cap;
                         let (b, s) = o.precopy_rounds().next()?;
                         (bound && b > 0.0 && s > c).then(|| b / l / (s - c))
                     })
@@ -603,6 +635,8 @@ mod tests {
         tp.dst_cpu_s_per_byte = 1e-9;
         // The guest keeps 60 % of its write rate while migrating.
         tp.guest_rate_factor = 0.6;
+        // Each 10,000 guest writes/s add 20 % to the time per byte.
+        tp.guest_write_slowdown = 2e-5;
         let mut truth = Model::default();
         truth.transports.insert(Transport::Classic, tp.clone());
         let rows = synthetic(&truth);
@@ -618,6 +652,7 @@ mod tests {
         assert!(near(got.src_cpu_s_per_byte, 2e-9), "{got:?}");
         assert!(near(got.dst_cpu_fixed_s, 0.02), "{got:?}");
         assert!(near(got.guest_rate_factor, 0.6), "{got:?}");
+        assert!(near(got.guest_write_slowdown, 2e-5), "{got:?}");
         let acc = &r.errors[&Transport::Classic];
         assert_eq!(acc.convergence_right, rows.len());
         assert!(acc.total_p90 < 0.01 && acc.bytes_p90 < 0.01, "{acc:?}");
@@ -635,6 +670,20 @@ mod tests {
         // A column that never varies apart from the constant: singular.
         let flat: Vec<[f64; 4]> = (0..4).map(|i| [1.0, 1.0, i as f64, 1.0]).collect();
         assert_eq!(lstsq3(&flat), None);
+    }
+
+    #[test]
+    fn theil_sen_ignores_an_outlier_that_pulls_least_squares() {
+        // y = 1 + 0.5 x at x = 0..6, except x = 6 measured at 20 (a run slowed by a
+        // neighbour): the pairwise slopes' median is still 0.5 and the intercept 1.
+        let mut pts: Vec<(f64, f64)> = (0..7).map(|x| (x as f64, 1.0 + 0.5 * x as f64)).collect();
+        pts[6].1 = 20.0;
+        let (a, b) = theil_sen(&pts).expect("xs vary");
+        assert!((a - 1.0).abs() < 1e-9 && (b - 0.5).abs() < 1e-9, "{a} {b}");
+        let (_, ls) = line(&pts).expect("xs vary");
+        assert!(ls > 1.0, "least squares is pulled: {ls}");
+        // All xs equal: no line.
+        assert_eq!(theil_sen(&[(2.0, 1.0), (2.0, 3.0)]), None);
     }
 
     #[test]
