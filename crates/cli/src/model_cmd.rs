@@ -22,8 +22,10 @@ pub enum ModelCommand {
     /// sweep, write model.json, and print the error per transport on the fitting runs and
     /// on the held-out (`test`) runs.
     Fit {
-        /// The `sweep.csv` of `fastmig bench sweep`.
-        sweep: PathBuf,
+        /// The `sweep.csv` of `fastmig bench sweep`; several are pooled (e.g. a full sweep
+        /// and a sweep repeating its CPU-bound points).
+        #[arg(required = true)]
+        sweep: Vec<PathBuf>,
         /// Where to write the model.
         #[arg(short, long, default_value = "model.json")]
         out: PathBuf,
@@ -36,8 +38,9 @@ pub enum ModelCommand {
     },
     /// Print a model's errors on the runs of a sweep (all of them, or one split).
     Eval {
-        /// The sweep.
-        sweep: PathBuf,
+        /// The sweep(s), pooled as for `fit`.
+        #[arg(required = true)]
+        sweep: Vec<PathBuf>,
         /// The model.
         #[arg(long)]
         model: PathBuf,
@@ -47,6 +50,12 @@ pub enum ModelCommand {
         /// Also print every run's predicted and measured values.
         #[arg(long)]
         rows: bool,
+        /// Compare each grid point once, by its median run (the repetition whose total time
+        /// is the median of the point's repetitions), rather than every run: a repeated
+        /// point's runs scatter on a shared machine, and this separates the model's error
+        /// from that scatter.
+        #[arg(long)]
+        by_point: bool,
         /// Print the errors as JSON.
         #[arg(long)]
         json: bool,
@@ -218,13 +227,46 @@ pub fn load_model(path: &Path) -> Result<Model> {
 }
 
 fn observations(rows: &[sweep_row::SweepRow], split: Option<Split>) -> Result<Vec<Observation>> {
+    Ok(point_observations(rows, split)?
+        .into_iter()
+        .map(|(_, o)| o)
+        .collect())
+}
+
+/// The runs of `split` with the grid point each measured.
+fn point_observations<'a>(
+    rows: &'a [sweep_row::SweepRow],
+    split: Option<Split>,
+) -> Result<Vec<(&'a str, Observation)>> {
     let mut out = Vec::new();
     for r in rows.iter().filter(|r| split.is_none_or(|s| r.split == s)) {
         if let Some(o) = r.observation()? {
-            out.push(o);
+            out.push((r.point(), o));
         }
     }
     Ok(out)
+}
+
+/// One observation per grid point: the repetition with the median total time (the lower
+/// middle one for an even count), in the order points first appear.
+fn median_runs(obs: Vec<(&str, Observation)>) -> Vec<Observation> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut by_point: BTreeMap<&str, Vec<Observation>> = BTreeMap::new();
+    for (point, o) in obs {
+        if !by_point.contains_key(point) {
+            order.push(point);
+        }
+        by_point.entry(point).or_default().push(o);
+    }
+    order
+        .into_iter()
+        .filter_map(|p| {
+            let mut runs = by_point.remove(p)?;
+            runs.sort_by(|a, b| a.measured.total_ms.total_cmp(&b.measured.total_ms));
+            let mid = (runs.len() - 1) / 2;
+            Some(runs.swap_remove(mid))
+        })
+        .collect()
 }
 
 /// Runs `fastmig model ...`.
@@ -236,10 +278,10 @@ pub fn main(cmd: ModelCommand) -> Result<()> {
             all,
             json,
         } => {
-            let rows = sweep_row::read(&sweep)?;
+            let rows = sweep_row::read_all(&sweep)?;
             let train = observations(&rows, (!all).then_some(Split::Train))?;
             if train.is_empty() {
-                return Err(usage!("{}: no completed fitting run", sweep.display()));
+                return Err(usage!("{}: no completed fitting run", names(&sweep)));
             }
             let report = fit(&train).map_err(|e| usage!("{e}"))?;
             report
@@ -271,15 +313,20 @@ pub fn main(cmd: ModelCommand) -> Result<()> {
             model,
             split,
             rows: per_row,
+            by_point,
             json,
         } => {
             let model = load_model(&model)?;
-            let rows = sweep_row::read(&sweep)?;
+            let rows = sweep_row::read_all(&sweep)?;
             let split = split.map(|s| match s {
                 SplitArg::Train => Split::Train,
                 SplitArg::Test => Split::Test,
             });
-            let obs = observations(&rows, split)?;
+            let obs = if by_point {
+                median_runs(point_observations(&rows, split)?)
+            } else {
+                observations(&rows, split)?
+            };
             if per_row {
                 println!("transport,mem_mib,pattern,write_pps,link_mib_s,limit_ms,measured_total_ms,predicted_total_ms,measured_downtime_ms,predicted_downtime_ms,measured_mib,predicted_mib,measured_rounds,predicted_rounds,measured_outcome,predicted_outcome");
                 for o in &obs {
@@ -316,6 +363,15 @@ pub fn main(cmd: ModelCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The sweeps' paths, for messages.
+fn names(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A markdown table of accuracies, one row per transport.
@@ -415,5 +471,37 @@ pub fn print_prediction(p: &fastmig_model::Prediction, hint: Option<&fastmig_mod
                 "  no faster link converges: the transport's CPU rate or cap binds first (or it uses no link)"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep_row::sample_row;
+
+    #[test]
+    fn by_point_keeps_the_median_run_of_each_point() {
+        // Point p: three repetitions of 30, 10 and 20 ms (the median run is the 20 ms one);
+        // point q: two of 40 and 50 ms (the lower middle one, 40); point r: one run.
+        let runs = [
+            ("p|0", 30.0),
+            ("q|0", 50.0),
+            ("p|1", 10.0),
+            ("r|0", 7.0),
+            ("p|2", 20.0),
+            ("q|1", 40.0),
+        ];
+        let rows: Vec<_> = runs
+            .iter()
+            .map(|(key, total)| {
+                let mut r = sample_row(key);
+                r.rep = key[2..].parse().expect("rep");
+                r.total_ms = *total;
+                r
+            })
+            .collect();
+        let picked = median_runs(point_observations(&rows, None).expect("observations"));
+        let totals: Vec<f64> = picked.iter().map(|o| o.measured.total_ms).collect();
+        assert_eq!(totals, [20.0, 40.0, 7.0]);
     }
 }

@@ -1,7 +1,7 @@
 //! One row of `sweep.csv`: every input of a real migration and every field of its summary,
 //! flat for the `csv` crate; and its conversion to the model's [`Observation`].
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use fastmig_model::{
@@ -169,6 +169,24 @@ impl SweepRow {
 }
 
 /// Reads every row of a sweep CSV; a malformed file is a usage error.
+impl SweepRow {
+    /// The grid point this run measured: its key without the repetition (the key's last
+    /// `|`-separated field), so that repetitions of one point share it.
+    pub fn point(&self) -> &str {
+        let suffix = format!("|{}", self.rep);
+        self.key.strip_suffix(&suffix).unwrap_or(&self.key)
+    }
+}
+
+/// Reads the rows of several sweeps, in order (their runs are pooled).
+pub fn read_all(paths: &[PathBuf]) -> Result<Vec<SweepRow>> {
+    let mut rows = Vec::new();
+    for p in paths {
+        rows.extend(read(p)?);
+    }
+    Ok(rows)
+}
+
 pub fn read(path: &Path) -> Result<Vec<SweepRow>> {
     let mut r = csv::Reader::from_path(path)
         .map_err(|e| usage!("cannot read sweep {}: {e}", path.display()))?;
@@ -219,48 +237,54 @@ pub fn append(path: &Path, rows: &[SweepRow]) -> Result<()> {
     Ok(())
 }
 
+/// A completed run for tests.
+#[cfg(test)]
+pub(crate) fn sample_row(key: &str) -> SweepRow {
+    SweepRow {
+        key: key.into(),
+        split: Split::Train,
+        rep: 0,
+        mem_bytes: 64 << 20,
+        pattern: Pattern::HotCold,
+        target_write_pps: 1000.0,
+        guest_write_pps: 990.0,
+        guest_dirty_pps: 800.0,
+        wss_bytes: 16 << 20,
+        link_bytes_s: Some(1.25e8),
+        cap_bytes_s: None,
+        transport: Transport::MultiTcp,
+        streams: 2,
+        cpu_share: 1.0,
+        load1: 3.5,
+        cpu_idle: Some(0.25),
+        downtime_limit_ms: 30.0,
+        max_rounds: 30,
+        on_no_converge: OnNoConverge::Force,
+        status: RunStatus::Completed,
+        error: String::new(),
+        total_ms: 700.0,
+        downtime_ms: 3.0,
+        setup_ms: 2.0,
+        dst_setup_ms: 1.0,
+        rounds: 3,
+        bytes_sent: 70_000_000,
+        pages_sent: 17_000,
+        zero_pages_skipped: 0,
+        throughput_mib_s: 100.0,
+        src_cpu_s: 0.1,
+        dst_cpu_s: 0.2,
+        digest_match: true,
+        round_ms: "600.5;90;3".into(),
+        round_bytes: "67108864;2000000;40000".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn row(key: &str) -> SweepRow {
-        SweepRow {
-            key: key.into(),
-            split: Split::Train,
-            rep: 0,
-            mem_bytes: 64 << 20,
-            pattern: Pattern::HotCold,
-            target_write_pps: 1000.0,
-            guest_write_pps: 990.0,
-            guest_dirty_pps: 800.0,
-            wss_bytes: 16 << 20,
-            link_bytes_s: Some(1.25e8),
-            cap_bytes_s: None,
-            transport: Transport::MultiTcp,
-            streams: 2,
-            cpu_share: 1.0,
-            load1: 3.5,
-            cpu_idle: Some(0.25),
-            downtime_limit_ms: 30.0,
-            max_rounds: 30,
-            on_no_converge: OnNoConverge::Force,
-            status: RunStatus::Completed,
-            error: String::new(),
-            total_ms: 700.0,
-            downtime_ms: 3.0,
-            setup_ms: 2.0,
-            dst_setup_ms: 1.0,
-            rounds: 3,
-            bytes_sent: 70_000_000,
-            pages_sent: 17_000,
-            zero_pages_skipped: 0,
-            throughput_mib_s: 100.0,
-            src_cpu_s: 0.1,
-            dst_cpu_s: 0.2,
-            digest_match: true,
-            round_ms: "600.5;90;3".into(),
-            round_bytes: "67108864;2000000;40000".into(),
-        }
+        sample_row(key)
     }
 
     #[test]
@@ -278,6 +302,28 @@ mod tests {
             o.scenario.dirty_rate_pps, 990.0,
             "the measured rate is the input"
         );
+    }
+
+    #[test]
+    fn a_point_is_its_key_without_the_repetition_and_sweeps_pool() {
+        let mut r = row("train|64|Random|0|4194304|||classic|2|30000|Force|30|2");
+        r.rep = 2;
+        assert_eq!(
+            r.point(),
+            "train|64|Random|0|4194304|||classic|2|30000|Force|30"
+        );
+        // A key that does not end in its repetition is its own point.
+        assert_eq!(row("odd").point(), "odd");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (dir.path().join("a.csv"), dir.path().join("b.csv"));
+        append(&a, &[row("a")]).expect("a");
+        append(&b, &[row("b"), row("c")]).expect("b");
+        let keys: Vec<String> = read_all(&[a, b])
+            .expect("read")
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(keys, ["a", "b", "c"]);
     }
 
     #[test]

@@ -435,7 +435,11 @@ mod tests {
         let mut s = scenario();
         s.cpu_share = 0.5;
         s.dirty_rate_pps = 50_000.0;
-        assert!(close(cpu_rate(&s, &p), 256.0 * MIB, 1e-12), "{}", cpu_rate(&s, &p));
+        assert!(
+            close(cpu_rate(&s, &p), 256.0 * MIB, 1e-12),
+            "{}",
+            cpu_rate(&s, &p)
+        );
         // An idle guest takes nothing: the rate is the share's.
         s.dirty_rate_pps = 0.0;
         assert!(close(cpu_rate(&s, &p), 512.0 * MIB, 1e-12));
