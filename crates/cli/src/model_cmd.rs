@@ -234,10 +234,10 @@ fn observations(rows: &[sweep_row::SweepRow], split: Option<Split>) -> Result<Ve
 }
 
 /// The runs of `split` with the grid point each measured.
-fn point_observations<'a>(
-    rows: &'a [sweep_row::SweepRow],
+fn point_observations(
+    rows: &[sweep_row::SweepRow],
     split: Option<Split>,
-) -> Result<Vec<(&'a str, Observation)>> {
+) -> Result<Vec<(&str, Observation)>> {
     let mut out = Vec::new();
     for r in rows.iter().filter(|r| split.is_none_or(|s| r.split == s)) {
         if let Some(o) = r.observation()? {
