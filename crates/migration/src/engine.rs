@@ -445,6 +445,9 @@ fn run<V: MigratableVm + ?Sized>(
     };
     s.progress(Phase::Setup, npages, 0.0);
 
+    // Without pre-copy no page is sent: the table never changes, so its digest is taken
+    // before the pause rather than inside the downtime (about 0.2 ms per GiB of table here).
+    let early_digest = (!s.transport.precopy()).then(|| s.hashes.digest());
     let (paused_at, forced, dirty_rate) = if s.transport.precopy() {
         let (pending, forced, dirty_rate) = s.precopy(&mut control, g)?;
         let paused_at = s.stop_and_copy(&mut control, g, &pending, dirty_rate)?;
@@ -454,7 +457,7 @@ fn run<V: MigratableVm + ?Sized>(
     };
     let state = s.vm.save_state().map_err(MigrationError::SaveState)?;
     let rounds = s.rounds.len() as u32;
-    let digest = s.hashes.digest();
+    let digest = early_digest.unwrap_or_else(|| s.hashes.digest());
     write_message(&mut control, &Message::State(state))
         .and_then(|_| {
             write_message(

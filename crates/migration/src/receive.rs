@@ -378,6 +378,10 @@ fn run<V: MigratableVm>(
         hashes: Arc::new(PageHashes::new(mem.pages())),
         mem,
     };
+    // Adopted memory is never copied: the table keeps its zero-page hashes, so its digest is
+    // taken now, before the source may pause (building the transport tells it to), rather
+    // than inside the downtime (about 0.2 ms per GiB of table here).
+    let early_digest = kind.adopts_memory().then(|| ctx.hashes.digest());
     let t: &mut Box<dyn DestTransport> = transport.insert(kind.destination(DestSetup {
         control,
         listener,
@@ -444,7 +448,7 @@ fn run<V: MigratableVm>(
     let stats: PageStats = t.finish()?;
     // For adopted memory nothing was copied: both tables still hold only zero-page hashes,
     // and the comparison proves only that both sides count the same pages.
-    let digest = ctx.hashes.digest();
+    let digest = early_digest.unwrap_or_else(|| ctx.hashes.digest());
     let digest_match = digest == complete.digest;
     if !digest_match {
         return Err(MigrationError::Digest {
