@@ -182,9 +182,10 @@ impl MemoryView {
     /// 64-bit hash of page `page`, read in place (no copy into a buffer first).
     ///
     /// # Safety
-    /// Nothing may write the page during the call. Only for memory that this thread alone
-    /// writes, e.g. the shm source's mapping of the paused destination's memory, for a page
-    /// it has just copied itself; never for the memory of a VM that may run.
+    /// Nothing may write the page during the call: e.g. the shm source's mapping of the
+    /// paused destination's memory, for a page it has just copied itself, or the paused shm
+    /// destination's memory for a page the source has named as written in this round (the
+    /// protocol orders its writes before); never the memory of a VM that may run.
     pub(crate) unsafe fn hash_page_unshared(&self, page: usize) -> Option<u64> {
         let addr = self.run_addr(page, 1)?;
         // SAFETY: `addr .. addr + PAGE_SIZE` lies inside a live mapping (struct invariant and

@@ -216,14 +216,20 @@ mod tests {
         if let Some(p) = slowed.transports.get_mut(&Transport::MultiTcp) {
             p.guest_write_slowdown = 3.5e-5;
         }
-        assert_eq!(Model::from_json(&slowed.to_json().unwrap()).unwrap(), slowed);
+        assert_eq!(
+            Model::from_json(&slowed.to_json().unwrap()).unwrap(),
+            slowed
+        );
     }
 
     #[test]
     fn a_file_written_before_the_guest_write_slowdown_still_loads() {
         // The project's model was fitted before `guest_write_slowdown` existed: its stored
         // checksum covers the parameters without it, and it reads as 0.
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/characterisation/model.json");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../bench/characterisation/model.json"
+        );
         let text = std::fs::read_to_string(path).expect("the project's model");
         assert!(!text.contains("guest_write_slowdown"));
         let m = Model::from_json(&text).expect("loads");

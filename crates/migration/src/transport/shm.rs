@@ -7,7 +7,8 @@
 //!
 //! Where the time goes, and what is done about it (PROTOCOL.md, "Sequence: shm"):
 //! * page faults: a fresh mapping faults on every first write (~1-2 us a page here, as much
-//!   as the copy); the page tables are populated at setup instead, 16 pages per fault;
+//!   as the copy); the copy threads populate each run's page tables just before the full pass
+//!   copies it, 16 pages per fault, one thread populating while the other copies;
 //! * copy and hash: runs of pages are copied with one `memcpy` and hashed in place right
 //!   after (cache-hot, no bounce buffer), by up to two threads;
 //! * zero pages: skipped in the first pass when zero on both sides (checked, not assumed).
@@ -108,7 +109,7 @@ impl ShmSource {
         }
         me.remote = MemoryView::new(&mrs)?;
         let map_ms = started.elapsed().as_secs_f64() * 1e3;
-        debug!(map_ms, "destination memory mapped and populated");
+        debug!(map_ms, "destination memory mapped");
         Ok(me)
     }
 }
@@ -167,21 +168,16 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationE
             source: Some(std::io::Error::last_os_error()),
         });
     }
-    let addr = p as usize;
-    if let Err(e) = populate(addr, len) {
-        // SAFETY: unmapping the mapping made above; nothing points into it yet.
-        unsafe { libc::munmap(p, len) };
-        return Err(e);
-    }
-    Ok(addr)
+    Ok(p as usize)
 }
 
-/// Builds the page tables of the fresh mapping `addr .. addr + len` now, during setup.
-/// Otherwise every first copy into a page takes a write fault (about 1-2 us here, as much as
-/// the copy itself). `MADV_POPULATE_READ` read-faults the pages, which the kernel does 16 at
-/// a time (fault-around); shmem needs no write notification, so the entries are writable at
-/// once. About 100 ms per GiB here; a second thread did not make it faster (measured), so
-/// it is one call. Unlike `MAP_POPULATE` it reports failures.
+/// Builds the page tables of `addr .. addr + len`, a run of the destination's mapping, just
+/// before the full pass copies into it. Otherwise every first copy into a page takes a write
+/// fault (about 1-2 us here, as much as the copy itself). `MADV_POPULATE_READ` read-faults
+/// the pages, which the kernel does 16 at a time (fault-around); shmem needs no write
+/// notification, so the entries are writable at once. About 100 ms per GiB here: done run by
+/// run by the copy threads, one thread's populating overlaps the other's copying, where one
+/// call at setup kept both waiting. Unlike `MAP_POPULATE` it reports failures.
 fn populate(addr: usize, len: usize) -> Result<(), MigrationError> {
     // SAFETY: `addr .. addr + len` is the caller's fresh mapping; populating only faults
     // pages in, it changes no byte.
@@ -350,6 +346,9 @@ impl CopyJob<'_> {
         ) else {
             return Err(outside());
         };
+        if self.first_pass {
+            populate(to, count * PAGE_SIZE)?;
+        }
         let ours = written.len(); // entries before this are other runs (maybe other regions)
         let mut zeros = 0;
         // In the first pass a page that is zero here *and* there needs no copy: the
@@ -445,7 +444,14 @@ impl DestTransport for ShmDest {
                     )
                 })?;
             for p in first..first + n as usize {
-                ctx.hashes.set(p, ctx.mem.hash_page(p).unwrap_or(0));
+                // SAFETY: `run_addr` checked the run lies in our guest memory. Nothing writes
+                // page `p` now: our VM is paused until Commit, and the source writes a page
+                // of a round once, before naming it here, and starts no next round before our
+                // RoundAck, which comes after this frame. Hashing in place (no copy first)
+                // saves the destination a fifth of its CPU. A source breaking that order could
+                // only make this hash wrong, and the digest comparison would say so.
+                let h = unsafe { ctx.mem.hash_page_unshared(p) };
+                ctx.hashes.set(p, h.unwrap_or(0));
             }
             self.stats.pages += n as u64;
             self.stats.bytes += n as u64 * PAGE_SIZE as u64;
