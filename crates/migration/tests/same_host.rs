@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::{pair_on, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationError,
-    ReceiveOptions, TransportKind,
+    migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationError, Phase,
+    Progress, ReceiveOptions, TransportKind,
 };
 
 fn unix_endpoint(tag: &str) -> Endpoint {
@@ -260,4 +260,70 @@ fn shm_first_pass_skips_zero_pages_only_where_the_destination_is_zero() {
             "destination equals the source (dirty destination: {dirty_destination})"
         );
     }
+}
+
+#[test]
+fn shm_verify_memory_rehashes_the_destinations_memory() {
+    // The destination hashes each page as the source names it; `verify_memory` hashes all of
+    // its memory again before `Ready`. A page changed behind the receiver after it was
+    // hashed (here: after the full pass, while the source syncs its dirty log) is caught only
+    // by that second look.
+    let src = SoftVm::with_regions(&[(0, 8 * MIB)], 1, 0).expect("src");
+    src.fill(1.0);
+    let dst = SoftVm::with_regions(&[(0, 8 * MIB)], 1, 0).expect("dst");
+    dst.set_paused(true);
+    let l = Listener::bind(&unix_endpoint("shm-verify")).expect("bind");
+    let ep = l.endpoint().expect("endpoint");
+    let (round_done, round_seen) = std::sync::mpsc::channel::<()>();
+    let (tampered, tamper_seen) = std::sync::mpsc::channel::<()>();
+    let tamper_seen = std::sync::Mutex::new(tamper_seen);
+    let opts = MigrateOptions {
+        transport: TransportKind::Shm,
+        progress_interval: Duration::ZERO,
+        // After the full pass (its `RoundAck` is in: every page is hashed on both sides),
+        // the source waits until the test has changed the destination's memory.
+        progress: Some(std::sync::Arc::new(move |p: &Progress| {
+            if p.phase == Phase::PreCopy && p.round == 1 {
+                let _ = round_done.send(());
+                let _ = tamper_seen
+                    .lock()
+                    .expect("lock")
+                    .recv_timeout(Duration::from_secs(10));
+            }
+        })),
+        ..Default::default()
+    };
+    let ropts = ReceiveOptions {
+        verify_memory: true,
+        ..Default::default()
+    };
+    let dst_ref = &dst;
+    let (r, d) = std::thread::scope(|s| {
+        let h = s.spawn(|| common::receive_into(dst_ref, &l, &ropts));
+        s.spawn(move || {
+            round_seen
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the full pass ends");
+            // Pages 0, 256, ..., 1792 are stamped anew. A stamp is the page number and the
+            // VM's write count: page 0 gets the stamp the source gave it (both VMs' first
+            // write), the 7 others bytes no transfer wrote.
+            dst_ref.fill(1.0 / 256.0);
+            tampered.send(()).expect("the source waits");
+        });
+        let r = migrate(&src, &ep, &opts);
+        (r, h.join().expect("receiver thread"))
+    });
+    assert!(
+        matches!(
+            d,
+            Err(MigrationError::VerifyMismatch {
+                page: 256,
+                mismatched: 7
+            })
+        ),
+        "{d:?}"
+    );
+    assert!(matches!(r, Err(MigrationError::PeerFailed { .. })), "{r:?}");
+    common::assert_source_intact(&src);
+    assert_eq!(dst.resume_count(), 0);
 }

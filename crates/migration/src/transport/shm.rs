@@ -349,7 +349,6 @@ impl CopyJob<'_> {
         if self.first_pass {
             populate(to, count * PAGE_SIZE)?;
         }
-        let ours = written.len(); // entries before this are other runs (maybe other regions)
         let mut zeros = 0;
         // In the first pass a page that is zero here *and* there needs no copy: the
         // destination's table starts at the zero-page hash for every page. Both sides are
@@ -381,14 +380,9 @@ impl CopyJob<'_> {
                 let h = unsafe { self.remote.hash_page_unshared(p) }.ok_or_else(outside)?;
                 self.ctx.hashes.set(p, h);
             }
-            let span_gpa = gpa + off as u64;
-            let mine = written.len() > ours;
-            match written.last_mut() {
-                Some((g, c)) if mine && *g + *c as u64 * PAGE_SIZE as u64 == span_gpa => {
-                    *c += n as u32
-                }
-                _ => written.push((span_gpa, n as u32)),
-            }
+            // One entry per span: spans of one run are split by zero pages, and runs by
+            // gaps or region ends, so no two are ever adjacent to merge.
+            written.push((gpa + off as u64, n as u32));
             stats.pages += n as u64;
             stats.bytes += (n * PAGE_SIZE) as u64;
             Ok::<_, MigrationError>(())
@@ -610,5 +604,137 @@ mod tests {
             assert!(dst.is_zero_page(3));
             assert_eq!(h.get(3), Some(zero_page_hash()));
         }
+    }
+
+    #[test]
+    fn a_cancelled_send_copies_and_names_nothing() {
+        // The token is read before each chunk, whatever the sibling threads do.
+        for threads in [1, 2] {
+            let pages = 2000;
+            let (src_buf, dst_buf) = (Anon::new(pages), Anon::new(pages));
+            let (src, dst) = (src_buf.mem(), dst_buf.mem());
+            for p in 0..pages {
+                assert!(src.write_page(p, &page_of(7)));
+            }
+            let (a, mut b) = UnixStream::pair().expect("socketpair");
+            let mut t = ShmSource::from_parts(Conn::Unix(a), dst.clone(), threads);
+            let h = PageHashes::new(pages);
+            let cancel = CancelToken::new();
+            cancel.cancel();
+            let done = AtomicU64::new(0);
+            let ctx = SendCtx {
+                hashes: &h,
+                bucket: None,
+                cancel: &cancel,
+                done_pages: &done,
+            };
+            let all: Vec<usize> = (0..pages).collect();
+            let r = t.send_pages(&src, &all, &ctx);
+            assert!(matches!(r, Err(MigrationError::Cancelled)), "{r:?}");
+            assert!(written(&mut b).is_empty(), "threads {threads}");
+            assert!((0..pages).all(|p| dst.is_zero_page(p)), "threads {threads}");
+            assert_eq!(done.load(Ordering::Relaxed), 0);
+        }
+    }
+
+    #[test]
+    fn the_source_counts_every_page_and_every_written_frame() {
+        // Pages 0..100 and 200..300 (two runs), 512-page chunks: the bytes are the pages'
+        // plus the `Written` frames' own, exactly.
+        let pages = 400;
+        let (src_buf, dst_buf) = (Anon::new(pages), Anon::new(pages));
+        let (src, dst) = (src_buf.mem(), dst_buf.mem());
+        for p in 0..pages {
+            assert!(src.write_page(p, &page_of(3)));
+        }
+        let (a, mut b) = UnixStream::pair().expect("socketpair");
+        let mut t = ShmSource::from_parts(Conn::Unix(a), dst, 1);
+        let h = PageHashes::new(pages);
+        let list: Vec<usize> = (0..100).chain(200..300).collect();
+        let st = send(&mut t, &src, &list, &h);
+        b.set_nonblocking(true).expect("nonblocking");
+        let mut frames = 0;
+        while let Ok(m) = read_message(&mut b) {
+            assert_eq!(
+                m,
+                Message::Written(vec![(0, 100), (200 * PAGE_SIZE as u64, 100)])
+            );
+            frames += encode(&m).len() as u64;
+        }
+        assert!(frames > 0);
+        assert_eq!(st.pages, 200);
+        assert_eq!(st.bytes, 200 * PAGE_SIZE as u64 + frames);
+    }
+
+    #[test]
+    fn copy_threads_are_the_cores_up_to_two() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(copy_threads(), cores.clamp(1, MAX_COPY_THREADS));
+    }
+
+    #[test]
+    fn the_destination_hashes_and_counts_the_named_pages() {
+        let pages = 16;
+        let buf = Anon::new(pages);
+        let mem = buf.mem();
+        for p in 0..pages {
+            assert!(mem.write_page(p, &page_of(p as u8 + 1)));
+        }
+        let ctx = RecvCtx {
+            hashes: std::sync::Arc::new(PageHashes::new(pages)),
+            mem,
+        };
+        let mut d = ShmDest {
+            stats: PageStats::default(),
+        };
+        let runs = vec![(0, 3), (8 * PAGE_SIZE as u64, 2)];
+        assert_eq!(
+            d.on_control(Message::Written(runs), &ctx).expect("written"),
+            None
+        );
+        let st = d.finish().expect("finish");
+        assert_eq!((st.pages, st.bytes), (5, 5 * PAGE_SIZE as u64));
+        for p in 0..pages {
+            let want = if p < 3 || p == 8 || p == 9 {
+                hash_page_bytes(&page_of(p as u8 + 1))
+            } else {
+                zero_page_hash() // never named: the table's initial value
+            };
+            assert_eq!(ctx.hashes.get(p), Some(want), "page {p}");
+        }
+        // A run outside memory is refused, not hashed.
+        let bad = Message::Written(vec![(15 * PAGE_SIZE as u64, 2)]);
+        assert!(d.on_control(bad, &ctx).is_err());
+    }
+
+    #[test]
+    fn dropping_the_source_unmaps_the_destinations_memory() {
+        let len = 64 * PAGE_SIZE;
+        let fd = rustix::fs::memfd_create("shm-drop-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd");
+        rustix::fs::ftruncate(&fd, len as u64).expect("ftruncate");
+        let addr = map_shared(&fd, len, 0).expect("map");
+        let mapped = || {
+            let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+            let start = format!("{addr:x}-");
+            maps.lines().any(|l| l.starts_with(&start))
+        };
+        assert!(mapped());
+        let view = MemoryView::new(&[MemoryRegion {
+            gpa: 0,
+            size: len as u64,
+            host_addr: addr,
+            fd: None,
+            fd_offset: 0,
+        }])
+        .expect("view");
+        let (a, _b) = UnixStream::pair().expect("socketpair");
+        let mut t = ShmSource::from_parts(Conn::Unix(a), view, 1);
+        t.maps.push((addr, len));
+        drop(t);
+        assert!(
+            !mapped(),
+            "the destination's memory stays mapped in the source"
+        );
     }
 }
