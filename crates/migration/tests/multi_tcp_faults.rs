@@ -210,7 +210,12 @@ fn a_data_stream_cut_inside_page_data_is_blamed_as_truncated() {
 #[test]
 fn a_cut_data_stream_is_the_root_cause_of_a_later_control_stream_error() {
     let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
-    let r = scripted(&dst, &ropts(), 1, |src| {
+    // Room for the pauses below inside one control read.
+    let opts = ReceiveOptions {
+        io_timeout: Duration::from_secs(5),
+        ..ropts()
+    };
+    let r = scripted(&dst, &opts, 1, |src| {
         // The destination starts reading a control frame and blocks inside it...
         let garbage = [0xEEu8; protocol::HEADER_LEN];
         src.control.write_all(&garbage[..5]).expect("control");
@@ -219,7 +224,8 @@ fn a_cut_data_stream_is_the_root_cause_of_a_later_control_stream_error() {
         let b = src.batch(3, &[9]);
         let keep = b.len() - 1000;
         src.send_cut(0, &b, keep);
-        std::thread::sleep(Duration::from_millis(500));
+        // (time for its receiver thread to see the cut, even on a loaded machine)
+        std::thread::sleep(Duration::from_secs(1));
         // ... and only then does the control frame end, as garbage (a bad magic). The data
         // stream failed first: it is the cause reported, not the garbage.
         src.control.write_all(&garbage[5..]).expect("control");
