@@ -1,5 +1,5 @@
 //! The progress ticker inside a long round: one report per interval, not more, each with the
-//! time since the migration started. Written for the mutants of `engine.rs`'s `send_round`
+//! time since the migration started and the bandwidth of the round so far. Written for the mutants of `engine.rs`'s `send_round`
 //! (TESTING.md, "engine.rs").
 
 mod common;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{pair, MIB};
 use fastmig_migration::test_utils::SoftVm;
-use fastmig_migration::{MigrateOptions, Phase, Progress, ReceiveOptions};
+use fastmig_migration::{MigrateOptions, Phase, Progress, ReceiveOptions, PAGE_SIZE};
 
 #[test]
 fn in_round_ticks_come_once_per_interval_with_the_time_since_the_start() {
@@ -63,6 +63,17 @@ fn in_round_ticks_come_once_per_interval_with_the_time_since_the_start() {
             k + 1,
             t.elapsed_ms,
             after_round.elapsed_ms
+        );
+        // Its bandwidth is the round's so far: the pages done in it (all of `pages_sent` in
+        // round 1) over the time since the round started, which is at least k intervals and
+        // at most the time since the migration started.
+        let mib = t.pages_sent as f64 * PAGE_SIZE as f64 / MIB as f64;
+        let (low, high) = (mib / (t.elapsed_ms / 1e3), mib / (at_least / 1e3));
+        assert!(
+            t.bandwidth_mib_s >= low * (1.0 - 1e-9) && t.bandwidth_mib_s <= high * (1.0 + 1e-9),
+            "tick {}: {} MiB/s, expected {low} to {high} MiB/s: {t:?}",
+            k + 1,
+            t.bandwidth_mib_s
         );
     }
 }
