@@ -1,6 +1,7 @@
 //! The source's summary figures that no other test pins: the source's CPU is the
-//! migration's only (not what the calling thread used before). Written for the mutants of
-//! `engine.rs`'s `run` (TESTING.md, "engine.rs").
+//! migration's only (not what the calling thread used before), and the rounds are numbered
+//! from 1. Written for the mutants of `engine.rs`'s `run` and `send_round` (TESTING.md,
+//! "engine.rs").
 
 mod common;
 
@@ -44,4 +45,26 @@ fn source_cpu_counts_only_the_migration() {
         "src_cpu_s {} s, the thread used {used} s during the call ({before} s before it)",
         s.src_cpu_s
     );
+}
+
+#[test]
+fn round_details_are_numbered_from_the_full_pass_to_stop_and_copy() {
+    let src = SoftVm::new(4 * MIB).expect("src");
+    src.fill(0.5);
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    let (r, d) = pair(
+        &src,
+        &dst,
+        &MigrateOptions::default(),
+        &ReceiveOptions::default(),
+    );
+    let s = r.expect("migration");
+    d.expect("receive");
+    // Round 1 is the full pass (every page, zero or not); the last is stop-and-copy.
+    let numbers: Vec<u32> = s.round_details.iter().map(|r| r.round).collect();
+    let expected: Vec<u32> = (1..=s.rounds).collect();
+    assert_eq!(numbers, expected, "{s:?}");
+    let first = &s.round_details[0];
+    assert_eq!(first.pages + first.zero_pages, 1024, "{first:?}");
+    assert!(s.round_details.last().is_some_and(|r| r.stop_and_copy));
 }
