@@ -538,3 +538,14 @@ fn run<V: MigratableVm + ?Sized>(
     );
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Each migration announces its own session id: a data stream left over from an earlier
+    /// attempt to the same destination names another session and is refused (`DataHello`).
+    #[test]
+    fn every_migration_gets_its_own_session_id() {
+        let ids: std::collections::HashSet<u64> = (0..16).map(|_| super::session_id()).collect();
+        assert_eq!(ids.len(), 16, "{ids:?}");
+    }
+}

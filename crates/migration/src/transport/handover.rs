@@ -144,3 +144,38 @@ impl DestTransport for HandoverDest {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::PageHashes;
+    use crate::test_utils::SoftVm;
+    use crate::util::CancelToken;
+    use crate::vm::MigratableVm;
+
+    /// The engine never gives a handover pages to send (no pre-copy); if it did, they would
+    /// have nowhere to go, so the call must fail rather than report them sent.
+    #[test]
+    fn pages_given_to_a_handover_source_are_an_error_not_a_silent_loss() {
+        let vm = SoftVm::new(1 << 20).expect("vm");
+        let mem = MemoryView::new(&vm.memory()).expect("memory view");
+        let hashes = PageHashes::new(mem.pages());
+        let (cancel, done) = (CancelToken::new(), std::sync::atomic::AtomicU64::new(0));
+        let ctx = SendCtx {
+            hashes: &hashes,
+            bucket: None,
+            cancel: &cancel,
+            done_pages: &done,
+        };
+        let mut t = HandoverSource;
+        assert_eq!(
+            t.send_pages(&mem, &[], &ctx).ok(),
+            Some(PageStats::default())
+        );
+        let r = t.send_pages(&mem, &[0, 1], &ctx);
+        assert!(
+            matches!(r, Err(MigrationError::Internal { ref what }) if what.contains("handover")),
+            "{r:?}"
+        );
+    }
+}
