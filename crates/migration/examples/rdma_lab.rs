@@ -273,6 +273,12 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             if res["live_registrations"] != 0 || res["pinned_kb"] != 0 {
                 return Err(format!("destination left memory registered: {res}"));
             }
+            // The budget (a quarter of the memory) forces chunks in and out; without it
+            // everything is registered at setup.
+            let maps = after.maps - before.maps;
+            if (sc == Scenario::Budget) != (maps > 0) {
+                return Err(format!("{maps} chunk registrations asked for"));
+            }
             Ok(Some(Figures {
                 dst_cpu_s: res["dst_cpu_s"].as_f64().unwrap_or(0.0),
                 summary: s,
@@ -280,6 +286,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
                     writes: after.writes - before.writes,
                     write_bytes: after.write_bytes - before.write_bytes,
                     completions: after.completions - before.completions,
+                    maps: after.maps - before.maps,
                 },
             }))
         }
@@ -389,6 +396,7 @@ fn run(args: &[String]) -> i32 {
             "cpu_s_per_gib": if gib > 0.0 { (s.src_cpu_s + f.dst_cpu_s) / gib } else { 0.0 },
             "work_requests_per_gib": per_gib(f.counters.writes),
             "completions_per_gib": per_gib(f.counters.completions),
+            "chunk_maps": f.counters.maps,
             "digest_match": s.digest_match,
         });
         println!("FIGURES {fig}");

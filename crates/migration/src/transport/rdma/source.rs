@@ -14,6 +14,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
+use rustix::net::RecvFlags;
+
 use super::chunks::Chunks;
 use super::slots::{Slots, TAG_MASK, TAG_RECV};
 use super::verbs::{self, Link, Mr, Wc};
@@ -38,6 +40,8 @@ const SIGNAL_EVERY: u64 = 32;
 const SQ_DEPTH: u32 = 256;
 const RQ_DEPTH: u32 = 4;
 const TX_SLOTS: usize = 2;
+/// How often a wait for completions looks at the control stream.
+const PEER_CHECK: Duration = Duration::from_millis(100);
 
 /// A fault injected by the lab (`lab::set_fault`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,7 @@ static FAULT_AFTER: AtomicU64 = AtomicU64::new(0);
 static WRITES: AtomicU64 = AtomicU64::new(0);
 static WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
 static COMPLETIONS: AtomicU64 = AtomicU64::new(0);
+static MAPS: AtomicU64 = AtomicU64::new(0);
 
 /// Injects `fault` into every later source half of this process, after `after` WRITEs.
 #[cfg(feature = "test-utils")]
@@ -73,6 +78,8 @@ pub struct Counters {
     pub write_bytes: u64,
     /// Completions polled (signalled WRITEs and SENDs, receives).
     pub completions: u64,
+    /// Chunks the source asked the destination to register (`Map`, pin budget only).
+    pub maps: u64,
 }
 
 /// The process-wide counters.
@@ -82,6 +89,7 @@ pub fn counters() -> Counters {
         writes: WRITES.load(Ordering::Relaxed),
         write_bytes: WRITE_BYTES.load(Ordering::Relaxed),
         completions: COMPLETIONS.load(Ordering::Relaxed),
+        maps: MAPS.load(Ordering::Relaxed),
     }
 }
 
@@ -287,8 +295,42 @@ impl RdmaSource {
                     phase: "rdma message",
                 });
             }
-            self.poll(left)?;
+            self.wait(left)?;
         }
+    }
+
+    /// Like [`Self::poll`], but also fails once the destination hangs up or speaks on the
+    /// control stream: during a transfer it does so only when it failed (its `RoundAck`
+    /// comes after our `RoundEnd`, which follows the transfer). A dead peer is seen within
+    /// [`PEER_CHECK`] instead of after the queue pair's retries or `io_timeout`.
+    fn wait(&mut self, timeout: Duration) -> Result<usize, MigrationError> {
+        let until = Instant::now() + timeout;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(0);
+            }
+            let n = self.poll(left.min(PEER_CHECK))?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if self.peer_spoke() {
+                return Err(rdma_err(
+                    "the destination closed the control stream or reported a failure".into(),
+                ));
+            }
+        }
+    }
+
+    fn peer_spoke(&self) -> bool {
+        let Conn::Tcp(s) = &self.control else {
+            return false;
+        };
+        let mut b = [0u8; 1];
+        !matches!(
+            rustix::net::recv(s, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT),
+            Err(rustix::io::Errno::AGAIN)
+        )
     }
 
     /// Polls completions (waiting up to `timeout` for the first), retiring WRITEs and
@@ -334,7 +376,7 @@ impl RdmaSource {
     /// Makes room for one more work request in the send queue.
     fn room(&mut self) -> Result<(), MigrationError> {
         while self.posted - self.completed >= u64::from(SQ_DEPTH) - 1 {
-            if self.poll(self.io_timeout)? == 0 {
+            if self.wait(self.io_timeout)? == 0 {
                 return Err(MigrationError::Timeout {
                     phase: "rdma completions",
                 });
@@ -416,6 +458,7 @@ impl RdmaSource {
             release,
         };
         self.slots.send(&self.link, 0, &msg, seq)?;
+        MAPS.fetch_add(1, Ordering::Relaxed);
         self.posted += 1;
         self.since_signal = 0;
         let reply = self.next_msg(self.io_timeout)?;
@@ -433,7 +476,7 @@ impl RdmaSource {
     fn drain(&mut self) -> Result<(), MigrationError> {
         self.flush()?;
         while self.completed < self.posted || !self.batches.is_empty() {
-            if self.poll(self.io_timeout)? == 0 {
+            if self.wait(self.io_timeout)? == 0 {
                 return Err(MigrationError::Timeout {
                     phase: "rdma completions",
                 });
