@@ -76,20 +76,17 @@ impl RdmaDest {
                 reason: format!("rdma_cm listen on {local}"),
                 source: Some(e),
             })?;
-        let mut slots = None;
-        let link = listener
-            .accept(d.accept_timeout, (SQ_DEPTH, RX_SLOTS), |l| {
-                let s = Slots::new(l, RX_SLOTS as usize, 1)?;
-                s.post_all(l)?;
-                slots = Some(s);
-                Ok(())
-            })
-            .map_err(|e| MigrationError::TransportSetup {
-                reason: "waiting for the source's rdma_cm connection".into(),
+        let setup = |what: &'static str| {
+            move |e| MigrationError::TransportSetup {
+                reason: what.into(),
                 source: Some(e),
-            })?;
+            }
+        };
+        let link = listener
+            .request(d.accept_timeout, (SQ_DEPTH, RX_SLOTS))
+            .map_err(setup("waiting for the source's rdma_cm connection"))?;
         drop(listener);
-        let slots = slots.ok_or_else(|| setup_err("rdma: receive buffers missing"))?;
+        // Checked before accepting: a stranger's request is rejected, never connected.
         let req = ConnectRequest::decode(&link.peer_data())
             .map_err(|e| wire("rdma connect request", e))?;
         if req.session != d.session {
@@ -98,6 +95,12 @@ impl RdmaDest {
                 req.session, d.session
             )));
         }
+        // Declared after `link`: dropped (deregistered) before it on every path.
+        let slots = Slots::new(&link, RX_SLOTS as usize, 1)
+            .and_then(|s| s.post_all(&link).map(|()| s))
+            .map_err(setup("posting RDMA receives"))?;
+        link.accept(d.io_timeout)
+            .map_err(setup("accepting the source's rdma_cm connection"))?;
         let mem = d.ctx.mem.clone();
         let total = mem.pages() as u64 * PAGE_SIZE as u64;
         let (chunk_bytes, budget) = if req.pin_budget == 0 || req.pin_budget >= total {

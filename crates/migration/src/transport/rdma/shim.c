@@ -39,6 +39,7 @@ struct fm_link {
     struct ibv_comp_channel *cc;
     struct ibv_cq *cq;
     int has_qp;
+    int pending; /* a connect request neither accepted nor rejected yet */
     int connected;
     /* Private data of the peer's connect request (listener's accept only). */
     uint8_t peer_data[64];
@@ -153,6 +154,8 @@ void fm_destroy(struct fm_link *l)
 {
     if (!l)
         return;
+    if (l->pending)
+        rdma_reject(l->id, NULL, 0);
     if (l->connected)
         rdma_disconnect(l->id);
     if (l->has_qp)
@@ -243,15 +246,14 @@ struct fm_link *fm_listen(const struct sockaddr *addr, int *err)
 }
 
 /*
- * Destination: waits for a connect request on listener `ls`, builds the QP on its id, posts
- * nothing, accepts. The request's private data is left in the new link (`fm_peer_data`).
- * `post_recvs` is called between QP creation and accept so receives are ready before the
- * source can send.
+ * Destination, step 1: waits for a connect request on listener `ls` and builds a QP on its
+ * id, without accepting yet: the caller checks the request's private data (`fm_peer_data`)
+ * and posts its receives first. Destroying the link before `fm_accept_request` rejects the
+ * request.
  */
-struct fm_link *fm_accept(struct fm_link *ls, int timeout_ms, int sq_depth, int rq_depth,
-                          int (*post_recvs)(struct fm_link *, void *), void *arg, int *err)
+struct fm_link *fm_get_request(struct fm_link *ls, int timeout_ms, int sq_depth, int rq_depth,
+                               int *err)
 {
-    long deadline = now_ms() + timeout_ms;
     struct rdma_cm_event *ev;
     int r = wait_event(ls->ch, RDMA_CM_EVENT_CONNECT_REQUEST, timeout_ms, &ev);
     if (r) {
@@ -267,6 +269,7 @@ struct fm_link *fm_accept(struct fm_link *ls, int timeout_ms, int sq_depth, int 
         return NULL;
     }
     l->id = ev->id;
+    l->pending = 1;
     int n = ev->param.conn.private_data_len;
     if (n > (int)sizeof l->peer_data)
         n = (int)sizeof l->peer_data;
@@ -283,25 +286,25 @@ struct fm_link *fm_accept(struct fm_link *ls, int timeout_ms, int sq_depth, int 
     set_ack_timeout(l->id);
     if ((r = make_qp(l, sq_depth, rq_depth)))
         goto fail;
-    if ((r = post_recvs(l, arg)))
-        goto fail;
-    struct rdma_conn_param p;
-    conn_param(&p, NULL, 0);
-    if (rdma_accept(l->id, &p)) {
-        r = neg_errno(ECONNREFUSED);
-        goto fail;
-    }
-    int left = (int)(deadline - now_ms());
-    if ((r = wait_ack(l->ch, RDMA_CM_EVENT_ESTABLISHED, left > 0 ? left : 0)))
-        goto fail;
-    l->connected = 1;
     return l;
 fail:
-    if (!l->has_qp)
-        rdma_reject(l->id, NULL, 0);
     *err = r;
     fm_destroy(l);
     return NULL;
+}
+
+/* Destination, step 2: accepts the request and waits until the connection is established. */
+int fm_accept_request(struct fm_link *l, int timeout_ms)
+{
+    struct rdma_conn_param p;
+    conn_param(&p, NULL, 0);
+    l->pending = 0;
+    if (rdma_accept(l->id, &p))
+        return neg_errno(ECONNREFUSED);
+    int r = wait_ack(l->ch, RDMA_CM_EVENT_ESTABLISHED, timeout_ms);
+    if (r == 0)
+        l->connected = 1;
+    return r;
 }
 
 int fm_peer_data(const struct fm_link *l, uint8_t *out, int cap)

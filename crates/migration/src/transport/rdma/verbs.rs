@@ -34,8 +34,6 @@ pub(crate) struct Wc {
     pub vendor_err: u32,
 }
 
-type PostRecvs = unsafe extern "C" fn(*mut FmLink, *mut c_void) -> c_int;
-
 extern "C" {
     fn fm_device_count() -> c_int;
     fn fm_connect(
@@ -48,15 +46,14 @@ extern "C" {
         err: *mut c_int,
     ) -> *mut FmLink;
     fn fm_listen(addr: *const libc::sockaddr, err: *mut c_int) -> *mut FmLink;
-    fn fm_accept(
+    fn fm_get_request(
         ls: *mut FmLink,
         timeout_ms: c_int,
         sq_depth: c_int,
         rq_depth: c_int,
-        post_recvs: PostRecvs,
-        arg: *mut c_void,
         err: *mut c_int,
     ) -> *mut FmLink;
+    fn fm_accept_request(l: *mut FmLink, timeout_ms: c_int) -> c_int;
     fn fm_peer_data(l: *const FmLink, out: *mut u8, cap: c_int) -> c_int;
     fn fm_destroy(l: *mut FmLink);
     fn fm_reg_mr(
@@ -174,39 +171,18 @@ impl Listener {
         Ok(Self(p))
     }
 
-    /// Waits for the source's connection; `post_recvs` runs on the new link before it is
-    /// accepted (receives must be posted before the peer can send).
-    pub(crate) fn accept(
-        &self,
-        timeout: Duration,
-        depths: (u32, u32),
-        mut post_recvs: impl FnMut(&Link) -> std::io::Result<()>,
-    ) -> std::io::Result<Link> {
-        struct Arg<'a> {
-            f: &'a mut dyn FnMut(&Link) -> std::io::Result<()>,
-        }
-        unsafe extern "C" fn tramp(l: *mut FmLink, arg: *mut c_void) -> c_int {
-            // SAFETY: `arg` is the `Arg` below, alive for the whole `fm_accept` call, which
-            // calls us synchronously at most once.
-            let arg = unsafe { &mut *(arg as *mut Arg<'_>) };
-            let link = std::mem::ManuallyDrop::new(Link(l)); // borrowed: the shim owns it here
-            match (arg.f)(&link) {
-                Ok(()) => 0,
-                Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
-            }
-        }
-        let mut arg = Arg { f: &mut post_recvs };
+    /// Waits for the source's connect request and builds its queue pair, without accepting
+    /// it: the caller checks [`Link::peer_data`], posts its receives, then calls
+    /// [`Link::accept`]. Dropping the link before that rejects the request.
+    pub(crate) fn request(&self, timeout: Duration, depths: (u32, u32)) -> std::io::Result<Link> {
         let mut err = 0;
-        // SAFETY: `self.0` is a live listener; `tramp` and `arg` match the shim's callback
-        // contract (called synchronously, before return); `err` is writable.
+        // SAFETY: `self.0` is a live listener; `err` is writable.
         let p = unsafe {
-            fm_accept(
+            fm_get_request(
                 self.0,
                 ms(timeout),
                 depths.0 as c_int,
                 depths.1 as c_int,
-                tramp,
-                &mut arg as *mut Arg<'_> as *mut c_void,
                 &mut err,
             )
         };
@@ -259,6 +235,13 @@ impl Link {
             return Err(os_err(err));
         }
         Ok(Self(p))
+    }
+
+    /// Destination: accepts the request this link came from ([`Listener::request`]) and
+    /// waits until the connection is established.
+    pub(crate) fn accept(&self, timeout: Duration) -> std::io::Result<()> {
+        // SAFETY: live link, built by `fm_get_request`.
+        Self::check(unsafe { fm_accept_request(self.0, ms(timeout)) })
     }
 
     /// Private data of the source's connect request (destination side).
