@@ -65,6 +65,10 @@ if [[ -z "$kpkg" ]]; then
         sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -n1)"
 fi
 [[ -n "$kpkg" ]] || die "cannot resolve linux-image-amd64"
+# A kernel of an older point release is dropped from the cache.
+for old in "$cache"/debs/linux-image-*.deb; do
+    if [[ -e "$old" && "$(basename "$old")" != "${kpkg}_"* ]]; then rm -f "$old"; fi
+done
 pkgs=("$kpkg" busybox-static iproute2 libmnl0 libbsd0 libmd0 libcap2
     libibverbs1 librdmacm1 ibverbs-providers libnl-3-200 libnl-route-3-200)
 for p in "${pkgs[@]}"; do
@@ -84,8 +88,8 @@ if [[ ! -e "$pkgroot/.done" || -n "$(find "$cache/debs" -newer "$pkgroot/.done" 
     for d in "$cache"/debs/*.deb; do dpkg -x "$d" "$pkgroot"; done
     touch "$pkgroot/.done"
 fi
-kver="$(ls "$pkgroot/lib/modules" | head -n1)"
-[[ -n "$kver" ]] || die "no kernel modules in $kpkg"
+kver="${kpkg#linux-image-}"
+[[ -d "$pkgroot/lib/modules/$kver" ]] || die "no kernel modules for $kver in $kpkg"
 kernel="$pkgroot/boot/vmlinuz-$kver"
 
 # --- the lab program ---------------------------------------------------------
