@@ -132,6 +132,8 @@ enum Scenario {
     QpError,
     /// WRITEs with a wrong remote key (remote access error).
     BadRkey,
+    /// A connect request with another session than the `Hello`'s: rejected, never accepted.
+    WrongSession,
 }
 
 impl Scenario {
@@ -143,6 +145,7 @@ impl Scenario {
             Scenario::DestKilled => "destination-killed-after-registration",
             Scenario::QpError => "source-qp-moved-to-error",
             Scenario::BadRkey => "remote-access-error-bad-rkey",
+            Scenario::WrongSession => "connect-request-of-another-session-rejected",
         }
     }
 }
@@ -207,6 +210,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
     let (fault, after) = match sc {
         Scenario::QpError => (Fault::QpError, 40),
         Scenario::BadRkey => (Fault::BadRkey, 40),
+        Scenario::WrongSession => (Fault::WrongSession, 0),
         _ => (Fault::None, 0),
     };
     lab::set_fault(fault, lab::counters().writes + after);
@@ -290,6 +294,31 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
                 },
             }))
         }
+        Scenario::WrongSession => {
+            let e = match r {
+                Ok(_) => return Err("the migration succeeded with a stranger's session".into()),
+                Err(e) => e,
+            };
+            println!("    source error: {e}: {}", chain(&e));
+            if after.writes != before.writes {
+                return Err("pages were written over a connection of another session".into());
+            }
+            if !src.is_running() || src.is_dirty_logging() {
+                return Err("source VM not running again (or dirty log still on)".into());
+            }
+            let res = res.ok_or("destination gave no result")?;
+            println!("    destination error: {dest_error}");
+            if res["ok"] != false
+                || res["running"] != false
+                || !dest_error.to_string().contains("session")
+            {
+                return Err(format!("the destination must refuse the session: {res}"));
+            }
+            if res["live_registrations"] != 0 || res["pinned_kb"] != 0 {
+                return Err(format!("destination left memory registered: {res}"));
+            }
+            Ok(None)
+        }
         Scenario::DestKilled | Scenario::QpError | Scenario::BadRkey => {
             let e = match r {
                 Ok(_) => return Err("the migration succeeded despite the fault".into()),
@@ -362,6 +391,7 @@ fn run(args: &[String]) -> i32 {
         Scenario::DestKilled,
         Scenario::QpError,
         Scenario::BadRkey,
+        Scenario::WrongSession,
     ] {
         let t = Instant::now();
         match scenario(sc, ip, mib) {

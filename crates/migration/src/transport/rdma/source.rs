@@ -52,6 +52,8 @@ pub enum Fault {
     QpError = 1,
     /// Use a wrong remote key for every WRITE after this many.
     BadRkey = 2,
+    /// Connect with another session id than the one of `Hello` (as a stranger would).
+    WrongSession = 3,
 }
 
 static FAULT: AtomicU8 = AtomicU8::new(0);
@@ -151,8 +153,14 @@ impl RdmaSource {
         let Endpoint::Tcp(addr) = s.dest else {
             return Err(setup_err("rdma needs a host:port endpoint"));
         };
+        let fault = match FAULT.load(Ordering::Relaxed) {
+            1 => Fault::QpError,
+            2 => Fault::BadRkey,
+            3 => Fault::WrongSession,
+            _ => Fault::None,
+        };
         let req = ConnectRequest {
-            session: s.session,
+            session: s.session ^ u64::from(fault == Fault::WrongSession),
             pin_budget: u64::from(pin_budget_mib) << 20,
         };
         let link = connect_retrying(*addr, s.connect_timeout, &req.encode())?;
@@ -175,11 +183,6 @@ impl RdmaSource {
                 reason: "cloning the control stream".into(),
                 source: Some(e),
             })?;
-        let fault = match FAULT.load(Ordering::Relaxed) {
-            1 => Fault::QpError,
-            2 => Fault::BadRkey,
-            _ => Fault::None,
-        };
         let mut me = Self {
             mrs: Vec::new(),
             slots,
@@ -402,7 +405,7 @@ impl RdmaSource {
                     let _ = self.link.to_error();
                 }
                 Fault::BadRkey => rkey ^= 0x00ff_ff00,
-                Fault::None => {}
+                Fault::None | Fault::WrongSession => {}
             }
         }
         self.link
