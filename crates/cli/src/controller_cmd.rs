@@ -111,6 +111,8 @@ fn cost_model(args: &ControllerArgs) -> anyhow::Result<CostModel> {
         TransportKind::MultiTcp { .. } => fastmig_model::Transport::MultiTcp,
         TransportKind::Shm => fastmig_model::Transport::Shm,
         TransportKind::Handover => fastmig_model::Transport::Handover,
+        // The model has no RDMA transport yet: priced as a network transport.
+        TransportKind::Rdma { .. } => fastmig_model::Transport::MultiTcp,
     };
     let cost = fastmig_sim::ModelCost::new(model, t, fastmig_sim::Link::Host)
         .map_err(|e| usage!("model {}: {e}", path.display()))?;

@@ -139,7 +139,8 @@ pub struct MigrateArgs {
     /// Transport: classic (one TCP stream, a header per page: the baseline), multi-tcp
     /// (parallel streams, batched runs, zero-copy; `multi-tcp:N` for N streams), shm
     /// (one-sided writes into the destination's memory, same host), handover (pass the
-    /// memory itself, same host).
+    /// memory itself, same host), rdma (RDMA writes into the destination's registered
+    /// memory; `rdma:MIB` caps its pinned memory; needs a build with the feature `rdma`).
     #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
     pub transport: TransportKind,
     /// Streams for multi-tcp, 1..=64 (default: number of cores).

@@ -70,6 +70,8 @@ fn transport(t: TransportKind) -> (Transport, u32) {
         TransportKind::MultiTcp { streams } => (Transport::MultiTcp, streams),
         TransportKind::Shm => (Transport::Shm, 1),
         TransportKind::Handover => (Transport::Handover, 1),
+        // The model has no RDMA transport yet: priced as one network stream.
+        TransportKind::Rdma { .. } => (Transport::MultiTcp, 1),
     }
 }
 

@@ -74,7 +74,7 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
 }
 
 /// A transport: `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm`,
-/// `handover`.
+/// `handover`, `rdma`, `rdma:PIN_MIB`.
 pub fn parse_transport(s: &str) -> Result<TransportKind, String> {
     s.parse()
         .map_err(|e: fastmig_migration::BadTransport| e.to_string())

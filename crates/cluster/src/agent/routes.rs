@@ -293,7 +293,7 @@ async fn prepare_incoming(State(agent): State<Arc<Agent>>, body: Bytes) -> Reply
     let dir = VmDir::new(&agent.cfg.data_dir, &vm);
     // shm and handover pass memory through a unix socket: both agents share a machine.
     let listen = match order.transport {
-        TransportKind::Classic | TransportKind::MultiTcp { .. } => {
+        TransportKind::Classic | TransportKind::MultiTcp { .. } | TransportKind::Rdma { .. } => {
             let port = std::net::TcpListener::bind((agent.cfg.migration_address, 0))
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port());

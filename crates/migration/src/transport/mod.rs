@@ -9,6 +9,7 @@
 //! | `multi-tcp` | N extra TCP streams, batch descriptors of runs, `sendmsg`/`readv` zero-copy |
 //! | `shm`       | source maps the destination's memfd and copies pages into it (Unix socket) |
 //! | `handover`  | no page moves: the destination adopts the source's memfd (VMM upgrade)    |
+//! | `rdma`      | RDMA WRITEs into the destination's registered memory (feature `rdma`)     |
 //!
 //! This module is the one registry: [`TransportKind`] says which transports exist, and its
 //! `source`, `destination`, `refusal` and `adopts_memory` are the only places that match on
@@ -34,6 +35,7 @@ use crate::vm::{MemoryRegion, VmLayout};
 pub(crate) mod classic;
 pub(crate) mod handover;
 pub(crate) mod multi_tcp;
+pub mod rdma;
 pub(crate) mod shm;
 
 /// Which transport to use (chosen by the source, announced in `Hello`).
@@ -55,6 +57,14 @@ pub enum TransportKind {
     /// Hand the memfd itself to the destination process; nothing is copied. `unix:` endpoint;
     /// the destination must be able to build a VM on it ([`crate::IncomingVm`]).
     Handover,
+    /// One-sided RDMA WRITEs into the destination's registered memory (InfiniBand, RoCE),
+    /// `host:port` endpoint. Needs the cargo feature `rdma` and an RDMA device on both ends.
+    Rdma {
+        /// Most MiB of guest memory the destination keeps registered (pinned) at once;
+        /// 0 (the default): all of it, registered at setup.
+        #[serde(default)]
+        pin_budget_mib: u32,
+    },
 }
 
 impl TransportKind {
@@ -65,6 +75,7 @@ impl TransportKind {
             TransportKind::MultiTcp { .. } => "multi-tcp",
             TransportKind::Shm => "shm",
             TransportKind::Handover => "handover",
+            TransportKind::Rdma { .. } => "rdma",
         }
     }
 
@@ -167,6 +178,7 @@ impl TransportKind {
             )?),
             TransportKind::Shm => Box::new(shm::ShmSource::open(s.control, s.layout)?),
             TransportKind::Handover => Box::new(handover::HandoverSource),
+            TransportKind::Rdma { pin_budget_mib } => rdma::source(s, pin_budget_mib)?,
         })
     }
 
@@ -190,6 +202,7 @@ impl TransportKind {
             TransportKind::Shm => None,
             TransportKind::Handover if !unix => Some("handover needs a unix: endpoint".into()),
             TransportKind::Handover => None,
+            TransportKind::Rdma { .. } => rdma::refusal(control),
         }
     }
 
@@ -211,26 +224,38 @@ impl TransportKind {
             )?),
             TransportKind::Shm => Box::new(shm::ShmDest::offer(d.control, d.memory)?),
             TransportKind::Handover => Box::new(handover::HandoverDest::built(d.control)?),
+            TransportKind::Rdma { .. } => rdma::destination(d)?,
         })
     }
 }
 
 /// Error parsing a [`TransportKind`].
 #[derive(Debug, thiserror::Error)]
-#[error("unknown transport {0:?}: expected classic, multi-tcp, multi-tcp:N, shm or handover")]
+#[error("unknown transport {0:?}: expected classic, multi-tcp, multi-tcp:N, shm, handover, rdma or rdma:PIN_MIB")]
 pub struct BadTransport(pub String);
 
 impl FromStr for TransportKind {
     type Err = BadTransport;
-    /// `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm` or `handover`.
+    /// `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm`, `handover`, `rdma`
+    /// (all memory registered) or `rdma:PIN_MIB` (at most that many MiB registered at once).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let default = TransportKind::multi_tcp_default();
+        let rdma = TransportKind::Rdma { pin_budget_mib: 0 };
         let plain = [
             TransportKind::Classic,
             default,
             TransportKind::Shm,
             TransportKind::Handover,
+            rdma,
         ];
+        if let Some(mib) = s.strip_prefix("rdma:") {
+            return mib
+                .parse::<u32>()
+                .ok()
+                .filter(|&m| m > 0)
+                .map(|pin_budget_mib| TransportKind::Rdma { pin_budget_mib })
+                .ok_or_else(|| BadTransport(s.into()));
+        }
         match plain.into_iter().find(|k| k.name() == s) {
             Some(k) => Ok(k),
             None => s

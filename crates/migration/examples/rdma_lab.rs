@@ -1,0 +1,436 @@
+//! The Soft-RoCE lab's test program (`tests/rdma-lab/run.sh` runs it inside a QEMU guest
+//! with an rxe device). It migrates a `SoftVm` between two processes over `--transport
+//! rdma` and checks memory, then checks the RDMA-specific failures: each must abort with the
+//! source VM running and intact and nothing left registered (pinned) in either process.
+//!
+//! ```text
+//! rdma_lab run --addr IP [--mib N]        all scenarios; the destination is a child process
+//! rdma_lab dest --addr IP --mib N         one destination (used by `run`)
+//! ```
+//!
+//! Prints one `PASS`/`FAIL` line per scenario, the figures as one JSON line (`FIGURES {..}`),
+//! and a closing `N passed, N failed` line; exits non-zero on any failure.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
+use fastmig_migration::transport::rdma::lab::{self, Fault};
+use fastmig_migration::{
+    migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationSummary, Progress,
+    ReceiveOptions, TransportKind,
+};
+
+const MIB: u64 = 1 << 20;
+/// The scripted guest's page writes per second (2 MiB/s).
+const WRITES_PER_S: u64 = 500;
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Pinned memory of this process, from the kernel (`VmPin` in /proc/self/status), in kB:
+/// an independent check that every registration was undone.
+fn pinned_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmPin:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(u64::MAX)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let code = match args.get(1).map(String::as_str) {
+        Some("dest") => dest(&args),
+        Some("run") => run(&args),
+        _ => {
+            eprintln!("usage: rdma_lab run --addr IP [--mib N] | dest --addr IP --mib N");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Destination process: prints `LISTENING port`, receives, prints `RESULT {json}`.
+fn dest(args: &[String]) -> i32 {
+    let (Some(ip), Some(mib)) = (
+        arg(args, "--addr").and_then(|a| a.parse::<IpAddr>().ok()),
+        arg(args, "--mib").and_then(|m| m.parse::<u64>().ok()),
+    ) else {
+        eprintln!("dest: --addr IP --mib N");
+        return 2;
+    };
+    let vm = match SoftVm::new_incoming(mib * MIB) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("dest: {e}");
+            return 1;
+        }
+    };
+    let l = match Listener::bind(&Endpoint::Tcp(SocketAddr::new(ip, 0))) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("dest: {e}");
+            return 1;
+        }
+    };
+    let port = match l.endpoint() {
+        Ok(Endpoint::Tcp(a)) => a.port(),
+        _ => return 1,
+    };
+    println!("LISTENING {port}");
+    let opts = ReceiveOptions {
+        verify_memory: true,
+        ..Default::default()
+    };
+    let r = receive(&l, &opts, IncomingVm::Only(&vm)).map(|(_, s)| s);
+    let out = serde_json::json!({
+        "ok": r.is_ok(),
+        "error": r.as_ref().err().map(|e| format!("{e:#}: {}", chain(e))),
+        "dst_cpu_s": r.as_ref().map(|s| s.dst_cpu_s).unwrap_or(0.0),
+        "memory_crc": crc32fast::hash(&vm.snapshot()),
+        "running": vm.is_running(),
+        "live_registrations": lab::live_registrations(),
+        "pinned_kb": pinned_kb(),
+    });
+    println!("RESULT {out}");
+    0
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut v = Vec::new();
+    let mut c = e.source();
+    while let Some(x) = c {
+        v.push(x.to_string());
+        c = x.source();
+    }
+    v.join(": ")
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    /// No guest writes: one pass, the data path's own counts.
+    Idle,
+    /// Whole memory registered at setup; the guest writes meanwhile.
+    Whole,
+    /// A pin budget of a quarter of the memory: chunks registered on demand.
+    Budget,
+    /// The destination process is killed (SIGKILL) after it registered its memory.
+    DestKilled,
+    /// The source's queue pair is moved to the error state mid-transfer.
+    QpError,
+    /// WRITEs with a wrong remote key (remote access error).
+    BadRkey,
+    /// A connect request with another session than the `Hello`'s: rejected, never accepted.
+    WrongSession,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Idle => "migrate-idle",
+            Scenario::Whole => "migrate-whole-registration",
+            Scenario::Budget => "migrate-pin-budget",
+            Scenario::DestKilled => "destination-killed-after-registration",
+            Scenario::QpError => "source-qp-moved-to-error",
+            Scenario::BadRkey => "remote-access-error-bad-rkey",
+            Scenario::WrongSession => "connect-request-of-another-session-rejected",
+        }
+    }
+}
+
+struct Dest {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    port: u16,
+}
+
+fn spawn_dest(ip: IpAddr, mib: u64) -> Result<Dest, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["dest", "--addr", &ip.to_string(), "--mib", &mib.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning the destination: {e}"))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(out).lines();
+    let first = lines
+        .next()
+        .and_then(Result::ok)
+        .ok_or("destination printed nothing")?;
+    let port = first
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("destination said {first:?}"))?;
+    Ok(Dest { child, lines, port })
+}
+
+fn dest_result(d: &mut Dest) -> Option<serde_json::Value> {
+    let r = d
+        .lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("RESULT ").map(str::to_string))
+        .and_then(|j| serde_json::from_str(&j).ok());
+    let _ = d.child.wait();
+    r
+}
+
+struct Figures {
+    summary: MigrationSummary,
+    dst_cpu_s: f64,
+    counters: lab::Counters,
+}
+
+fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, String> {
+    let src = SoftVm::new(mib * MIB).map_err(|e| e.to_string())?;
+    // Idle: every page filled, so runs are contiguous and WRITEs reach their 1 MiB cap;
+    // otherwise every other page (zero pages between: one WRITE per page in the first pass).
+    src.fill(if sc == Scenario::Idle { 1.0 } else { 0.5 });
+    if sc != Scenario::Idle {
+        // Slow enough for the emulated guest's RDMA path (about 10 MiB/s) to converge.
+        src.start_writer(WriterConfig {
+            pages_per_sec: WRITES_PER_S,
+            pattern: WritePattern::Random { seed: 7 },
+        });
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut d = spawn_dest(ip, mib)?;
+    let (fault, after) = match sc {
+        Scenario::QpError => (Fault::QpError, 40),
+        Scenario::BadRkey => (Fault::BadRkey, 40),
+        Scenario::WrongSession => (Fault::WrongSession, 0),
+        _ => (Fault::None, 0),
+    };
+    lab::set_fault(fault, lab::counters().writes + after);
+    let killed = Arc::new(AtomicBool::new(false));
+    let progress: Option<fastmig_migration::ProgressFn> = (sc == Scenario::DestKilled).then(|| {
+        let pid = d.child.id() as libc::pid_t;
+        let killed = killed.clone();
+        Arc::new(move |p: &Progress| {
+            // After setup (memory registered and keys sent) and some pages written.
+            if p.pages_sent > 0 && !killed.swap(true, Ordering::Relaxed) {
+                // SAFETY: plain kill(2) of our own child, which has not been reaped yet
+                // (it is waited for after `migrate` returns).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }) as fastmig_migration::ProgressFn
+    });
+    let opts = MigrateOptions {
+        transport: TransportKind::Rdma {
+            pin_budget_mib: if sc == Scenario::Budget {
+                (mib / 4) as u32
+            } else {
+                0
+            },
+        },
+        io_timeout: Duration::from_secs(10),
+        on_no_converge: fastmig_migration::OnNoConverge::Force,
+        progress,
+        ..Default::default()
+    };
+    let before = lab::counters();
+    let r = migrate(&src, &Endpoint::Tcp(SocketAddr::new(ip, d.port)), &opts);
+    lab::set_fault(Fault::None, 0);
+    let after = lab::counters();
+    src.stop_writer();
+    let res = dest_result(&mut d);
+    let dest_error = res
+        .as_ref()
+        .and_then(|v| v.get("error").cloned())
+        .unwrap_or_default();
+    let src_pinned = pinned_kb();
+    let src_live = lab::live_registrations();
+    if src_live != 0 || src_pinned != 0 {
+        return Err(format!(
+            "source still has {src_live} registrations, {src_pinned} kB pinned"
+        ));
+    }
+    match sc {
+        Scenario::Idle | Scenario::Whole | Scenario::Budget => {
+            let s = r.map_err(|e| format!("migration failed: {e}: {}", chain(&e)))?;
+            let res = res.ok_or("destination gave no result")?;
+            if !s.digest_match || res["ok"] != true {
+                return Err(format!("digest_match {} destination {res}", s.digest_match));
+            }
+            let crc = crc32fast::hash(&src.snapshot());
+            if res["memory_crc"] != crc {
+                return Err(format!(
+                    "destination memory crc {} != source {crc}",
+                    res["memory_crc"]
+                ));
+            }
+            if src.is_running() || res["running"] != true {
+                return Err("the VM must run on the destination only".into());
+            }
+            if res["live_registrations"] != 0 || res["pinned_kb"] != 0 {
+                return Err(format!("destination left memory registered: {res}"));
+            }
+            // The budget (a quarter of the memory) forces chunks in and out; without it
+            // everything is registered at setup.
+            let maps = after.maps - before.maps;
+            if (sc == Scenario::Budget) != (maps > 0) {
+                return Err(format!("{maps} chunk registrations asked for"));
+            }
+            Ok(Some(Figures {
+                dst_cpu_s: res["dst_cpu_s"].as_f64().unwrap_or(0.0),
+                summary: s,
+                counters: lab::Counters {
+                    writes: after.writes - before.writes,
+                    write_bytes: after.write_bytes - before.write_bytes,
+                    completions: after.completions - before.completions,
+                    maps: after.maps - before.maps,
+                },
+            }))
+        }
+        Scenario::WrongSession => {
+            let e = match r {
+                Ok(_) => return Err("the migration succeeded with a stranger's session".into()),
+                Err(e) => e,
+            };
+            println!("    source error: {e}: {}", chain(&e));
+            if after.writes != before.writes {
+                return Err("pages were written over a connection of another session".into());
+            }
+            if !src.is_running() || src.is_dirty_logging() {
+                return Err("source VM not running again (or dirty log still on)".into());
+            }
+            let res = res.ok_or("destination gave no result")?;
+            println!("    destination error: {dest_error}");
+            if res["ok"] != false
+                || res["running"] != false
+                || !dest_error.to_string().contains("session")
+            {
+                return Err(format!("the destination must refuse the session: {res}"));
+            }
+            if res["live_registrations"] != 0 || res["pinned_kb"] != 0 {
+                return Err(format!("destination left memory registered: {res}"));
+            }
+            Ok(None)
+        }
+        Scenario::DestKilled | Scenario::QpError | Scenario::BadRkey => {
+            let e = match r {
+                Ok(_) => return Err("the migration succeeded despite the fault".into()),
+                Err(e) => e,
+            };
+            println!("    source error: {e}: {}", chain(&e));
+            // The fault must have hit the RDMA path, not an earlier refusal or set-up error.
+            if after.writes == before.writes {
+                return Err("no RDMA WRITE was posted before the failure".into());
+            }
+            if !src.is_running() || src.is_dirty_logging() {
+                return Err("source VM not running again (or dirty log still on)".into());
+            }
+            // Memory intact: the source's memory is still readable and the guest writes on.
+            let w = src.writes();
+            src.start_writer(WriterConfig {
+                pages_per_sec: WRITES_PER_S,
+                pattern: WritePattern::Sequential,
+            });
+            let until = Instant::now() + Duration::from_secs(5);
+            while src.writes() <= w && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            src.stop_writer();
+            if src.writes() <= w {
+                return Err("the source's guest does not run after the failure".into());
+            }
+            if sc == Scenario::DestKilled {
+                if !killed.load(Ordering::Relaxed) {
+                    return Err("the destination was never killed".into());
+                }
+                return Ok(None);
+            }
+            let res = res.ok_or("destination gave no result")?;
+            println!("    destination error: {dest_error}");
+            if res["ok"] != false || res["running"] != false {
+                return Err(format!("destination must fail and stay paused: {res}"));
+            }
+            if res["live_registrations"] != 0 || res["pinned_kb"] != 0 {
+                return Err(format!("destination left memory registered: {res}"));
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn run(args: &[String]) -> i32 {
+    let Some(ip) = arg(args, "--addr").and_then(|a| a.parse::<IpAddr>().ok()) else {
+        eprintln!("run: --addr IP");
+        return 2;
+    };
+    let mib = arg(args, "--mib")
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(64u64);
+    println!(
+        "rdma lab: {} RDMA device(s), {mib} MiB VM",
+        lab::device_count()
+    );
+    if lab::device_count() == 0 {
+        println!("FAIL setup: no RDMA device");
+        println!("0 passed, 1 failed");
+        return 1;
+    }
+    let (mut passed, mut failed) = (0, 0);
+    let mut figures = Vec::new();
+    for sc in [
+        Scenario::Idle,
+        Scenario::Whole,
+        Scenario::Budget,
+        Scenario::DestKilled,
+        Scenario::QpError,
+        Scenario::BadRkey,
+        Scenario::WrongSession,
+    ] {
+        let t = Instant::now();
+        match scenario(sc, ip, mib) {
+            Ok(f) => {
+                passed += 1;
+                println!("PASS {} ({:.1} s)", sc.name(), t.elapsed().as_secs_f64());
+                if let Some(f) = f {
+                    figures.push((sc.name(), f));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {}: {e}", sc.name());
+            }
+        }
+    }
+    for (name, f) in &figures {
+        let s = &f.summary;
+        let gib = f.counters.write_bytes as f64 / GIB;
+        let per_gib = |x: u64| if gib > 0.0 { x as f64 / gib } else { 0.0 };
+        let fig = serde_json::json!({
+            "scenario": name,
+            "mem_mib": mib,
+            "total_ms": s.total_ms,
+            "downtime_ms": s.downtime_ms,
+            "rounds": s.rounds,
+            "throughput_mib_s": s.throughput_mib_s,
+            "written_mib": f.counters.write_bytes as f64 / MIB as f64,
+            "zero_pages_skipped": s.zero_pages_skipped,
+            "src_cpu_s": s.src_cpu_s,
+            "dst_cpu_s": f.dst_cpu_s,
+            "cpu_s_per_gib": if gib > 0.0 { (s.src_cpu_s + f.dst_cpu_s) / gib } else { 0.0 },
+            "work_requests_per_gib": per_gib(f.counters.writes),
+            "completions_per_gib": per_gib(f.counters.completions),
+            "chunk_maps": f.counters.maps,
+            "digest_match": s.digest_match,
+        });
+        println!("FIGURES {fig}");
+    }
+    println!("{passed} passed, {failed} failed");
+    i32::from(failed > 0)
+}

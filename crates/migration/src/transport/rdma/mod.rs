@@ -1,0 +1,114 @@
+//! `rdma`: one-sided RDMA WRITEs into the destination's registered guest memory, over the
+//! verbs API that InfiniBand and RoCE NICs share (rdma-core's libibverbs and librdmacm).
+//!
+//! ```text
+//! source                                   destination
+//!   |== control stream (TCP): Hello ======>|  refuses without a device / without the feature
+//!   |-- rdma_cm connect(session, budget) ->|  listens on the control stream's own ip:port
+//!   |<------------- accept ----------------|  (rdma_cm's port space, not the kernel's TCP)
+//!   |<-- SEND Setup(chunking, zero map, keys)  registers memory (whole, or on demand)
+//!   |== RDMA WRITE runs, signalled every N =>|  (no destination CPU)
+//!   |-- SEND Map(chunk, release) --------->|  pin budget: deregister one, register one
+//!   |<-- SEND Mapped(chunk, addr, rkey) ---|
+//!   |== Written(runs) on the control stream, once their WRITEs completed ==>| hash them
+//!   |== RoundEnd / State / Complete / Commit: the engine, as for every transport
+//!   |-- SEND Done, tear down ------------->|  deregister everything, tear down
+//! ```
+//!
+//! Owns: the RDMA page path and its memory registrations. Does not own: rounds, the digest,
+//! the two-phase end (the engine's, on the control stream). PROTOCOL.md, "Sequence: rdma",
+//! explains the choices (control channel, chunking, signalling, verification).
+//!
+//! Built only with the cargo feature `rdma` (it links libibverbs and librdmacm); without it
+//! the transport still exists as a name, and both halves refuse with [`NOT_BUILT`].
+
+use super::{DestSetup, DestTransport, SourceSetup, SourceTransport};
+use crate::conn::Conn;
+use crate::error::MigrationError;
+
+#[cfg(feature = "rdma")]
+mod chunks;
+#[cfg(feature = "rdma")]
+mod dest;
+#[cfg(feature = "rdma")]
+mod slots;
+#[cfg(feature = "rdma")]
+mod source;
+#[cfg(feature = "rdma")]
+mod verbs;
+#[cfg(feature = "rdma")]
+mod wire;
+
+/// Why a build without the `rdma` feature cannot use the transport.
+pub const NOT_BUILT: &str = "built without RDMA support (cargo feature `rdma`)";
+/// Why a machine without an RDMA device cannot use the transport.
+pub const NO_DEVICE: &str = "no RDMA device found; use --transport multi-tcp";
+
+fn setup_err(reason: impl Into<String>) -> MigrationError {
+    MigrationError::TransportSetup {
+        reason: reason.into(),
+        source: None,
+    }
+}
+
+/// Builds the source half: `pin_budget_mib` caps the destination's registered memory
+/// (0: all of it).
+pub(crate) fn source(
+    s: &SourceSetup<'_>,
+    pin_budget_mib: u32,
+) -> Result<Box<dyn SourceTransport>, MigrationError> {
+    #[cfg(feature = "rdma")]
+    {
+        Ok(Box::new(source::RdmaSource::connect(s, pin_budget_mib)?))
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = (s, pin_budget_mib);
+        Err(setup_err(NOT_BUILT))
+    }
+}
+
+/// Builds the destination half.
+pub(crate) fn destination(d: DestSetup<'_>) -> Result<Box<dyn DestTransport>, MigrationError> {
+    #[cfg(feature = "rdma")]
+    {
+        Ok(Box::new(dest::RdmaDest::accept(d)?))
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        let _ = d;
+        Err(setup_err(NOT_BUILT))
+    }
+}
+
+/// Destination, before accepting: why it cannot receive over RDMA, if it cannot.
+pub(crate) fn refusal(control: &Conn) -> Option<String> {
+    if control.as_unix().is_some() {
+        return Some("rdma needs a host:port endpoint".into());
+    }
+    #[cfg(feature = "rdma")]
+    {
+        (verbs::device_count() == 0).then(|| NO_DEVICE.to_string())
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Some(NOT_BUILT.into())
+    }
+}
+
+/// Hooks for the Soft-RoCE lab (`tests/rdma-lab`): counters, registrations still alive, and
+/// injected faults. Process-wide; not for production use.
+#[cfg(all(feature = "rdma", feature = "test-utils"))]
+pub mod lab {
+    pub use super::source::{counters, set_fault, Counters, Fault};
+
+    /// Memory registrations alive in this process (source and destination halves).
+    pub fn live_registrations() -> i64 {
+        super::verbs::live_registrations()
+    }
+
+    /// RDMA devices on this machine.
+    pub fn device_count() -> usize {
+        super::verbs::device_count()
+    }
+}

@@ -1,0 +1,79 @@
+//! `rdma` on a machine without RDMA hardware (this one, CI's): the flag parses, and a
+//! migration over it fails cleanly with a reason a user can act on, never a crash. The
+//! transport itself runs in the Soft-RoCE lab (`tests/rdma-lab/run.sh`).
+
+mod common;
+
+use common::{assert_source_intact, pair, MIB};
+use fastmig_migration::test_utils::SoftVm;
+use fastmig_migration::{MigrateOptions, MigrationError, ReceiveOptions, TransportKind};
+
+#[test]
+fn rdma_names_parse_with_an_optional_pin_budget() {
+    assert_eq!(
+        "rdma".parse::<TransportKind>().ok(),
+        Some(TransportKind::Rdma { pin_budget_mib: 0 })
+    );
+    assert_eq!(
+        "rdma:64".parse::<TransportKind>().ok(),
+        Some(TransportKind::Rdma { pin_budget_mib: 64 })
+    );
+    for bad in ["rdma:0", "rdma:", "rdma:x", "rdma:-1", "rdma4"] {
+        assert!(bad.parse::<TransportKind>().is_err(), "{bad}");
+    }
+    assert_eq!(TransportKind::Rdma { pin_budget_mib: 8 }.name(), "rdma");
+    // JSON (control API): the budget is optional, unknown fields are refused.
+    let k: TransportKind = serde_json::from_str(r#"{"kind":"rdma"}"#).expect("json");
+    assert_eq!(k, TransportKind::Rdma { pin_budget_mib: 0 });
+    let k: TransportKind =
+        serde_json::from_str(r#"{"kind":"rdma","pin_budget_mib":32}"#).expect("json");
+    assert_eq!(k, TransportKind::Rdma { pin_budget_mib: 32 });
+    assert!(serde_json::from_str::<TransportKind>(r#"{"kind":"rdma","streams":2}"#).is_err());
+}
+
+/// What a migration over `rdma` must fail with on this build and machine, if it must fail.
+fn expected_refusal() -> Option<&'static str> {
+    #[cfg(feature = "rdma")]
+    {
+        use fastmig_migration::transport::rdma::{lab, NO_DEVICE};
+        (lab::device_count() == 0).then_some(NO_DEVICE)
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Some(fastmig_migration::transport::rdma::NOT_BUILT)
+    }
+}
+
+#[test]
+fn rdma_without_device_or_support_is_refused_with_a_clear_reason() {
+    let src = SoftVm::new(4 * MIB).expect("src");
+    src.fill(0.5);
+    let dst = SoftVm::new_incoming(4 * MIB).expect("dst");
+    for budget in [0, 2] {
+        let opts = MigrateOptions {
+            transport: TransportKind::Rdma {
+                pin_budget_mib: budget,
+            },
+            ..Default::default()
+        };
+        let (r, d) = pair(&src, &dst, &opts, &ReceiveOptions::default());
+        let Some(reason) = expected_refusal() else {
+            // A machine with an RDMA device and the feature: the migration must work.
+            let s = r.expect("migration over rdma");
+            assert!(s.digest_match && d.expect("receive").digest_match);
+            return;
+        };
+        match r {
+            Err(MigrationError::PeerRefused { reason: got }) => {
+                assert_eq!(got, reason, "budget {budget}")
+            }
+            other => panic!("expected a refusal naming {reason:?}, got {other:?}"),
+        }
+        assert!(
+            matches!(d, Err(MigrationError::Incompatible { reason: ref got }) if got == reason),
+            "destination side: {d:?}"
+        );
+        assert_source_intact(&src);
+        assert!(!dst.is_running(), "the destination never resumes");
+    }
+}
