@@ -27,6 +27,24 @@ fn quick_opts() -> MigrateOptions {
     }
 }
 
+/// For tests whose failure is not a timeout: timeouts a loaded machine never reaches, so
+/// that a slow run cannot turn the failure under test into a timeout.
+fn patient_opts() -> MigrateOptions {
+    MigrateOptions {
+        io_timeout: Duration::from_secs(10),
+        ack_timeout: Duration::from_secs(10),
+        ..quick_opts()
+    }
+}
+
+fn patient_ropts() -> ReceiveOptions {
+    ReceiveOptions {
+        io_timeout: Duration::from_secs(10),
+        commit_timeout: Duration::from_secs(10),
+        ..quick_ropts()
+    }
+}
+
 fn quick_ropts() -> ReceiveOptions {
     ReceiveOptions {
         accept_timeout: Some(Duration::from_secs(5)),
@@ -246,7 +264,7 @@ fn destination_gone_after_pause_resumes_source() {
             }
         }
     });
-    let err = migrate(&src, &ep, &quick_opts()).expect_err("no ready");
+    let err = migrate(&src, &ep, &patient_opts()).expect_err("no ready");
     h.join().expect("join");
     assert!(
         matches!(
@@ -487,10 +505,10 @@ fn corrupted_byte_in_multi_tcp_page_data_caught_by_digest() {
     let proxy = corrupting_proxy(l.endpoint().expect("ep"), 1, 100_000);
     let opts = MigrateOptions {
         transport: TransportKind::MultiTcp { streams: 2 },
-        ..quick_opts()
+        ..patient_opts()
     };
     let (r, d) = std::thread::scope(|s| {
-        let h = s.spawn(|| receive_into(&dst, &l, &quick_ropts()));
+        let h = s.spawn(|| receive_into(&dst, &l, &patient_ropts()));
         (migrate(&src, &proxy, &opts), h.join().expect("join"))
     });
     assert!(matches!(d, Err(MigrationError::Digest { .. })), "{d:?}");
