@@ -4,7 +4,8 @@
 //! the most energy without consolidation, migrations that completed with both transports.
 //!
 //! Needs root (namespaces, a bridge, `tc`), `/dev/kvm` and `ip netns`, and fails loudly
-//! without them; holds the testbed lock (`testbed_lock`) while it runs. About 4 minutes.
+//! without them; holds the testbed lock (`testbed_lock`) while it runs. About 4 minutes. A
+//! SIGTERM in the middle of a run brings its testbed down and exits 1.
 
 mod common;
 mod testbed_lock;
@@ -176,4 +177,46 @@ fn the_quick_consolidation_experiment_runs_three_scenarios_and_loses_no_vm() {
         .as_str()
         .is_some_and(|t| t.starts_with("multi-tcp")));
     assert_eq!(fast["migration_bandwidth_bytes_s"], Value::Null);
+}
+
+#[test]
+fn sigterm_mid_run_brings_the_testbed_down_and_exits_1() {
+    require_root_kvm_netns();
+    let _lock = testbed_lock::lock();
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("testbed");
+    let child = Command::new(common::bin())
+        .args(["experiment", "consolidation", "--quick", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fastmig");
+    // Once the first scenario's testbed is up and measured for a while.
+    let start = std::time::Instant::now();
+    while !dir.join("testbed.json").exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no testbed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signals our own child process, by its id.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!dir.join("testbed.json").exists(), "testbed left up");
+    let links = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("fmtb"),
+        "testbed links left behind"
+    );
 }
