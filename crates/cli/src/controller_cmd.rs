@@ -72,6 +72,18 @@ pub struct ControllerArgs {
     /// Transport of the migrations the controller orders.
     #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
     pub transport: TransportKind,
+    /// Bandwidth cap of the migrations the controller orders: bytes/s (`32M`) or bits/s
+    /// (`256mbit`); none when absent.
+    #[arg(long, value_parser = units::parse_bandwidth)]
+    pub migration_bandwidth: Option<u64>,
+    /// Downtime limit of the migrations the controller orders (`300ms`); the engine's
+    /// default (30 ms) when absent.
+    #[arg(long, value_parser = units::parse_duration)]
+    pub migration_downtime_limit: Option<Duration>,
+    /// Gather, record and serve the reports, but order no migration and put no host into
+    /// standby (a baseline to compare consolidation with); operators' orders still run.
+    #[arg(long)]
+    pub no_consolidation: bool,
     /// Keep the host and VM samples of this many intervals (at least 30), deleting older
     /// ones; all are kept when absent. Decisions and migrations are always kept.
     #[arg(long)]
@@ -185,6 +197,9 @@ pub fn main(args: ControllerArgs) -> anyhow::Result<()> {
     cfg.interval = args.interval;
     cfg.max_in_flight = args.max_in_flight;
     cfg.transport = args.transport;
+    cfg.migration_bandwidth = args.migration_bandwidth;
+    cfg.migration_downtime_limit = args.migration_downtime_limit;
+    cfg.consolidate = !args.no_consolidation;
     cfg.keep_intervals = args.keep_intervals;
     cfg.cost = cost_model(&args)?;
     let ctl = Controller::new(cfg, agents, store).map_err(|e| match e {

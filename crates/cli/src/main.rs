@@ -13,6 +13,7 @@ mod cluster_cmd;
 mod controller_cmd;
 mod daemon;
 mod error;
+mod experiment_cmd;
 mod migrate_cmd;
 mod migrate_predict;
 mod model_cmd;
@@ -93,6 +94,9 @@ enum Command {
     /// Look at a running cluster through its controller.
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCommand),
+    /// Experiments on a testbed (results go to bench/RESULTS.md by hand, with the command).
+    #[command(subcommand)]
+    Experiment(experiment_cmd::ExperimentCommand),
 }
 
 /// `NO_COLOR` set to anything non-empty turns colour off (https://no-color.org).
@@ -157,6 +161,7 @@ fn main() {
         Command::Testbed(cmd) => testbed_cmd::main(cmd),
         Command::Controller(args) => controller_cmd::main(args),
         Command::Cluster(cmd) => cluster_cmd::main(cmd),
+        Command::Experiment(cmd) => experiment_cmd::main(cmd),
     };
     if let Err(err) = result {
         eprintln!("fastmig: {}", error::one_line(&err));

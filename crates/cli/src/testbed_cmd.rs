@@ -44,7 +44,7 @@ const CONTROLLER_GRACE: Duration = Duration::from_secs(5);
 #[derive(clap::Subcommand, Debug)]
 pub enum TestbedCommand {
     /// Create the namespaces, the bridge and the shaped links, and start an agent in each.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Remove everything `up` created (also after `up` crashed), VM processes included.
     Down {
         /// The testbed's directory.
@@ -58,39 +58,63 @@ pub enum TestbedCommand {
 pub struct UpArgs {
     /// Number of hosts, 1..=200.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=200))]
-    hosts: u16,
+    pub(crate) hosts: u16,
     /// Each host's link rate, bytes/s (`125M`) or bits/s (`1gbit`).
     #[arg(long, value_parser = units::parse_bandwidth)]
-    link: u64,
-    /// VMs started on every host (16 MiB, `dirty` workload).
+    pub(crate) link: u64,
+    /// VMs started on every host (16 MiB, `--workload`).
     #[arg(long, default_value_t = 0)]
-    vms_per_host: u16,
+    pub(crate) vms_per_host: u16,
     /// Workload of those VMs (`dirty:...`, `verify:...`, as `fastmig run --workload`).
     #[arg(long, default_value = "dirty:rate=1000,wss=8M")]
-    workload: String,
+    pub(crate) workload: String,
+    /// Declared capacity of those VMs, MIPS (CloudSim's VM types: 500, 1000, 2000, 2500).
+    #[arg(long, default_value_t = 500.0)]
+    pub(crate) vm_mips: f64,
     /// Constant CPU demand of those VMs (fraction of their MIPS) when there is no `--trace`.
     #[arg(long, default_value_t = 0.2)]
-    demand: f64,
+    pub(crate) demand: f64,
     /// PlanetLab trace directory: VM `i` follows file `i` (in name order), one sample every
-    /// 2 s. Without it, VMs demand a constant 20 %.
+    /// `--sample-period`. Without it, VMs demand a constant `--demand`.
     #[arg(long)]
-    trace: Option<PathBuf>,
+    pub(crate) trace: Option<PathBuf>,
     /// Host type of every host: `G4`, `G5` or a JSON file.
     #[arg(long, default_value = "G4")]
-    host_type: String,
+    pub(crate) host_type: String,
     /// The testbed's directory (state file, token, agents' data and logs, the controller's
     /// database and log).
     #[arg(long, default_value = "/tmp/fastmig-testbed")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The controller's policy, as `fastmig controller --policy` takes it.
     #[arg(long, default_value = "lr-mmt")]
-    policy: String,
+    pub(crate) policy: String,
     /// The controller's interval.
     #[arg(long, default_value = "10s", value_parser = units::parse_duration)]
-    interval: Duration,
+    pub(crate) interval: Duration,
     /// Start no controller (only the namespaces, links and agents).
     #[arg(long)]
-    no_controller: bool,
+    pub(crate) no_controller: bool,
+    /// Time each trace sample lasts (a PlanetLab sample covers 300 s of its day).
+    #[arg(long, default_value = "2s", value_parser = units::parse_duration)]
+    pub(crate) sample_period: Duration,
+    /// Transport of the controller's migrations (`fastmig controller --transport`).
+    #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
+    pub(crate) transport: fastmig_migration::TransportKind,
+    /// Bandwidth cap of the controller's migrations (`fastmig controller
+    /// --migration-bandwidth`); none when absent.
+    #[arg(long, value_parser = units::parse_bandwidth)]
+    pub(crate) migration_bandwidth: Option<u64>,
+    /// Downtime limit of the controller's migrations (`fastmig controller
+    /// --migration-downtime-limit`); the engine's default when absent.
+    #[arg(long, value_parser = units::parse_duration)]
+    pub(crate) migration_downtime_limit: Option<Duration>,
+    /// The controller records but never migrates nor parks hosts (`fastmig controller
+    /// --no-consolidation`).
+    #[arg(long)]
+    pub(crate) no_consolidation: bool,
+    /// Fitted model the controller predicts each migration with (`fastmig controller --model`).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
 }
 
 /// What `up` created, in order (written after every step).
@@ -126,13 +150,63 @@ fn save(dir: &Path, st: &State) -> Result<()> {
 /// Runs `testbed up` or `testbed down`.
 pub fn main(cmd: TestbedCommand) -> Result<()> {
     match cmd {
-        TestbedCommand::Up(a) => up(a),
+        TestbedCommand::Up(a) => {
+            let tb = up(*a)?;
+            print_up(&tb);
+            Ok(())
+        }
         // The processes' command lines name the directory as `up` resolved it.
-        TestbedCommand::Down { dir } => down(&std::fs::canonicalize(&dir).unwrap_or(dir)),
+        TestbedCommand::Down { dir } => {
+            let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+            match down(&dir)? {
+                Some(hosts) => println!("testbed down: removed {hosts} hosts"),
+                None => println!("no testbed in {}", dir.display()),
+            }
+            Ok(())
+        }
     }
 }
 
-fn up(mut a: UpArgs) -> Result<()> {
+/// A testbed that is up.
+#[derive(Debug, Clone)]
+pub(crate) struct Testbed {
+    /// Its directory (absolute).
+    pub(crate) dir: PathBuf,
+    /// Links' rate, bits/s.
+    pub(crate) rate_bits: u64,
+    /// Agents: host name and URL.
+    pub(crate) urls: Vec<(String, String)>,
+    /// The controller's URL, when one runs.
+    pub(crate) controller: Option<String>,
+    /// The token file.
+    pub(crate) token_file: PathBuf,
+}
+
+fn print_up(tb: &Testbed) {
+    println!(
+        "testbed up: {} hosts, links of {} bit/s",
+        tb.urls.len(),
+        tb.rate_bits
+    );
+    for (h, u) in &tb.urls {
+        println!("  {h}  {u}");
+    }
+    if let Some(url) = &tb.controller {
+        println!(
+            "controller: {url} (log {})",
+            tb.dir.join("controller.log").display()
+        );
+    }
+    println!("token: {}", tb.token_file.display());
+    println!(
+        "state: {} (fastmig testbed down --dir {})",
+        state_path(&tb.dir).display(),
+        tb.dir.display()
+    );
+}
+
+/// Brings a testbed up (printing nothing); on failure, removes what it created.
+pub(crate) fn up(mut a: UpArgs) -> Result<Testbed> {
     if state_path(&a.dir).exists() {
         bail!(
             "{} exists: a testbed is up (or crashed); run `fastmig testbed down --dir {}` first",
@@ -169,7 +243,7 @@ fn up(mut a: UpArgs) -> Result<()> {
     result
 }
 
-fn build(a: &UpArgs, st: &mut State) -> Result<()> {
+fn build(a: &UpArgs, st: &mut State) -> Result<Testbed> {
     let dir = &a.dir;
     let token_file = dir.join("token");
     let mut raw = [0u8; 16];
@@ -284,26 +358,13 @@ fn build(a: &UpArgs, st: &mut State) -> Result<()> {
     } else {
         Some(start_controller(a, st, &bin, &token_file, &token)?)
     };
-    println!(
-        "testbed up: {} hosts, links of {} bit/s",
-        a.hosts, rate_bits
-    );
-    for (h, u) in &st.urls {
-        println!("  {h}  {u}");
-    }
-    if let Some(url) = controller {
-        println!(
-            "controller: {url} (log {})",
-            dir.join("controller.log").display()
-        );
-    }
-    println!("token: {}", token_file.display());
-    println!(
-        "state: {} (fastmig testbed down --dir {})",
-        state_path(dir).display(),
-        dir.display()
-    );
-    Ok(())
+    Ok(Testbed {
+        dir: dir.clone(),
+        rate_bits,
+        urls: st.urls.clone(),
+        controller,
+        token_file,
+    })
 }
 
 /// Starts `vms_per_host` VMs on every agent.
@@ -327,7 +388,8 @@ fn start_vms(a: &UpArgs, agents: &[HttpAgent]) -> Result<()> {
                 Some(path) => DemandSource::Trace {
                     path: path.clone(),
                     format: TraceFormat::Planetlab,
-                    sample_period_ms: 2000,
+                    sample_period_ms: u64::try_from(a.sample_period.as_millis())
+                        .unwrap_or(u64::MAX),
                 },
                 None => DemandSource::Constant {
                     utilization: a.demand,
@@ -339,7 +401,7 @@ fn start_vms(a: &UpArgs, agents: &[HttpAgent]) -> Result<()> {
                     vm: VmName(format!("vm{n}")),
                     mem_bytes: 16 << 20,
                     vcpus: 1,
-                    mips: 500.0,
+                    mips: a.vm_mips,
                     workload: a.workload.clone(),
                     demand,
                     demand_epoch_ms: None,
@@ -362,13 +424,29 @@ fn start_controller(
     let dir = &a.dir;
     let agents: Vec<String> = st.urls.iter().map(|(h, u)| format!("{h}={u}")).collect();
     let log = std::fs::File::create(dir.join("controller.log"))?;
-    let child = Command::new(bin)
-        .args(["--log", "info", "controller", "--listen", CONTROLLER_LISTEN])
+    let mut cmd = Command::new(bin);
+    cmd.args(["--log", "info", "controller", "--listen", CONTROLLER_LISTEN])
         .arg("--agents")
         .arg(agents.join(","))
         .args(["--policy", &a.policy])
         .arg("--interval")
         .arg(format!("{}ms", a.interval.as_millis()))
+        .arg("--transport")
+        .arg(transport_arg(a.transport));
+    if let Some(b) = a.migration_bandwidth {
+        cmd.arg("--migration-bandwidth").arg(b.to_string());
+    }
+    if let Some(d) = a.migration_downtime_limit {
+        cmd.arg("--migration-downtime-limit")
+            .arg(format!("{}ms", d.as_millis()));
+    }
+    if a.no_consolidation {
+        cmd.arg("--no-consolidation");
+    }
+    if let Some(m) = &a.model {
+        cmd.arg("--model").arg(m);
+    }
+    let child = cmd
         .arg("--db")
         .arg(format!("sqlite:{}", dir.join("controller.db").display()))
         .arg("--token-file")
@@ -413,6 +491,14 @@ fn start_controller(
     }
 }
 
+/// A transport as `--transport` takes it.
+pub(crate) fn transport_arg(t: fastmig_migration::TransportKind) -> String {
+    match t {
+        fastmig_migration::TransportKind::MultiTcp { streams } => format!("multi-tcp:{streams}"),
+        other => other.name().to_string(),
+    }
+}
+
 /// Whether a process exists and is not a zombie.
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -449,14 +535,24 @@ fn stop_controller(dir: &Path, pid: u32) {
     }
 }
 
-fn down(dir: &Path) -> Result<()> {
+/// Stops the controller of the testbed in `dir` (SIGTERM, SIGKILL after a grace period),
+/// leaving its agents and VMs running; nothing when it has none.
+pub(crate) fn stop_testbed_controller(dir: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(state_path(dir)).context("reading the state file")?;
+    let st: State = serde_json::from_str(&text).context("the state file")?;
+    if let Some(pid) = st.controller {
+        stop_controller(dir, pid);
+    }
+    Ok(())
+}
+
+/// Removes everything the testbed in `dir` created; `None` when there is none there,
+/// otherwise how many hosts it had.
+pub(crate) fn down(dir: &Path) -> Result<Option<usize>> {
     let path = state_path(dir);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no testbed in {}", dir.display());
-            return Ok(());
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).context("reading the state file"),
     };
     let st: State = serde_json::from_str(&text).context("the state file")?;
@@ -531,6 +627,5 @@ fn down(dir: &Path) -> Result<()> {
         bail!("testbed down left some things: {}", failures.join("; "));
     }
     std::fs::remove_dir_all(dir).context("removing the testbed directory")?;
-    println!("testbed down: removed {} hosts", st.namespaces.len());
-    Ok(())
+    Ok(Some(st.namespaces.len()))
 }

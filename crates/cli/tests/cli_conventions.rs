@@ -325,6 +325,25 @@ fn every_subcommand_follows_the_exit_code_rule() {
             1,
             "fastmig-not-writable",
         ),
+        // experiment: refused before any testbed is brought up
+        case(
+            "experiment: usage",
+            &["experiment", "consolidation", "--hosts", "0"],
+            2,
+            "--hosts",
+        ),
+        case(
+            "experiment: bad input",
+            &["experiment", "consolidation", "--trace", missing],
+            2,
+            "nobody.sock",
+        ),
+        case(
+            "experiment: runtime",
+            &["experiment", "consolidation", "--out", bench_out],
+            1,
+            "fastmig-not-writable",
+        ),
         // completions and man
         case("completions: usage", &["completions"], 2, "shell"),
         case(

@@ -31,6 +31,8 @@ struct FakeHost {
     fail_next: Option<String>,
     /// Report calls served (tests check the controller asks every host once per interval).
     reports_served: u64,
+    /// The outgoing migrations ordered from this host, in order.
+    outgoing: Vec<StartOutgoing>,
 }
 
 /// A cluster of fake agents sharing one state.
@@ -133,6 +135,7 @@ impl FakeCluster {
                     reachable: true,
                     fail_next: None,
                     reports_served: 0,
+                    outgoing: Vec::new(),
                 })
             })
             .collect();
@@ -204,6 +207,11 @@ impl FakeCluster {
     /// An agent restart that lost its migration records (its VMs survive).
     pub fn forget_migrations(&self, host: &HostName) {
         lock(self.host(host)).report.migrations.clear();
+    }
+
+    /// The outgoing migrations ordered from `host` (its agent's `start_outgoing` calls).
+    pub fn outgoing(&self, host: &HostName) -> Vec<StartOutgoing> {
+        lock(self.host(host)).outgoing.clone()
     }
 
     /// Report calls the host served.
@@ -420,6 +428,7 @@ impl AgentApi for FakeAgent {
             }
             let rec = order.source_record();
             h.report.migrations.push(rec.clone());
+            h.outgoing.push(order.clone());
             Ok(rec)
         })?;
         if let Some(&d) = self.cluster.index.get(&order.destination) {

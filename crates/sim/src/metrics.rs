@@ -43,4 +43,10 @@ pub struct SimResult {
     /// Sum of all migrations' downtime, s (0 with CloudSim's formula, which has none).
     #[serde(default)]
     pub migration_downtime_s: f64,
+    /// Sum of all migrations' duration, s.
+    #[serde(default)]
+    pub migration_s: f64,
+    /// Hosts' pooled active time (the denominator of SLATAH), hours.
+    #[serde(default)]
+    pub active_host_hours: f64,
 }

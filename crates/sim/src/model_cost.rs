@@ -112,6 +112,8 @@ pub struct ModelCost {
     transport: Transport,
     link: Link,
     dirty_pps_at_full_cpu: f64,
+    /// The migrations' downtime limit, s (`None`: the scenario's default, 300 ms).
+    downtime_limit_s: Option<f64>,
 }
 
 impl ModelCost {
@@ -124,7 +126,20 @@ impl ModelCost {
             transport,
             link,
             dirty_pps_at_full_cpu: DEFAULT_DIRTY_PPS_AT_FULL_CPU,
+            downtime_limit_s: None,
         })
+    }
+
+    /// Sets the migrations' downtime limit, s (finite and >= 0), for a cluster whose
+    /// migrations are configured with another than the default 300 ms.
+    pub fn with_downtime_limit(mut self, limit_s: f64) -> Result<Self, SimError> {
+        if !(limit_s.is_finite() && limit_s >= 0.0) {
+            return Err(SimError::Config(format!(
+                "downtime limit {limit_s} s must be >= 0"
+            )));
+        }
+        self.downtime_limit_s = Some(limit_s);
+        Ok(self)
     }
 
     /// Sets the page-write rate of a VM at 100 % CPU (pages/s, finite and >= 0).
@@ -169,6 +184,9 @@ impl ModelCost {
             s.bandwidth_cap_bytes_s = Some(b);
         }
         s.on_no_converge = OnNoConverge::Force;
+        if let Some(d) = self.downtime_limit_s {
+            s.downtime_limit_s = d;
+        }
         s
     }
 }
@@ -291,6 +309,17 @@ mod tests {
         let cpu = 1e9 / (1u64 << 30) as f64;
         assert!((c.source_overhead_mips - cpu / 8.010 * 1000.0).abs() < 1e-6);
         assert_eq!(c.target_overhead_mips, 0.0);
+    }
+
+    #[test]
+    fn the_downtime_limit_reaches_the_scenario() {
+        let m = ModelCost::new(hand_model(), Transport::Classic, Link::Host).unwrap();
+        let q = req(1000, 1_000_000, 1.0);
+        assert_eq!(m.scenario(&q).downtime_limit_s, 0.3);
+        let tight = m.clone().with_downtime_limit(0.03).unwrap();
+        assert_eq!(tight.scenario(&q).downtime_limit_s, 0.03);
+        assert!(m.clone().with_downtime_limit(-1.0).is_err());
+        assert!(m.with_downtime_limit(f64::NAN).is_err());
     }
 
     #[test]

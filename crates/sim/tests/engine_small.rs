@@ -227,3 +227,40 @@ fn migration_cpu_overhead_costs_energy_only_while_migrating() {
         "extra {extra_j} J"
     );
 }
+
+#[test]
+fn a_given_initial_placement_is_where_the_vms_start() {
+    // Two G4 hosts (3720 MIPS each), two 500-MIPS VMs at 50 %. First fit (DVFS) puts both on
+    // host 0: 500 MIPS = 13.44 % load, P = 89.4 + 3.2 * 0.3441 = 90.501 W, over the two
+    // counted intervals of 300 s (the first counts 0, see above). Placed one per host by hand:
+    // each host at 250 MIPS = 6.72 %, P = 86 + 3.4 * 0.672 = 88.285 W, on both hosts.
+    let trace = flat_trace(&[50.0, 50.0]);
+    let dc = spec(vec![0, 0], vec![(3, 0), (3, 1)]);
+    let run = |hosts: Option<Vec<usize>>| {
+        let opts = SimOptions {
+            initial_hosts: hosts,
+            ..short_day()
+        };
+        simulate(&trace, &dc, PolicySpec::Dvfs, &CloudSimCost, &opts)
+    };
+    let packed = run(None).expect("first fit");
+    let p1 = |u: f64| HP_ML110_G4[0] + (HP_ML110_G4[1] - HP_ML110_G4[0]) * u * 10.0;
+    let p2 = |u: f64| HP_ML110_G4[1] + (HP_ML110_G4[2] - HP_ML110_G4[1]) * (u * 10.0 - 1.0);
+    assert!(
+        close(packed.energy_kwh, 600.0 * p2(500.0 / 3720.0) / 3.6e6),
+        "{}",
+        packed.energy_kwh
+    );
+    let spread = run(Some(vec![0, 1])).expect("one per host");
+    assert!(
+        close(spread.energy_kwh, 2.0 * 600.0 * p1(250.0 / 3720.0) / 3.6e6),
+        "{}",
+        spread.energy_kwh
+    );
+    assert!(spread.active_host_hours > packed.active_host_hours);
+    // The placement first fit chooses, given by hand, is the same run.
+    assert_eq!(run(Some(vec![0, 0])).expect("by hand"), packed);
+    // One entry per VM, each naming a host.
+    assert!(run(Some(vec![0])).is_err());
+    assert!(run(Some(vec![0, 2])).is_err());
+}

@@ -117,6 +117,15 @@ pub struct ControllerConfig {
     pub max_in_flight: usize,
     /// Transport of the migrations it orders.
     pub transport: TransportKind,
+    /// Bandwidth cap of the migrations it orders, bytes/s (`None`: the engine's default,
+    /// none).
+    pub migration_bandwidth: Option<u64>,
+    /// Downtime limit of the migrations it orders (`None`: the engine's default, 30 ms).
+    pub migration_downtime_limit: Option<Duration>,
+    /// Whether the rounds consolidate (default). `false`: every round gathers, records and
+    /// serves the reports but plans nothing: no migration, no standby, no wake (the baseline
+    /// of `fastmig experiment`); operators' orders are still carried out.
+    pub consolidate: bool,
     /// Predicted cost.
     pub cost: CostModel,
     /// Threads gathering reports.
@@ -129,13 +138,17 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// Defaults: 10 s, one migration per host, classic, CloudSim's cost, 16 threads.
+    /// Defaults: 10 s, one migration per host, classic without a bandwidth cap,
+    /// consolidating, CloudSim's cost, 16 threads.
     pub fn new(policy: &str) -> Self {
         Self {
             policy: policy.into(),
             interval: Duration::from_secs(10),
             max_in_flight: 1,
             transport: TransportKind::Classic,
+            migration_bandwidth: None,
+            migration_downtime_limit: None,
+            consolidate: true,
             cost: CostModel::CloudSim,
             gather_threads: 16,
             seed: 42,
@@ -639,7 +652,11 @@ impl Controller {
         // The round draws from the controller's generator (RS selection) while the policies
         // borrow the controller: it works on a copy that then replaces the original.
         let mut rng = self.rng.clone();
-        let plan = round::plan(&hosts, &vms, &self.policies(), &mut rng);
+        let plan = if self.cfg.consolidate {
+            round::plan(&hosts, &vms, &self.policies(), &mut rng)
+        } else {
+            Plan::default()
+        };
         self.rng = rng;
         d.decision_us = t0.elapsed().as_micros() as u64;
         self.apply(&plan, &mut d)?;

@@ -187,10 +187,16 @@ impl Controller {
             Ok(r) => r,
             Err(e) => return Err(fail(self, row, e)),
         };
+        let defaults = MigrationRequest::default();
         let request = MigrationRequest {
             uri: ready.uri,
             transport,
-            ..MigrationRequest::default()
+            max_bandwidth: self.cfg.migration_bandwidth.or(defaults.max_bandwidth),
+            downtime_limit: self
+                .cfg
+                .migration_downtime_limit
+                .unwrap_or(defaults.downtime_limit),
+            ..defaults
         };
         if let Err(e) = src_agent.start_outgoing(&StartOutgoing {
             migration: id,

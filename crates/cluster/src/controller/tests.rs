@@ -394,3 +394,61 @@ fn a_new_vm_wakes_a_standby_host_when_no_active_host_has_room() {
     assert!(matches!(r, Err(OrderError::NoRoom(..))), "{r:?}");
     assert_eq!(c.state(&h("b")), HostState::Standby);
 }
+
+#[test]
+fn without_consolidation_rounds_record_but_never_migrate_or_park_hosts() {
+    // The cluster where thr-mmt orders v1 a -> c and parks d (see the first test).
+    let c = cluster();
+    let db = TestDb::sqlite();
+    let mut cfg = ControllerConfig::new("thr-mmt");
+    cfg.consolidate = false;
+    let agents = c
+        .agents()
+        .into_iter()
+        .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
+        .collect();
+    let mut ctl = Controller::new(cfg, agents, db.open()).expect("controller");
+    for _ in 0..3 {
+        let d = ctl.tick().unwrap();
+        assert!(d.ordered.is_empty() && d.plan.moves.is_empty(), "{d:?}");
+        c.step();
+    }
+    for host in ["a", "b", "c", "d"] {
+        assert_eq!(c.state(&h(host)), HostState::Active, "{host}");
+        assert!(c.outgoing(&h(host)).is_empty(), "{host}");
+    }
+    assert_eq!(c.running_on(&v("v1")), vec![h("a")]);
+    // Every round was still recorded, with the hosts' samples.
+    assert_eq!(ctl.store().decisions(10).unwrap().len(), 3);
+    assert!(ctl.store().migrations(false).unwrap().is_empty());
+}
+
+#[test]
+fn ordered_migrations_carry_the_configured_bandwidth_cap_and_downtime_limit() {
+    let default = fastmig_host::MigrationRequest::default();
+    for (cap, limit) in [
+        (None, None),
+        (Some(32 << 20), Some(Duration::from_millis(300))),
+    ] {
+        let c = cluster();
+        let db = TestDb::sqlite();
+        let mut cfg = ControllerConfig::new("thr-mmt");
+        cfg.migration_bandwidth = cap;
+        cfg.migration_downtime_limit = limit;
+        let agents = c
+            .agents()
+            .into_iter()
+            .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
+            .collect();
+        let mut ctl = Controller::new(cfg, agents, db.open()).expect("controller");
+        assert_eq!(ctl.tick().unwrap().ordered.len(), 1);
+        let sent = c.outgoing(&h("a"));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].request.max_bandwidth, cap, "{cap:?}");
+        assert_eq!(
+            sent[0].request.downtime_limit,
+            limit.unwrap_or(default.downtime_limit)
+        );
+        assert_eq!(sent[0].request.transport, TransportKind::Classic);
+    }
+}

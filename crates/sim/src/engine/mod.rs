@@ -69,6 +69,11 @@ pub struct SimOptions {
     /// examines at most this many candidate hosts, in order of their bucket's lower bound, and
     /// returns the best valid one seen (or none). 0 = exact.
     pub pabfd_budget: usize,
+    /// Where each VM starts, by host index (VM i on host `initial_hosts[i]`); `None`: PABFD
+    /// places them at their full MIPS (first fit for NPA and DVFS), as CloudSim does. For
+    /// replaying a real cluster whose VMs were placed by hand (`fastmig experiment`). A VM
+    /// that does not fit its host fails the run.
+    pub initial_hosts: Option<Vec<usize>>,
 }
 
 impl Default for SimOptions {
@@ -80,6 +85,7 @@ impl Default for SimOptions {
             remove_idle_vms: true,
             index_min_hosts: 0,
             pabfd_budget: 0,
+            initial_hosts: None,
         }
     }
 }
@@ -103,6 +109,8 @@ pub struct Simulation<'a> {
     migrations: u64,
     /// Sum of the migrations' downtime, s.
     migration_downtime_s: f64,
+    /// Sum of the migrations' duration, s.
+    migration_s: f64,
     clamped: u64,
     ticks: u64,
     index: Option<PabfdIndex>,
@@ -178,6 +186,16 @@ impl<'a> Simulation<'a> {
         }
         if trace.interval_s.is_nan() || trace.interval_s <= 0.0 {
             return Err(SimError::Config("trace interval must be > 0".into()));
+        }
+        if let Some(p) = &opts.initial_hosts {
+            if p.len() != spec.vms.len() || p.iter().any(|&h| h >= spec.hosts.len()) {
+                return Err(SimError::Config(format!(
+                    "initial placement: {} entries for {} VMs, each below {} hosts",
+                    p.len(),
+                    spec.vms.len(),
+                    spec.hosts.len()
+                )));
+            }
         }
         let mut hosts = Vec::with_capacity(spec.hosts.len());
         for &ty in &spec.hosts {
@@ -283,6 +301,7 @@ impl<'a> Simulation<'a> {
             energy_j: 0.0,
             migrations: 0,
             migration_downtime_s: 0.0,
+            migration_s: 0.0,
             clamped: 0,
             ticks: 0,
             index: None,
@@ -356,7 +375,14 @@ impl<'a> Simulation<'a> {
                 id: v,
                 requested_mips: self.vms[i].requested,
             };
-            let found = if self.is_dynamic() {
+            let given = self
+                .opts
+                .initial_hosts
+                .as_ref()
+                .and_then(|p| p.get(i).copied());
+            let found = if let Some(h) = given {
+                Some(HostId(h as u32))
+            } else if self.is_dynamic() {
                 self.place(v, &excluded, false)
             } else {
                 let ctx = Ctx {
@@ -468,6 +494,7 @@ impl<'a> Simulation<'a> {
         }
         self.migrations += 1;
         self.migration_downtime_s += cost.downtime_s;
+        self.migration_s += cost.duration_s;
         self.seq += 1;
         self.events.push(MigrationEvent {
             t: t + cost.duration_s,
@@ -570,6 +597,8 @@ impl<'a> Simulation<'a> {
             vms_removed_idle: self.vms.iter().filter(|v| v.removed).count(),
             migration_model: self.cost.describe(),
             migration_downtime_s: self.migration_downtime_s,
+            active_host_hours: active / 3600.0,
+            migration_s: self.migration_s,
         }
     }
 }
