@@ -118,14 +118,7 @@ fn cost_model(args: &ControllerArgs) -> anyhow::Result<CostModel> {
     };
     let model = fastmig_model::Model::load(path)
         .with_context(|| format!("loading model {}", path.display()))?;
-    let t = match args.transport {
-        TransportKind::Classic => fastmig_model::Transport::Classic,
-        TransportKind::MultiTcp { .. } => fastmig_model::Transport::MultiTcp,
-        TransportKind::Shm => fastmig_model::Transport::Shm,
-        TransportKind::Handover => fastmig_model::Transport::Handover,
-        // The model has no RDMA transport yet: priced as a network transport.
-        TransportKind::Rdma { .. } => fastmig_model::Transport::MultiTcp,
-    };
+    let t = crate::model_cmd::model_transport(args.transport);
     let cost = fastmig_sim::ModelCost::new(model, t, fastmig_sim::Link::Host)
         .map_err(|e| usage!("model {}: {e}", path.display()))?;
     Ok(CostModel::Model(Box::new(cost)))

@@ -245,7 +245,7 @@ fn consolidation(a: ConsolidationArgs) -> Result<()> {
     // Checked before any testbed exists: a model without the transports' parameters.
     for t in [a.fast_transport, TransportKind::Classic] {
         model
-            .params(predict::model_transport(t))
+            .params(crate::model_cmd::model_transport(t))
             .map_err(|e| usage!("the model has no {} parameters: {e}", t.name()))?;
     }
     let vms = usize::from(a.hosts) * usize::from(a.vms_per_host);

@@ -63,16 +63,13 @@ pub struct Forecast {
     pub converge_hint: Option<ConvergeHint>,
 }
 
-/// The model's transport for the engine's.
+/// The model's transport for the engine's, and its stream count.
 fn transport(t: TransportKind) -> (Transport, u32) {
-    match t {
-        TransportKind::Classic => (Transport::Classic, 1),
-        TransportKind::MultiTcp { streams } => (Transport::MultiTcp, streams),
-        TransportKind::Shm => (Transport::Shm, 1),
-        TransportKind::Handover => (Transport::Handover, 1),
-        // The model has no RDMA transport yet: priced as one network stream.
-        TransportKind::Rdma { .. } => (Transport::MultiTcp, 1),
-    }
+    let streams = match t {
+        TransportKind::MultiTcp { streams } => streams,
+        _ => 1,
+    };
+    (crate::model_cmd::model_transport(t), streams)
 }
 
 fn policy(p: fastmig_migration::OnNoConverge) -> OnNoConverge {

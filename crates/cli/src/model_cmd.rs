@@ -214,6 +214,18 @@ pub struct PredictArgs {
     pub json: bool,
 }
 
+/// The model's transport for a migration transport. The model has no RDMA transport yet:
+/// `rdma` is priced as a network transport (multi-tcp).
+pub fn model_transport(t: fastmig_migration::TransportKind) -> Transport {
+    use fastmig_migration::TransportKind as K;
+    match t {
+        K::Classic => Transport::Classic,
+        K::MultiTcp { .. } | K::Rdma { .. } => Transport::MultiTcp,
+        K::Shm => Transport::Shm,
+        K::Handover => Transport::Handover,
+    }
+}
+
 /// Loads a model file; a missing or bad file is a usage error naming its cause.
 pub fn load_model(path: &Path) -> Result<Model> {
     Model::load(path).map_err(|e| {

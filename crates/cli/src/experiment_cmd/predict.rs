@@ -17,16 +17,6 @@ use fastmig_sim::{CloudSimCost, Link, ModelCost, PolicySpec, SimOptions, SimResu
 
 use super::{Scenario, Setup, VM_MEM_BYTES};
 
-/// The model's name for a transport.
-pub fn model_transport(t: TransportKind) -> fastmig_model::Transport {
-    match t {
-        TransportKind::Classic => fastmig_model::Transport::Classic,
-        TransportKind::MultiTcp { .. } => fastmig_model::Transport::MultiTcp,
-        TransportKind::Shm => fastmig_model::Transport::Shm,
-        TransportKind::Handover => fastmig_model::Transport::Handover,
-    }
-}
-
 /// A cost model whose times are on the trace's clock: the inner model's duration and
 /// downtime times `factor`; CPU overheads (MIPS, a rate) unchanged.
 pub struct OnTraceClock<'a> {
@@ -110,7 +100,7 @@ pub fn predict(
     let link = bandwidth.map_or(setup.link, |b| b.min(setup.link)) as f64;
     let model = ModelCost::new(
         setup.model.clone(),
-        model_transport(transport),
+        crate::model_cmd::model_transport(transport),
         Link::BytesPerS(link),
     )?
     .with_downtime_limit(downtime_limit.as_secs_f64())?;
