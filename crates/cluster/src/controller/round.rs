@@ -117,6 +117,8 @@ struct Work<'a> {
     /// VM indices on each host (hypothetical).
     on: Vec<Vec<usize>>,
     alloc: Vec<f64>,
+    /// Declared MIPS of the VMs on each host: what the agent admits by.
+    declared: Vec<f64>,
     ram_used: Vec<u64>,
     power_now: Vec<f64>,
     p: &'a Policies<'a>,
@@ -177,12 +179,14 @@ impl Work<'_> {
     fn remove(&mut self, h: usize, v: usize) {
         self.on[h].retain(|&x| x != v);
         self.alloc[h] -= self.vms[v].requested_mips;
+        self.declared[h] -= self.vms[v].mips;
         self.ram_used[h] -= u64::from(self.vms[v].ram_mb);
     }
 
     fn add(&mut self, h: usize, v: usize) {
         self.on[h].push(v);
         self.alloc[h] += self.vms[v].requested_mips;
+        self.declared[h] += self.vms[v].mips;
         self.ram_used[h] += u64::from(self.vms[v].ram_mb);
     }
 
@@ -222,6 +226,9 @@ impl PlacementContext for Ctx<'_, '_> {
         t.pe_mips >= vm.requested_mips
             && t.total_mips() - self.w.alloc[h] >= vm.requested_mips
             && ram_mb(t).saturating_sub(self.w.ram_used[h]) >= u64::from(v.ram_mb)
+            // The agent admits a VM by its declared MIPS (a guest may use all of them): a
+            // host the agent would refuse is no destination, whatever the VMs use now.
+            && self.w.declared[h] + v.mips <= t.total_mips()
     }
     fn utilization_mips(&self, host: HostId) -> f64 {
         self.w.alloc[host.idx()]
@@ -249,6 +256,7 @@ impl<'a> Work<'a> {
             vms,
             on: vec![Vec::new(); n],
             alloc: vec![0.0; n],
+            declared: vec![0.0; n],
             ram_used: vec![0; n],
             power_now: vec![0.0; n],
             p,

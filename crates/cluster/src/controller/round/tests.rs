@@ -91,6 +91,31 @@ fn the_least_utilised_host_is_evacuated_all_or_nothing() {
 }
 
 #[test]
+fn a_host_the_agent_would_refuse_by_declared_mips_is_no_destination() {
+    // a: one 1000-MIPS VM at 10 %; b: three 1000-MIPS VMs at 10 % (300 of 3720 MIPS used,
+    // 3000 declared). By use, a's VM fits on b; by what the agent admits (declared MIPS,
+    // 3000 + 1000 > 3720) it does not: nothing moves, rather than an order the agent refuses.
+    let hosts = [host("a", true), host("b", true)];
+    let vms = [
+        vm("v1", 0, 1000.0, 613, 0.1),
+        vm("v2", 1, 1000.0, 613, 0.1),
+        vm("v3", 1, 1000.0, 613, 0.1),
+        vm("v4", 1, 1000.0, 613, 0.1),
+    ];
+    let p = run(&hosts, &vms, 1);
+    assert!(p.moves.is_empty(), "{:?}", p.moves);
+    // With b's VMs declaring 900 MIPS (2700 + 1000 <= 3720) the evacuation goes ahead.
+    let vms = [
+        vm("v1", 0, 1000.0, 613, 0.1),
+        vm("v2", 1, 900.0, 613, 0.1),
+        vm("v3", 1, 900.0, 613, 0.1),
+        vm("v4", 1, 900.0, 613, 0.1),
+    ];
+    let p = run(&hosts, &vms, 1);
+    assert_eq!(p.moves, vec![mv("v1", "a", "b", Origin::Evacuation)]);
+}
+
+#[test]
 fn no_room_wakes_a_standby_host_which_is_never_a_destination() {
     let hosts = [host("a", true), host("s", false)];
     let vms = [
