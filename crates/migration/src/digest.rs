@@ -59,11 +59,43 @@ impl PageHashes {
         }
         h.digest()
     }
+
+    /// What [`digest`](Self::digest) gives for a table of `pages` entries that were never
+    /// set (every page the zero page), without building the table: a transport that adopts
+    /// the memory copies no page and needs no table.
+    pub fn untouched_digest(pages: usize) -> u64 {
+        let bytes: Vec<u8> = std::iter::repeat_n(zero_page_hash().to_le_bytes(), 512)
+            .flatten()
+            .collect();
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut left = pages;
+        while left > 0 {
+            let n = left.min(512);
+            h.update(&bytes[..n * 8]);
+            left -= n;
+        }
+        h.digest()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_untouched_digest_is_the_digest_of_a_fresh_table() {
+        for pages in [0, 1, 511, 512, 513, 4096, 262_145] {
+            assert_eq!(
+                PageHashes::untouched_digest(pages),
+                PageHashes::new(pages).digest(),
+                "{pages} pages"
+            );
+        }
+        assert_ne!(
+            PageHashes::untouched_digest(2),
+            PageHashes::untouched_digest(3)
+        );
+    }
 
     #[test]
     fn digest_depends_on_every_entry_and_position() {
