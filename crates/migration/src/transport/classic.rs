@@ -9,7 +9,6 @@ use crate::digest::{hash_page_bytes, zero_page_hash};
 use crate::error::{wire, MigrationError};
 use crate::guestmem::MemoryView;
 use crate::protocol::{encode_page, Message, ProtocolError};
-use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
 
 /// Source side: writes page frames on a clone of the control stream.
@@ -34,14 +33,6 @@ fn send_err(e: std::io::Error) -> MigrationError {
 }
 
 impl SourceTransport for ClassicSource {
-    fn precopy(&self) -> bool {
-        true
-    }
-
-    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
-        Ok(())
-    }
-
     fn send_pages(
         &mut self,
         mem: &MemoryView,

@@ -17,6 +17,9 @@
 //! [`DestTransport`]); see README.md, "How to add a transport". See PROTOCOL.md for the
 //! frames each transport uses.
 
+use crate::error::wire;
+use crate::protocol::ProtocolError;
+use crate::vm::PAGE_SIZE;
 use std::ops::RangeInclusive;
 use std::str::FromStr;
 use std::sync::atomic::AtomicU64;
@@ -304,15 +307,20 @@ impl PageStats {
 /// Source half of a transport.
 pub trait SourceTransport: Send {
     /// True when pages are copied in pre-copy rounds (with a dirty log) and a stop-and-copy
-    /// round; false when the memory changes hands instead (then only `before_pause` runs).
-    fn precopy(&self) -> bool;
+    /// round (the default); false when the memory changes hands instead (then only
+    /// `before_pause` runs).
+    fn precopy(&self) -> bool {
+        true
+    }
     /// Runs just before the VM is paused (after pre-copy, if any). Handover passes the
-    /// memory here; copying transports do nothing.
+    /// memory here; copying transports do nothing (the default).
     fn before_pause(
         &mut self,
-        control: &mut Conn,
-        memory: &[MemoryRegion],
-    ) -> Result<(), MigrationError>;
+        _control: &mut Conn,
+        _memory: &[MemoryRegion],
+    ) -> Result<(), MigrationError> {
+        Ok(())
+    }
     /// Sends `pages` (ascending page indices) as they are in memory now, recording their
     /// hashes in `ctx.hashes`. Returns once every byte is handed to the kernel.
     fn send_pages(
@@ -415,6 +423,44 @@ pub(crate) fn split_zero_spans<E>(
         Some(s) => data(s, first + count - s),
         None => Ok(()),
     }
+}
+
+/// The destination's side of a one-sided transport (`shm`, `rdma`): records the hash of every
+/// page a `Written` frame names, read in place from its memory, and counts the pages in
+/// `stats`. A run outside memory is a malformed frame.
+pub(crate) fn record_written(
+    runs: Vec<(u64, u32)>,
+    ctx: &RecvCtx,
+    stats: &mut PageStats,
+) -> Result<(), MigrationError> {
+    for (gpa, n) in runs {
+        let first = ctx
+            .mem
+            .gpa_to_page(gpa)
+            .filter(|&p| ctx.mem.run_addr(p, n as usize).is_some())
+            .ok_or_else(|| {
+                wire(
+                    "receiving pages",
+                    ProtocolError::Malformed {
+                        kind: "written",
+                        reason: format!("run {gpa:#x}+{n} outside memory"),
+                    },
+                )
+            })?;
+        for p in first..first + n as usize {
+            // SAFETY: `run_addr` checked the run lies in our guest memory. Nothing writes
+            // page `p` now: our VM is paused until Commit, and the source writes a page of a
+            // round once, before naming it here, and starts no next round before our
+            // RoundAck, which comes after this frame. Hashing in place (no copy first) saves
+            // the destination a fifth of its CPU. A source breaking that order could only
+            // make this hash wrong, and the digest comparison would say so.
+            let h = unsafe { ctx.mem.hash_page_unshared(p) };
+            ctx.hashes.set(p, h.unwrap_or(0));
+        }
+        stats.pages += u64::from(n);
+        stats.bytes += u64::from(n) * PAGE_SIZE as u64;
+    }
+    Ok(())
 }
 
 /// What a sending worker thread returns: its stats (or error) and its CPU seconds.

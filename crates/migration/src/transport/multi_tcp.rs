@@ -25,7 +25,6 @@ use crate::protocol::{
 };
 use crate::rawio::{iovec_of, recv_all, send_all_until};
 use crate::util::{thread_cpu_time, CancelToken};
-use crate::vm::MemoryRegion;
 use crate::vm::PAGE_SIZE;
 
 /// Pages per stream-assignment chunk (256 KiB): big enough for long runs, small enough to
@@ -167,14 +166,6 @@ fn send_stream(
 }
 
 impl SourceTransport for MultiTcpSource {
-    fn precopy(&self) -> bool {
-        true
-    }
-
-    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
-        Ok(())
-    }
-
     fn send_pages(
         &mut self,
         mem: &MemoryView,

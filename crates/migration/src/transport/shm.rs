@@ -21,8 +21,8 @@ use std::sync::Mutex;
 use tracing::debug;
 
 use super::{
-    join_worker, merge_worker_results, page_runs, run_worker, split_zero_spans, DestTransport,
-    PageStats, RecvCtx, SendCtx, SourceTransport,
+    join_worker, merge_worker_results, page_runs, record_written, run_worker, split_zero_spans,
+    DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport,
 };
 use crate::conn::Conn;
 use crate::deadline::PeerReads;
@@ -205,14 +205,6 @@ impl Drop for ShmSource {
 }
 
 impl SourceTransport for ShmSource {
-    fn precopy(&self) -> bool {
-        true
-    }
-
-    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
-        Ok(())
-    }
-
     fn send_pages(
         &mut self,
         mem: &MemoryView,
@@ -423,33 +415,7 @@ impl DestTransport for ShmDest {
         let Message::Written(runs) = msg else {
             return Ok(Some(msg));
         };
-        for (gpa, n) in runs {
-            let first = ctx
-                .mem
-                .gpa_to_page(gpa)
-                .filter(|&p| ctx.mem.run_addr(p, n as usize).is_some())
-                .ok_or_else(|| {
-                    wire(
-                        "receiving pages",
-                        ProtocolError::Malformed {
-                            kind: "written",
-                            reason: format!("run {gpa:#x}+{n} outside memory"),
-                        },
-                    )
-                })?;
-            for p in first..first + n as usize {
-                // SAFETY: `run_addr` checked the run lies in our guest memory. Nothing writes
-                // page `p` now: our VM is paused until Commit, and the source writes a page
-                // of a round once, before naming it here, and starts no next round before our
-                // RoundAck, which comes after this frame. Hashing in place (no copy first)
-                // saves the destination a fifth of its CPU. A source breaking that order could
-                // only make this hash wrong, and the digest comparison would say so.
-                let h = unsafe { ctx.mem.hash_page_unshared(p) };
-                ctx.hashes.set(p, h.unwrap_or(0));
-            }
-            self.stats.pages += n as u64;
-            self.stats.bytes += n as u64 * PAGE_SIZE as u64;
-        }
+        record_written(runs, ctx, &mut self.stats)?;
         Ok(None)
     }
 

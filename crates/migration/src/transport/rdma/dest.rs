@@ -281,26 +281,7 @@ impl DestTransport for RdmaDest {
         let Message::Written(runs) = msg else {
             return Ok(Some(msg));
         };
-        for (gpa, n) in runs {
-            let first = ctx
-                .mem
-                .gpa_to_page(gpa)
-                .filter(|&p| ctx.mem.run_addr(p, n as usize).is_some())
-                .ok_or_else(|| {
-                    wire(
-                        "receiving pages",
-                        ProtocolError::Malformed {
-                            kind: "written",
-                            reason: format!("run {gpa:#x}+{n} outside memory"),
-                        },
-                    )
-                })?;
-            for p in first..first + n as usize {
-                ctx.hashes.set(p, ctx.mem.hash_page(p).unwrap_or(0));
-            }
-            self.stats.pages += u64::from(n);
-            self.stats.bytes += u64::from(n) * PAGE_SIZE as u64;
-        }
+        super::super::record_written(runs, ctx, &mut self.stats)?;
         Ok(None)
     }
 

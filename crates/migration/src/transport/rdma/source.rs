@@ -27,7 +27,7 @@ use crate::error::{wire, MigrationError};
 use crate::guestmem::MemoryView;
 use crate::protocol::{encode, Message, ProtocolError};
 use crate::transport::{page_runs, split_zero_spans, PageStats, SendCtx, SourceTransport};
-use crate::vm::{MemoryRegion, PAGE_SIZE};
+use crate::vm::PAGE_SIZE;
 
 /// Pages per `Written` notification (and token-bucket request).
 const NOTIFY_PAGES: usize = 512;
@@ -591,14 +591,6 @@ fn connect_retrying(
 }
 
 impl SourceTransport for RdmaSource {
-    fn precopy(&self) -> bool {
-        true
-    }
-
-    fn before_pause(&mut self, _: &mut Conn, _: &[MemoryRegion]) -> Result<(), MigrationError> {
-        Ok(())
-    }
-
     fn send_pages(
         &mut self,
         mem: &MemoryView,
