@@ -77,6 +77,25 @@ pub fn bar_panel<DB: DrawingBackend>(
     Ok(())
 }
 
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+/// A plotters error as ours.
+pub fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("chart: {e}")
+}
+
+/// The legend every chart here has: the series' labels on a light box with a black border,
+/// where plotters puts it unless `at` says otherwise.
+pub fn draw_legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    at: Option<SeriesLabelPosition>,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    let mut legend = chart.configure_series_labels();
+    legend.background_style(WHITE.mix(0.8)).border_style(BLACK);
+    if let Some(at) = at {
+        legend.position(at);
+    }
+    legend.draw().map_err(plot_err)
 }

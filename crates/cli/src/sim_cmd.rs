@@ -11,6 +11,8 @@ use anyhow::{anyhow, Context, Result};
 use fastmig_sim::cost::{CloudSimCost, MigrationCostModel, MigrationProfile};
 use fastmig_sim::{simulate, DatacenterSpec, PolicySpec, SimOptions, SimResult, Simulation, Trace};
 use plotters::prelude::*;
+
+use crate::charts::plot_err;
 use serde::Serialize;
 
 use crate::usage;
@@ -704,12 +706,7 @@ fn write_speed_sweep(out: &Path, rows: &[Row], jobs: &[Job]) -> Result<()> {
                 .map_err(plot_err)?;
         }
         if !lines.is_empty() {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_err)?;
+            crate::charts::draw_legend(&mut chart, None)?;
         }
     }
     root.present().map_err(plot_err)?;
@@ -770,10 +767,6 @@ fn bar_chart_grid(
     }
     root.present().map_err(plot_err)?;
     Ok(())
-}
-
-fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("chart: {e}")
 }
 
 #[cfg(test)]

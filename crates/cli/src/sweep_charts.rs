@@ -3,9 +3,11 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use fastmig_model::Transport;
 use plotters::prelude::*;
+
+use crate::charts::plot_err;
 
 use crate::sweep_row::SweepRow;
 
@@ -39,13 +41,13 @@ pub fn draw(out: &Path, rows: &[SweepRow]) -> Result<()> {
     for (name, label, x_of) in AXES {
         let path = out.join(format!("chart-{name}.svg"));
         let root = SVGBackend::new(&path, (1500, 900)).into_drawing_area();
-        root.fill(&WHITE).map_err(err)?;
+        root.fill(&WHITE).map_err(plot_err)?;
         let root = root
             .titled(
                 &format!("fastmig sweep: cost against {label}"),
                 ("sans-serif", 20),
             )
-            .map_err(err)?;
+            .map_err(plot_err)?;
         for (panel, (mlabel, m)) in root.split_evenly((2, 3)).iter().zip(METRICS) {
             let pts: Vec<(Transport, f64, f64)> = rows
                 .iter()
@@ -59,8 +61,12 @@ pub fn draw(out: &Path, rows: &[SweepRow]) -> Result<()> {
                 .x_label_area_size(30)
                 .y_label_area_size(55)
                 .build_cartesian_2d(0.0..xmax, 0.0..ymax)
-                .map_err(err)?;
-            chart.configure_mesh().x_desc(label).draw().map_err(err)?;
+                .map_err(plot_err)?;
+            chart
+                .configure_mesh()
+                .x_desc(label)
+                .draw()
+                .map_err(plot_err)?;
             for (i, t) in Transport::ALL.iter().enumerate() {
                 let color = Palette99::pick(i).to_rgba();
                 let mine: Vec<(f64, f64)> = pts
@@ -76,22 +82,13 @@ pub fn draw(out: &Path, rows: &[SweepRow]) -> Result<()> {
                         mine.iter()
                             .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
                     )
-                    .map_err(err)?
+                    .map_err(plot_err)?
                     .label(t.name())
                     .legend(move |(x, y)| Circle::new((x, y), 4, color.filled()));
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(err)?;
+            crate::charts::draw_legend(&mut chart, None)?;
         }
-        root.present().map_err(err)?;
+        root.present().map_err(plot_err)?;
     }
     Ok(())
-}
-
-fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("chart: {e}")
 }

@@ -3,8 +3,10 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use plotters::prelude::*;
+
+use crate::charts::plot_err;
 
 use super::report::Experiment;
 
@@ -13,12 +15,12 @@ type Pick = fn(&(f64, f64, f64)) -> f64;
 /// Writes the chart to `path`.
 pub fn draw(path: &Path, e: &Experiment) -> Result<()> {
     let root = SVGBackend::new(path, (1100, 800)).into_drawing_area();
-    root.fill(&WHITE).map_err(err)?;
+    root.fill(&WHITE).map_err(plot_err)?;
     let title = format!(
         "fastmig consolidation experiment: {} hosts, {} VMs, measured every second",
         e.hosts, e.vms
     );
-    let root = root.titled(&title, ("sans-serif", 20)).map_err(err)?;
+    let root = root.titled(&title, ("sans-serif", 20)).map_err(plot_err)?;
     let panels: [(&str, Pick); 2] = [
         ("active hosts", |p| p.1),
         ("power of all hosts (W)", |p| p.2),
@@ -39,12 +41,12 @@ pub fn draw(path: &Path, e: &Experiment) -> Result<()> {
             .x_label_area_size(35)
             .y_label_area_size(55)
             .build_cartesian_2d(0.0..xmax, 0.0..ymax)
-            .map_err(err)?;
+            .map_err(plot_err)?;
         chart
             .configure_mesh()
             .x_desc("trace time (hours)")
             .draw()
-            .map_err(err)?;
+            .map_err(plot_err)?;
         for (i, s) in e.scenarios.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
@@ -52,21 +54,12 @@ pub fn draw(path: &Path, e: &Experiment) -> Result<()> {
                     s.series.iter().map(|p| (hours(p.0), pick(p))),
                     color.stroke_width(2),
                 ))
-                .map_err(err)?
+                .map_err(plot_err)?
                 .label(s.name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color));
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(err)?;
+        crate::charts::draw_legend(&mut chart, None)?;
     }
-    root.present().map_err(err)?;
+    root.present().map_err(plot_err)?;
     Ok(())
-}
-
-fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("chart: {e}")
 }

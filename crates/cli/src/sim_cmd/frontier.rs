@@ -29,7 +29,8 @@ use serde::Serialize;
 
 use super::model_spec::{self, ModelRow};
 use super::tables::{write_csv, Fixed};
-use super::{plot_err, run_jobs, Job, Row, SimulateArgs};
+use super::{run_jobs, Job, Row, SimulateArgs};
+use crate::charts::plot_err;
 use crate::usage;
 
 /// The safety parameters swept for `d`, from aggressive (consolidates hardest) to safe,
@@ -422,13 +423,7 @@ fn chart(path: &Path, f: &Frontier) -> Result<()> {
             )
             .map_err(plot_err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(plot_err)?;
+    crate::charts::draw_legend(&mut chart, Some(SeriesLabelPosition::UpperRight))?;
     root.present().map_err(plot_err)?;
     Ok(())
 }
