@@ -46,6 +46,10 @@ pub struct SimResult {
     /// Sum of all migrations' duration, s.
     #[serde(default)]
     pub migration_s: f64,
+    /// Sum of all migrations' CPU on their source and destination hosts, PE-seconds (0
+    /// with CloudSim's formula, which has no CPU cost).
+    #[serde(default)]
+    pub migration_cpu_s: f64,
     /// Hosts' pooled active time (the denominator of SLATAH), hours.
     #[serde(default)]
     pub active_host_hours: f64,

@@ -226,6 +226,14 @@ fn migration_cpu_overhead_costs_energy_only_while_migrating() {
         extra_j > 0.0 && extra_j <= 2.0 * 135.0 * 4.904,
         "extra {extra_j} J"
     );
+    // The CPU it cost: 1 core-second per GiB of 613 MB (no dirty traffic in this profile).
+    assert_eq!(a.migration_cpu_s, 0.0);
+    let want = 613.0 / 1024.0 * (1.0 + busy.dirty_traffic_fraction);
+    assert!(
+        (b.migration_cpu_s - want).abs() < 1e-9,
+        "{} vs {want}",
+        b.migration_cpu_s
+    );
 }
 
 #[test]

@@ -53,6 +53,9 @@ pub struct Predicted {
     pub total_migration_s: f64,
     /// Sum of the migrations' downtimes, wall ms.
     pub total_downtime_ms: f64,
+    /// Sum of the migrations' CPU on both hosts, s (the CPU overheads are rates, so their
+    /// PE-seconds scale with the migrations' stretched time: divided back here).
+    pub total_migration_cpu_s: f64,
     /// What priced the migrations.
     pub cost: String,
 }
@@ -116,6 +119,7 @@ pub fn predict(
     Ok(Predicted {
         total_migration_s: result.migration_s / setup.compression,
         total_downtime_ms: result.migration_downtime_s / setup.compression * 1e3,
+        total_migration_cpu_s: result.migration_cpu_s / setup.compression,
         cost: cost.describe(),
         result,
     })

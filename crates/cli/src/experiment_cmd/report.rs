@@ -115,6 +115,8 @@ pub struct ScenarioResult {
     pub predicted_total_migration_s: f64,
     /// Sum of their downtime, wall ms.
     pub predicted_total_downtime_ms: f64,
+    /// Sum of their CPU on source and destination, s (0 when CloudSim's formula priced them).
+    pub predicted_migration_cpu_s: f64,
     /// What priced the simulated migrations.
     pub predicted_with: String,
     /// Each VM at the end.
@@ -193,6 +195,7 @@ impl ScenarioResult {
             predicted_migrations: r.migrations,
             predicted_total_migration_s: p.total_migration_s,
             predicted_total_downtime_ms: p.total_downtime_ms,
+            predicted_migration_cpu_s: p.total_migration_cpu_s,
             predicted_with: p.cost,
             vms: m.vms,
             series: m.series,
@@ -280,7 +283,7 @@ pub fn table(e: &Experiment) -> String {
             )
         }),
         ("migration CPU (s)", |s| {
-            (f(s.migration_cpu_s, 2), "-".into())
+            (f(s.migration_cpu_s, 2), f(s.predicted_migration_cpu_s, 2))
         }),
         ("VMs on one host, memory clean", |s| {
             let ok = s.vms.iter().filter(|v| v.ok()).count();
@@ -374,12 +377,14 @@ mod tests {
             migration_model: "test".into(),
             migration_downtime_s: 0.0,
             migration_s: 0.0,
+            migration_cpu_s: 0.0,
             active_host_hours: 9.0,
         };
         let p = Predicted {
             result,
             total_migration_s: 2.2,
             total_downtime_ms: 7.0,
+            total_migration_cpu_s: 0.4,
             cost: "test".into(),
         };
         let r = ScenarioResult::new(
@@ -404,6 +409,7 @@ mod tests {
         // 0.2 of 9 host-hours.
         assert!((r.predicted_violation_s - 0.2 * 9.0 * 3600.0).abs() < 1e-6);
         assert_eq!(r.predicted_migrations, 4);
+        assert_eq!(r.predicted_migration_cpu_s, 0.4);
         assert_eq!(r.transport, "classic");
         assert!(r.consolidation);
     }

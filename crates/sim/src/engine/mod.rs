@@ -111,6 +111,8 @@ pub struct Simulation<'a> {
     migration_downtime_s: f64,
     /// Sum of the migrations' duration, s.
     migration_s: f64,
+    /// Sum of the migrations' CPU on both hosts, PE-seconds.
+    migration_cpu_s: f64,
     clamped: u64,
     ticks: u64,
     index: Option<PabfdIndex>,
@@ -302,6 +304,7 @@ impl<'a> Simulation<'a> {
             migrations: 0,
             migration_downtime_s: 0.0,
             migration_s: 0.0,
+            migration_cpu_s: 0.0,
             clamped: 0,
             ticks: 0,
             index: None,
@@ -457,6 +460,7 @@ impl<'a> Simulation<'a> {
 
     fn start_migration(&mut self, v: VmId, target: HostId, t: f64) {
         let source = self.vms[v.idx()].host;
+        let pe_mips = self.hosts[target.idx()].pe_mips;
         let cost = self.cost.cost(
             &MigrationCostQuery {
                 ram_mb: self.vms[v.idx()].ram_mb,
@@ -466,7 +470,7 @@ impl<'a> Simulation<'a> {
                     .trace
                     .memory_at(self.vms[v.idx()].trace, &self.trace.instant(t)),
             },
-            self.hosts[target.idx()].pe_mips,
+            pe_mips,
         );
         self.dormant[target.idx()] = false;
         if let Some(s) = source {
@@ -495,6 +499,11 @@ impl<'a> Simulation<'a> {
         self.migrations += 1;
         self.migration_downtime_s += cost.downtime_s;
         self.migration_s += cost.duration_s;
+        if pe_mips > 0.0 {
+            // The overheads are CPU seconds spread over the migration as MIPS of one PE.
+            self.migration_cpu_s +=
+                (cost.source_overhead_mips + cost.target_overhead_mips) * cost.duration_s / pe_mips;
+        }
         self.seq += 1;
         self.events.push(MigrationEvent {
             t: t + cost.duration_s,
@@ -599,6 +608,7 @@ impl<'a> Simulation<'a> {
             migration_downtime_s: self.migration_downtime_s,
             active_host_hours: active / 3600.0,
             migration_s: self.migration_s,
+            migration_cpu_s: self.migration_cpu_s,
         }
     }
 }
