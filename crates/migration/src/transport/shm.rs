@@ -703,4 +703,29 @@ mod tests {
             "the destination's memory stays mapped in the source"
         );
     }
+
+    #[test]
+    fn two_copy_threads_report_their_cpu_and_a_silent_peer_is_seen() {
+        // Two threads share 4000 pages: their CPU is the transport's own (`worker_cpu_s`),
+        // which the engine adds to the source's. The peer reads none of the `Written`
+        // frames: with a stall watch set, the source knows since when it has been quiet.
+        let pages = 4000;
+        let (src_buf, dst_buf) = (Anon::new(pages), Anon::new(pages));
+        let (src, dst) = (src_buf.mem(), dst_buf.mem());
+        for p in 0..pages {
+            assert!(src.write_page(p, &page_of(5)));
+        }
+        let (a, _peer) = UnixStream::pair().expect("socketpair");
+        let mut t = ShmSource::from_parts(Conn::Unix(a), dst, 2);
+        t.reads = PeerReads::new(Some(std::time::Duration::from_secs(60)));
+        assert_eq!(t.peer_quiet_since(), None, "nothing sent yet");
+        let h = PageHashes::new(pages);
+        let all: Vec<usize> = (0..pages).collect();
+        send(&mut t, &src, &all, &h);
+        assert!(t.worker_cpu_s() > 0.0, "{}", t.worker_cpu_s());
+        assert!(
+            t.peer_quiet_since().is_some(),
+            "8 frames unread, yet no stall seen"
+        );
+    }
 }
