@@ -14,24 +14,6 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-fn require_root_kvm_netns() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    assert!(
-        root,
-        "the experiment needs root (network namespaces, a bridge, tc)"
-    );
-    common::require_kvm();
-    let netns = Command::new("ip")
-        .args(["netns", "list"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(netns, "the experiment needs `ip netns` (iproute2)");
-}
-
 fn num(s: &Value, key: &str) -> f64 {
     let v = s[key]
         .as_f64()
@@ -42,7 +24,7 @@ fn num(s: &Value, key: &str) -> f64 {
 
 #[test]
 fn the_quick_consolidation_experiment_runs_three_scenarios_and_loses_no_vm() {
-    require_root_kvm_netns();
+    common::require_root_kvm_netns("the experiment tests");
     let _lock = testbed_lock::lock();
     let work = tempfile::tempdir().expect("tempdir");
     let out = work.path().join("out");
@@ -181,7 +163,7 @@ fn the_quick_consolidation_experiment_runs_three_scenarios_and_loses_no_vm() {
 
 #[test]
 fn sigterm_mid_run_brings_the_testbed_down_and_exits_1() {
-    require_root_kvm_netns();
+    common::require_root_kvm_netns("the experiment tests");
     let _lock = testbed_lock::lock();
     let work = tempfile::tempdir().expect("tempdir");
     let dir = work.path().join("testbed");

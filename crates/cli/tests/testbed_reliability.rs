@@ -35,24 +35,6 @@ const CONTROLLER: &str = "http://10.232.0.1:7400";
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 const VMS: [&str; 3] = ["vm1", "vm2", "vm3"];
 
-fn require_root_kvm_netns() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    assert!(
-        root,
-        "these tests need root (network namespaces, a bridge, tc)"
-    );
-    common::require_kvm();
-    let netns = Command::new("ip")
-        .args(["netns", "list"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(netns, "these tests need `ip netns` (iproute2)");
-}
-
 /// One testbed, brought down on drop (also when an assertion fails).
 struct Testbed {
     dir: PathBuf,
@@ -563,7 +545,7 @@ fn link_cut(tb: &Testbed) {
 
 #[test]
 fn no_vm_is_lost_or_doubled_when_the_controller_or_an_agent_dies_mid_migration() {
-    require_root_kvm_netns();
+    common::require_root_kvm_netns("these tests");
     let _lock = testbed_lock::lock();
     let tmp = tempfile::tempdir().expect("tempdir");
 

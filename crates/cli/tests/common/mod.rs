@@ -38,6 +38,23 @@ pub fn require_kvm() {
     );
 }
 
+/// Fails loudly unless this is root with `/dev/kvm` and `ip netns`: what a testbed (network
+/// namespaces, a bridge, `tc`) needs. `what` names the tests, for the message.
+pub fn require_root_kvm_netns(what: &str) {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    assert!(root, "{what} need root (network namespaces, a bridge, tc)");
+    require_kvm();
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(netns, "{what} need `ip netns` (iproute2)");
+}
+
 /// Runs `fastmig args...` to completion.
 pub fn fastmig(args: &[&str]) -> Output {
     Command::new(bin())
