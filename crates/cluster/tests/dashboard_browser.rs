@@ -8,6 +8,8 @@
 //! The test needs Chromium: without it, it fails and says what to install (`.ci/run`
 //! installs both packages).
 
+mod controller_common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use fastmig_cluster::controller::api::{serve, ApiState};
 use fastmig_cluster::controller::{Controller, ControllerConfig};
 use fastmig_cluster::fake_agent::{test_vm, FakeCluster};
 use fastmig_cluster::proto::HostName;
@@ -115,28 +116,7 @@ impl Cluster {
         }
         ctl.tick().expect("tick");
         let ctl = Arc::new(Mutex::new(ctl));
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let st = ApiState::new(
-            Arc::clone(&ctl),
-            fastmig_cluster::auth::Token::new(TOKEN).expect("token"),
-        );
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener).expect("listener");
-                serve(l, st, async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("serve");
-            });
-        });
+        let (addr, tx, thread) = controller_common::spawn_api(&ctl, TOKEN);
         Cluster {
             base: format!("http://{addr}"),
             fake,

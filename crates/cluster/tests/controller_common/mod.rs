@@ -30,6 +30,41 @@ pub struct Server {
     _dir: tempfile::TempDir,
 }
 
+/// The controller's API for `ctl` on a loopback port, served by a thread of its own until
+/// the sender fires: (address, stop, thread).
+pub fn spawn_api(
+    ctl: &Arc<Mutex<Controller>>,
+    token: &str,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = std_listener.local_addr().expect("addr");
+    std_listener.set_nonblocking(true).expect("nonblocking");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let st = ApiState::new(
+        Arc::clone(ctl),
+        fastmig_cluster::auth::Token::new(token).expect("token"),
+    );
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+            serve(l, st, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+    });
+    (addr, tx, thread)
+}
+
 /// A host name.
 pub fn h(n: &str) -> HostName {
     HostName(n.into())
@@ -64,28 +99,7 @@ pub fn start() -> Server {
     }
     ctl.tick().expect("tick");
     let ctl = Arc::new(Mutex::new(ctl));
-    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = std_listener.local_addr().expect("addr");
-    std_listener.set_nonblocking(true).expect("nonblocking");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let st = ApiState::new(
-        Arc::clone(&ctl),
-        fastmig_cluster::auth::Token::new(TOKEN).expect("token"),
-    );
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-            serve(l, st, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("serve");
-        });
-    });
+    let (addr, tx, thread) = spawn_api(&ctl, TOKEN);
     let http = ureq::Agent::new_with_config(
         ureq::config::Config::builder()
             .http_status_as_error(false)
