@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{pair, MIB};
+use common::{in_round_ticks, pair, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
     MigratableVm, MigrateOptions, MigrationStatus, OnNoConverge, Phase, Progress, ReceiveOptions,
@@ -219,23 +219,7 @@ fn progress_ticks_inside_a_long_round() {
     let (r, _) = pair(&src, &dst, &opts, &ReceiveOptions::default());
     r.expect("migration");
     let seen = seen.lock().expect("lock");
-    let partial: Vec<&Progress> = seen
-        .iter()
-        .filter(|p| {
-            p.phase == Phase::PreCopy
-                && p.round == 0
-                && p.remaining_pages > 0
-                && p.remaining_pages < 2048
-        })
-        .collect();
-    assert!(
-        !partial.is_empty(),
-        "no in-round progress among {} reports",
-        seen.len()
-    );
-    assert!(partial
-        .windows(2)
-        .all(|w| w[0].remaining_pages >= w[1].remaining_pages));
+    let partial = in_round_ticks(&seen, 2048);
     // Round 1 starts from nothing sent: a tick counts the pages done so far in it.
     for p in &partial {
         assert!(p.pages_sent > 0, "{p:?}");

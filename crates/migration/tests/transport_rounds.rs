@@ -14,8 +14,8 @@ use std::time::Duration;
 use common::{assert_source_intact, loopback, receive_into, MIB};
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::{
-    migrate, CancelToken, Endpoint, MigrateOptions, MigrationError, MigrationSummary, Phase,
-    Progress, ReceiveOptions, ReceiveSummary, TransportKind, PAGE_SIZE,
+    migrate, CancelToken, Endpoint, MigrateOptions, MigrationError, MigrationSummary, Progress,
+    ReceiveOptions, ReceiveSummary, TransportKind, PAGE_SIZE,
 };
 
 /// A TCP proxy to `target` (every connection: multi-tcp's data streams too) that cancels
@@ -137,23 +137,7 @@ fn progress_ticks_count_the_pages_of_a_long_classic_round() {
     let (r, _) = common::pair(&src, &dst, &opts, &ReceiveOptions::default());
     r.expect("migration");
     let seen = seen.lock().expect("lock");
-    let partial: Vec<&Progress> = seen
-        .iter()
-        .filter(|p| {
-            p.phase == Phase::PreCopy
-                && p.round == 0
-                && p.remaining_pages > 0
-                && p.remaining_pages < 2048
-        })
-        .collect();
-    assert!(
-        !partial.is_empty(),
-        "no in-round progress among {} reports",
-        seen.len()
-    );
-    assert!(partial
-        .windows(2)
-        .all(|w| w[0].remaining_pages >= w[1].remaining_pages));
+    let partial = common::in_round_ticks(&seen, 2048);
     for p in &partial {
         // The sender publishes its count after each batch of 64 pages: whole batches only.
         assert_eq!(p.pages_sent % 64, 0, "{p:?}");

@@ -184,3 +184,29 @@ pub fn frame_dropping_proxy(target: Endpoint, nth: usize) -> Endpoint {
     };
     frame_proxy(target, Box::new(drop_nth), Box::new(Some))
 }
+
+/// The in-round progress ticks of the full pass over `pages` pages (some sent, some left),
+/// asserted to exist and to count down.
+pub fn in_round_ticks(
+    seen: &[fastmig_migration::Progress],
+    pages: u64,
+) -> Vec<&fastmig_migration::Progress> {
+    let partial: Vec<&fastmig_migration::Progress> = seen
+        .iter()
+        .filter(|p| {
+            p.phase == fastmig_migration::Phase::PreCopy
+                && p.round == 0
+                && p.remaining_pages > 0
+                && p.remaining_pages < pages
+        })
+        .collect();
+    assert!(
+        !partial.is_empty(),
+        "no in-round progress among {} reports",
+        seen.len()
+    );
+    assert!(partial
+        .windows(2)
+        .all(|w| w[0].remaining_pages >= w[1].remaining_pages));
+    partial
+}
