@@ -505,6 +505,18 @@ fn run<V: MigratableVm + ?Sized>(
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     s.progress(Phase::Done, 0, 0.0);
+    let worker_cpu_s = s.transport.worker_cpu_s();
+    let Sender {
+        rounds: round_details,
+        total,
+        send_s,
+        transport,
+        ..
+    } = s;
+    // The transport's teardown (shm unmapping the destination's memory, RDMA deregistering
+    // its own) is part of what the migration costs: done before the CPU clock is read. The
+    // VM already runs on the destination, so it is not in the total time.
+    drop(transport);
     let summary = MigrationSummary {
         status: if forced {
             MigrationStatus::CompletedForced
@@ -517,18 +529,18 @@ fn run<V: MigratableVm + ?Sized>(
         setup_ms,
         dst_setup_ms: resumed.dst_setup_ms,
         rounds,
-        bytes_sent: s.total.bytes,
-        pages_sent: s.total.pages,
-        zero_pages_skipped: s.total.zero_pages,
-        throughput_mib_s: if s.send_s > 0.0 {
-            s.total.bytes as f64 / s.send_s / MIB
+        bytes_sent: total.bytes,
+        pages_sent: total.pages,
+        zero_pages_skipped: total.zero_pages,
+        throughput_mib_s: if send_s > 0.0 {
+            total.bytes as f64 / send_s / MIB
         } else {
             0.0
         },
-        src_cpu_s: thread_cpu_time() - cpu0 + s.transport.worker_cpu_s(),
+        src_cpu_s: thread_cpu_time() - cpu0 + worker_cpu_s,
         dst_cpu_s: resumed.dst_cpu_s,
         digest_match: resumed.digest_match,
-        round_details: s.rounds,
+        round_details,
     };
     info!(
         total_ms = summary.total_ms,

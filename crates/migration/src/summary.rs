@@ -60,7 +60,8 @@ pub struct MigrationSummary {
     pub zero_pages_skipped: u64,
     /// `bytes_sent` over the time spent sending pages, MiB/s.
     pub throughput_mib_s: f64,
-    /// CPU time of the source's migration threads, s.
+    /// CPU time of the source's migration threads, s, the transport's teardown included
+    /// (e.g. shm unmapping the destination's memory after the VM resumed there).
     pub src_cpu_s: f64,
     /// CPU time of the destination's migration threads, s (from its `Resumed`).
     pub dst_cpu_s: f64,
