@@ -180,7 +180,7 @@ pub struct MigrateArgs {
     #[arg(long, requires = "model")]
     pub dry_run: bool,
     /// The fitted model (`fastmig model fit`; the project's own is
-    /// bench/characterisation/quiet/model.json). With it, a migration is predicted before it starts
+    /// bench/characterisation/current/model.json). With it, a migration is predicted before it starts
     /// (shown with the summary; in `prediction` under `--json`). There is no default model:
     /// one fitted on another machine would mislead.
     #[arg(long)]
@@ -268,7 +268,7 @@ pub fn main(cmd: MigrateCommand) -> Result<()> {
             if args.dry_run {
                 let Some(f) = &forecast else {
                     return Err(crate::usage!(
-                        "--dry-run needs --model FILE (fit one with `fastmig model fit SWEEP.csv`; the project's is bench/characterisation/quiet/model.json)"
+                        "--dry-run needs --model FILE (fit one with `fastmig model fit SWEEP.csv`; the project's is bench/characterisation/current/model.json)"
                     ));
                 };
                 return migrate_predict::print(f, args.json);
