@@ -187,7 +187,7 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationE
 /// writable at once. Done run by run by the copy threads, so one thread's populating
 /// overlaps the other's copying. Not `MADV_POPULATE_READ`: it walks the pages as
 /// `get_user_pages`, which marks each one accessed and moves it on the kernel's LRU lists
-/// under a lock; the reads measured about 10 % less CPU for the whole migration.
+/// under a lock; the reads measured about 9 % less CPU for the whole migration.
 fn populate(addr: usize, len: usize) {
     for off in (0..len).step_by(PAGE_SIZE) {
         // SAFETY: `addr + off` lies inside the caller's live mapping (of a file checked to be
