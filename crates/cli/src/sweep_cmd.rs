@@ -263,6 +263,10 @@ fn points(grid: &Grid) -> Result<Vec<Point>> {
             }
         }
     }
+    // Repetitions go round the whole grid (every point once, then every point again), not
+    // back to back: the machine's state drifts over minutes, and back-to-back repetitions
+    // let that drift fall on whole points, which then all look faster or slower together.
+    out.sort_by_key(|p| p.rep);
     Ok(out)
 }
 
@@ -667,6 +671,21 @@ mod tests {
             (failed.status, failed.error.as_str()),
             (RunStatus::Failed, "boom")
         );
+    }
+
+    #[test]
+    fn repetitions_go_round_the_whole_grid() {
+        let mut grid: Grid = serde_json::from_str(QUICK).expect("quick grid");
+        grid.repeat = 3;
+        let pts = points(&grid).expect("points");
+        let n = pts.len() / 3;
+        assert_eq!(pts.len(), 3 * n);
+        // Each third of the runs is one repetition of every point, in the same order.
+        let point = |p: &Point| p.key.rsplit_once('|').map(|(k, _)| k.to_string());
+        for (i, p) in pts.iter().enumerate() {
+            assert_eq!(p.rep as usize, i / n, "run {i}");
+            assert_eq!(point(p), point(&pts[i % n]), "run {i}");
+        }
     }
 
     #[test]
