@@ -31,7 +31,15 @@ pub struct SweepArgs {
     /// The small built-in grid: 28 runs of 64M-256M VMs, under three minutes.
     #[arg(long, conflicts_with = "grid")]
     pub quick: bool,
-    /// A grid file (JSON, see `Grid`); default: the built-in full grid.
+    /// A grid file (JSON); default: the built-in full grid.
+    ///
+    /// Shape: `{"repeat": N, "train": [BLOCK...], "test": [BLOCK...]}`; each block runs the
+    /// product of its lists: `mem` (e.g. "256M"), `workload` (`{"pattern": "random", "rate":
+    /// 5000, "wss": "32M"}`), `link` ("128M" bytes/s or "10gbit", `null` for none), `transport`, and
+    /// optionally `cap`, `downtime_limit` (["30ms"]), `streams` (2), `on_no_converge`
+    /// ("force") and `max_rounds` (30). `train` runs fit the model, `test` runs check it.
+    /// Repetitions go round the whole grid, so each point's runs are spread over the sweep.
+    /// Example: bench/characterisation/current/cpu-interleaved/grid.json.
     #[arg(long)]
     pub grid: Option<PathBuf>,
     /// Output directory: `sweep.csv` and the charts.
