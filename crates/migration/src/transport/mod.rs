@@ -425,14 +425,18 @@ pub(crate) fn split_zero_spans<E>(
     }
 }
 
-/// The destination's side of a one-sided transport (`shm`, `rdma`): records the hash of every
-/// page a `Written` frame names, read in place from its memory, and counts the pages in
-/// `stats`. A run outside memory is a malformed frame.
+/// The destination's side of a one-sided transport (`shm`, `rdma`), as its `on_control`: for
+/// a `Written` frame, records the hash of every page it names, read in place from its
+/// memory, and counts the pages in `stats`; any other message is handed back. A run outside
+/// memory is a malformed frame.
 pub(crate) fn record_written(
-    runs: Vec<(u64, u32)>,
+    msg: Message,
     ctx: &RecvCtx,
     stats: &mut PageStats,
-) -> Result<(), MigrationError> {
+) -> Result<Option<Message>, MigrationError> {
+    let Message::Written(runs) = msg else {
+        return Ok(Some(msg));
+    };
     for (gpa, n) in runs {
         let first = ctx
             .mem
@@ -460,7 +464,7 @@ pub(crate) fn record_written(
         stats.pages += u64::from(n);
         stats.bytes += u64::from(n) * PAGE_SIZE as u64;
     }
-    Ok(())
+    Ok(None)
 }
 
 /// What a sending worker thread returns: its stats (or error) and its CPU seconds.

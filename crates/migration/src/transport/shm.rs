@@ -415,11 +415,7 @@ impl DestTransport for ShmDest {
         msg: Message,
         ctx: &RecvCtx,
     ) -> Result<Option<Message>, MigrationError> {
-        let Message::Written(runs) = msg else {
-            return Ok(Some(msg));
-        };
-        record_written(runs, ctx, &mut self.stats)?;
-        Ok(None)
+        record_written(msg, ctx, &mut self.stats)
     }
 
     fn finish(&mut self) -> Result<PageStats, MigrationError> {

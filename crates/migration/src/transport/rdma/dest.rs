@@ -278,11 +278,7 @@ impl DestTransport for RdmaDest {
         msg: Message,
         ctx: &RecvCtx,
     ) -> Result<Option<Message>, MigrationError> {
-        let Message::Written(runs) = msg else {
-            return Ok(Some(msg));
-        };
-        super::super::record_written(runs, ctx, &mut self.stats)?;
-        Ok(None)
+        super::super::record_written(msg, ctx, &mut self.stats)
     }
 
     fn finish(&mut self) -> Result<PageStats, MigrationError> {

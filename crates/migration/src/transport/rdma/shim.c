@@ -331,8 +331,9 @@ int fm_dereg_mr(struct ibv_mr *mr)
     return ibv_dereg_mr(mr) ? neg_errno(EBUSY) : 0;
 }
 
-int fm_post_write(struct fm_link *l, uint64_t laddr, uint32_t len, uint32_t lkey, uint64_t raddr,
-                  uint32_t rkey, uint64_t wr_id, int signaled)
+/* Posts one send-queue request of one local buffer: a WRITE to (raddr, rkey), or a SEND. */
+static int post_one(struct fm_link *l, enum ibv_wr_opcode opcode, uint64_t laddr, uint32_t len,
+                    uint32_t lkey, uint64_t raddr, uint32_t rkey, uint64_t wr_id, int signaled)
 {
     struct ibv_sge sge = {.addr = laddr, .length = len, .lkey = lkey};
     struct ibv_send_wr wr, *bad;
@@ -340,26 +341,25 @@ int fm_post_write(struct fm_link *l, uint64_t laddr, uint32_t len, uint32_t lkey
     wr.wr_id = wr_id;
     wr.sg_list = &sge;
     wr.num_sge = 1;
-    wr.opcode = IBV_WR_RDMA_WRITE;
+    wr.opcode = opcode;
     wr.send_flags = signaled ? IBV_SEND_SIGNALED : 0;
-    wr.wr.rdma.remote_addr = raddr;
-    wr.wr.rdma.rkey = rkey;
+    if (opcode == IBV_WR_RDMA_WRITE) {
+        wr.wr.rdma.remote_addr = raddr;
+        wr.wr.rdma.rkey = rkey;
+    }
     int r = ibv_post_send(l->id->qp, &wr, &bad);
     return r ? -r : 0;
 }
 
+int fm_post_write(struct fm_link *l, uint64_t laddr, uint32_t len, uint32_t lkey, uint64_t raddr,
+                  uint32_t rkey, uint64_t wr_id, int signaled)
+{
+    return post_one(l, IBV_WR_RDMA_WRITE, laddr, len, lkey, raddr, rkey, wr_id, signaled);
+}
+
 int fm_post_send(struct fm_link *l, uint64_t laddr, uint32_t len, uint32_t lkey, uint64_t wr_id)
 {
-    struct ibv_sge sge = {.addr = laddr, .length = len, .lkey = lkey};
-    struct ibv_send_wr wr, *bad;
-    memset(&wr, 0, sizeof wr);
-    wr.wr_id = wr_id;
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    wr.opcode = IBV_WR_SEND;
-    wr.send_flags = IBV_SEND_SIGNALED;
-    int r = ibv_post_send(l->id->qp, &wr, &bad);
-    return r ? -r : 0;
+    return post_one(l, IBV_WR_SEND, laddr, len, lkey, 0, 0, wr_id, 1);
 }
 
 int fm_post_recv(struct fm_link *l, uint64_t laddr, uint32_t len, uint32_t lkey, uint64_t wr_id)
