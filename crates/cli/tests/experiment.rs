@@ -43,16 +43,7 @@ fn the_quick_consolidation_experiment_runs_three_scenarios_and_loses_no_vm() {
     for n in 1..=3 {
         assert!(stderr.contains(&format!("scenario {n} of 3")), "{stderr}");
     }
-    // Nothing of the testbed is left.
-    assert!(!dir.join("testbed.json").exists());
-    let links = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("ip");
-    assert!(
-        !String::from_utf8_lossy(&links.stdout).contains("fmtb"),
-        "testbed links left behind"
-    );
+    assert_testbed_gone(&dir);
 
     let e: Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
     // The same object was written to OUT, with the Markdown table.
@@ -192,6 +183,11 @@ fn sigterm_mid_run_brings_the_testbed_down_and_exits_1() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_testbed_gone(&dir);
+}
+
+/// Nothing of the testbed is left: neither its state file in `dir` nor any of its links.
+fn assert_testbed_gone(dir: &std::path::Path) {
     assert!(!dir.join("testbed.json").exists(), "testbed left up");
     let links = Command::new("ip")
         .args(["-o", "link", "show"])

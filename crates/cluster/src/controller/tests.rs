@@ -34,6 +34,11 @@ fn cluster() -> Arc<FakeCluster> {
 fn controller(c: &Arc<FakeCluster>, db: &TestDb, k: usize) -> Controller {
     let mut cfg = ControllerConfig::new("thr-mmt");
     cfg.max_in_flight = k;
+    controller_with(c, db, cfg)
+}
+
+/// A controller of `c`'s agents with `cfg`, recording in `db`.
+fn controller_with(c: &Arc<FakeCluster>, db: &TestDb, cfg: ControllerConfig) -> Controller {
     let agents = c
         .agents()
         .into_iter()
@@ -311,12 +316,7 @@ fn the_fitted_model_predicts_time_and_downtime() {
     cfg.cost = CostModel::Model(Box::new(
         ModelCost::new(cloudsim_equivalent_model(t), t, fastmig_sim::Link::Host).unwrap(),
     ));
-    let agents = c
-        .agents()
-        .into_iter()
-        .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
-        .collect();
-    let mut ctl = Controller::new(cfg, agents, db.open()).unwrap();
+    let mut ctl = controller_with(&c, &db, cfg);
     let id = ctl.tick().unwrap().ordered[0].0;
     let row = ctl.store().migration(id).unwrap().unwrap();
     // The reduced model is CloudSim's formula, and it predicts a downtime.
@@ -356,12 +356,7 @@ fn samples_older_than_the_kept_intervals_are_pruned() {
         Err(ControllerError::Config(_))
     ));
     cfg.keep_intervals = Some(30);
-    let agents = c
-        .agents()
-        .into_iter()
-        .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
-        .collect();
-    let mut ctl = Controller::new(cfg, agents, db.open()).unwrap();
+    let mut ctl = controller_with(&c, &db, cfg);
     for _ in 0..35 {
         ctl.tick().unwrap();
         c.step();
@@ -402,12 +397,7 @@ fn without_consolidation_rounds_record_but_never_migrate_or_park_hosts() {
     let db = TestDb::sqlite();
     let mut cfg = ControllerConfig::new("thr-mmt");
     cfg.consolidate = false;
-    let agents = c
-        .agents()
-        .into_iter()
-        .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
-        .collect();
-    let mut ctl = Controller::new(cfg, agents, db.open()).expect("controller");
+    let mut ctl = controller_with(&c, &db, cfg);
     for _ in 0..3 {
         let d = ctl.tick().unwrap();
         assert!(d.ordered.is_empty() && d.plan.moves.is_empty(), "{d:?}");
@@ -435,12 +425,7 @@ fn ordered_migrations_carry_the_configured_bandwidth_cap_and_downtime_limit() {
         let mut cfg = ControllerConfig::new("thr-mmt");
         cfg.migration_bandwidth = cap;
         cfg.migration_downtime_limit = limit;
-        let agents = c
-            .agents()
-            .into_iter()
-            .map(|a| Arc::new(a) as Arc<dyn AgentApi>)
-            .collect();
-        let mut ctl = Controller::new(cfg, agents, db.open()).expect("controller");
+        let mut ctl = controller_with(&c, &db, cfg);
         assert_eq!(ctl.tick().unwrap().ordered.len(), 1);
         let sent = c.outgoing(&h("a"));
         assert_eq!(sent.len(), 1);
