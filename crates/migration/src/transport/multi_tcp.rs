@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use super::{
     join_worker, merge_worker_results, page_runs, run_worker, split_zero_spans, DestTransport,
-    PageStats, RecvCtx, SendCtx, SourceTransport,
+    PageStats, RecvCtx, SendCtx, SourceTransport, ZeroTest,
 };
 use crate::conn::{Conn, Endpoint, Listener};
 use crate::digest::zero_page_hash;
@@ -103,10 +103,11 @@ fn send_stream(
                 })?;
             let mut zero = vec![0u8; count.div_ceil(8)];
             let (mut zeros, mut data) = (0, 0);
+            let mut zero_test = ZeroTest::new(mem, first, count);
             split_zero_spans(
                 first,
                 count,
-                |p| mem.is_zero_page(p),
+                |p| zero_test.is_zero(p),
                 |p| {
                     let t = p - first;
                     zero[t / 8] |= 1 << (t % 8);

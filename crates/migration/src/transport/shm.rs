@@ -25,7 +25,7 @@ use tracing::debug;
 
 use super::{
     join_worker, merge_worker_results, page_runs, record_written, run_worker, split_zero_spans,
-    DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport,
+    DestTransport, PageStats, RecvCtx, SendCtx, SourceTransport, ZeroTest,
 };
 use crate::conn::Conn;
 use crate::deadline::PeerReads;
@@ -45,6 +45,8 @@ const NOTIFY_PAGES: usize = 512;
 /// the destination, which hashes what we copy. On the shared 2-core bench machine one and two
 /// threads measured within noise of each other.
 const MAX_COPY_THREADS: usize = 2;
+/// Pages copied before they are hashed: 32 KiB, within a core's first-level data cache.
+const COPY_HASH_PAGES: usize = 8;
 
 fn copy_threads() -> usize {
     std::thread::available_parallelism()
@@ -67,6 +69,8 @@ pub(crate) struct ShmSource {
     maps: Vec<(usize, usize)>,
     /// Copy threads per `send_pages` call.
     threads: usize,
+    /// Pages one read fault maps in `remote` ([`fault_around_pages`]).
+    fault_window: usize,
     /// The first call (the full pass) has been made.
     first_pass_done: bool,
     /// CPU seconds of the copy threads (when more than one).
@@ -93,6 +97,7 @@ impl ShmSource {
             remote: MemoryView::new(&[]).map_err(MigrationError::Memory)?,
             maps: Vec::new(),
             threads: copy_threads(),
+            fault_window: 1,
             first_pass_done: false,
             cpu_s: 0.0,
             reads: PeerReads::new(control.write_timeout()),
@@ -111,8 +116,15 @@ impl ShmSource {
             });
         }
         me.remote = MemoryView::new(&mrs)?;
+        if let Some(&(addr, len)) = me.maps.iter().max_by_key(|&&(_, len)| len) {
+            me.fault_window = fault_around_pages(addr, len);
+        }
         let map_ms = started.elapsed().as_secs_f64() * 1e3;
-        debug!(map_ms, "destination memory mapped");
+        debug!(
+            map_ms,
+            fault_window = me.fault_window,
+            "destination memory mapped"
+        );
         Ok(me)
     }
 }
@@ -126,6 +138,7 @@ impl ShmSource {
             remote,
             maps: Vec::new(),
             threads,
+            fault_window: 1,
             first_pass_done: false,
             cpu_s: 0.0,
             reads: PeerReads::new(None),
@@ -182,18 +195,58 @@ fn map_shared(fd: &OwnedFd, len: usize, offset: u64) -> Result<usize, MigrationE
 /// Builds the page tables of `addr .. addr + len`, a run of the destination's mapping, just
 /// before the full pass copies into it. Otherwise every first copy into a page takes a write
 /// fault (about 1-2 us here, as much as the copy itself), since shared write faults map one
-/// page each. A read of one byte per page read-faults instead, which the kernel serves 16
-/// pages at a time (fault-around); shmem needs no write notification, so the entries are
-/// writable at once. Done run by run by the copy threads, so one thread's populating
-/// overlaps the other's copying. Not `MADV_POPULATE_READ`: it walks the pages as
-/// `get_user_pages`, which marks each one accessed and moves it on the kernel's LRU lists
-/// under a lock; the reads measured about 9 % less CPU for the whole migration.
-fn populate(addr: usize, len: usize) {
-    for off in (0..len).step_by(PAGE_SIZE) {
-        // SAFETY: `addr + off` lies inside the caller's live mapping (of a file checked to be
-        // large enough in `map_shared`); a volatile read of one byte faults the page in and
+/// page each. A read fault instead maps the whole aligned window of `window` pages around it
+/// (the kernel's fault-around, learnt by [`fault_around_pages`]) when the destination's pages
+/// exist; shmem needs no write notification, so the entries are writable at once. So one
+/// byte is read per window (and at the run's start), not per page: a read per page waited
+/// for each page's first line from memory and cost as much CPU as the copy. A page the
+/// fault-around did not map takes its write fault in the copy, which is only slower. Done
+/// run by run by the copy threads, so one thread's populating overlaps the other's copying.
+/// Not `MADV_POPULATE_READ`: it walks the pages as `get_user_pages`, which marks each one
+/// accessed and moves it on the kernel's LRU lists under a lock (about 9 % more CPU for the
+/// whole migration, measured).
+fn populate(addr: usize, len: usize, window: usize) {
+    let window_bytes = window.max(1) * PAGE_SIZE;
+    let mut at = addr;
+    while at < addr + len {
+        // SAFETY: `at` lies inside the caller's live mapping (of a file checked to be large
+        // enough in `map_shared`); a volatile read of one byte faults the page in and
         // changes nothing.
-        unsafe { std::ptr::read_volatile((addr + off) as *const u8) };
+        unsafe { std::ptr::read_volatile(at as *const u8) };
+        at = (at + 1).next_multiple_of(window_bytes);
+    }
+}
+
+/// Pages the kernel maps on one read fault in the mapping `addr .. addr + len` (its
+/// fault-around window, 16 by default): found by faulting the first page of an aligned
+/// 64-page window and counting the pages of the window then present in the page tables
+/// (`/proc/self/pagemap`, which needs no privilege for that bit). 1 if it cannot tell, which
+/// makes [`populate`] read every page.
+fn fault_around_pages(addr: usize, len: usize) -> usize {
+    const PROBE: usize = 64;
+    let start = addr.next_multiple_of(PROBE * PAGE_SIZE);
+    if start + PROBE * PAGE_SIZE > addr + len {
+        return 1;
+    }
+    // SAFETY: `start` lies inside the live mapping (checked above); a volatile one-byte read
+    // changes nothing.
+    unsafe { std::ptr::read_volatile(start as *const u8) };
+    let mut entries = [0u8; PROBE * 8];
+    let read = std::fs::File::open("/proc/self/pagemap").and_then(|f| {
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut entries, (start / PAGE_SIZE * 8) as u64)
+    });
+    if read.is_err() {
+        return 1;
+    }
+    let present = entries
+        .chunks_exact(8)
+        .take_while(|e| e[7] & 0x80 != 0) // bit 63: page present
+        .count();
+    // The kernel's window is a power of two; a shorter count means holes in the file.
+    if present == 0 {
+        1
+    } else {
+        1 << present.ilog2()
     }
 }
 
@@ -232,6 +285,7 @@ impl SourceTransport for ShmSource {
             control: &control,
             ctx,
             first_pass,
+            fault_window: self.fault_window,
         };
         let threads = self.threads.min(chunks.len()).max(1);
         let results: Vec<(Result<PageStats, MigrationError>, f64)> = if threads == 1 {
@@ -280,6 +334,8 @@ struct CopyJob<'a> {
     ctx: &'a SendCtx<'a>,
     /// The full first pass: zero pages may be skipped where the destination is zero too.
     first_pass: bool,
+    /// Pages one read fault maps in `remote`.
+    fault_window: usize,
 }
 
 impl CopyJob<'_> {
@@ -342,38 +398,45 @@ impl CopyJob<'_> {
             return Err(outside());
         };
         if self.first_pass {
-            populate(to, count * PAGE_SIZE);
+            populate(to, count * PAGE_SIZE, self.fault_window);
         }
         let mut zeros = 0;
         // In the first pass a page that is zero here *and* there needs no copy: the
         // destination's table starts at the zero-page hash for every page. Both sides are
         // checked, nothing is assumed about the destination's memory. A page the guest writes
         // after our check is dirty and copied in a later round.
-        let skip = |p| self.first_pass && self.mem.is_zero_page(p) && self.remote.is_zero_page(p);
+        let mut zero_here = ZeroTest::new(self.mem, first, count);
+        let skip = |p| self.first_pass && zero_here.is_zero(p) && self.remote.is_zero_page(p);
         let skipped = |p| {
             self.ctx.hashes.set(p, zero_page_hash());
             zeros += 1;
         };
         split_zero_spans(first, count, skip, skipped, |s, n| {
             let off = (s - first) * PAGE_SIZE;
-            // SAFETY: `run_addr` bounds-checked both runs inside live mappings (ours per the
-            // MemoryView invariant, the destination's mapped in `open`); they are distinct
-            // mappings. The destination VM is paused until Commit and each page belongs to one
-            // copy thread, so nothing else writes `to`; the guest may write `from`, which only
-            // makes the page dirty again.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (from + off) as *const u8,
-                    (to + off) as *mut u8,
-                    n * PAGE_SIZE,
-                )
-            };
-            // Hash what landed, read back from the destination's memory (still in cache).
-            for p in s..s + n {
-                // SAFETY: only this thread writes page `p` of the destination's memory (see
-                // above) and it is done writing it.
-                let h = unsafe { self.remote.hash_page_unshared(p) }.ok_or_else(outside)?;
-                self.ctx.hashes.set(p, h);
+            // Copied and hashed a few pages at a time, so that the hash reads what was just
+            // written from the core's first-level cache, not from further out.
+            for piece in (s..s + n).step_by(COPY_HASH_PAGES) {
+                let k = COPY_HASH_PAGES.min(s + n - piece);
+                let at = (piece - first) * PAGE_SIZE;
+                // SAFETY: `run_addr` bounds-checked both runs inside live mappings (ours per
+                // the MemoryView invariant, the destination's mapped in `open`); they are
+                // distinct mappings. The destination VM is paused until Commit and each page
+                // belongs to one copy thread, so nothing else writes `to`; the guest may write
+                // `from`, which only makes the page dirty again.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (from + at) as *const u8,
+                        (to + at) as *mut u8,
+                        k * PAGE_SIZE,
+                    )
+                };
+                // Hash what landed, read back from the destination's memory.
+                for p in piece..piece + k {
+                    // SAFETY: only this thread writes page `p` of the destination's memory
+                    // (see above) and it is done writing it.
+                    let h = unsafe { self.remote.hash_page_unshared(p) }.ok_or_else(outside)?;
+                    self.ctx.hashes.set(p, h);
+                }
             }
             // One entry per span: spans of one run are split by zero pages, and runs by
             // gaps or region ends, so no two are ever adjacent to merge.
@@ -670,6 +733,40 @@ mod tests {
         // A run outside memory is refused, not hashed.
         let bad = Message::Written(vec![(15 * PAGE_SIZE as u64, 2)]);
         assert!(d.on_control(bad, &ctx).is_err());
+    }
+
+    /// Pages of `addr .. addr + len` present in this process's page tables.
+    fn present_pages(addr: usize, len: usize) -> usize {
+        let mut entries = vec![0u8; len / PAGE_SIZE * 8];
+        let f = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut entries, (addr / PAGE_SIZE * 8) as u64)
+            .expect("read pagemap");
+        entries.chunks_exact(8).filter(|e| e[7] & 0x80 != 0).count()
+    }
+
+    #[test]
+    fn populating_by_fault_around_windows_maps_every_page_of_allocated_memory() {
+        // The destination's memory exists (allocated, as a destination VM's is): one read per
+        // learnt window must leave every page mapped, or the copy takes a fault per page.
+        let pages = 1000; // not a multiple of the window, and the mapping maybe unaligned
+        let len = pages * PAGE_SIZE;
+        let fd = rustix::fs::memfd_create("shm-populate-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd");
+        rustix::fs::ftruncate(&fd, len as u64).expect("ftruncate");
+        rustix::fs::fallocate(&fd, rustix::fs::FallocateFlags::empty(), 0, len as u64)
+            .expect("fallocate");
+        let addr = map_shared(&fd, len, 0).expect("map");
+        let window = fault_around_pages(addr, len);
+        assert!(window.is_power_of_two(), "{window}");
+        let (from, n) = (addr + 3 * PAGE_SIZE, pages - 3); // a run starting mid-window
+        assert!(
+            present_pages(from, n * PAGE_SIZE) < n,
+            "mapped before populating"
+        );
+        populate(from, n * PAGE_SIZE, window);
+        assert_eq!(present_pages(from, n * PAGE_SIZE), n, "window {window}");
+        // SAFETY: our own mapping, no view over it is left.
+        unsafe { libc::munmap(addr as *mut libc::c_void, len) };
     }
 
     #[test]
