@@ -8,12 +8,13 @@
 //! Where the time goes, and what is done about it (PROTOCOL.md, "Sequence: shm"):
 //! * page faults: a fresh mapping faults on every first write (~1-2 us a page here, as much
 //!   as the copy); the copy threads populate each run's page tables just before the full pass
-//!   copies it, 16 pages per fault, one thread populating while the other copies;
+//!   copies it, one read per fault-around window (16 pages by default), one thread populating
+//!   while the other copies;
 //! * unmapping: the mapping takes no recency tracking (`MADV_RANDOM`), so the unmap at the
 //!   end does not move each page on the kernel's LRU lists; the engine counts the unmap in
 //!   the migration's CPU;
-//! * copy and hash: runs of pages are copied with one `memcpy` and hashed in place right
-//!   after (cache-hot, no bounce buffer), by up to two threads;
+//! * copy and hash: runs of pages are copied 8 pages at a time and each piece hashed in place
+//!   right after (from the first-level cache, no bounce buffer), by up to two threads;
 //! * zero pages: skipped in the first pass when zero on both sides (checked, not assumed).
 
 use std::io::Write;
