@@ -8,6 +8,9 @@
 //! rdma_lab dest --addr IP --mib N         one destination (used by `run`)
 //! ```
 //!
+//! Every scenario runs with the default [`RDMA_DEFAULT_QPS`] queue pairs except the
+//! `...-one-qp` ones, which repeat a migration over one queue pair for comparison.
+//!
 //! Prints one `PASS`/`FAIL` line per scenario, the figures as one JSON line (`FIGURES {..}`),
 //! and a closing `N passed, N failed` line; exits non-zero on any failure.
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::transport::rdma::lab::{self, Fault};
+use fastmig_migration::transport::RDMA_DEFAULT_QPS;
 use fastmig_migration::{
     migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationSummary, Progress,
     ReceiveOptions, TransportKind,
@@ -122,13 +126,18 @@ fn chain(e: &dyn std::error::Error) -> String {
 enum Scenario {
     /// No guest writes: one pass, the data path's own counts.
     Idle,
+    /// `Idle` over one queue pair.
+    IdleOneQp,
     /// Whole memory registered at setup; the guest writes meanwhile.
     Whole,
+    /// `Whole` over one queue pair.
+    WholeOneQp,
     /// A pin budget of a quarter of the memory: chunks registered on demand.
     Budget,
     /// The destination process is killed (SIGKILL) after it registered its memory.
     DestKilled,
-    /// The source's queue pair is moved to the error state mid-transfer.
+    /// The source's queue pair 1 (not the one carrying the messages) is moved to the error
+    /// state mid-transfer.
     QpError,
     /// WRITEs with a wrong remote key (remote access error).
     BadRkey,
@@ -140,12 +149,25 @@ impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::Idle => "migrate-idle",
+            Scenario::IdleOneQp => "migrate-idle-one-qp",
             Scenario::Whole => "migrate-whole-registration",
+            Scenario::WholeOneQp => "migrate-whole-registration-one-qp",
             Scenario::Budget => "migrate-pin-budget",
             Scenario::DestKilled => "destination-killed-after-registration",
-            Scenario::QpError => "source-qp-moved-to-error",
+            Scenario::QpError => "source-qp-1-moved-to-error",
             Scenario::BadRkey => "remote-access-error-bad-rkey",
             Scenario::WrongSession => "connect-request-of-another-session-rejected",
+        }
+    }
+
+    fn idle(self) -> bool {
+        matches!(self, Scenario::Idle | Scenario::IdleOneQp)
+    }
+
+    fn qps(self) -> u32 {
+        match self {
+            Scenario::IdleOneQp | Scenario::WholeOneQp => 1,
+            _ => RDMA_DEFAULT_QPS,
         }
     }
 }
@@ -188,6 +210,7 @@ fn dest_result(d: &mut Dest) -> Option<serde_json::Value> {
 }
 
 struct Figures {
+    qps: u32,
     summary: MigrationSummary,
     dst_cpu_s: f64,
     counters: lab::Counters,
@@ -197,8 +220,8 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
     let src = SoftVm::new(mib * MIB).map_err(|e| e.to_string())?;
     // Idle: every page filled, so runs are contiguous and WRITEs reach their 1 MiB cap;
     // otherwise every other page (zero pages between: one WRITE per page in the first pass).
-    src.fill(if sc == Scenario::Idle { 1.0 } else { 0.5 });
-    if sc != Scenario::Idle {
+    src.fill(if sc.idle() { 1.0 } else { 0.5 });
+    if !sc.idle() {
         // Slow enough for the emulated guest's RDMA path (about 10 MiB/s) to converge.
         src.start_writer(WriterConfig {
             pages_per_sec: WRITES_PER_S,
@@ -207,13 +230,15 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut d = spawn_dest(ip, mib)?;
-    let (fault, after) = match sc {
-        Scenario::QpError => (Fault::QpError, 40),
-        Scenario::BadRkey => (Fault::BadRkey, 40),
-        Scenario::WrongSession => (Fault::WrongSession, 0),
-        _ => (Fault::None, 0),
+    // The QP error hits QP 1, which carries only WRITEs: its failed completion must abort
+    // as one on QP 0 does.
+    let (fault, after, qp) = match sc {
+        Scenario::QpError => (Fault::QpError, 40, 1),
+        Scenario::BadRkey => (Fault::BadRkey, 40, 0),
+        Scenario::WrongSession => (Fault::WrongSession, 0, 0),
+        _ => (Fault::None, 0, 0),
     };
-    lab::set_fault(fault, lab::counters().writes + after);
+    lab::set_fault(fault, lab::counters().writes + after, qp);
     let killed = Arc::new(AtomicBool::new(false));
     let progress: Option<fastmig_migration::ProgressFn> = (sc == Scenario::DestKilled).then(|| {
         let pid = d.child.id() as libc::pid_t;
@@ -234,6 +259,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             } else {
                 0
             },
+            qps: sc.qps(),
         },
         io_timeout: Duration::from_secs(10),
         on_no_converge: fastmig_migration::OnNoConverge::Force,
@@ -242,7 +268,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
     };
     let before = lab::counters();
     let r = migrate(&src, &Endpoint::Tcp(SocketAddr::new(ip, d.port)), &opts);
-    lab::set_fault(Fault::None, 0);
+    lab::set_fault(Fault::None, 0, 0);
     let after = lab::counters();
     src.stop_writer();
     let res = dest_result(&mut d);
@@ -258,7 +284,11 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         ));
     }
     match sc {
-        Scenario::Idle | Scenario::Whole | Scenario::Budget => {
+        Scenario::Idle
+        | Scenario::IdleOneQp
+        | Scenario::Whole
+        | Scenario::WholeOneQp
+        | Scenario::Budget => {
             let s = r.map_err(|e| format!("migration failed: {e}: {}", chain(&e)))?;
             let res = res.ok_or("destination gave no result")?;
             if !s.digest_match || res["ok"] != true {
@@ -284,6 +314,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
                 return Err(format!("{maps} chunk registrations asked for"));
             }
             Ok(Some(Figures {
+                qps: sc.qps(),
                 dst_cpu_s: res["dst_cpu_s"].as_f64().unwrap_or(0.0),
                 summary: s,
                 counters: lab::Counters {
@@ -386,7 +417,9 @@ fn run(args: &[String]) -> i32 {
     let mut figures = Vec::new();
     for sc in [
         Scenario::Idle,
+        Scenario::IdleOneQp,
         Scenario::Whole,
+        Scenario::WholeOneQp,
         Scenario::Budget,
         Scenario::DestKilled,
         Scenario::QpError,
@@ -414,6 +447,7 @@ fn run(args: &[String]) -> i32 {
         let per_gib = |x: u64| if gib > 0.0 { x as f64 / gib } else { 0.0 };
         let fig = serde_json::json!({
             "scenario": name,
+            "qps": f.qps,
             "mem_mib": mib,
             "total_ms": s.total_ms,
             "downtime_ms": s.downtime_ms,

@@ -31,6 +31,8 @@ mod chunks;
 #[cfg(feature = "rdma")]
 mod dest;
 #[cfg(feature = "rdma")]
+mod qps;
+#[cfg(feature = "rdma")]
 mod slots;
 #[cfg(feature = "rdma")]
 mod source;
@@ -52,18 +54,23 @@ fn setup_err(reason: impl Into<String>) -> MigrationError {
 }
 
 /// Builds the source half: `pin_budget_mib` caps the destination's registered memory
-/// (0: all of it).
+/// (0: all of it); `qps` queue pairs carry the WRITEs.
 pub(crate) fn source(
     s: &SourceSetup<'_>,
     pin_budget_mib: u32,
+    qps: u32,
 ) -> Result<Box<dyn SourceTransport>, MigrationError> {
     #[cfg(feature = "rdma")]
     {
-        Ok(Box::new(source::RdmaSource::connect(s, pin_budget_mib)?))
+        Ok(Box::new(source::RdmaSource::connect(
+            s,
+            pin_budget_mib,
+            qps,
+        )?))
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = (s, pin_budget_mib);
+        let _ = (s, pin_budget_mib, qps);
         Err(setup_err(NOT_BUILT))
     }
 }
@@ -100,7 +107,7 @@ pub(crate) fn refusal(control: &Conn) -> Option<String> {
 /// injected faults. Process-wide; not for production use.
 #[cfg(all(feature = "rdma", feature = "test-utils"))]
 pub mod lab {
-    pub use super::source::{counters, set_fault, Counters, Fault};
+    pub use super::qps::{counters, set_fault, Counters, Fault};
 
     /// Memory registrations alive in this process (source and destination halves).
     pub fn live_registrations() -> i64 {
