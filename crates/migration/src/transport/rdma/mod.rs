@@ -4,20 +4,24 @@
 //! ```text
 //! source                                   destination
 //!   |== control stream (TCP): Hello ======>|  refuses without a device / without the feature
-//!   |-- rdma_cm connect(session, budget) ->|  listens on the control stream's own ip:port
-//!   |<------------- accept ----------------|  (rdma_cm's port space, not the kernel's TCP)
+//!   |-- rdma_cm connect(session, budget, -->|  listens on the control stream's own ip:port
+//!   |     QP i of Q), i = 0 .. Q-1         |  (rdma_cm's port space, not the kernel's TCP)
+//!   |<------------- accept (each) ---------|  exactly Q of this session; one PD, one CQ
 //!   |<-- SEND Setup(chunking, zero map, keys)  registers memory (whole, or on demand)
-//!   |== RDMA WRITE runs, signalled every N =>|  (no destination CPU)
-//!   |-- SEND Map(chunk, release) --------->|  pin budget: deregister one, register one
-//!   |<-- SEND Mapped(chunk, addr, rkey) ---|
+//!   |== RDMA WRITE runs, batch k on QP k mod Q, signalled every N ==>|  (no destination CPU)
+//!   |-- SEND Map(chunk, release) on QP 0 ->|  pin budget: deregister one, register one
+//!   |<-- SEND Mapped(chunk, addr, rkey) ---|  (a release first waits for the other QPs)
 //!   |== Written(runs) on the control stream, once their WRITEs completed ==>| hash them
 //!   |== RoundEnd / State / Complete / Commit: the engine, as for every transport
 //!   |-- SEND Done, tear down ------------->|  deregister everything, tear down
 //! ```
 //!
-//! Owns: the RDMA page path and its memory registrations. Does not own: rounds, the digest,
-//! the two-phase end (the engine's, on the control stream). PROTOCOL.md, "Sequence: rdma",
-//! explains the choices (control channel, chunking, signalling, verification).
+//! Owns: the RDMA page path, its queue pairs and its memory registrations. Does not own:
+//! rounds, the digest, the two-phase end (the engine's, on the control stream).
+//! PROTOCOL.md, "Sequence: rdma", explains the choices (queue pairs, control channel,
+//! chunking, signalling, verification). Files: `verbs.rs` (safe handles, every `unsafe`),
+//! `shim.c` (the C layer), `qps.rs` (the source's queue pairs and completions), `source.rs`
+//! (what to write where), `dest.rs`, `wire.rs`, `chunks.rs`, `slots.rs`.
 //!
 //! Built only with the cargo feature `rdma` (it links libibverbs and librdmacm); without it
 //! the transport still exists as a name, and both halves refuse with [`NOT_BUILT`].
