@@ -209,8 +209,25 @@ fn dest_result(d: &mut Dest) -> Option<serde_json::Value> {
     r
 }
 
+/// Samples this process's `VmPin` every 10 ms until stopped; the most it saw, in kB.
+fn sample_pinned(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut max = 0;
+        while !stop.load(Ordering::Relaxed) {
+            max = max.max(pinned_kb());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        max
+    })
+}
+
+/// Room for the source's message buffers (6 slots of 4 KiB) above the pin budget.
+const SLOTS_SLACK: u64 = 64 << 10;
+
 struct Figures {
     qps: u32,
+    /// Most bytes the source had registered at once (its own counter).
+    src_peak_registered: u64,
     summary: MigrationSummary,
     dst_cpu_s: f64,
     counters: lab::Counters,
@@ -267,7 +284,13 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         ..Default::default()
     };
     let before = lab::counters();
+    lab::take_peak_registered();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_pinned(stop.clone());
     let r = migrate(&src, &Endpoint::Tcp(SocketAddr::new(ip, d.port)), &opts);
+    stop.store(true, Ordering::Relaxed);
+    let peak_registered = lab::take_peak_registered();
+    let peak_pinned_kb = sampler.join().unwrap_or(u64::MAX);
     lab::set_fault(Fault::None, 0, 0);
     let after = lab::counters();
     src.stop_writer();
@@ -313,8 +336,23 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             if (sc == Scenario::Budget) != (maps > 0) {
                 return Err(format!("{maps} chunk registrations asked for"));
             }
+            // Under the budget the source registers its own memory in the same chunks, at
+            // most the budget at once: its own count, and the kernel's (sampled).
+            if sc == Scenario::Budget {
+                let cap = (mib / 4) * MIB + SLOTS_SLACK;
+                if peak_registered > cap || peak_pinned_kb * 1024 > cap {
+                    return Err(format!(
+                        "source pinned {peak_registered} bytes (VmPin peak {peak_pinned_kb} kB), budget {cap}"
+                    ));
+                }
+                println!(
+                    "    source peak: {peak_registered} bytes registered, VmPin {peak_pinned_kb} kB (budget {} MiB)",
+                    mib / 4
+                );
+            }
             Ok(Some(Figures {
                 qps: sc.qps(),
+                src_peak_registered: peak_registered,
                 dst_cpu_s: res["dst_cpu_s"].as_f64().unwrap_or(0.0),
                 summary: s,
                 counters: lab::Counters {
@@ -461,6 +499,7 @@ fn run(args: &[String]) -> i32 {
             "work_requests_per_gib": per_gib(f.counters.writes),
             "completions_per_gib": per_gib(f.counters.completions),
             "chunk_maps": f.counters.maps,
+            "src_peak_registered_mib": f.src_peak_registered as f64 / MIB as f64,
             "digest_match": s.digest_match,
         });
         println!("FIGURES {fig}");

@@ -118,6 +118,12 @@ pub mod lab {
         super::verbs::live_registrations()
     }
 
+    /// The most bytes registered at once in this process since the last call (source and
+    /// destination halves); restarts from what is registered now.
+    pub fn take_peak_registered() -> u64 {
+        super::verbs::take_peak_registered()
+    }
+
     /// RDMA devices on this machine.
     pub fn device_count() -> usize {
         super::verbs::device_count()

@@ -6,7 +6,7 @@
 //! on an RC queue pair a completion means every earlier work request *of that QP* completed
 //! too, so one completion retires a whole batch of its QP. Ordering holds per QP only: what
 //! must follow WRITEs on other QPs (a `Map` that releases a chunk) waits for their
-//! completions first ([`Qps::drain_others`]).
+//! completions first ([`Qps::drain_writes`]).
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -408,12 +408,12 @@ impl Qps {
         (0..self.qps.len()).try_for_each(|q| self.flush(q).map(drop))
     }
 
-    /// Posts every queued WRITE and waits until every WRITE on QPs other than 0 completed:
-    /// then a SEND on QP 0 follows every WRITE posted so far, on every QP (QP 0's own by RC
-    /// ordering).
-    pub(super) fn drain_others(&mut self) -> Result<(), MigrationError> {
+    /// Posts every queued WRITE and waits until every work request on every QP completed
+    /// (their batches may still wait to be announced): then no WRITE reads or writes a
+    /// chunk any more, and a SEND follows every WRITE posted so far, on every QP.
+    pub(super) fn drain_writes(&mut self) -> Result<(), MigrationError> {
         self.flush_all()?;
-        while self.qps[1..].iter().any(|qp| qp.completed < qp.posted) {
+        while self.qps.iter().any(|qp| qp.completed < qp.posted) {
             self.wait_some()?;
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! Source half: connects its queue pairs through rdma_cm (`qps.rs`), registers its own
-//! guest memory, and posts RDMA WRITEs of dirty runs straight into the destination's
-//! registered memory.
+//! guest memory (in the destination's chunks, on first use; under a pin budget only the
+//! chunks the destination has registered too), and posts RDMA WRITEs of dirty runs
+//! straight into the destination's registered memory.
 //!
 //! Batches of [`NOTIFY_PAGES`] pages go to the queue pairs in turn, all of a batch's WRITEs
 //! on one QP. A batch's `Written` frame goes on the control stream only once its last WRITE
@@ -33,7 +34,9 @@ const MAX_WR_PAGES: usize = 256;
 
 pub(crate) struct RdmaSource {
     // Field order is drop order: registrations before the links that hold their PD.
-    mrs: Vec<Mr>,
+    /// Our own registrations (local read), by chunk: made on first use; under a pin budget
+    /// released with the destination's, so at most `budget_chunks` at once.
+    own: Vec<Option<Mr>>,
     qps: Qps,
     chunks: Chunks,
     /// The destination's key of each chunk, while registered.
@@ -45,8 +48,6 @@ pub(crate) struct RdmaSource {
     dest_zero: Vec<bool>,
     first_pass_done: bool,
     io_timeout: Duration,
-    /// Our regions as (first page, pages), in the order of `mrs`.
-    own: Vec<(usize, usize)>,
 }
 
 impl RdmaSource {
@@ -86,7 +87,7 @@ impl RdmaSource {
             fault,
         )?;
         let mut me = Self {
-            mrs: Vec::new(),
+            own: Vec::new(),
             qps,
             chunks: Chunks::new(&[], 0).ok_or_else(|| setup_err("chunks"))?,
             keys: Vec::new(),
@@ -95,7 +96,6 @@ impl RdmaSource {
             dest_zero: Vec::new(),
             first_pass_done: false,
             io_timeout: s.io_timeout,
-            own: Vec::new(),
         };
         // The destination registers and scans its memory before it answers: allow for it.
         let Msg::Setup {
@@ -129,6 +129,7 @@ impl RdmaSource {
         self.dest_zero = zero;
         self.budget_chunks = (budget_chunks as usize).min(n);
         self.keys = vec![None; n];
+        self.own = (0..n).map(|_| None).collect();
         for k in keys {
             self.learn(k)?;
         }
@@ -151,33 +152,33 @@ impl RdmaSource {
         Ok(())
     }
 
-    /// Registers our own guest memory (local read: the NIC reads it for the WRITEs).
-    fn register_own(&mut self, mem: &MemoryView) -> Result<(), MigrationError> {
-        if !self.mrs.is_empty() {
-            return Ok(());
+    /// The local key of our own `chunk`, registering it first if needed (local read: the
+    /// NIC reads it for the WRITEs). Without a budget a chunk is a whole region.
+    fn own_lkey(&mut self, mem: &MemoryView, chunk: usize) -> Result<u32, MigrationError> {
+        if let Some(mr) = &self.own[chunk] {
+            return Ok(mr.lkey());
         }
-        let mut first = 0;
-        for r in mem.layout() {
-            let pages = (r.size / PAGE_SIZE as u64) as usize;
-            let addr = mem
-                .run_addr(first, pages)
-                .ok_or_else(|| setup_err("rdma: region outside memory"))?;
-            // SAFETY: `addr .. + size` is the VM's live mapping (MemoryView invariant); the
-            // VM outlives this transport (the engine borrows it for the whole migration) and
-            // the registration is dropped with the transport.
-            // Registered on the PD every QP shares.
-            let mr =
-                unsafe { self.qps.link().register(addr, r.size as usize, false) }.map_err(|e| {
-                    MigrationError::TransportSetup {
-                        reason: "registering the source's guest memory".into(),
-                        source: Some(e),
-                    }
-                })?;
-            self.mrs.push(mr);
-            self.own.push((first, pages));
-            first += pages;
-        }
-        Ok(())
+        let c = self
+            .chunks
+            .get(chunk)
+            .ok_or_else(|| rdma_err(format!("unknown chunk {chunk}")))?;
+        let addr = mem
+            .run_addr(c.first, c.pages)
+            .ok_or_else(|| setup_err("rdma: chunk outside memory"))?;
+        // SAFETY: `addr .. + pages` is the VM's live mapping (MemoryView invariant); the VM
+        // outlives this transport (the engine borrows it for the whole migration) and the
+        // registration is dropped with the transport or when the chunk is released, after
+        // every WRITE from it completed. Registered on the PD every QP shares.
+        let mr =
+            unsafe { self.qps.link().register(addr, c.pages * PAGE_SIZE, false) }.map_err(|e| {
+                MigrationError::TransportSetup {
+                    reason: format!("registering the source's guest memory (chunk {chunk})"),
+                    source: Some(e),
+                }
+            })?;
+        let lkey = mr.lkey();
+        self.own[chunk] = Some(mr);
+        Ok(lkey)
     }
 
     /// Makes sure the destination has `chunk` registered, releasing the least recently used
@@ -197,12 +198,12 @@ impl RdmaSource {
         };
         if let Some(r) = release {
             self.keys[r as usize] = None;
-        }
-        if release.is_some() {
-            // WRITEs into `release` may be in flight on any QP; RC orders a SEND only after
-            // the WRITEs of its own QP. So: wait for every other QP's WRITEs to complete, then
-            // send `Map` on QP 0 behind its own, and the destination may deregister at once.
-            self.qps.drain_others()?;
+            // WRITEs into `release` may be in flight on any QP, and RC orders a SEND only
+            // after the WRITEs of its own QP; our own registration of the chunk may be read
+            // by any of them. So: wait until every WRITE completed, then drop ours, and send
+            // `Map`: the destination may deregister at once.
+            self.qps.drain_writes()?;
+            self.own[r as usize] = None;
         }
         self.qps.send(
             0,
@@ -260,7 +261,7 @@ impl RdmaSource {
         stats.zero_pages += zeros;
         for (s, n) in spans {
             let key = self.ensure_mapped(chunk)?;
-            let region = self.region_of(s)?;
+            let lkey = self.own_lkey(mem, chunk)?;
             for at in (s..s + n).step_by(MAX_WR_PAGES) {
                 let len = (s + n - at).min(MAX_WR_PAGES);
                 let laddr = mem
@@ -269,7 +270,7 @@ impl RdmaSource {
                 let wr = Wr {
                     laddr,
                     len: (len * PAGE_SIZE) as u32,
-                    lkey: self.mrs[region].lkey(),
+                    lkey,
                     raddr: key.addr + ((at - c.first) * PAGE_SIZE) as u64,
                     rkey: key.rkey,
                 };
@@ -290,13 +291,6 @@ impl RdmaSource {
         }
         Ok(())
     }
-
-    fn region_of(&self, page: usize) -> Result<usize, MigrationError> {
-        self.own
-            .iter()
-            .position(|&(first, pages)| page >= first && page < first + pages)
-            .ok_or_else(|| rdma_err(format!("page {page} outside memory")))
-    }
 }
 
 impl SourceTransport for RdmaSource {
@@ -306,7 +300,6 @@ impl SourceTransport for RdmaSource {
         pages: &[usize],
         ctx: &SendCtx<'_>,
     ) -> Result<PageStats, MigrationError> {
-        self.register_own(mem)?;
         let mut stats = PageStats::default();
         for batch in pages.chunks(NOTIFY_PAGES) {
             if ctx.cancel.is_cancelled() {

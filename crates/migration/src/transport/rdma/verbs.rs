@@ -12,7 +12,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 #[repr(C)]
@@ -93,10 +93,21 @@ extern "C" {
 /// Live registrations in this process (all links): the lab checks it is 0 after a failure.
 static LIVE_MRS: AtomicI64 = AtomicI64::new(0);
 
+/// Bytes registered now in this process, and the most since [`take_peak_registered`].
+static REGISTERED: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
 /// Memory registrations currently alive in this process.
 #[cfg(feature = "test-utils")]
 pub(crate) fn live_registrations() -> i64 {
     LIVE_MRS.load(Ordering::Relaxed)
+}
+
+/// The most bytes registered at once in this process since the last call; restarts the
+/// count from what is registered now.
+#[cfg(feature = "test-utils")]
+pub(crate) fn take_peak_registered() -> u64 {
+    PEAK.swap(REGISTERED.load(Ordering::Relaxed), Ordering::Relaxed)
 }
 
 fn os_err(r: c_int) -> std::io::Error {
@@ -302,7 +313,9 @@ impl Link {
             return Err(os_err(err));
         }
         LIVE_MRS.fetch_add(1, Ordering::Relaxed);
-        Ok(Mr { mr: p })
+        let now = REGISTERED.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        Ok(Mr { mr: p, len })
     }
 
     fn check(r: c_int) -> std::io::Result<()> {
@@ -405,6 +418,7 @@ impl Drop for Link {
 /// A memory registration: pinned pages the NIC may read (and, with remote write, write).
 pub(crate) struct Mr {
     mr: *mut IbvMr,
+    len: usize,
 }
 
 // SAFETY: an MR handle is only read (keys) or deregistered, by one owner at a time.
@@ -429,6 +443,7 @@ impl Drop for Mr {
         let r = unsafe { fm_dereg_mr(self.mr) };
         if r == 0 {
             LIVE_MRS.fetch_sub(1, Ordering::Relaxed);
+            REGISTERED.fetch_sub(self.len as u64, Ordering::Relaxed);
         } else {
             tracing::warn!(error = %os_err(r), "deregistering guest memory failed");
         }
