@@ -63,8 +63,8 @@ pub enum TransportKind {
     /// One-sided RDMA WRITEs into the destination's registered memory (InfiniBand, RoCE),
     /// `host:port` endpoint. Needs the cargo feature `rdma` and an RDMA device on both ends.
     Rdma {
-        /// Most MiB of guest memory the destination keeps registered (pinned) at once;
-        /// 0 (the default): all of it, registered at setup.
+        /// Most MiB of guest memory each side keeps registered (pinned) at once; 0 (the
+        /// default): all of it, registered at setup (the source's at its first WRITEs).
         #[serde(default)]
         pin_budget_mib: u32,
         /// Queue pairs (rdma_cm connections) the source spreads its WRITEs over, in

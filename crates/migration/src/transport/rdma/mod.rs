@@ -57,8 +57,8 @@ fn setup_err(reason: impl Into<String>) -> MigrationError {
     }
 }
 
-/// Builds the source half: `pin_budget_mib` caps the destination's registered memory
-/// (0: all of it); `qps` queue pairs carry the WRITEs.
+/// Builds the source half: `pin_budget_mib` caps the registered memory of each side (0: all
+/// of it); `qps` queue pairs carry the WRITEs.
 pub(crate) fn source(
     s: &SourceSetup<'_>,
     pin_budget_mib: u32,
