@@ -143,6 +143,8 @@ enum Scenario {
     BadRkey,
     /// A connect request with another session than the `Hello`'s: rejected, never accepted.
     WrongSession,
+    /// One connection more than the announced queue pairs: refused; the migration succeeds.
+    ExtraQp,
 }
 
 impl Scenario {
@@ -157,6 +159,7 @@ impl Scenario {
             Scenario::QpError => "source-qp-1-moved-to-error",
             Scenario::BadRkey => "remote-access-error-bad-rkey",
             Scenario::WrongSession => "connect-request-of-another-session-rejected",
+            Scenario::ExtraQp => "connection-beyond-the-queue-pair-count-refused",
         }
     }
 
@@ -253,6 +256,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         Scenario::QpError => (Fault::QpError, 40, 1),
         Scenario::BadRkey => (Fault::BadRkey, 40, 0),
         Scenario::WrongSession => (Fault::WrongSession, 0, 0),
+        Scenario::ExtraQp => (Fault::ExtraQp, 0, 0),
         _ => (Fault::None, 0, 0),
     };
     lab::set_fault(fault, lab::counters().writes + after, qp);
@@ -311,7 +315,8 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         | Scenario::IdleOneQp
         | Scenario::Whole
         | Scenario::WholeOneQp
-        | Scenario::Budget => {
+        | Scenario::Budget
+        | Scenario::ExtraQp => {
             let s = r.map_err(|e| format!("migration failed: {e}: {}", chain(&e)))?;
             let res = res.ok_or("destination gave no result")?;
             if !s.digest_match || res["ok"] != true {
@@ -335,6 +340,9 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             let maps = after.maps - before.maps;
             if (sc == Scenario::Budget) != (maps > 0) {
                 return Err(format!("{maps} chunk registrations asked for"));
+            }
+            if sc == Scenario::ExtraQp && after.extra_refused != before.extra_refused + 1 {
+                return Err("the extra connection was not tried and refused".into());
             }
             // Under the budget the source registers its own memory in the same chunks, at
             // most the budget at once: its own count, and the kernel's (sampled).
@@ -360,6 +368,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
                     write_bytes: after.write_bytes - before.write_bytes,
                     completions: after.completions - before.completions,
                     maps: after.maps - before.maps,
+                    extra_refused: after.extra_refused - before.extra_refused,
                 },
             }))
         }
@@ -463,13 +472,14 @@ fn run(args: &[String]) -> i32 {
         Scenario::QpError,
         Scenario::BadRkey,
         Scenario::WrongSession,
+        Scenario::ExtraQp,
     ] {
         let t = Instant::now();
         match scenario(sc, ip, mib) {
             Ok(f) => {
                 passed += 1;
                 println!("PASS {} ({:.1} s)", sc.name(), t.elapsed().as_secs_f64());
-                if let Some(f) = f {
+                if let Some(f) = f.filter(|_| sc != Scenario::ExtraQp) {
                     figures.push((sc.name(), f));
                 }
             }

@@ -47,6 +47,9 @@ pub enum Fault {
     BadRkey = 2,
     /// Connect with another session id than the one of `Hello` (as a stranger would).
     WrongSession = 3,
+    /// After the announced queue pairs, try one more connection (as QP 0 again): it must be
+    /// refused, and the migration goes on.
+    ExtraQp = 4,
 }
 
 static FAULT: AtomicU8 = AtomicU8::new(0);
@@ -55,6 +58,7 @@ static FAULT_QP: AtomicU64 = AtomicU64::new(0);
 static WRITES: AtomicU64 = AtomicU64::new(0);
 static WRITE_BYTES: AtomicU64 = AtomicU64::new(0);
 static COMPLETIONS: AtomicU64 = AtomicU64::new(0);
+static EXTRA_REFUSED: AtomicU64 = AtomicU64::new(0);
 pub(super) static MAPS: AtomicU64 = AtomicU64::new(0);
 
 /// Injects `fault` into every later source half of this process, after `after` WRITEs (of
@@ -78,6 +82,9 @@ pub struct Counters {
     pub completions: u64,
     /// Chunks the source asked the destination to register (`Map`, pin budget only).
     pub maps: u64,
+    /// Connections beyond the announced queue pairs that the destination refused
+    /// ([`Fault::ExtraQp`]).
+    pub extra_refused: u64,
 }
 
 /// The process-wide counters.
@@ -88,6 +95,7 @@ pub fn counters() -> Counters {
         write_bytes: WRITE_BYTES.load(Ordering::Relaxed),
         completions: COMPLETIONS.load(Ordering::Relaxed),
         maps: MAPS.load(Ordering::Relaxed),
+        extra_refused: EXTRA_REFUSED.load(Ordering::Relaxed),
     }
 }
 
@@ -97,6 +105,7 @@ pub(super) fn fault() -> (Fault, u64, usize) {
         1 => Fault::QpError,
         2 => Fault::BadRkey,
         3 => Fault::WrongSession,
+        4 => Fault::ExtraQp,
         _ => Fault::None,
     };
     (
@@ -177,6 +186,17 @@ impl Qps {
             };
             let l = connect_retrying(addr, until, &r.encode(), (links.first(), cq_depth))?;
             links.push(l);
+        }
+        if fault.0 == Fault::ExtraQp {
+            let extra = ConnectRequest { qp_index: 0, ..req }.encode();
+            let share = (links.first(), cq_depth);
+            let depths = (SQ_DEPTH, RQ_DEPTH);
+            if Link::connect(addr, Duration::from_secs(2), &extra, depths, share).is_ok() {
+                return Err(rdma_err(
+                    "the destination accepted a queue pair beyond the announced count".into(),
+                ));
+            }
+            EXTRA_REFUSED.fetch_add(1, Ordering::Relaxed);
         }
         let slots = Slots::new(&links[0], RQ_DEPTH as usize, TX_SLOTS)
             .map_err(|e| setup("registering message buffers", e))?;
@@ -357,7 +377,7 @@ impl Qps {
                     let _ = qp.link.to_error();
                 }
                 Fault::BadRkey => rkey ^= 0x00ff_ff00,
-                Fault::None | Fault::WrongSession => {}
+                Fault::None | Fault::WrongSession | Fault::ExtraQp => {}
             }
         }
         let id = (q as u64) << QP_SHIFT | seq;
