@@ -236,7 +236,14 @@ struct Figures {
     counters: lab::Counters,
 }
 
-fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, String> {
+/// Runs `sc` over its own number of queue pairs, or over `qps` when given.
+fn scenario(
+    sc: Scenario,
+    ip: IpAddr,
+    mib: u64,
+    qps: Option<u32>,
+) -> Result<Option<Figures>, String> {
+    let qps = qps.unwrap_or(sc.qps());
     let src = SoftVm::new(mib * MIB).map_err(|e| e.to_string())?;
     // Idle: every page filled, so runs are contiguous and WRITEs reach their 1 MiB cap;
     // otherwise every other page (zero pages between: one WRITE per page in the first pass).
@@ -280,7 +287,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             } else {
                 0
             },
-            qps: sc.qps(),
+            qps,
         },
         io_timeout: Duration::from_secs(10),
         on_no_converge: fastmig_migration::OnNoConverge::Force,
@@ -359,7 +366,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
                 );
             }
             Ok(Some(Figures {
-                qps: sc.qps(),
+                qps,
                 src_peak_registered: peak_registered,
                 dst_cpu_s: res["dst_cpu_s"].as_f64().unwrap_or(0.0),
                 summary: s,
@@ -475,7 +482,7 @@ fn run(args: &[String]) -> i32 {
         Scenario::ExtraQp,
     ] {
         let t = Instant::now();
-        match scenario(sc, ip, mib) {
+        match scenario(sc, ip, mib, None) {
             Ok(f) => {
                 passed += 1;
                 println!("PASS {} ({:.1} s)", sc.name(), t.elapsed().as_secs_f64());
@@ -486,6 +493,38 @@ fn run(args: &[String]) -> i32 {
             Err(e) => {
                 failed += 1;
                 println!("FAIL {}: {e}", sc.name());
+            }
+        }
+    }
+    // One queue pair against two, in the order 1, 2, 2, 1 (so neither profits from going
+    // first or last), for contiguous memory (idle) and scattered pages (guest writing).
+    for (pattern, sc) in [("idle", Scenario::Idle), ("writing", Scenario::Whole)] {
+        let mut mib_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut err = None;
+        for q in [1, 2, 2, 1] {
+            match scenario(sc, ip, mib, Some(q)) {
+                Ok(Some(f)) => mib_s[q as usize - 1].push(f.summary.throughput_mib_s),
+                Ok(None) => err = Some("no figures".to_string()),
+                Err(e) => err = Some(e),
+            }
+        }
+        let name = format!("compare-one-and-two-qps-{pattern}");
+        match err {
+            None => {
+                passed += 1;
+                println!("PASS {name}");
+                let c = serde_json::json!({
+                    "compare": pattern,
+                    "mem_mib": mib,
+                    "qps1_mib_s": mib_s[0],
+                    "qps2_mib_s": mib_s[1],
+                    "qps2_over_qps1": mib_s[1].iter().sum::<f64>() / mib_s[0].iter().sum::<f64>(),
+                });
+                println!("COMPARE {c}");
+            }
+            Some(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
             }
         }
     }
