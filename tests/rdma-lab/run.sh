@@ -213,7 +213,7 @@ timeout "$run_timeout" qemu-system-x86_64 -accel tcg,thread=multi -smp 2 -m 1024
     -nographic -no-reboot </dev/null >"$out" 2>&1
 qemu_rc=$?
 set -e
-tr -d '\r' <"$out" | grep -E '^(rdma lab|PASS|FAIL|    |FIGURES|[0-9]+ passed|LAB EXIT|insmod|rdma link|link |error|\[ *[0-9.]+\]|[0-9]+: )' || true
+tr -d '\r' <"$out" | grep -E '^(rdma lab|PASS|FAIL|    |FIGURES|COMPARE|[0-9]+ passed|LAB EXIT|insmod|rdma link|link |error|\[ *[0-9.]+\]|[0-9]+: )' || true
 [[ $qemu_rc -eq 124 ]] && die "the guest did not finish within $run_timeout s (see $out)"
 code="$(tr -d '\r' <"$out" | sed -n 's/^LAB EXIT \([0-9]*\)$/\1/p' | tail -n1)"
 [[ -n "$code" ]] || die "the lab did not run to its end (see $out)"

@@ -140,7 +140,9 @@ pub struct MigrateArgs {
     /// (parallel streams, batched runs, zero-copy; `multi-tcp:N` for N streams), shm
     /// (one-sided writes into the destination's memory, same host), handover (pass the
     /// memory itself, same host), rdma (RDMA writes into the destination's registered
-    /// memory; `rdma:MIB` caps its pinned memory; needs a build with the feature `rdma`).
+    /// memory over 2 queue pairs; `rdma:MIB` or `rdma:pin=MIB` caps its pinned memory,
+    /// `rdma:qps=N` sets the queue pairs (1..=16), e.g. `rdma:qps=4,pin=256`; needs a build
+    /// with the feature `rdma`).
     #[arg(long, default_value = "classic", value_parser = units::parse_transport)]
     pub transport: TransportKind,
     /// Streams for multi-tcp, 1..=64 (default: number of cores).

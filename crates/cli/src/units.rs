@@ -74,7 +74,7 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
 }
 
 /// A transport: `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm`,
-/// `handover`, `rdma`, `rdma:PIN_MIB`.
+/// `handover`, `rdma`, `rdma:PIN_MIB`, `rdma:qps=N,pin=MIB`.
 pub fn parse_transport(s: &str) -> Result<TransportKind, String> {
     s.parse()
         .map_err(|e: fastmig_migration::BadTransport| e.to_string())

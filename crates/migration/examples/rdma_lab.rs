@@ -8,6 +8,9 @@
 //! rdma_lab dest --addr IP --mib N         one destination (used by `run`)
 //! ```
 //!
+//! Every scenario runs with the default [`RDMA_DEFAULT_QPS`] queue pairs except the
+//! `...-one-qp` ones, which repeat a migration over one queue pair for comparison.
+//!
 //! Prints one `PASS`/`FAIL` line per scenario, the figures as one JSON line (`FIGURES {..}`),
 //! and a closing `N passed, N failed` line; exits non-zero on any failure.
 
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use fastmig_migration::test_utils::{SoftVm, WritePattern, WriterConfig};
 use fastmig_migration::transport::rdma::lab::{self, Fault};
+use fastmig_migration::transport::RDMA_DEFAULT_QPS;
 use fastmig_migration::{
     migrate, receive, Endpoint, IncomingVm, Listener, MigrateOptions, MigrationSummary, Progress,
     ReceiveOptions, TransportKind,
@@ -122,30 +126,51 @@ fn chain(e: &dyn std::error::Error) -> String {
 enum Scenario {
     /// No guest writes: one pass, the data path's own counts.
     Idle,
+    /// `Idle` over one queue pair.
+    IdleOneQp,
     /// Whole memory registered at setup; the guest writes meanwhile.
     Whole,
+    /// `Whole` over one queue pair.
+    WholeOneQp,
     /// A pin budget of a quarter of the memory: chunks registered on demand.
     Budget,
     /// The destination process is killed (SIGKILL) after it registered its memory.
     DestKilled,
-    /// The source's queue pair is moved to the error state mid-transfer.
+    /// The source's queue pair 1 (not the one carrying the messages) is moved to the error
+    /// state mid-transfer.
     QpError,
     /// WRITEs with a wrong remote key (remote access error).
     BadRkey,
     /// A connect request with another session than the `Hello`'s: rejected, never accepted.
     WrongSession,
+    /// One connection more than the announced queue pairs: refused; the migration succeeds.
+    ExtraQp,
 }
 
 impl Scenario {
     fn name(self) -> &'static str {
         match self {
             Scenario::Idle => "migrate-idle",
+            Scenario::IdleOneQp => "migrate-idle-one-qp",
             Scenario::Whole => "migrate-whole-registration",
+            Scenario::WholeOneQp => "migrate-whole-registration-one-qp",
             Scenario::Budget => "migrate-pin-budget",
             Scenario::DestKilled => "destination-killed-after-registration",
-            Scenario::QpError => "source-qp-moved-to-error",
+            Scenario::QpError => "source-qp-1-moved-to-error",
             Scenario::BadRkey => "remote-access-error-bad-rkey",
             Scenario::WrongSession => "connect-request-of-another-session-rejected",
+            Scenario::ExtraQp => "connection-beyond-the-queue-pair-count-refused",
+        }
+    }
+
+    fn idle(self) -> bool {
+        matches!(self, Scenario::Idle | Scenario::IdleOneQp)
+    }
+
+    fn qps(self) -> u32 {
+        match self {
+            Scenario::IdleOneQp | Scenario::WholeOneQp => 1,
+            _ => RDMA_DEFAULT_QPS,
         }
     }
 }
@@ -187,18 +212,43 @@ fn dest_result(d: &mut Dest) -> Option<serde_json::Value> {
     r
 }
 
+/// Samples this process's `VmPin` every 10 ms until stopped; the most it saw, in kB.
+fn sample_pinned(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut max = 0;
+        while !stop.load(Ordering::Relaxed) {
+            max = max.max(pinned_kb());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        max
+    })
+}
+
+/// Room for the source's message buffers (6 slots of 4 KiB) above the pin budget.
+const SLOTS_SLACK: u64 = 64 << 10;
+
 struct Figures {
+    qps: u32,
+    /// Most bytes the source had registered at once (its own counter).
+    src_peak_registered: u64,
     summary: MigrationSummary,
     dst_cpu_s: f64,
     counters: lab::Counters,
 }
 
-fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, String> {
+/// Runs `sc` over its own number of queue pairs, or over `qps` when given.
+fn scenario(
+    sc: Scenario,
+    ip: IpAddr,
+    mib: u64,
+    qps: Option<u32>,
+) -> Result<Option<Figures>, String> {
+    let qps = qps.unwrap_or(sc.qps());
     let src = SoftVm::new(mib * MIB).map_err(|e| e.to_string())?;
     // Idle: every page filled, so runs are contiguous and WRITEs reach their 1 MiB cap;
     // otherwise every other page (zero pages between: one WRITE per page in the first pass).
-    src.fill(if sc == Scenario::Idle { 1.0 } else { 0.5 });
-    if sc != Scenario::Idle {
+    src.fill(if sc.idle() { 1.0 } else { 0.5 });
+    if !sc.idle() {
         // Slow enough for the emulated guest's RDMA path (about 10 MiB/s) to converge.
         src.start_writer(WriterConfig {
             pages_per_sec: WRITES_PER_S,
@@ -207,13 +257,16 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut d = spawn_dest(ip, mib)?;
-    let (fault, after) = match sc {
-        Scenario::QpError => (Fault::QpError, 40),
-        Scenario::BadRkey => (Fault::BadRkey, 40),
-        Scenario::WrongSession => (Fault::WrongSession, 0),
-        _ => (Fault::None, 0),
+    // The QP error hits QP 1, which carries only WRITEs: its failed completion must abort
+    // as one on QP 0 does.
+    let (fault, after, qp) = match sc {
+        Scenario::QpError => (Fault::QpError, 40, 1),
+        Scenario::BadRkey => (Fault::BadRkey, 40, 0),
+        Scenario::WrongSession => (Fault::WrongSession, 0, 0),
+        Scenario::ExtraQp => (Fault::ExtraQp, 0, 0),
+        _ => (Fault::None, 0, 0),
     };
-    lab::set_fault(fault, lab::counters().writes + after);
+    lab::set_fault(fault, lab::counters().writes + after, qp);
     let killed = Arc::new(AtomicBool::new(false));
     let progress: Option<fastmig_migration::ProgressFn> = (sc == Scenario::DestKilled).then(|| {
         let pid = d.child.id() as libc::pid_t;
@@ -234,6 +287,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             } else {
                 0
             },
+            qps,
         },
         io_timeout: Duration::from_secs(10),
         on_no_converge: fastmig_migration::OnNoConverge::Force,
@@ -241,8 +295,14 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         ..Default::default()
     };
     let before = lab::counters();
+    lab::take_peak_registered();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_pinned(stop.clone());
     let r = migrate(&src, &Endpoint::Tcp(SocketAddr::new(ip, d.port)), &opts);
-    lab::set_fault(Fault::None, 0);
+    stop.store(true, Ordering::Relaxed);
+    let peak_registered = lab::take_peak_registered();
+    let peak_pinned_kb = sampler.join().unwrap_or(u64::MAX);
+    lab::set_fault(Fault::None, 0, 0);
     let after = lab::counters();
     src.stop_writer();
     let res = dest_result(&mut d);
@@ -258,7 +318,12 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
         ));
     }
     match sc {
-        Scenario::Idle | Scenario::Whole | Scenario::Budget => {
+        Scenario::Idle
+        | Scenario::IdleOneQp
+        | Scenario::Whole
+        | Scenario::WholeOneQp
+        | Scenario::Budget
+        | Scenario::ExtraQp => {
             let s = r.map_err(|e| format!("migration failed: {e}: {}", chain(&e)))?;
             let res = res.ok_or("destination gave no result")?;
             if !s.digest_match || res["ok"] != true {
@@ -283,7 +348,26 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
             if (sc == Scenario::Budget) != (maps > 0) {
                 return Err(format!("{maps} chunk registrations asked for"));
             }
+            if sc == Scenario::ExtraQp && after.extra_refused != before.extra_refused + 1 {
+                return Err("the extra connection was not tried and refused".into());
+            }
+            // Under the budget the source registers its own memory in the same chunks, at
+            // most the budget at once: its own count, and the kernel's (sampled).
+            if sc == Scenario::Budget {
+                let cap = (mib / 4) * MIB + SLOTS_SLACK;
+                if peak_registered > cap || peak_pinned_kb * 1024 > cap {
+                    return Err(format!(
+                        "source pinned {peak_registered} bytes (VmPin peak {peak_pinned_kb} kB), budget {cap}"
+                    ));
+                }
+                println!(
+                    "    source peak: {peak_registered} bytes registered, VmPin {peak_pinned_kb} kB (budget {} MiB)",
+                    mib / 4
+                );
+            }
             Ok(Some(Figures {
+                qps,
+                src_peak_registered: peak_registered,
                 dst_cpu_s: res["dst_cpu_s"].as_f64().unwrap_or(0.0),
                 summary: s,
                 counters: lab::Counters {
@@ -291,6 +375,7 @@ fn scenario(sc: Scenario, ip: IpAddr, mib: u64) -> Result<Option<Figures>, Strin
                     write_bytes: after.write_bytes - before.write_bytes,
                     completions: after.completions - before.completions,
                     maps: after.maps - before.maps,
+                    extra_refused: after.extra_refused - before.extra_refused,
                 },
             }))
         }
@@ -386,19 +471,22 @@ fn run(args: &[String]) -> i32 {
     let mut figures = Vec::new();
     for sc in [
         Scenario::Idle,
+        Scenario::IdleOneQp,
         Scenario::Whole,
+        Scenario::WholeOneQp,
         Scenario::Budget,
         Scenario::DestKilled,
         Scenario::QpError,
         Scenario::BadRkey,
         Scenario::WrongSession,
+        Scenario::ExtraQp,
     ] {
         let t = Instant::now();
-        match scenario(sc, ip, mib) {
+        match scenario(sc, ip, mib, None) {
             Ok(f) => {
                 passed += 1;
                 println!("PASS {} ({:.1} s)", sc.name(), t.elapsed().as_secs_f64());
-                if let Some(f) = f {
+                if let Some(f) = f.filter(|_| sc != Scenario::ExtraQp) {
                     figures.push((sc.name(), f));
                 }
             }
@@ -408,12 +496,45 @@ fn run(args: &[String]) -> i32 {
             }
         }
     }
+    // One queue pair against two, in the order 1, 2, 2, 1 (so neither profits from going
+    // first or last), for contiguous memory (idle) and scattered pages (guest writing).
+    for (pattern, sc) in [("idle", Scenario::Idle), ("writing", Scenario::Whole)] {
+        let mut mib_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut err = None;
+        for q in [1, 2, 2, 1] {
+            match scenario(sc, ip, mib, Some(q)) {
+                Ok(Some(f)) => mib_s[q as usize - 1].push(f.summary.throughput_mib_s),
+                Ok(None) => err = Some("no figures".to_string()),
+                Err(e) => err = Some(e),
+            }
+        }
+        let name = format!("compare-one-and-two-qps-{pattern}");
+        match err {
+            None => {
+                passed += 1;
+                println!("PASS {name}");
+                let c = serde_json::json!({
+                    "compare": pattern,
+                    "mem_mib": mib,
+                    "qps1_mib_s": mib_s[0],
+                    "qps2_mib_s": mib_s[1],
+                    "qps2_over_qps1": mib_s[1].iter().sum::<f64>() / mib_s[0].iter().sum::<f64>(),
+                });
+                println!("COMPARE {c}");
+            }
+            Some(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
     for (name, f) in &figures {
         let s = &f.summary;
         let gib = f.counters.write_bytes as f64 / GIB;
         let per_gib = |x: u64| if gib > 0.0 { x as f64 / gib } else { 0.0 };
         let fig = serde_json::json!({
             "scenario": name,
+            "qps": f.qps,
             "mem_mib": mib,
             "total_ms": s.total_ms,
             "downtime_ms": s.downtime_ms,
@@ -427,6 +548,7 @@ fn run(args: &[String]) -> i32 {
             "work_requests_per_gib": per_gib(f.counters.writes),
             "completions_per_gib": per_gib(f.counters.completions),
             "chunk_maps": f.counters.maps,
+            "src_peak_registered_mib": f.src_peak_registered as f64 / MIB as f64,
             "digest_match": s.digest_match,
         });
         println!("FIGURES {fig}");

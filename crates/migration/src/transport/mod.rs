@@ -63,11 +63,26 @@ pub enum TransportKind {
     /// One-sided RDMA WRITEs into the destination's registered memory (InfiniBand, RoCE),
     /// `host:port` endpoint. Needs the cargo feature `rdma` and an RDMA device on both ends.
     Rdma {
-        /// Most MiB of guest memory the destination keeps registered (pinned) at once;
-        /// 0 (the default): all of it, registered at setup.
+        /// Most MiB of guest memory each side keeps registered (pinned) at once; 0 (the
+        /// default): all of it, registered at setup (the source's at its first WRITEs).
         #[serde(default)]
         pin_budget_mib: u32,
+        /// Queue pairs (rdma_cm connections) the source spreads its WRITEs over, in
+        /// [`RDMA_QPS`]; default [`RDMA_DEFAULT_QPS`].
+        #[serde(default = "rdma_default_qps")]
+        qps: u32,
     },
+}
+
+/// How many queue pairs an rdma migration may open.
+pub const RDMA_QPS: RangeInclusive<u32> = 1..=16;
+/// Queue pairs of `rdma` when not given. More than one lets the NIC (or Soft-RoCE's per-QP
+/// work contexts) process WRITEs in parallel: a NIC's message rate per QP, not its bandwidth,
+/// bounds scattered single-page WRITEs (PROTOCOL.md, "Sequence: rdma").
+pub const RDMA_DEFAULT_QPS: u32 = 2;
+
+fn rdma_default_qps() -> u32 {
+    RDMA_DEFAULT_QPS
 }
 
 impl TransportKind {
@@ -181,7 +196,10 @@ impl TransportKind {
             )?),
             TransportKind::Shm => Box::new(shm::ShmSource::open(s.control, s.layout)?),
             TransportKind::Handover => Box::new(handover::HandoverSource),
-            TransportKind::Rdma { pin_budget_mib } => rdma::source(s, pin_budget_mib)?,
+            TransportKind::Rdma {
+                pin_budget_mib,
+                qps,
+            } => rdma::source(s, pin_budget_mib, qps)?,
         })
     }
 
@@ -234,16 +252,20 @@ impl TransportKind {
 
 /// Error parsing a [`TransportKind`].
 #[derive(Debug, thiserror::Error)]
-#[error("unknown transport {0:?}: expected classic, multi-tcp, multi-tcp:N, shm, handover, rdma or rdma:PIN_MIB")]
+#[error("unknown transport {0:?}: expected classic, multi-tcp, multi-tcp:N, shm, handover, rdma, rdma:PIN_MIB or rdma:qps=N,pin=MIB")]
 pub struct BadTransport(pub String);
 
 impl FromStr for TransportKind {
     type Err = BadTransport;
     /// `classic`, `multi-tcp` (one stream per core), `multi-tcp:N`, `shm`, `handover`, `rdma`
-    /// (all memory registered) or `rdma:PIN_MIB` (at most that many MiB registered at once).
+    /// (all memory registered, [`RDMA_DEFAULT_QPS`] queue pairs), `rdma:PIN_MIB` (at most
+    /// that many MiB registered at once) or `rdma:qps=N,pin=MIB` (either or both, once each).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let default = TransportKind::multi_tcp_default();
-        let rdma = TransportKind::Rdma { pin_budget_mib: 0 };
+        let rdma = TransportKind::Rdma {
+            pin_budget_mib: 0,
+            qps: RDMA_DEFAULT_QPS,
+        };
         let plain = [
             TransportKind::Classic,
             default,
@@ -251,13 +273,8 @@ impl FromStr for TransportKind {
             TransportKind::Handover,
             rdma,
         ];
-        if let Some(mib) = s.strip_prefix("rdma:") {
-            return mib
-                .parse::<u32>()
-                .ok()
-                .filter(|&m| m > 0)
-                .map(|pin_budget_mib| TransportKind::Rdma { pin_budget_mib })
-                .ok_or_else(|| BadTransport(s.into()));
+        if let Some(opts) = s.strip_prefix("rdma:") {
+            return parse_rdma(opts).ok_or_else(|| BadTransport(s.into()));
         }
         match plain.into_iter().find(|k| k.name() == s) {
             Some(k) => Ok(k),
@@ -270,6 +287,34 @@ impl FromStr for TransportKind {
                 .ok_or_else(|| BadTransport(s.into())),
         }
     }
+}
+
+/// The options of `rdma:...`: `PIN_MIB`, or `qps=N` and/or `pin=MIB` separated by commas.
+fn parse_rdma(opts: &str) -> Option<TransportKind> {
+    let (mut pin, mut qps) = (None, None);
+    if let Ok(mib) = opts.parse::<u32>() {
+        pin = Some(mib);
+    } else {
+        for part in opts.split(',') {
+            let (key, value) = part.split_once('=')?;
+            let value = value.parse::<u32>().ok()?;
+            let slot = match key {
+                "pin" => &mut pin,
+                "qps" => &mut qps,
+                _ => return None,
+            };
+            if slot.replace(value).is_some() {
+                return None; // given twice
+            }
+        }
+    }
+    let qps = qps.unwrap_or(RDMA_DEFAULT_QPS);
+    let pin_budget_mib = pin.unwrap_or(0);
+    // A budget of 0 would mean "all": say so by leaving it out.
+    (pin != Some(0) && RDMA_QPS.contains(&qps)).then_some(TransportKind::Rdma {
+        pin_budget_mib,
+        qps,
+    })
 }
 
 /// What a sending call needs besides the pages.

@@ -1,8 +1,9 @@
-//! Destination half: accepts the source's rdma_cm connection, registers guest memory (whole,
-//! or chunk by chunk within the pin budget), sends the keys, and otherwise stays out of the
-//! data path. A service thread answers `Map` requests and watches the queue pair; `Written`
-//! frames on the control stream name the pages that landed, which this side hashes from its
-//! own memory for the digest (as `shm` does).
+//! Destination half: accepts the source's rdma_cm connections (exactly the queue pairs its
+//! connect requests announce, all of this session, on one PD and one CQ), registers guest
+//! memory (whole, or chunk by chunk within the pin budget), sends the keys on QP 0, and
+//! otherwise stays out of the data path. A service thread answers `Map` requests and watches
+//! the completion queue; `Written` frames on the control stream name the pages that landed,
+//! which this side hashes from its own memory for the digest (as `shm` does).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,9 @@ use crate::vm::PAGE_SIZE;
 const CHUNK_BYTES: u64 = 16 << 20;
 const RX_SLOTS: u32 = 4;
 const SQ_DEPTH: u32 = 8;
+/// Completion queue entries: room for every queue pair the source may open (only QP 0 posts
+/// work on this side, but the CQ is made before the count is known).
+const CQ_DEPTH: u32 = *crate::transport::RDMA_QPS.end() * (SQ_DEPTH + RX_SLOTS);
 /// How often the service thread looks at its stop flag.
 const SLICE: Duration = Duration::from_millis(50);
 
@@ -38,12 +42,13 @@ fn link_err(what: String) -> MigrationError {
     )
 }
 
-/// What the service thread owns: everything registered, and the link.
+/// What the service thread owns: everything registered, and the links.
 struct Service {
-    // Field order is drop order: registrations before the link that owns their PD.
+    // Field order is drop order: registrations before the links that hold their PD.
     mrs: Vec<Option<Mr>>,
     slots: Slots,
-    link: Link,
+    /// By queue pair index; QP 0 carries the messages.
+    links: Vec<Link>,
     chunks: Chunks,
     mem: MemoryView,
     budget: usize,
@@ -76,31 +81,9 @@ impl RdmaDest {
                 reason: format!("rdma_cm listen on {local}"),
                 source: Some(e),
             })?;
-        let setup = |what: &'static str| {
-            move |e| MigrationError::TransportSetup {
-                reason: what.into(),
-                source: Some(e),
-            }
-        };
-        let link = listener
-            .request(d.accept_timeout, (SQ_DEPTH, RX_SLOTS))
-            .map_err(setup("waiting for the source's rdma_cm connection"))?;
+        let (links, slots, req) = accept_all(&listener, &d)?;
+        // No more connections: a request beyond the announced count is refused.
         drop(listener);
-        // Checked before accepting: a stranger's request is rejected, never connected.
-        let req = ConnectRequest::decode(&link.peer_data())
-            .map_err(|e| wire("rdma connect request", e))?;
-        if req.session != d.session {
-            return Err(setup_err(format!(
-                "rdma connection from session {:#x}, expected {:#x}",
-                req.session, d.session
-            )));
-        }
-        // Declared after `link`: dropped (deregistered) before it on every path.
-        let slots = Slots::new(&link, RX_SLOTS as usize, 1)
-            .and_then(|s| s.post_all(&link).map(|()| s))
-            .map_err(setup("posting RDMA receives"))?;
-        link.accept(d.io_timeout)
-            .map_err(setup("accepting the source's rdma_cm connection"))?;
         let mem = d.ctx.mem.clone();
         let total = mem.pages() as u64 * PAGE_SIZE as u64;
         let (chunk_bytes, budget) = if req.pin_budget == 0 || req.pin_budget >= total {
@@ -124,7 +107,7 @@ impl RdmaDest {
         let mut svc = Service {
             mrs: (0..chunks.len()).map(|_| None).collect(),
             slots,
-            link,
+            links,
             chunks,
             mem,
             budget,
@@ -188,6 +171,94 @@ impl RdmaDest {
     }
 }
 
+/// Accepts the source's connections: as many as its requests announce, each checked before
+/// it is accepted ([`check_request`]), QP 0 with its receives posted. Returns the links by
+/// index, QP 0's message slots and the first request.
+fn accept_all(
+    listener: &verbs::Listener,
+    d: &DestSetup<'_>,
+) -> Result<(Vec<Link>, Slots, ConnectRequest), MigrationError> {
+    let setup = |what: String| {
+        move |e| MigrationError::TransportSetup {
+            reason: what,
+            source: Some(e),
+        }
+    };
+    let until = Instant::now() + d.accept_timeout;
+    let mut links: Vec<Option<Link>> = Vec::new();
+    let mut first: Option<ConnectRequest> = None;
+    let mut slots = None;
+    while first.is_none_or(|f| links.iter().flatten().count() < usize::from(f.qp_count)) {
+        let share = links.iter().flatten().next();
+        let left = until.saturating_duration_since(Instant::now());
+        let link = listener
+            .request(left, (SQ_DEPTH, RX_SLOTS), (share, CQ_DEPTH))
+            .map_err(setup("waiting for the source's rdma_cm connection".into()))?;
+        // Checked before accepting: a stranger's request is rejected, never connected.
+        let req = ConnectRequest::decode(&link.peer_data())
+            .map_err(|e| wire("rdma connect request", e))?;
+        let seen: Vec<bool> = links.iter().map(Option::is_some).collect();
+        let i = check_request(&req, d.session, first.as_ref(), &seen).map_err(setup_err)?;
+        let f = *first.get_or_insert(req);
+        links.resize_with(usize::from(f.qp_count), || None);
+        if i == 0 {
+            // Declared after the links: dropped (deregistered) before them on every path.
+            let s = Slots::new(&link, RX_SLOTS as usize, 1)
+                .and_then(|s| s.post_all(&link).map(|()| s))
+                .map_err(setup("posting RDMA receives".into()))?;
+            slots = Some(s);
+        }
+        if let Err(e) = link.accept(d.io_timeout) {
+            drop(slots.take()); // deregistered before the link holding the PD goes
+            return Err(setup(format!(
+                "accepting the source's rdma_cm connection {i}"
+            ))(e));
+        }
+        links[i] = Some(link);
+    }
+    let (Some(req), Some(slots)) = (first, slots) else {
+        return Err(setup_err("rdma: no queue pair 0"));
+    };
+    Ok((links.into_iter().flatten().collect(), slots, req))
+}
+
+/// Checks a connect request against this migration: its session, the count and budget of
+/// the first request (`first`), and the queue pairs accepted so far (`seen`, by index).
+/// Returns its queue pair index.
+fn check_request(
+    req: &ConnectRequest,
+    session: u64,
+    first: Option<&ConnectRequest>,
+    seen: &[bool],
+) -> Result<usize, String> {
+    if req.session != session {
+        return Err(format!(
+            "rdma connection from session {:#x}, expected {session:#x}",
+            req.session
+        ));
+    }
+    let max = *crate::transport::RDMA_QPS.end();
+    if u32::from(req.qp_count) > max {
+        return Err(format!(
+            "rdma: {} queue pairs asked for, at most {max}",
+            req.qp_count
+        ));
+    }
+    if let Some(f) = first {
+        if (req.qp_count, req.pin_budget) != (f.qp_count, f.pin_budget) {
+            return Err(format!(
+                "rdma connection for {} queue pairs (budget {}), the first said {} ({})",
+                req.qp_count, req.pin_budget, f.qp_count, f.pin_budget
+            ));
+        }
+    }
+    let i = usize::from(req.qp_index);
+    if seen.get(i).copied().unwrap_or(false) {
+        return Err(format!("rdma queue pair {i} connected twice"));
+    }
+    Ok(i)
+}
+
 impl Service {
     fn register(&mut self, i: usize) -> Result<Key, MigrationError> {
         let c = self
@@ -200,12 +271,14 @@ impl Service {
             .ok_or_else(|| link_err(format!("chunk {i} outside memory")))?;
         // SAFETY: the range is the destination VM's live mapping (MemoryView invariant); the
         // VM outlives the migration and the registration is dropped when the service ends.
-        let mr = unsafe { self.link.register(addr, c.pages * PAGE_SIZE, true) }.map_err(|e| {
-            MigrationError::TransportSetup {
-                reason: format!("registering guest memory chunk {i}"),
-                source: Some(e),
-            }
-        })?;
+        // On the PD every queue pair shares: the key is valid on each.
+        let mr =
+            unsafe { self.links[0].register(addr, c.pages * PAGE_SIZE, true) }.map_err(|e| {
+                MigrationError::TransportSetup {
+                    reason: format!("registering guest memory chunk {i}"),
+                    source: Some(e),
+                }
+            })?;
         let key = Key {
             chunk: i as u32,
             addr: addr as u64,
@@ -218,7 +291,7 @@ impl Service {
     fn send(&mut self, m: &Msg) -> Result<(), MigrationError> {
         // One send slot: the source sends one request at a time and waits for the answer,
         // so the previous send has left the slot (it was received) before the next request.
-        self.slots.send(&self.link, 0, m, self.sends)?;
+        self.slots.send(&self.links[0], 0, m, self.sends)?;
         self.sends += 1;
         Ok(())
     }
@@ -230,8 +303,8 @@ impl Service {
             if stop.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            let n = self
-                .link
+            // The CQ every queue pair shares: a failure on any of them ends the service.
+            let n = self.links[0]
                 .poll(&mut wcs, SLICE)
                 .map_err(|e| link_err(format!("polling completions: {e}")))?;
             for wc in &wcs[..n] {
@@ -246,7 +319,7 @@ impl Service {
                     continue; // our send completed
                 }
                 let slot = (wc.wr_id & !TAG_MASK) as usize;
-                match self.slots.take_rx(&self.link, slot, wc.byte_len)? {
+                match self.slots.take_rx(&self.links[0], slot, wc.byte_len)? {
                     Msg::Map { chunk, release } => {
                         if let Some(slot) = release.and_then(|r| self.mrs.get_mut(r as usize)) {
                             // Every WRITE into it was placed before this message arrived.
@@ -325,5 +398,44 @@ impl DestTransport for RdmaDest {
 impl Drop for RdmaDest {
     fn drop(&mut self) {
         self.join(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(session: u64, qp_index: u8, qp_count: u8, pin_budget: u64) -> ConnectRequest {
+        ConnectRequest {
+            session,
+            pin_budget,
+            qp_index,
+            qp_count,
+        }
+    }
+
+    #[test]
+    fn exactly_the_announced_queue_pairs_of_the_session_are_accepted() {
+        let first = req(7, 0, 3, 0);
+        assert_eq!(check_request(&first, 7, None, &[]), Ok(0));
+        let seen = [true, false, false];
+        assert_eq!(
+            check_request(&req(7, 2, 3, 0), 7, Some(&first), &seen),
+            Ok(2)
+        );
+        assert_eq!(
+            check_request(&req(7, 1, 3, 0), 7, Some(&first), &[true, false, true]),
+            Ok(1)
+        );
+        // Another session, the same index twice, another count or budget, too many QPs.
+        let e = check_request(&req(8, 1, 3, 0), 7, Some(&first), &seen).unwrap_err();
+        assert!(e.contains("session"), "{e}");
+        let e = check_request(&req(7, 0, 3, 0), 7, Some(&first), &seen).unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        assert!(check_request(&req(7, 1, 2, 0), 7, Some(&first), &seen).is_err());
+        assert!(check_request(&req(7, 1, 3, 1 << 20), 7, Some(&first), &seen).is_err());
+        assert!(check_request(&req(7, 0, 17, 0), 7, None, &[]).is_err());
+        // A queue pair other than 0 may come first (QP 0 is still required before Setup).
+        assert_eq!(check_request(&req(7, 1, 2, 0), 7, None, &[]), Ok(1));
     }
 }

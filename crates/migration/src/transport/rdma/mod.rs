@@ -4,20 +4,24 @@
 //! ```text
 //! source                                   destination
 //!   |== control stream (TCP): Hello ======>|  refuses without a device / without the feature
-//!   |-- rdma_cm connect(session, budget) ->|  listens on the control stream's own ip:port
-//!   |<------------- accept ----------------|  (rdma_cm's port space, not the kernel's TCP)
+//!   |-- rdma_cm connect(session, budget, -->|  listens on the control stream's own ip:port
+//!   |     QP i of Q), i = 0 .. Q-1         |  (rdma_cm's port space, not the kernel's TCP)
+//!   |<------------- accept (each) ---------|  exactly Q of this session; one PD, one CQ
 //!   |<-- SEND Setup(chunking, zero map, keys)  registers memory (whole, or on demand)
-//!   |== RDMA WRITE runs, signalled every N =>|  (no destination CPU)
-//!   |-- SEND Map(chunk, release) --------->|  pin budget: deregister one, register one
-//!   |<-- SEND Mapped(chunk, addr, rkey) ---|
+//!   |== RDMA WRITE runs, batch k on QP k mod Q, signalled every N ==>|  (no destination CPU)
+//!   |-- SEND Map(chunk, release) on QP 0 ->|  pin budget: deregister one, register one
+//!   |<-- SEND Mapped(chunk, addr, rkey) ---|  (a release first waits for the other QPs)
 //!   |== Written(runs) on the control stream, once their WRITEs completed ==>| hash them
 //!   |== RoundEnd / State / Complete / Commit: the engine, as for every transport
 //!   |-- SEND Done, tear down ------------->|  deregister everything, tear down
 //! ```
 //!
-//! Owns: the RDMA page path and its memory registrations. Does not own: rounds, the digest,
-//! the two-phase end (the engine's, on the control stream). PROTOCOL.md, "Sequence: rdma",
-//! explains the choices (control channel, chunking, signalling, verification).
+//! Owns: the RDMA page path, its queue pairs and its memory registrations. Does not own:
+//! rounds, the digest, the two-phase end (the engine's, on the control stream).
+//! PROTOCOL.md, "Sequence: rdma", explains the choices (queue pairs, control channel,
+//! chunking, signalling, verification). Files: `verbs.rs` (safe handles, every `unsafe`),
+//! `shim.c` (the C layer), `qps.rs` (the source's queue pairs and completions), `source.rs`
+//! (what to write where), `dest.rs`, `wire.rs`, `chunks.rs`, `slots.rs`.
 //!
 //! Built only with the cargo feature `rdma` (it links libibverbs and librdmacm); without it
 //! the transport still exists as a name, and both halves refuse with [`NOT_BUILT`].
@@ -30,6 +34,8 @@ use crate::error::MigrationError;
 mod chunks;
 #[cfg(feature = "rdma")]
 mod dest;
+#[cfg(feature = "rdma")]
+mod qps;
 #[cfg(feature = "rdma")]
 mod slots;
 #[cfg(feature = "rdma")]
@@ -51,19 +57,24 @@ fn setup_err(reason: impl Into<String>) -> MigrationError {
     }
 }
 
-/// Builds the source half: `pin_budget_mib` caps the destination's registered memory
-/// (0: all of it).
+/// Builds the source half: `pin_budget_mib` caps the registered memory of each side (0: all
+/// of it); `qps` queue pairs carry the WRITEs.
 pub(crate) fn source(
     s: &SourceSetup<'_>,
     pin_budget_mib: u32,
+    qps: u32,
 ) -> Result<Box<dyn SourceTransport>, MigrationError> {
     #[cfg(feature = "rdma")]
     {
-        Ok(Box::new(source::RdmaSource::connect(s, pin_budget_mib)?))
+        Ok(Box::new(source::RdmaSource::connect(
+            s,
+            pin_budget_mib,
+            qps,
+        )?))
     }
     #[cfg(not(feature = "rdma"))]
     {
-        let _ = (s, pin_budget_mib);
+        let _ = (s, pin_budget_mib, qps);
         Err(setup_err(NOT_BUILT))
     }
 }
@@ -100,11 +111,17 @@ pub(crate) fn refusal(control: &Conn) -> Option<String> {
 /// injected faults. Process-wide; not for production use.
 #[cfg(all(feature = "rdma", feature = "test-utils"))]
 pub mod lab {
-    pub use super::source::{counters, set_fault, Counters, Fault};
+    pub use super::qps::{counters, set_fault, Counters, Fault};
 
     /// Memory registrations alive in this process (source and destination halves).
     pub fn live_registrations() -> i64 {
         super::verbs::live_registrations()
+    }
+
+    /// The most bytes registered at once in this process since the last call (source and
+    /// destination halves); restarts from what is registered now.
+    pub fn take_peak_registered() -> u64 {
+        super::verbs::take_peak_registered()
     }
 
     /// RDMA devices on this machine.

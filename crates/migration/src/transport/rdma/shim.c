@@ -31,13 +31,23 @@ struct fm_wc {
     uint32_t vendor_err;
 };
 
+/*
+ * What the links of one migration share: one protection domain (a memory key is valid on
+ * every QP of its PD) and one completion queue with its completion channel (one poll, one
+ * sleep, for every QP). Reference-counted by the links; the last one frees it.
+ */
+struct fm_shared {
+    struct ibv_pd *pd;
+    struct ibv_comp_channel *cc;
+    struct ibv_cq *cq;
+    int refs;
+};
+
 /* One rdma_cm connection (or listener) and its verbs resources. */
 struct fm_link {
     struct rdma_event_channel *ch;
     struct rdma_cm_id *id;
-    struct ibv_pd *pd;
-    struct ibv_comp_channel *cc;
-    struct ibv_cq *cq;
+    struct fm_shared *sh;
     int has_qp;
     int pending; /* a connect request neither accepted nor rejected yet */
     int connected;
@@ -101,29 +111,67 @@ static int wait_ack(struct rdma_event_channel *ch, enum rdma_cm_event_type want,
     return r;
 }
 
-/* PD, CQ (one for sends and receives, with a completion channel) and an RC QP on `id`. */
-static int make_qp(struct fm_link *l, int sq_depth, int rq_depth)
+static void put_shared(struct fm_shared *sh)
 {
-    l->pd = ibv_alloc_pd(l->id->verbs);
-    if (!l->pd)
+    if (!sh || __atomic_sub_fetch(&sh->refs, 1, __ATOMIC_ACQ_REL) > 0)
+        return;
+    if (sh->cq)
+        ibv_destroy_cq(sh->cq);
+    if (sh->cc)
+        ibv_destroy_comp_channel(sh->cc);
+    if (sh->pd)
+        ibv_dealloc_pd(sh->pd);
+    free(sh);
+}
+
+/*
+ * The shared PD and CQ: those of `with` (which must be on the same device), or new ones
+ * with a CQ of `cq_depth` entries (sends and receives of every QP that will share it).
+ */
+static int get_shared(struct fm_link *l, const struct fm_link *with, int cq_depth)
+{
+    if (with) {
+        if (!with->sh || with->sh->pd->context != l->id->verbs)
+            return -EXDEV; /* another device: keys would not be valid here */
+        __atomic_add_fetch(&with->sh->refs, 1, __ATOMIC_ACQ_REL);
+        l->sh = with->sh;
+        return 0;
+    }
+    struct fm_shared *sh = calloc(1, sizeof *sh);
+    if (!sh)
+        return -ENOMEM;
+    sh->refs = 1;
+    l->sh = sh;
+    sh->pd = ibv_alloc_pd(l->id->verbs);
+    if (!sh->pd)
         return neg_errno(ENOMEM);
-    l->cc = ibv_create_comp_channel(l->id->verbs);
-    if (!l->cc)
+    sh->cc = ibv_create_comp_channel(l->id->verbs);
+    if (!sh->cc)
         return neg_errno(ENOMEM);
-    l->cq = ibv_create_cq(l->id->verbs, sq_depth + rq_depth, NULL, l->cc, 0);
-    if (!l->cq)
+    sh->cq = ibv_create_cq(l->id->verbs, cq_depth, NULL, sh->cc, 0);
+    if (!sh->cq)
         return neg_errno(ENOMEM);
+    return 0;
+}
+
+/* An RC QP on `id`, on the PD and CQ shared with `with` (or new ones). */
+static int make_qp(struct fm_link *l, int sq_depth, int rq_depth, const struct fm_link *with,
+                   int cq_depth)
+{
+    int r = get_shared(l, with, cq_depth);
+    if (r)
+        return r;
     struct ibv_qp_init_attr a;
     memset(&a, 0, sizeof a);
-    a.send_cq = l->cq;
-    a.recv_cq = l->cq;
+    a.send_cq = l->sh->cq;
+    a.recv_cq = l->sh->cq;
     a.qp_type = IBV_QPT_RC;
     a.sq_sig_all = 0; /* completions only for the work requests we mark signalled */
     a.cap.max_send_wr = sq_depth;
     a.cap.max_recv_wr = rq_depth;
     a.cap.max_send_sge = 1;
     a.cap.max_recv_sge = 1;
-    if (rdma_create_qp(l->id, l->pd, &a))
+    if (rdma_create_qp(l->id, l->sh->pd, &a))
         return neg_errno(ENOMEM);
     l->has_qp = 1;
     return 0;
@@ -160,12 +208,8 @@ void fm_destroy(struct fm_link *l)
         rdma_disconnect(l->id);
     if (l->has_qp)
         rdma_destroy_qp(l->id);
-    if (l->cq)
-        ibv_destroy_cq(l->cq);
-    if (l->cc)
-        ibv_destroy_comp_channel(l->cc);
-    if (l->pd)
-        ibv_dealloc_pd(l->pd);
+    /* Before the id: the id keeps the device (and so the PD's context) open. */
+    put_shared(l->sh);
     if (l->id)
         rdma_destroy_id(l->id);
     if (l->ch)
@@ -189,9 +233,13 @@ static struct fm_link *new_link(int *err)
     return l;
 }
 
-/* Source: resolves `addr`, builds the QP and connects with `data` as private data. */
+/*
+ * Source: resolves `addr`, builds the QP (sharing the PD and CQ of `with` if not NULL, else
+ * new ones with a CQ of `cq_depth`) and connects with `data` as private data.
+ */
 struct fm_link *fm_connect(const struct sockaddr *addr, int timeout_ms, const void *data,
-                           uint8_t len, int sq_depth, int rq_depth, int *err)
+                           uint8_t len, int sq_depth, int rq_depth, const struct fm_link *with,
+                           int cq_depth, int *err)
 {
     struct fm_link *l = new_link(err);
     if (!l)
@@ -212,7 +260,7 @@ struct fm_link *fm_connect(const struct sockaddr *addr, int timeout_ms, const vo
     if ((r = wait_ack(l->ch, RDMA_CM_EVENT_ROUTE_RESOLVED, LEFT())))
         goto fail;
     set_ack_timeout(l->id);
-    if ((r = make_qp(l, sq_depth, rq_depth)))
+    if ((r = make_qp(l, sq_depth, rq_depth, with, cq_depth)))
         goto fail;
     struct rdma_conn_param p;
     conn_param(&p, data, len);
@@ -231,13 +279,13 @@ fail:
     return NULL;
 }
 
-/* Destination: binds `addr` and listens for one connection. */
+/* Destination: binds `addr` and listens (the connections of one migration). */
 struct fm_link *fm_listen(const struct sockaddr *addr, int *err)
 {
     struct fm_link *l = new_link(err);
     if (!l)
         return NULL;
-    if (rdma_bind_addr(l->id, (struct sockaddr *)addr) || rdma_listen(l->id, 1)) {
+    if (rdma_bind_addr(l->id, (struct sockaddr *)addr) || rdma_listen(l->id, 16)) {
         *err = neg_errno(EADDRINUSE);
         fm_destroy(l);
         return NULL;
@@ -249,10 +297,10 @@ struct fm_link *fm_listen(const struct sockaddr *addr, int *err)
  * Destination, step 1: waits for a connect request on listener `ls` and builds a QP on its
  * id, without accepting yet: the caller checks the request's private data (`fm_peer_data`)
  * and posts its receives first. Destroying the link before `fm_accept_request` rejects the
- * request.
+ * request. The QP shares the PD and CQ of `with` if not NULL (else new ones, `cq_depth`).
  */
 struct fm_link *fm_get_request(struct fm_link *ls, int timeout_ms, int sq_depth, int rq_depth,
-                               int *err)
+                               const struct fm_link *with, int cq_depth, int *err)
 {
     struct rdma_cm_event *ev;
     int r = wait_event(ls->ch, RDMA_CM_EVENT_CONNECT_REQUEST, timeout_ms, &ev);
@@ -284,7 +332,7 @@ struct fm_link *fm_get_request(struct fm_link *ls, int timeout_ms, int sq_depth,
         goto fail;
     }
     set_ack_timeout(l->id);
-    if ((r = make_qp(l, sq_depth, rq_depth)))
+    if ((r = make_qp(l, sq_depth, rq_depth, with, cq_depth)))
         goto fail;
     return l;
 fail:
@@ -317,7 +365,7 @@ int fm_peer_data(const struct fm_link *l, uint8_t *out, int cap)
 struct ibv_mr *fm_reg_mr(struct fm_link *l, void *addr, size_t len, int remote_write, int *err)
 {
     int access = remote_write ? IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE : 0;
-    struct ibv_mr *mr = ibv_reg_mr(l->pd, addr, len, access);
+    struct ibv_mr *mr = ibv_reg_mr(l->sh->pd, addr, len, access);
     if (!mr)
         *err = neg_errno(ENOMEM);
     return mr;
@@ -379,7 +427,7 @@ static int poll_some(struct fm_link *l, struct fm_wc *out, int max)
     struct ibv_wc wc[32];
     if (max > 32)
         max = 32;
-    int n = ibv_poll_cq(l->cq, max, wc);
+    int n = ibv_poll_cq(l->sh->cq, max, wc);
     if (n < 0)
         return -EIO;
     for (int i = 0; i < n; i++) {
@@ -402,13 +450,13 @@ int fm_poll_wait(struct fm_link *l, struct fm_wc *out, int max, int timeout_ms)
     int n = poll_some(l, out, max);
     if (n != 0)
         return n;
-    if (ibv_req_notify_cq(l->cq, 0))
+    if (ibv_req_notify_cq(l->sh->cq, 0))
         return -EIO;
     /* A completion that arrived before the notification was armed raises no event. */
     n = poll_some(l, out, max);
     if (n != 0)
         return n;
-    struct pollfd p = {.fd = l->cc->fd, .events = POLLIN};
+    struct pollfd p = {.fd = l->sh->cc->fd, .events = POLLIN};
     int r = poll(&p, 1, timeout_ms);
     if (r < 0)
         return errno == EINTR ? 0 : -errno;
@@ -416,7 +464,7 @@ int fm_poll_wait(struct fm_link *l, struct fm_wc *out, int max, int timeout_ms)
         return 0;
     struct ibv_cq *cq;
     void *ctx;
-    if (ibv_get_cq_event(l->cc, &cq, &ctx))
+    if (ibv_get_cq_event(l->sh->cc, &cq, &ctx))
         return -EIO;
     ibv_ack_cq_events(cq, 1);
     return poll_some(l, out, max);

@@ -1,15 +1,18 @@
-//! Safe handles over `shim.c`: a connected RC queue pair with its PD and CQ ([`Link`]), and
-//! memory registrations ([`Mr`]). The only `unsafe` of the RDMA transport is here.
+//! Safe handles over `shim.c`: a connected RC queue pair ([`Link`]) on a protection domain
+//! and completion queue it may share with the other links of one migration, and memory
+//! registrations ([`Mr`]). The only `unsafe` of the RDMA transport is here.
 //!
-//! Ownership: a [`Link`] owns its rdma_cm id, PD, CQ, completion channel and QP and destroys
-//! them on drop; an [`Mr`] borrows nothing from Rust's point of view (it is a registration of
-//! raw guest memory) and must be dropped before its [`Link`] (the PD) and before the memory is
-//! unmapped: the transport halves keep their registrations in fields declared before the link
-//! and deregister them explicitly on every exit path.
+//! Ownership: a [`Link`] owns its rdma_cm id and QP and holds a reference on the shared PD,
+//! CQ and completion channel (the shim counts them; the last link dropped frees them). A
+//! registration made through any link is on the shared PD, so its keys are valid on every
+//! link of it. An [`Mr`] borrows nothing from Rust's point of view (it is a registration of
+//! raw guest memory) and must be dropped before the last [`Link`] of its PD and before the
+//! memory is unmapped: the transport halves keep their registrations in fields declared
+//! before the links and deregister them explicitly on every exit path.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 #[repr(C)]
@@ -43,6 +46,8 @@ extern "C" {
         len: u8,
         sq_depth: c_int,
         rq_depth: c_int,
+        with: *const FmLink,
+        cq_depth: c_int,
         err: *mut c_int,
     ) -> *mut FmLink;
     fn fm_listen(addr: *const libc::sockaddr, err: *mut c_int) -> *mut FmLink;
@@ -51,6 +56,8 @@ extern "C" {
         timeout_ms: c_int,
         sq_depth: c_int,
         rq_depth: c_int,
+        with: *const FmLink,
+        cq_depth: c_int,
         err: *mut c_int,
     ) -> *mut FmLink;
     fn fm_accept_request(l: *mut FmLink, timeout_ms: c_int) -> c_int;
@@ -86,10 +93,21 @@ extern "C" {
 /// Live registrations in this process (all links): the lab checks it is 0 after a failure.
 static LIVE_MRS: AtomicI64 = AtomicI64::new(0);
 
+/// Bytes registered now in this process, and the most since [`take_peak_registered`].
+static REGISTERED: AtomicU64 = AtomicU64::new(0);
+static PEAK: AtomicU64 = AtomicU64::new(0);
+
 /// Memory registrations currently alive in this process.
 #[cfg(feature = "test-utils")]
 pub(crate) fn live_registrations() -> i64 {
     LIVE_MRS.load(Ordering::Relaxed)
+}
+
+/// The most bytes registered at once in this process since the last call; restarts the
+/// count from what is registered now.
+#[cfg(feature = "test-utils")]
+pub(crate) fn take_peak_registered() -> u64 {
+    PEAK.swap(REGISTERED.load(Ordering::Relaxed), Ordering::Relaxed)
 }
 
 fn os_err(r: c_int) -> std::io::Error {
@@ -171,18 +189,28 @@ impl Listener {
         Ok(Self(p))
     }
 
-    /// Waits for the source's connect request and builds its queue pair, without accepting
-    /// it: the caller checks [`Link::peer_data`], posts its receives, then calls
-    /// [`Link::accept`]. Dropping the link before that rejects the request.
-    pub(crate) fn request(&self, timeout: Duration, depths: (u32, u32)) -> std::io::Result<Link> {
+    /// Waits for a connect request and builds its queue pair, without accepting it: the
+    /// caller checks [`Link::peer_data`], posts its receives, then calls [`Link::accept`].
+    /// Dropping the link before that rejects the request. The queue pair shares the PD and
+    /// CQ of `share` (same device), or gets new ones with `share.1` CQ entries.
+    pub(crate) fn request(
+        &self,
+        timeout: Duration,
+        depths: (u32, u32),
+        share: (Option<&Link>, u32),
+    ) -> std::io::Result<Link> {
         let mut err = 0;
-        // SAFETY: `self.0` is a live listener; `err` is writable.
+        let with = share.0.map_or(std::ptr::null(), |l| l.0 as *const FmLink);
+        // SAFETY: `self.0` is a live listener; `with` is null or a live link (borrowed for
+        // the call; the shim takes its own reference on what it shares); `err` is writable.
         let p = unsafe {
             fm_get_request(
                 self.0,
                 ms(timeout),
                 depths.0 as c_int,
                 depths.1 as c_int,
+                with,
+                share.1 as c_int,
                 &mut err,
             )
         };
@@ -200,7 +228,8 @@ impl Drop for Listener {
     }
 }
 
-/// A connected RC queue pair, its PD, CQ and completion channel.
+/// A connected RC queue pair, and a reference on its (maybe shared) PD, CQ and completion
+/// channel.
 pub(crate) struct Link(*mut FmLink);
 
 // SAFETY: a Link is used by one thread at a time (it moves into the destination's service
@@ -209,17 +238,21 @@ unsafe impl Send for Link {}
 
 impl Link {
     /// Source: resolves `addr` through rdma_cm and connects, sending `data` (at most 56 bytes,
-    /// the room rdma_cm leaves in a connect request) as private data.
+    /// the room rdma_cm leaves in a connect request) as private data. The queue pair shares
+    /// the PD and CQ of `share.0` (same device), or gets new ones with `share.1` CQ entries.
     pub(crate) fn connect(
         addr: SocketAddr,
         timeout: Duration,
         data: &[u8],
         depths: (u32, u32),
+        share: (Option<&Link>, u32),
     ) -> std::io::Result<Self> {
         let ss = sockaddr(addr);
         let mut err = 0;
+        let with = share.0.map_or(std::ptr::null(), |l| l.0 as *const FmLink);
         // SAFETY: `ss` and `data` are valid for the call (the shim copies the private data
-        // into the request before returning); `err` is writable.
+        // into the request before returning); `with` is null or a live link (the shim takes
+        // its own reference on what it shares); `err` is writable.
         let p = unsafe {
             fm_connect(
                 &ss as *const _ as *const libc::sockaddr,
@@ -228,6 +261,8 @@ impl Link {
                 data.len().min(56) as u8,
                 depths.0 as c_int,
                 depths.1 as c_int,
+                with,
+                share.1 as c_int,
                 &mut err,
             )
         };
@@ -278,7 +313,9 @@ impl Link {
             return Err(os_err(err));
         }
         LIVE_MRS.fetch_add(1, Ordering::Relaxed);
-        Ok(Mr { mr: p })
+        let now = REGISTERED.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        Ok(Mr { mr: p, len })
     }
 
     fn check(r: c_int) -> std::io::Result<()> {
@@ -344,8 +381,9 @@ impl Link {
         Self::check(unsafe { fm_post_recv(self.0, laddr as u64, len, lkey, wr_id) })
     }
 
-    /// Up to `out.len()` completions, sleeping on the completion channel up to `timeout`
-    /// when none is ready. Returns how many were filled (0: timed out).
+    /// Up to `out.len()` completions of the shared CQ (every link of it), sleeping on the
+    /// completion channel up to `timeout` when none is ready. Returns how many were filled
+    /// (0: timed out).
     pub(crate) fn poll(&self, out: &mut [Wc], timeout: Duration) -> std::io::Result<usize> {
         // SAFETY: live link; `out` has room for `out.len()` entries.
         let n = unsafe {
@@ -371,8 +409,8 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        // SAFETY: we own the link; destroyed once. Registrations on its PD are gone by now
-        // (see the module header).
+        // SAFETY: we own the link; destroyed once. If it is the PD's last link, the
+        // registrations on the PD are gone by now (see the module header).
         unsafe { fm_destroy(self.0) }
     }
 }
@@ -380,6 +418,7 @@ impl Drop for Link {
 /// A memory registration: pinned pages the NIC may read (and, with remote write, write).
 pub(crate) struct Mr {
     mr: *mut IbvMr,
+    len: usize,
 }
 
 // SAFETY: an MR handle is only read (keys) or deregistered, by one owner at a time.
@@ -404,6 +443,7 @@ impl Drop for Mr {
         let r = unsafe { fm_dereg_mr(self.mr) };
         if r == 0 {
             LIVE_MRS.fetch_sub(1, Ordering::Relaxed);
+            REGISTERED.fetch_sub(self.len as u64, Ordering::Relaxed);
         } else {
             tracing::warn!(error = %os_err(r), "deregistering guest memory failed");
         }

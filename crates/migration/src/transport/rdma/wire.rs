@@ -10,7 +10,8 @@ const REQ_MAGIC: u32 = u32::from_le_bytes(*b"FMRQ");
 const MSG_MAGIC: u32 = u32::from_le_bytes(*b"FMRM");
 /// Version of both formats. A change bumps it; a peer refuses any other version (the
 /// transport is negotiated in `Hello`, so both peers of one migration speak the same).
-pub(crate) const RDMA_WIRE_VERSION: u16 = 1;
+/// 2: the connect request names its queue pair (index and count).
+pub(crate) const RDMA_WIRE_VERSION: u16 = 2;
 /// Size of a receive slot, and so the largest message.
 pub(crate) const MSG_MAX: usize = 4096;
 
@@ -21,6 +22,10 @@ pub(crate) struct ConnectRequest {
     pub session: u64,
     /// Most bytes of guest memory the destination may keep registered (0: all of it).
     pub pin_budget: u64,
+    /// This connection's queue pair, `0 .. qp_count` (0 carries the SEND messages).
+    pub qp_index: u8,
+    /// How many connections (queue pairs) the source opens for this migration.
+    pub qp_count: u8,
 }
 
 fn malformed(reason: String) -> ProtocolError {
@@ -31,13 +36,14 @@ fn malformed(reason: String) -> ProtocolError {
 }
 
 impl ConnectRequest {
-    /// 4 magic + 2 version + 2 reserved + 8 session + 8 budget + 4 crc = 28 bytes (rdma_cm
-    /// leaves 56 in a connect request).
+    /// 4 magic + 2 version + 1 qp index + 1 qp count + 8 session + 8 budget + 4 crc = 28
+    /// bytes (rdma_cm leaves 56 in a connect request).
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(28);
         b.extend_from_slice(&REQ_MAGIC.to_le_bytes());
         b.extend_from_slice(&RDMA_WIRE_VERSION.to_le_bytes());
-        b.extend_from_slice(&0u16.to_le_bytes());
+        b.push(self.qp_index);
+        b.push(self.qp_count);
         b.extend_from_slice(&self.session.to_le_bytes());
         b.extend_from_slice(&self.pin_budget.to_le_bytes());
         let crc = crc32fast::hash(&b);
@@ -58,13 +64,20 @@ impl ConnectRequest {
         if version != RDMA_WIRE_VERSION {
             return Err(malformed(format!("connect request version {version}")));
         }
-        r.u16()?;
+        let (qp_index, qp_count) = (r.u8()?, r.u8()?);
         let req = Self {
             session: r.u64()?,
             pin_budget: r.u64()?,
+            qp_index,
+            qp_count,
         };
         if r.u32()? != crc32fast::hash(&b[..24]) {
             return Err(malformed("connect request checksum".into()));
+        }
+        if qp_count == 0 || qp_index >= qp_count {
+            return Err(malformed(format!(
+                "connect request for queue pair {qp_index} of {qp_count}"
+            )));
         }
         Ok(req)
     }
@@ -311,13 +324,18 @@ mod tests {
             let b = m.encode().expect("fits");
             assert_eq!(Msg::decode(&b).expect("decodes"), m);
         }
-        let r = ConnectRequest {
-            session: 0xdead_beef_0102_0304,
-            pin_budget: 64 << 20,
-        };
-        let mut b = r.encode();
-        b.extend_from_slice(&[0; 20]); // rdma_cm's padding
-        assert_eq!(ConnectRequest::decode(&b).expect("decodes"), r);
+        for (qp_index, qp_count) in [(0, 1), (1, 2), (15, 16)] {
+            let r = ConnectRequest {
+                session: 0xdead_beef_0102_0304,
+                pin_budget: 64 << 20,
+                qp_index,
+                qp_count,
+            };
+            let mut b = r.encode();
+            assert_eq!(b.len(), 28);
+            b.extend_from_slice(&[0; 20]); // rdma_cm's padding
+            assert_eq!(ConnectRequest::decode(&b).expect("decodes"), r);
+        }
     }
 
     #[test]
@@ -345,6 +363,8 @@ mod tests {
         let req = ConnectRequest {
             session: 1,
             pin_budget: 0,
+            qp_index: 1,
+            qp_count: 2,
         }
         .encode();
         for at in 0..req.len() {
@@ -353,6 +373,23 @@ mod tests {
             assert!(ConnectRequest::decode(&b).is_err(), "flipped byte {at}");
         }
         assert!(ConnectRequest::decode(&req[..27]).is_err());
+        // Version 1 (one queue pair, no index or count) is refused by name.
+        let mut v1 = req.clone();
+        v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32fast::hash(&v1[..24]);
+        v1[24..].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            matches!(ConnectRequest::decode(&v1), Err(ProtocolError::Malformed { reason, .. }) if reason.contains("version 1"))
+        );
+        // A queue pair index outside the count, or a count of 0, with a valid checksum.
+        for (i, n) in [(2u8, 2u8), (0, 0), (5, 1)] {
+            let mut b = req.clone();
+            b[6] = i;
+            b[7] = n;
+            let crc = crc32fast::hash(&b[..24]);
+            b[24..].copy_from_slice(&crc.to_le_bytes());
+            assert!(ConnectRequest::decode(&b).is_err(), "queue pair {i} of {n}");
+        }
     }
 
     #[test]
