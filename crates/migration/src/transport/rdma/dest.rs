@@ -308,12 +308,8 @@ impl Service {
                 .poll(&mut wcs, SLICE)
                 .map_err(|e| link_err(format!("polling completions: {e}")))?;
             for wc in &wcs[..n] {
-                if wc.status != 0 {
-                    return Err(link_err(format!(
-                        "queue pair failed: {} (vendor error {:#x})",
-                        verbs::status_text(wc.status),
-                        wc.vendor_err
-                    )));
+                if let Some(why) = wc.failure() {
+                    return Err(link_err(format!("queue pair failed: {why}")));
                 }
                 if wc.wr_id & TAG_RECV == 0 {
                     continue; // our send completed

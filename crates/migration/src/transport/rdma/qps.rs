@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rustix::net::RecvFlags;
 
 use super::slots::{Slots, TAG_MASK, TAG_RECV};
-use super::verbs::{self, Link, Wc};
+use super::verbs::{Link, Wc};
 use super::wire::{ConnectRequest, Msg};
 use crate::conn::Conn;
 use crate::error::{wire, MigrationError};
@@ -310,12 +310,8 @@ impl Qps {
             .map_err(|e| rdma_err(format!("polling completions: {e}")))?;
         COMPLETIONS.fetch_add(n as u64, Ordering::Relaxed);
         for wc in &wcs[..n] {
-            if wc.status != 0 {
-                return Err(rdma_err(format!(
-                    "work request failed: {} (vendor error {:#x})",
-                    verbs::status_text(wc.status),
-                    wc.vendor_err
-                )));
+            if let Some(why) = wc.failure() {
+                return Err(rdma_err(format!("work request failed: {why}")));
             }
             let id = wc.wr_id & !TAG_MASK;
             if wc.wr_id & TAG_RECV != 0 {

@@ -37,6 +37,20 @@ pub(crate) struct Wc {
     pub vendor_err: u32,
 }
 
+impl Wc {
+    /// Why this work request failed (its status and the vendor's code), or `None` if it
+    /// succeeded.
+    pub(crate) fn failure(&self) -> Option<String> {
+        (self.status != 0).then(|| {
+            format!(
+                "{} (vendor error {:#x})",
+                status_text(self.status),
+                self.vendor_err
+            )
+        })
+    }
+}
+
 extern "C" {
     fn fm_device_count() -> c_int;
     fn fm_connect(
@@ -126,7 +140,7 @@ pub(crate) fn device_count() -> usize {
 }
 
 /// Text of a completion status (`ibv_wc_status_str`).
-pub(crate) fn status_text(status: u32) -> String {
+fn status_text(status: u32) -> String {
     // SAFETY: libibverbs returns a pointer to a static string for any value.
     let p = unsafe { fm_wc_status_str(status) };
     if p.is_null() {
